@@ -73,10 +73,7 @@ def read_runs(path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) 
     if not path.is_file():
         raise FitError(f"{path}: no such runs table")
     try:
-        if path.suffix.lower() == ".csv":
-            table = pacsv.read_csv(path)
-        else:
-            table = pq.read_table(path)
+        table = pacsv.read_csv(path) if path.suffix.lower() == ".csv" else pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise FitError(f"{path}: not a readable runs table ({exc})") from exc
     for name in required:

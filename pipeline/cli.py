@@ -41,7 +41,8 @@ def add_dataclass_arguments(parser: ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         kwargs: dict[str, typing.Any] = {"help": docs.get(field.name)}
-        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        missing = dataclasses.MISSING
+        required = field.default is missing and field.default_factory is missing
         if hints[field.name] is bool:
             kwargs["action"] = "store_true"
         else:

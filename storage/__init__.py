@@ -1,0 +1,30 @@
+"""The logit store: a Zarr v3 group of teacher targets, written shard by shard through a ledger.
+
+Numpy and zarr only (no torch), so any tool can read and check a store.
+"""
+
+from kdcache.storage.errors import StoreError
+from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, id_dtype
+from kdcache.storage.ledger import ShardEntry
+from kdcache.storage.metadata import DataInfo, StoreMeta, TeacherInfo
+from kdcache.storage.reader import StoreReader
+from kdcache.storage.verify import Problem, repair_store, summarize, verify_store
+from kdcache.storage.writer import StoreWriter, read_meta
+
+__all__ = [
+    "ARRAYS_BY_KIND",
+    "DataInfo",
+    "Problem",
+    "ShardEntry",
+    "StoreError",
+    "StoreMeta",
+    "StoreReader",
+    "StoreWriter",
+    "TeacherInfo",
+    "array_specs",
+    "id_dtype",
+    "read_meta",
+    "repair_store",
+    "summarize",
+    "verify_store",
+]

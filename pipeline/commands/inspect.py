@@ -1,0 +1,45 @@
+"""`kdcache inspect STORE`: metadata, progress and size of a logit store."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+HELP = "Show a logit store's metadata, committed rows/shards, bytes on disk and bytes per token."
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    store: str = field(metadata={"positional": True})
+    """Path of the logit store (a Zarr v3 group)."""
+    json: bool = False
+    """Print the summary as JSON."""
+
+
+def run(cfg: Config) -> int:
+    from kdcache.storage import summarize
+
+    info = summarize(cfg.store)
+    if cfg.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    meta = info["metadata"]
+    teacher, data = meta["teacher"], meta["data"]
+    per_token = info["bytes_per_token"]
+    loss = info["teacher_loss"]
+    lines = [
+        f"store        {info['path']}",
+        f"format       {meta['format']}  kind={meta['kind']} k={meta['k']} "
+        f"vocab={meta['vocab_size']} seq_len={meta['seq_len']} temperature={meta['temperature']}",
+        f"teacher      {teacher['name']} ({teacher['params']:,} params, "
+        f"fingerprint {teacher['fingerprint'][:12]})",
+        f"data         split={data['split']} rows={data['rows']:,} fingerprint {data['fingerprint'][:12]}",
+        f"committed    {info['shards_committed']}/{info['shards']} shards, {info['rows']:,} rows, "
+        f"{info['tokens']:,} tokens{'  (complete)' if meta['complete'] else ''}",
+        f"size         {info['bytes']:,} bytes"
+        + (f", {per_token:.1f} bytes/token ({info['target_bytes_per_token']:.1f} for targets)"
+           if per_token else ""),
+        f"teacher_loss {loss:.4f} nats/token" if loss is not None else "teacher_loss (not complete)",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,87 @@
+"""The ledger of committed shards: one entry per shard under `<store>/ledger/`.
+
+Each entry is a Zarr v3 group of its own (`ledger/shard-000012/zarr.json`, the entry in
+its attributes), so the whole store stays a plain Zarr hierarchy that any zarr reader
+lists and opens without warnings.
+
+A shard exists for readers exactly when its entry exists. Entries are written after the
+shard's data, through a temporary file and an atomic rename, so a writer killed at any
+point leaves either no entry (the shard is redone) or a whole one. Entries hold no
+timestamps or host names: a finished store's bytes do not depend on who wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import crc32c
+import numpy as np
+
+from kdcache.storage.errors import StoreError
+
+LEDGER_DIR = "ledger"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArraySum:
+    crc32c: str  # of the decoded array bytes, C order, little-endian
+    nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardEntry:
+    shard: int
+    start: int
+    stop: int
+    tokens: int
+    nll_sum: float  # sum of -target_logprob over the shard, nats
+    arrays: dict[str, ArraySum]
+
+
+def checksum(array: np.ndarray) -> ArraySum:
+    data = np.ascontiguousarray(array)
+    return ArraySum(crc32c=f"{crc32c.crc32c(data.view(np.uint8).data):08x}", nbytes=data.nbytes)
+
+
+def entry_path(store: Path, shard: int) -> Path:
+    return store / LEDGER_DIR / f"shard-{shard:06d}" / "zarr.json"
+
+
+def write_entry(store: Path, entry: ShardEntry) -> None:
+    path = entry_path(store, entry.shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": asdict(entry)}
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    tmp.write_text(json.dumps(doc, sort_keys=True, indent=1))
+    os.replace(tmp, path)
+
+
+def read_entry(path: Path) -> ShardEntry:
+    try:
+        raw = json.loads(path.read_text())["attributes"]
+        raw["arrays"] = {name: ArraySum(**value) for name, value in raw["arrays"].items()}
+        return ShardEntry(**raw)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise StoreError(f"{path}: corrupt ledger entry ({exc})") from exc
+
+
+def committed(store: Path) -> dict[int, Path]:
+    """Shard index -> entry file, for every committed shard (entries are not parsed)."""
+    folder = store / LEDGER_DIR
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for path in folder.glob("shard-*/zarr.json"):
+        out[int(path.parent.name.removeprefix("shard-"))] = path
+    return dict(sorted(out.items()))
+
+
+def remove_entry(store: Path, shard: int) -> None:
+    path = entry_path(store, shard)
+    path.unlink(missing_ok=True)
+    if path.parent.is_dir():
+        path.parent.rmdir()

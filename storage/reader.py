@@ -1,0 +1,105 @@
+"""Read committed rows of a logit store as numpy arrays.
+
+The reader sees only shards whose ledger entry exists, so it can run while a cache job
+is still writing (call `refresh` to pick up new shards). Reads go through Zarr's
+sharding codec, which fetches only the inner chunks holding the requested rows, and
+every chunk carries a crc32c, so a flipped byte fails the read instead of returning
+wrong targets. Rows of a committed shard whose file went missing would read as fill
+values (NaN, -1), which the reader also refuses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from kdcache.storage import ledger
+from kdcache.storage.errors import StoreError
+from kdcache.storage.layout import array_specs
+from kdcache.storage.metadata import StoreMeta
+from kdcache.storage.writer import read_meta
+
+Batch = dict[str, np.ndarray]
+
+
+class StoreReader:
+    """Random and sequential access to the committed rows of one store."""
+
+    def __init__(self, path: str | os.PathLike[str], fields: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        self.meta: StoreMeta = read_meta(self.path)
+        names = list(array_specs(self.meta))
+        self.fields = tuple(names if fields is None else fields)
+        unknown = set(self.fields) - set(names)
+        if unknown:
+            raise StoreError(f"{self.path}: a {self.meta.kind} store has no arrays {sorted(unknown)}")
+        group = zarr.open_group(str(self.path), mode="r")
+        self._arrays = {name: group[name] for name in self.fields}
+        self._committed = np.zeros(self.meta.num_shards, dtype=bool)
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Pick up shards committed since the last look; returns the committed count."""
+        for shard in ledger.committed(self.path):
+            if shard < self.meta.num_shards:
+                self._committed[shard] = True
+        if self._committed.all() and not self.meta.complete:
+            self.meta = read_meta(self.path)
+        return int(self._committed.sum())
+
+    @property
+    def committed_shards(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(self._committed)]
+
+    def committed_rows(self) -> np.ndarray:
+        """Indices of every committed row, ascending."""
+        parts = [np.arange(*self.meta.shard_bounds(s)) for s in self.committed_shards]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def read_rows(self, rows: Sequence[int] | np.ndarray) -> Batch:
+        """Rows in the order given (any order, repeats allowed); each must be committed."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.meta.rows):
+            raise StoreError(f"{self.path}: row index out of range 0..{self.meta.rows - 1}")
+        shards = np.unique(rows // self.meta.shard_rows)
+        missing = shards[~self._committed[shards]]
+        if missing.size:
+            raise StoreError(f"{self.path}: rows asked for in uncommitted shards {missing.tolist()}")
+        unique, inverse = np.unique(rows, return_inverse=True)
+        contiguous = unique.size and unique[-1] - unique[0] + 1 == unique.size
+        where = f"shards {shards.tolist()}"
+        if contiguous:
+            sel: slice | np.ndarray = slice(int(unique[0]), int(unique[-1]) + 1)
+            batch = {n: self._read(n, lambda a: a[sel], where) for n in self.fields}
+        else:
+            batch = {n: self._read(n, lambda a: a.oindex[unique], where) for n in self.fields}
+        if unique.size != rows.size or not (unique == rows).all():
+            batch = {name: values[inverse] for name, values in batch.items()}
+        return batch
+
+    def read_shard(self, shard: int) -> Batch:
+        start, stop = self.meta.shard_bounds(shard)
+        return self.read_rows(np.arange(start, stop))
+
+    def iter_batches(self, batch_rows: int) -> Iterator[Batch]:
+        """Committed rows in order, `batch_rows` at a time, never crossing a shard."""
+        for shard in self.committed_shards:
+            start, stop = self.meta.shard_bounds(shard)
+            for lo in range(start, stop, batch_rows):
+                yield self.read_rows(np.arange(lo, min(lo + batch_rows, stop)))
+
+    def _read(self, name: str, select: Callable[[Any], Any], where: str) -> np.ndarray:
+        try:
+            values = np.asarray(select(self._arrays[name]))
+        except Exception as exc:  # zarr/numcodecs raise several types on bad bytes
+            raise StoreError(f"{self.path}: array '{name}' in {where} is corrupt ({exc})") from exc
+        if values.dtype.kind == "f" and np.isnan(values).any():
+            raise StoreError(f"{self.path}: array '{name}' in {where} has missing data")
+        if name == "tokens" and values.size and values.min() < 0:
+            raise StoreError(f"{self.path}: array 'tokens' in {where} has missing data")
+        return values

@@ -1,0 +1,67 @@
+"""Checks a shard's arrays against the store's layout before anything is written."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from kdcache.storage.errors import StoreError
+from kdcache.storage.layout import ArraySpec
+from kdcache.storage.metadata import StoreMeta
+
+# fp16 rounding can lift a log-prob of -1e-4 to 0; anything above this is a bug upstream.
+_MAX_LOGPROB = 1e-3
+
+
+def validate_shard(
+    meta: StoreMeta,
+    specs: Mapping[str, ArraySpec],
+    arrays: Mapping[str, np.ndarray],
+    rows: int,
+    where: str,
+) -> dict[str, np.ndarray]:
+    """The shard's arrays as C-contiguous arrays of the store's dtypes, or a StoreError."""
+    missing = set(specs) - set(arrays)
+    extra = set(arrays) - set(specs)
+    if missing or extra:
+        raise StoreError(
+            f"{where}: a {meta.kind} shard needs arrays {sorted(specs)}; "
+            f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+    out = {}
+    for name, spec in specs.items():
+        value = np.asarray(arrays[name])
+        shape = (rows, *spec.row_shape)
+        if value.shape != shape:
+            raise StoreError(f"{where}: array '{name}' has shape {value.shape}, expected {shape}")
+        if value.dtype != spec.dtype:
+            raise StoreError(f"{where}: array '{name}' has dtype {value.dtype}, expected {spec.dtype}")
+        out[name] = np.ascontiguousarray(value)
+    _check_values(meta, out, where)
+    return out
+
+
+def _check_values(meta: StoreMeta, data: Mapping[str, np.ndarray], where: str) -> None:
+    tokens = data["tokens"]
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= meta.vocab_size):
+        raise StoreError(f"{where}: array 'tokens' has ids outside 0..{meta.vocab_size - 1}")
+    if "ids" in data and data["ids"].size and int(data["ids"].max()) >= meta.vocab_size:
+        raise StoreError(f"{where}: array 'ids' has ids >= vocab_size {meta.vocab_size}")
+    for name in ("logprobs", "target_logprob"):
+        values = data[name]
+        if not np.isfinite(values).all():
+            raise StoreError(f"{where}: array '{name}' has NaN or infinite values")
+        if values.size and float(values.max()) > _MAX_LOGPROB:
+            raise StoreError(f"{where}: array '{name}' has log-probs > 0")
+    if "tail_logmass" in data:
+        tail = data["tail_logmass"]
+        # -inf is legitimate: the k stored ids hold all the mass.
+        if np.isnan(tail).any() or (tail > _MAX_LOGPROB).any():
+            raise StoreError(f"{where}: array 'tail_logmass' has NaN or positive values")
+    if meta.kind == "topk" and (np.diff(data["logprobs"], axis=-1) > 0).any():
+        raise StoreError(f"{where}: array 'logprobs' is not sorted most probable first")
+    if meta.kind == "sampled":
+        counts = data["counts"].astype(np.int64).sum(-1)
+        if (counts != meta.draws).any():
+            raise StoreError(f"{where}: array 'counts' does not sum to draws={meta.draws}")

@@ -1,0 +1,141 @@
+"""Create or resume a logit store and write whole shards into it.
+
+`StoreWriter.open` is an idempotent build-or-load: it creates the store (in a temporary
+sibling directory renamed into place, so a half-created store is never seen), or opens
+an existing one whose identity matches, or refuses with the fields that differ.
+`write_shard` validates a shard completely before touching any file, writes its arrays,
+then commits it through the ledger. `finalize` marks the store complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import zarr
+
+from kdcache.storage import ledger
+from kdcache.storage.errors import StoreError
+from kdcache.storage.layout import ArraySpec, array_specs, compressors
+from kdcache.storage.metadata import StoreMeta
+from kdcache.storage.validate import validate_shard
+
+ATTR = "kdcache"
+
+
+def read_meta(path: Path) -> StoreMeta:
+    """The metadata of the store at `path`, or a StoreError saying why it is not one."""
+    if path.is_file():
+        raise StoreError(f"{path}: is a file, not a kdcache store")
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{path}: not a kdcache store (no zarr.json)")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises many types for unreadable metadata
+        raise StoreError(f"{path}: not a readable Zarr group ({exc})") from exc
+    return StoreMeta.from_json(group.attrs.get(ATTR), str(path))
+
+
+def _create(path: Path, meta: StoreMeta) -> None:
+    tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+    group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+    for spec in array_specs(meta).values():
+        _create_array(group, spec, meta)
+    # The ledger folder is an empty Zarr group so plain-zarr listings stay clean.
+    group.create_group(ledger.LEDGER_DIR)
+    group.attrs[ATTR] = meta.to_json()
+    try:
+        os.rename(tmp, path)  # atomic; fails if another process created it first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "zarr.json").is_file():
+            raise
+
+
+def _create_array(group: zarr.Group, spec: ArraySpec, meta: StoreMeta) -> None:
+    group.create_array(
+        spec.name,
+        shape=(meta.rows, *spec.row_shape),
+        dtype=spec.dtype,
+        chunks=(meta.chunk_rows, *spec.row_shape),
+        shards=(meta.shard_rows, *spec.row_shape),
+        compressors=compressors(),
+        fill_value=spec.fill_value,
+    )
+
+
+class StoreWriter:
+    """Writes whole shards of one store. Exactly one writer may write a given shard."""
+
+    def __init__(self, path: Path, meta: StoreMeta) -> None:
+        self.path = path
+        self.meta = meta
+        self._group = zarr.open_group(str(path), mode="r+")
+        self._specs = array_specs(meta)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], meta: StoreMeta) -> StoreWriter:
+        """Create the store, or resume it if its identity matches `meta`."""
+        path = Path(path)
+        if path.is_file():
+            raise StoreError(f"{path}: is a file, not a kdcache store")
+        if path.is_dir() and any(path.iterdir()):
+            existing = read_meta(path)
+            diff = existing.differences(meta)
+            if diff:
+                raise StoreError(
+                    f"{path}: store was made with different settings (store != requested): "
+                    + "; ".join(diff)
+                )
+            return cls(path, existing)
+        if path.is_dir():
+            path.rmdir()  # an empty directory is a place to create the store
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _create(path, meta)
+        return cls(path, read_meta(path))
+
+    def committed_shards(self) -> list[int]:
+        return list(ledger.committed(self.path))
+
+    def pending_shards(self) -> list[int]:
+        done = ledger.committed(self.path)
+        return [s for s in range(self.meta.num_shards) if s not in done]
+
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> ledger.ShardEntry:
+        """Validate, write and commit one whole shard; returns its ledger entry."""
+        start, stop = self.meta.shard_bounds(shard)
+        where = f"{self.path} shard {shard}"
+        data = validate_shard(self.meta, self._specs, arrays, stop - start, where)
+        for name, values in data.items():
+            self._array(name)[start:stop] = values
+        target = data["target_logprob"]
+        entry = ledger.ShardEntry(
+            shard=shard,
+            start=start,
+            stop=stop,
+            tokens=int(target.size),
+            nll_sum=float(-target.astype(np.float64).sum()),
+            arrays={name: ledger.checksum(values) for name, values in data.items()},
+        )
+        ledger.write_entry(self.path, entry)
+        return entry
+
+    def _array(self, name: str) -> zarr.Array:
+        return cast(zarr.Array, self._group[name])
+
+    def finalize(self) -> bool:
+        """Mark the store complete with its teacher loss once every shard is committed."""
+        entries = [ledger.read_entry(p) for p in ledger.committed(self.path).values()]
+        if len(entries) < self.meta.num_shards:
+            return False
+        nll = sum(e.nll_sum for e in entries)
+        tokens = sum(e.tokens for e in entries)
+        attrs = dict(self.meta.to_json(), complete=True, teacher_loss=nll / tokens)
+        self._group.attrs[ATTR] = attrs
+        self.meta = StoreMeta.from_json(attrs, str(self.path))
+        return True

@@ -1,0 +1,69 @@
+"""Helpers shared by the storage tests: metadata and valid shard data for any kind."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdcache.storage import DataInfo, StoreMeta, TeacherInfo, id_dtype
+
+
+def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, chunk_rows=2,
+              draws=None, teacher="teacher-a", temperature=1.0) -> StoreMeta:
+    if kind == "full":
+        k = vocab
+    if kind == "sampled":
+        draws = draws or max(k, 8)
+    return StoreMeta(
+        kind=kind, k=k, vocab_size=vocab, seq_len=seq_len, temperature=temperature,
+        teacher=TeacherInfo(name=teacher, fingerprint=f"fp-{teacher}", params=1000,
+                            nonembedding_params=800),
+        data=DataInfo(fingerprint="data-fp", split="student", rows=rows, tokenizer="tok-fp"),
+        shard_rows=shard_rows, chunk_rows=chunk_rows, draws=draws,
+    )
+
+
+def make_rows(meta: StoreMeta, seed: int = 0) -> dict[str, np.ndarray]:
+    """Valid arrays for every row of the store, from a random teacher distribution."""
+    rng = np.random.default_rng(seed)
+    r, t, v, k = meta.rows, meta.seq_len, meta.vocab_size, meta.k
+    logits = rng.normal(size=(r, t, v)) * 3
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    tokens = rng.integers(0, v, size=(r, t + 1)).astype(np.int32)
+    target = np.take_along_axis(logp, tokens[:, 1:, None].astype(np.int64), -1)[..., 0]
+    out = {"tokens": tokens, "target_logprob": target.astype(np.float32)}
+    if meta.kind == "full":
+        out["logprobs"] = logp.astype(np.float16)
+        return out
+    order = np.argsort(-logp, axis=-1, kind="stable")[..., :k]
+    top = np.take_along_axis(logp, order, -1)
+    out["ids"] = order.astype(id_dtype(v))
+    out["logprobs"] = top.astype(np.float16)
+    if meta.kind == "topk":
+        with np.errstate(divide="ignore"):  # k == vocab leaves no tail: log(0) = -inf
+            tail = np.log1p(-np.exp(top).sum(-1).clip(max=1.0))
+        out["tail_logmass"] = tail.astype(np.float32)
+    else:
+        counts = np.zeros((r, t, k), dtype=np.uint8)
+        counts[..., 0] = meta.draws  # all draws on the mode: valid and simple
+        out["counts"] = counts
+    return out
+
+
+def shard_of(meta: StoreMeta, rows: dict[str, np.ndarray], shard: int) -> dict[str, np.ndarray]:
+    start, stop = meta.shard_bounds(shard)
+    return {name: values[start:stop] for name, values in rows.items()}
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `path` (to prove nothing changed)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store.zarr"
