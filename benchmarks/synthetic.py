@@ -43,16 +43,29 @@ def topk_targets(
     rng: np.random.Generator, rows: int, seq_len: int, vocab: int, k: int
 ) -> dict[str, np.ndarray]:
     """Top-k arrays in the store's layout for `rows` rows of `seq_len` positions."""
+    return topk_family(rng, rows, seq_len, vocab, [k])[k]
+
+
+def topk_family(
+    rng: np.random.Generator, rows: int, seq_len: int, vocab: int, ks: list[int]
+) -> dict[int, dict[str, np.ndarray]]:
+    """Top-k arrays for several k from one set of distributions (smaller k are prefixes)."""
+    kmax = max(ks)
     block = max(1, (1 << 24) // vocab)  # positions per block: ~128 MB of float64
-    parts = [_topk_block(rng, min(block, rows * seq_len - s), vocab, k)
+    parts = [_topk_block(rng, min(block, rows * seq_len - s), vocab, kmax)
              for s in range(0, rows * seq_len, block)]
-    ids, top, tail, nxt, target = (np.concatenate(p) for p in zip(*parts, strict=True))
+    ids, top, _, nxt, target = (np.concatenate(p) for p in zip(*parts, strict=True))
     nxt = nxt.reshape(rows, seq_len)
     id_dtype = np.uint16 if vocab <= 65536 else np.uint32
-    return {
-        "tokens": np.concatenate([nxt[:, :1], nxt], axis=1).astype(np.int32),
-        "ids": ids.reshape(rows, seq_len, k).astype(id_dtype),
-        "logprobs": top.reshape(rows, seq_len, k).astype(np.float16),
-        "tail_logmass": tail.reshape(rows, seq_len).astype(np.float32),
-        "target_logprob": target.reshape(rows, seq_len).astype(np.float32),
-    }
+    out = {}
+    for k in ks:
+        with np.errstate(divide="ignore"):
+            tail = np.log1p(-np.minimum(np.exp(top[:, :k]).sum(-1), 1.0))
+        out[k] = {
+            "tokens": np.concatenate([nxt[:, :1], nxt], axis=1).astype(np.int32),
+            "ids": ids[:, :k].reshape(rows, seq_len, k).astype(id_dtype),
+            "logprobs": top[:, :k].reshape(rows, seq_len, k).astype(np.float16),
+            "tail_logmass": tail.reshape(rows, seq_len).astype(np.float32),
+            "target_logprob": target.reshape(rows, seq_len).astype(np.float32),
+        }
+    return out

@@ -4,7 +4,7 @@ Numpy and zarr only (no torch), so any tool can read and check a store.
 """
 
 from kdcache.storage.errors import StoreError
-from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, id_dtype
+from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, id_dtype, suggest_chunk_rows
 from kdcache.storage.ledger import ShardEntry
 from kdcache.storage.metadata import DataInfo, StoreMeta, TeacherInfo
 from kdcache.storage.reader import StoreReader
@@ -25,6 +25,7 @@ __all__ = [
     "id_dtype",
     "read_meta",
     "repair_store",
+    "suggest_chunk_rows",
     "summarize",
     "verify_store",
 ]

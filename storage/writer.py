@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from kdcache.storage import ledger
+from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import ArraySpec, array_specs, compressors
 from kdcache.storage.metadata import StoreMeta
@@ -111,8 +112,7 @@ class StoreWriter:
         start, stop = self.meta.shard_bounds(shard)
         where = f"{self.path} shard {shard}"
         data = validate_shard(self.meta, self._specs, arrays, stop - start, where)
-        for name, values in data.items():
-            self._array(name)[start:stop] = values
+        self._write_arrays(start, stop, data)
         target = data["target_logprob"]
         entry = ledger.ShardEntry(
             shard=shard,
@@ -125,8 +125,12 @@ class StoreWriter:
         ledger.write_entry(self.path, entry)
         return entry
 
-    def _array(self, name: str) -> zarr.Array:
-        return cast(zarr.Array, self._group[name])
+    def _write_arrays(self, start: int, stop: int, data: Mapping[str, np.ndarray]) -> None:
+        coros = {name: cast(zarr.Array, self._group[name]).async_array.setitem(slice(start, stop), v)
+                 for name, v in data.items()}
+        for name, result in gather(coros).items():
+            if isinstance(result, Exception):
+                raise StoreError(f"{self.path}: writing array '{name}' failed ({result})") from result
 
     def finalize(self) -> bool:
         """Mark the store complete with its teacher loss once every shard is committed."""

@@ -77,17 +77,14 @@ KILLER = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             real(store, entry)
         writer_module.ledger.write_entry = write_entry
-    else:  # die after the first array of the shard is on disk
-        real_array = StoreWriter._array
-        def dying_array(self, name):
-            arr = real_array(self, name)
-            class Arr:
-                def __setitem__(self, sel, value):
-                    arr[sel] = value
-                    if meta.shard_bounds(victim)[0] == sel.start:
-                        os.kill(os.getpid(), signal.SIGKILL)
-            return Arr()
-        StoreWriter._array = dying_array
+    else:  # die when only some of the shard's arrays are on disk
+        real_write = StoreWriter._write_arrays
+        def dying_write(self, start, stop, data):
+            if meta.shard_bounds(victim)[0] == start:
+                real_write(self, start, stop, {{n: data[n] for n in ("tokens", "ids")}})
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_write(self, start, stop, data)
+        StoreWriter._write_arrays = dying_write
     for shard in range(meta.num_shards):
         writer.write_shard(shard, shard_of(meta, rows, shard))
     """
