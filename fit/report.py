@@ -1,0 +1,142 @@
+"""From a runs table to a fit report (the JSON `kdcache fit` prints): fit, intervals, extrapolation.
+
+Supervised fits use the `supervised` rows; distillation fits use `distill` and
+`online` rows and take the supervised law from a preset, a fit JSON, or a fit of the
+same table's supervised rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kdcache.fit import fitting, uncertainty
+from kdcache.fit.errors import FitError
+from kdcache.fit.laws import DistillationLaw, SupervisedLaw
+from kdcache.fit.presets import load_supervised
+from kdcache.fit.runs import column
+
+DEFAULT_THRESHOLDS = {"supervised": 2.2, "distillation": 2.3}  # the paper's (App. F)
+
+
+def rows(table: pa.Table, kinds: tuple[str, ...]) -> pa.Table:
+    """Rows of the given kinds; a table without a `kind` column counts as all of them."""
+    if "kind" not in table.column_names:
+        return table
+    kind = np.asarray(table.column("kind").to_pylist(), dtype=object)
+    return table.filter(pa.array(np.isin(kind, kinds)))
+
+
+def _arrays(table: pa.Table, names: tuple[str, ...], path: str) -> list[np.ndarray]:
+    for name in names:
+        if name not in table.column_names:
+            raise FitError(f"{path}: missing column '{name}'")
+    return [column(table, name, path) for name in names]
+
+
+def _threshold(loss: np.ndarray, law: str, threshold: float | None) -> float:
+    """The paper's threshold if it holds out 5-50% of runs, else the lowest 20% (small-scale runs)."""
+    if threshold is not None:
+        return threshold
+    paper = DEFAULT_THRESHOLDS[law]
+    share = float(np.mean(loss < paper))
+    return paper if 0.05 <= share <= 0.5 else uncertainty.holdout_threshold(loss, None)
+
+
+def fit_supervised_table(
+    table: pa.Table,
+    path: str | os.PathLike[str],
+    *,
+    delta: float,
+    fixed: Mapping[str, float],
+    bootstrap: int = 0,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Fit Eq. 1 to the supervised rows of a runs table."""
+    n, d, loss = _arrays(rows(table, ("supervised",)), ("params", "tokens", "loss"), str(path))
+    result = fitting.fit_supervised(n, d, loss, delta=delta, fixed=fixed)
+
+    def refit(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        sub = fitting.fit_supervised(n[train], d[train], loss[train], delta=delta, fixed=fixed)
+        return np.asarray(SupervisedLaw.from_dict(sub.params).loss(n[test], d[test]))
+
+    out = _report(result, loss, _threshold(loss, "supervised", threshold), refit)
+    if bootstrap:
+        par, data = fitting.supervised_problem(n, d, loss, fixed)
+        out["bootstrap"] = _bootstrap(par, data, result, bootstrap)
+    out["data"] = {"params": n.tolist(), "tokens": d.tolist(), "loss": loss.tolist()}
+    return out
+
+
+def fit_distillation_table(
+    table: pa.Table,
+    path: str | os.PathLike[str],
+    *,
+    delta: float,
+    fixed: Mapping[str, float],
+    supervised: str | None,
+    bootstrap: int = 0,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Fit Eq. 8 to the distill/online rows; the supervised law from `supervised` or the table."""
+    sup = _supervised_law(table, path, supervised, delta)
+    names = ("params", "tokens", "teacher_loss", "loss")
+    n, d, lt, loss = _arrays(rows(table, ("distill", "online")), names, str(path))
+    result = fitting.fit_distillation(n, d, lt, loss, sup, delta=delta, fixed=fixed)
+
+    def refit(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        sub = fitting.fit_distillation(
+            n[train], d[train], lt[train], loss[train], sup, delta=delta, fixed=fixed
+        )
+        law = DistillationLaw.from_dict(sub.params, sup)
+        return np.asarray(law.loss(n[test], d[test], lt[test]))
+
+    out = _report(result, loss, _threshold(loss, "distillation", threshold), refit)
+    out["supervised"] = sup.to_dict()
+    if bootstrap:
+        par, data = fitting.distillation_problem(n, d, lt, loss, sup, fixed)
+        out["bootstrap"] = _bootstrap(par, data, result, bootstrap)
+    out["data"] = {
+        "params": n.tolist(),
+        "tokens": d.tolist(),
+        "teacher_loss": lt.tolist(),
+        "loss": loss.tolist(),
+    }
+    return out
+
+
+def _supervised_law(
+    table: pa.Table, path: str | os.PathLike[str], spec: str | None, delta: float
+) -> SupervisedLaw:
+    if spec is not None:
+        return load_supervised(spec)
+    sup_rows = rows(table, ("supervised",))
+    if sup_rows.num_rows < 6:
+        raise FitError(
+            f"{path}: a distillation fit needs a supervised law: the table has {sup_rows.num_rows} "
+            "supervised rows (need 6); pass --supervised FIT.json or --supervised paper"
+        )
+    n, d, loss = _arrays(sup_rows, ("params", "tokens", "loss"), str(path))
+    return SupervisedLaw.from_dict(fitting.fit_supervised(n, d, loss, delta=delta).params)
+
+
+def _report(result: fitting.FitResult, loss: np.ndarray, threshold: float, refit: Any) -> dict[str, Any]:
+    return {
+        "law": result.law,
+        "params": result.params,
+        "objective": result.objective,
+        "delta": result.delta,
+        "runs": result.runs,
+        "fixed": result.fixed,
+        "extrapolation": uncertainty.extrapolation(loss, threshold, refit),
+        "bootstrap": None,
+    }
+
+
+def _bootstrap(par: Any, data: Any, result: fitting.FitResult, samples: int) -> dict[str, Any]:
+    ci = uncertainty.bootstrap(par, data, result.theta, result.delta, samples)
+    return {"samples": samples, "level": uncertainty.CI_LEVEL, "intervals": ci}
