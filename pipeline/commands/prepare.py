@@ -1,0 +1,31 @@
+"""`kdcache prepare`: tokenize a text source into document-disjoint teacher/student/valid splits."""
+
+from __future__ import annotations
+
+import json
+
+from kdcache.pipeline.prepare import PrepareConfig as Config
+
+HELP = "Train (or load) a tokenizer and write token splits teacher/student/valid to a DATA directory."
+
+__all__ = ["HELP", "Config", "run"]
+
+
+def run(cfg: Config) -> int:
+    from kdcache.pipeline.prepare import prepare
+
+    result = prepare(cfg)
+    summary = {
+        "out": str(result.out),
+        "vocab_size": result.vocab_size,
+        "rows": result.rows,
+        "tokens": result.tokens,
+        "fingerprint": result.fingerprint,
+    }
+    if cfg.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        splits = ", ".join(f"{n} {result.tokens[n]:,} tokens ({result.rows[n]} rows)" for n in result.rows)
+        print(f"wrote {result.out}: vocab {result.vocab_size}; {splits}")
+        print(f"fingerprint {result.fingerprint}")
+    return 0

@@ -1,0 +1,169 @@
+"""`kdcache prepare`: determinism, document-disjoint splits, sources, and every bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.prepare import PrepareConfig, assign_splits, prepare
+from kdcache.train.tokens import open_token_data
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "mu"]
+
+
+def _docs(n: int) -> list[str]:
+    """Documents that each carry a unique marker word, so a split's text names its documents."""
+    rng = np.random.default_rng(0)
+    return [
+        " ".join([f"doc{i:03d}x", *(WORDS[j] for j in rng.integers(0, len(WORDS), 200)), f"doc{i:03d}x"])
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def text_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i, text in enumerate(_docs(40)):
+        (root / ("sub" if i % 2 else ".") / f"{i:03d}.txt").write_text(text)
+    return root
+
+
+def _cfg(source: Path | str, out: Path, **kw) -> PrepareConfig:
+    return PrepareConfig(source=str(source), out=str(out), vocab_size=300, seq_len=16, quiet=True, **kw)
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_and_disjoint(text_dir: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    prepare(_cfg(text_dir, a))
+    prepare(_cfg(text_dir, b))
+    assert _tree_bytes(a) == _tree_bytes(b)
+    data = open_token_data(a)
+    tok = Tokenizer.from_file(str(data.tokenizer_path))
+    markers = {}
+    for split in ("teacher", "student", "valid"):
+        rows = data.read(split, slice(None))
+        assert rows.shape == (data.rows(split), 17) and rows.max() < data.vocab_size
+        text = tok.decode(rows.ravel().tolist())
+        markers[split] = {w for w in text.split() if w.startswith("doc") and w.endswith("x")}
+        assert markers[split]
+    assert not markers["teacher"] & markers["student"]
+    assert not markers["teacher"] & markers["valid"]
+    assert not markers["student"] & markers["valid"]
+    other = tmp_path / "c"
+    prepare(_cfg(text_dir, other, seed=1))
+    assert open_token_data(other).fingerprint != data.fingerprint
+
+
+def test_assign_splits_follows_fractions() -> None:
+    sizes = list(np.random.default_rng(1).integers(100, 1000, 500))
+    out = assign_splits(sizes, {"teacher": 0.45, "student": 0.45, "valid": 0.1}, seed=0)
+    assert sorted(i for idx in out.values() for i in idx) == list(range(500))
+    share = sum(sizes[i] for i in out["valid"]) / sum(sizes)
+    assert abs(share - 0.1) < 0.01
+
+
+def test_attributes(text_dir: Path, tmp_path: Path) -> None:
+    prepare(_cfg(text_dir, tmp_path / "d", max_tokens=2000))
+    data = open_token_data(tmp_path / "d")
+    assert data.seq_len == 16 and data.vocab_size == 300
+    assert data.eos_token_id == 0
+    assert sum(data.rows(s) * 17 for s in ("teacher", "student", "valid")) <= 2000
+    assert data.meta["source"] == str(text_dir) and len(data.fingerprint) == 64
+    assert data.array("student").dtype == np.int32
+
+
+def test_records_sources(tmp_path: Path) -> None:
+    docs = _docs(30)
+    lines = (json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs))
+    (tmp_path / "a.jsonl").write_text("".join(lines))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "b.parquet")
+    prepare(_cfg(tmp_path / "a.jsonl", tmp_path / "j", text_column="body"))
+    prepare(_cfg(tmp_path / "b.parquet", tmp_path / "p", text_column="body"))
+    j, p = open_token_data(tmp_path / "j"), open_token_data(tmp_path / "p")
+    assert j.rows("student") > 0
+    # The same documents in the same order give the same tokens, whatever the file format.
+    assert j.fingerprint == p.fingerprint
+
+
+def test_glob_source_and_existing_tokenizer(text_dir: Path, tmp_path: Path) -> None:
+    prepare(_cfg(text_dir, tmp_path / "a"))
+    prepare(_cfg(f"{text_dir}/**/*.txt", tmp_path / "g"))
+    assert open_token_data(tmp_path / "g").fingerprint == open_token_data(tmp_path / "a").fingerprint
+    tok = str(tmp_path / "a" / "tokenizer.json")
+    prepare(PrepareConfig(source=str(text_dir), out=str(tmp_path / "t"), tokenizer=tok, seq_len=16,
+                          quiet=True))
+    reused, trained = open_token_data(tmp_path / "t"), open_token_data(tmp_path / "a")
+    assert reused.tokenizer_fingerprint == trained.tokenizer_fingerprint
+    with pytest.raises(PipelineError, match="--vocab-size is 999"):
+        prepare(PrepareConfig(source=str(text_dir), out=str(tmp_path / "u"), tokenizer=tok,
+                              vocab_size=999))
+
+
+def _assert_nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def test_bad_inputs(text_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {"source has no files": _cfg(empty, out)}
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("")
+    cases["source is empty"] = _cfg(tmp_path / "blank", out)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.txt").write_text("fine text " * 50)
+    (bad / "b.txt").write_bytes(b"caf\xe9 latin-1 text")
+    cases["b.txt: not UTF-8"] = _cfg(bad, out)
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "x.bin").write_bytes(b"\x00\x01\x02")
+    cases["x.bin: not a text file"] = _cfg(binary, out)
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    cases["missing text column 'body'"] = _cfg(tmp_path / "r.jsonl", out, text_column="body")
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "r.parquet")
+    cases["r.parquet: missing text column 'body'"] = _cfg(tmp_path / "r.parquet", out, text_column="body")
+    cases["no such file"] = _cfg(tmp_path / "nope", out)
+    cases["fewer than seq_len"] = PrepareConfig(source=str(text_dir), out=str(out), vocab_size=300,
+                                                 seq_len=5000, quiet=True)
+    for message, cfg in cases.items():
+        with pytest.raises(PipelineError, match=message):
+            prepare(cfg)
+        _assert_nothing_written(tmp_path, out)
+    with pytest.raises(PipelineError, match="vocab-size 100 is too small"):
+        PrepareConfig(source=str(text_dir), out=str(out), vocab_size=100)
+    with pytest.raises(PipelineError, match="seq-len 1 must be at least 2"):
+        PrepareConfig(source=str(text_dir), out=str(out), seq_len=1)
+    with pytest.raises(PipelineError, match="sum to 1"):
+        PrepareConfig(source=str(text_dir), out=str(out), valid_frac=0.5)
+
+
+def test_refuses_existing_output(text_dir: Path, tmp_path: Path) -> None:
+    prepare(_cfg(text_dir, tmp_path / "a"))
+    before = _tree_bytes(tmp_path / "a")
+    with pytest.raises(PipelineError, match="already exists"):
+        prepare(_cfg(text_dir, tmp_path / "a", seed=3))
+    assert _tree_bytes(tmp_path / "a") == before
+    prepare(_cfg(text_dir, tmp_path / "a", seed=3, overwrite=True))
+    assert _tree_bytes(tmp_path / "a") != before
+
+
+def test_stdlib_source(tmp_path: Path) -> None:
+    prepare(PrepareConfig(out=str(tmp_path / "s"), vocab_size=400, seq_len=32, max_tokens=20_000,
+                          quiet=True))
+    data = open_token_data(tmp_path / "s")
+    assert data.meta["source"] == "stdlib" and min(data.rows(s) for s in ("teacher", "student", "valid")) > 0

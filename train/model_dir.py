@@ -1,0 +1,174 @@
+"""MODEL directories: Hugging Face format on disk, so transformers and vLLM load them unchanged.
+
+A directory holds `config.json` (LlamaConfig fields; Qwen3 when QK-norm is on),
+`model.safetensors` (the state dict under transformers' names), `tokenizer.json`,
+`tokenizer_config.json`, and `kdcache.json` (our metadata: the model config, N, the
+weights' fingerprint, how it was trained). `kdcache.json` is written last, so its
+presence marks a complete directory. Plain Hugging Face Llama directories without it
+load too, when their shape fits the family.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kdcache.train.config import ModelConfig
+from kdcache.train.errors import TrainError
+from kdcache.train.model import Transformer
+
+FORMAT = "kdcache.model/1"
+WEIGHTS = "model.safetensors"
+META = "kdcache.json"
+SUPPORTED_TYPES = ("llama", "qwen3")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    """A model read from a MODEL directory, in eval mode, float32."""
+
+    model: Transformer
+    config: ModelConfig
+    path: Path
+    fingerprint: str
+    """sha256 of model.safetensors: identifies the teacher in a logit store."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """kdcache.json contents ({} for a plain Hugging Face directory)."""
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model_dir(
+    model: Transformer,
+    out: str | os.PathLike[str],
+    *,
+    tokenizer: str | os.PathLike[str],
+    eos_token_id: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> str:
+    """Write `model` as a Hugging Face directory at `out`; returns the weights' fingerprint."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META).unlink(missing_ok=True)  # the directory is incomplete until the end
+    cfg = model.config
+    state = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS)
+    _write_json(out / "config.json", cfg.hf_config(eos_token_id=eos_token_id))
+    shutil.copyfile(tokenizer, out / "tokenizer.json")
+    tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if eos_token_id is not None:
+        vocab = json.loads(Path(tokenizer).read_text()).get("added_tokens", [])
+        names = [t["content"] for t in vocab if t.get("id") == eos_token_id]
+        if names:
+            tok_cfg["eos_token"] = names[0]
+    _write_json(out / "tokenizer_config.json", tok_cfg)
+    fingerprint = file_sha256(out / WEIGHTS)
+    record = {
+        "format": FORMAT,
+        "model": cfg.to_dict(),
+        "nonembedding_params": cfg.non_embedding_params(),
+        "embedding_params": cfg.embedding_params(),
+        "fingerprint": fingerprint,
+        **(meta or {}),
+    }
+    _write_json(out / META, record)
+    return fingerprint
+
+
+def _config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
+    """Map a plain Hugging Face config onto the family, refusing what it cannot express."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise TrainError(f"{where}: field 'model_type' is {model_type!r}; supported: {SUPPORTED_TYPES}")
+    layers, d = int(hf["num_hidden_layers"]), int(hf["hidden_size"])
+    heads = int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or d // heads)
+    checks = {
+        "num_key_value_heads": hf.get("num_key_value_heads", heads) == heads,
+        "head_dim": head_dim * heads == d,
+        "hidden_size": d % layers == 0,
+        "tie_word_embeddings": not hf.get("tie_word_embeddings", False),
+        "attention_bias": not hf.get("attention_bias", False),
+        "mlp_bias": not hf.get("mlp_bias", False),
+        "hidden_act": hf.get("hidden_act", "silu") == "silu",
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise TrainError(f"{where}: field '{bad[0]}' does not fit the kdcache model family")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise TrainError(f"{where}: field 'rope_parameters' uses scaling kdcache does not implement")
+    cfg = ModelConfig(
+        layers=layers,
+        vocab_size=int(hf["vocab_size"]),
+        rho=d // layers,
+        head_dim=head_dim,
+        qk_norm=model_type == "qwen3",
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position=int(hf.get("max_position_embeddings", 2048)),
+    )
+    if cfg.ffn_hidden != int(hf["intermediate_size"]):
+        raise TrainError(f"{where}: field 'intermediate_size' is not the family's 8/3 ratio")
+    return cfg
+
+
+def load_model_dir(path: str | os.PathLike[str]) -> LoadedModel:
+    """Read a MODEL directory (kdcache-trained, or a Hugging Face Llama that fits the family)."""
+    path = Path(path)
+    for name in ("config.json", WEIGHTS):
+        if not (path / name).is_file():
+            raise TrainError(f"{path}: missing {name} (not a model directory)")
+    meta: dict[str, Any] = {}
+    if (path / META).is_file():
+        meta = json.loads((path / META).read_text())
+        if meta.get("format") != FORMAT:
+            raise TrainError(f"{path / META}: field 'format' is {meta.get('format')!r}, not {FORMAT}")
+        cfg = ModelConfig.from_dict(meta["model"], where=str(path / META))
+    else:
+        cfg = _config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise TrainError(f"{path / WEIGHTS}: unreadable weights ({exc})") from exc
+    model = Transformer(cfg)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise TrainError(
+            f"{path / WEIGHTS}: weights do not match config "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(model.state_dict()[name].shape):
+            raise TrainError(f"{path / WEIGHTS}: tensor '{name}' has shape {tuple(tensor.shape)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.eval()
+    fingerprint = meta.get("fingerprint") or file_sha256(path / WEIGHTS)
+    return LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint, meta=meta)
