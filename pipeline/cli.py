@@ -44,6 +44,8 @@ def add_dataclass_arguments(parser: ArgumentParser, cls: type) -> None:
         missing = dataclasses.MISSING
         required = field.default is missing and field.default_factory is missing
         if hints[field.name] is bool:
+            if field.default is not False:  # a store_true flag could never turn it off
+                raise TypeError(f"{cls.__name__}.{field.name}: bool flags must default to False")
             kwargs["action"] = "store_true"
         else:
             kwargs["type"] = hints[field.name]

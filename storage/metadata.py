@@ -54,6 +54,7 @@ class StoreMeta:
     shard_rows: int
     chunk_rows: int = 1
     draws: int | None = None
+    seed: int = 0  # of the sampled kind's draws
     format: str = FORMAT
     complete: bool = False
     teacher_loss: float | None = None

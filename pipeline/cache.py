@@ -1,0 +1,257 @@
+"""The cache job: run a teacher once over a token split and write its targets to a store.
+
+The unit of work is one store shard. Teacher replicas are Ray actors (`--workers`, one
+GPU each when the cluster has GPUs); each reads its shard's rows straight from the token
+data, runs the teacher and writes and commits the shard itself, so only small summaries
+travel through Ray. Actors restart and their tasks retry when a worker or node dies;
+rerunning the same command skips committed shards. Shards are computed in fixed
+micro-batches, so the store's bytes do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kdcache.pipeline.errors import PipelineError
+
+Backend = Literal["native", "hf", "vllm"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Run a teacher over a token split and write its targets to a logit store."""
+
+    teacher: str
+    """Teacher model directory (kdcache MODEL or Hugging Face causal LM)."""
+    data: str
+    """Token data directory written by `kdcache prepare`."""
+    out: str
+    """Logit store to create, or to resume if it exists with the same settings."""
+    split: str = "student"
+    """Split of the token data to run the teacher over."""
+    kind: Literal["topk", "full", "sampled"] = "topk"
+    """Targets to keep: top-k log-probs, the full distribution, or sampled ids with counts."""
+    k: int = 64
+    """Ids kept per position (topk)."""
+    draws: int = 64
+    """Samples per position (sampled; at most 255)."""
+    temperature: float = 1.0
+    """Temperature of the stored log-probs (the paper finds 1 best)."""
+    backend: Backend = "native"
+    """Teacher backend: native (kdcache model), hf (transformers), vllm."""
+    workers: int = 1
+    """Teacher replicas (Ray actors)."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster; default starts a local one."""
+    shard_rows: int = 64
+    """Rows per store shard: the unit of work, of commit and of resume."""
+    batch_rows: int = 8
+    """Rows per teacher forward pass."""
+    max_rows: int | None = None
+    """Cache only the first N rows of the split (quick runs)."""
+    seed: int = 0
+    """Seed of the sampled kind's draws."""
+    json: bool = False
+    """Print the result as JSON."""
+    quiet: bool = False
+    """No progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("k", "draws", "workers", "shard_rows", "batch_rows"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"cache config: field '{name}' must be >= 1")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise PipelineError("cache config: field 'max_rows' must be >= 1")
+        if not self.temperature > 0:
+            raise PipelineError("cache config: field 'temperature' must be > 0")
+        if self.kind == "sampled" and self.draws > 255:
+            raise PipelineError("cache config: field 'draws' must be <= 255 (counts are uint8)")
+        if self.backend == "vllm" and (self.kind != "topk" or self.temperature != 1.0):
+            raise PipelineError("cache config: the vllm backend caches kind=topk at temperature 1 only")
+
+
+def run_cache(cfg: CacheConfig) -> dict[str, Any]:
+    """Build (or finish) the store; returns a summary with teacher_loss and throughput."""
+    import ray
+
+    from kdcache.storage import StoreWriter
+
+    _check_paths(cfg)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False, configure_logging=False)
+    created = not Path(cfg.out).exists()
+    try:
+        actors = _start_actors(cfg)
+        described = _get(actors[0].describe.remote())
+        meta = _store_meta(cfg, described)
+        writer = StoreWriter.open(cfg.out, meta)
+        pending = writer.pending_shards()
+        t0 = time.perf_counter()
+        tokens = _dispatch(cfg, actors, pending, writer.meta)
+        seconds = time.perf_counter() - t0
+        writer.finalize()
+    except BaseException:
+        _roll_back(cfg.out, created)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return {
+        "store": cfg.out,
+        "shards": writer.meta.num_shards,
+        "shards_written": len(pending),
+        "tokens_written": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "complete": writer.meta.complete,
+        "teacher_loss": writer.meta.teacher_loss,
+    }
+
+
+def _roll_back(out: str, created: bool) -> None:
+    """A store this run created and never committed to is removed: bad input changes nothing."""
+    from kdcache.storage import StoreError, StoreReader
+
+    path = Path(out)
+    if not (created and path.is_dir()):
+        return
+    try:
+        if StoreReader(path, fields=["tokens"]).committed_shards:
+            return
+    except StoreError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_paths(cfg: CacheConfig) -> None:
+    """Cheap checks before any worker starts, so bad paths fail in a second."""
+    teacher = Path(cfg.teacher)
+    if not (teacher / "config.json").is_file():
+        raise PipelineError(f"{teacher}: missing config.json (not a model directory)")
+    if not any(teacher.glob("*.safetensors")):
+        raise PipelineError(f"{teacher}: missing model.safetensors (no weights)")
+    data = _open_data(cfg.data)
+    _split_rows(data, cfg)
+
+
+def _open_data(path: str) -> Any:
+    from kdcache.train.errors import TrainError
+    from kdcache.train.tokens import open_token_data
+
+    try:
+        return open_token_data(path)
+    except TrainError as exc:
+        raise PipelineError(str(exc)) from exc
+
+
+def _split_rows(data: Any, cfg: CacheConfig) -> int:
+    from kdcache.train.errors import TrainError
+
+    try:
+        rows = int(data.rows(cfg.split))
+    except TrainError as exc:
+        raise PipelineError(str(exc)) from exc
+    return min(rows, cfg.max_rows) if cfg.max_rows else rows
+
+
+def _store_meta(cfg: CacheConfig, described: dict[str, Any]) -> Any:
+    from kdcache.storage import DataInfo, StoreMeta, TeacherInfo, suggest_chunk_rows
+
+    data = _open_data(cfg.data)
+    vocab = int(described["vocab_size"])
+    if vocab != data.vocab_size:
+        raise PipelineError(
+            f"{cfg.teacher}: teacher vocabulary {vocab} does not match the data's tokenizer "
+            f"vocabulary {data.vocab_size} ({cfg.data})"
+        )
+    if described["tokenizer"] is not None and described["tokenizer"] != _tokenizer_vocab(
+        Path(data.tokenizer_path).read_bytes()
+    ):
+        raise PipelineError(f"{cfg.teacher}/tokenizer.json: differs from the data's tokenizer ({cfg.data})")
+    k = {"topk": cfg.k, "full": vocab, "sampled": cfg.draws}[cfg.kind]
+    if k > vocab:
+        raise PipelineError(f"cache config: field 'k' ({k}) exceeds the vocabulary ({vocab})")
+    return StoreMeta(
+        kind=cfg.kind, k=k, vocab_size=vocab, seq_len=data.seq_len, temperature=cfg.temperature,
+        teacher=TeacherInfo(**described["info"]),
+        data=DataInfo(fingerprint=data.split_fingerprint(cfg.split), split=cfg.split,
+                      rows=_split_rows(data, cfg), tokenizer=data.tokenizer_fingerprint),
+        shard_rows=cfg.shard_rows,
+        chunk_rows=suggest_chunk_rows(data.seq_len, k, cfg.shard_rows),
+        draws=cfg.draws if cfg.kind == "sampled" else None,
+        seed=cfg.seed if cfg.kind == "sampled" else 0,
+    )
+
+
+def _tokenizer_vocab(raw: bytes) -> str:
+    """The parts of a tokenizer.json that decide token ids, canonicalised."""
+    doc = json.loads(raw)
+    added = sorted((t["id"], t["content"]) for t in doc.get("added_tokens", []))
+    return json.dumps({"model": doc.get("model", {}).get("vocab"), "added": added}, sort_keys=True)
+
+
+def _start_actors(cfg: CacheConfig) -> list[Any]:
+    import ray
+
+    from kdcache.pipeline.cache_worker import CacheWorker
+
+    resources = ray.cluster_resources()
+    gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+    cpus = max(1, int(resources.get("CPU", 1)) // cfg.workers)
+    actor = ray.remote(CacheWorker).options(
+        num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1,
+        scheduling_strategy="SPREAD", max_concurrency=2,
+    )
+    return [actor.remote(asdict(cfg), cpus) for _ in range(cfg.workers)]
+
+
+def _dispatch(cfg: CacheConfig, actors: list[Any], pending: list[int], meta: Any) -> int:
+    """Keep every actor busy with two shards until none are left; returns tokens written."""
+    import ray
+    from tqdm import tqdm
+
+    queue = deque(pending)
+    in_flight: dict[Any, int] = {}
+    meta_json = meta.to_json()
+
+    def submit(worker: int) -> None:
+        if queue:
+            in_flight[actors[worker].process.remote(queue.popleft(), meta_json)] = worker
+
+    for worker in range(len(actors)):
+        submit(worker)
+        submit(worker)
+    tokens, t0 = 0, time.perf_counter()
+    with tqdm(total=meta.num_shards, initial=meta.num_shards - len(pending), unit="shard",
+              desc="cache", disable=cfg.quiet) as bar:
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            worker = in_flight.pop(done[0])
+            tokens += _get(done[0])["tokens"]
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}")
+            submit(worker)
+    return tokens
+
+
+def _get(ref: Any) -> Any:
+    """ray.get, turning a worker's domain error back into that error (one clear line)."""
+    import ray
+
+    from kdcache.storage import StoreError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, PipelineError | StoreError):
+            raise type(cause)(str(cause)) from None
+        raise PipelineError(f"cache worker failed: {cause or exc}") from exc

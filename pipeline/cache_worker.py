@@ -1,0 +1,82 @@
+"""One teacher replica of the cache job (run as a Ray actor by `kdcache.pipeline.cache`).
+
+The teacher loads on first use rather than in `__init__`, so that a restarted actor
+reloads it and a bad teacher surfaces as an ordinary task error with its message.
+The actor runs two shards at once (`max_concurrency=2`): one shard's compression and
+write overlap the next shard's forward pass (torch, Blosc and zstd release the GIL).
+Each shard is still written whole by one thread, so the bytes do not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcache.pipeline.errors import PipelineError
+
+
+class CacheWorker:
+    def __init__(self, cfg: dict[str, Any], threads: int) -> None:
+        import torch
+
+        from kdcache.pipeline.cache import CacheConfig
+        from kdcache.train.runtime import tune_cpu_allocator
+
+        torch.set_num_threads(threads)
+        tune_cpu_allocator()  # logits-sized tensors every batch: keep freed pages (train/runtime.py)
+        self.cfg = CacheConfig(**cfg)
+        self._teacher: Any = None
+        self._writer: Any = None
+        self._data: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._teacher is None:
+                from kdcache.pipeline.teachers import load_teacher
+
+                self._teacher = load_teacher(self.cfg.backend, self.cfg.teacher,
+                                             batch_rows=self.cfg.batch_rows, max_k=self.cfg.k)
+            return self._teacher
+
+    def describe(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        from kdcache.pipeline.cache import _tokenizer_vocab
+
+        teacher = self._load()
+        tok = teacher.tokenizer_json
+        return {
+            "info": asdict(teacher.info),
+            "vocab_size": teacher.vocab_size,
+            "tokenizer": _tokenizer_vocab(tok) if tok is not None else None,
+            "tokenizer_sha256": hashlib.sha256(tok).hexdigest() if tok is not None else None,
+        }
+
+    def process(self, shard: int, meta_json: dict[str, Any]) -> dict[str, Any]:
+        from kdcache.pipeline.cache import _open_data
+        from kdcache.pipeline.targets import TargetSpec
+        from kdcache.storage import StoreMeta, StoreWriter
+
+        teacher = self._load()
+        with self._lock:
+            if self._writer is None:
+                meta = StoreMeta.from_json(meta_json, self.cfg.out)
+                self._writer = StoreWriter.open(Path(self.cfg.out), meta)
+                self._data = _open_data(self.cfg.data)
+        meta = self._writer.meta
+        start, stop = meta.shard_bounds(shard)
+        rows = np.asarray(self._data.read(self.cfg.split, slice(start, stop)), dtype=np.int32)
+        if rows.size and (rows.min() < 0 or rows.max() >= meta.vocab_size):
+            raise PipelineError(
+                f"{self.cfg.data}: split '{self.cfg.split}' rows {start}..{stop - 1} hold token ids "
+                f"outside the teacher vocabulary 0..{meta.vocab_size - 1}"
+            )
+        spec = TargetSpec(kind=meta.kind, k=meta.k, temperature=meta.temperature,
+                          draws=meta.draws or 0, seed=self.cfg.seed)
+        entry = self._writer.write_shard(shard, teacher.targets(rows, spec, start))
+        return {"shard": shard, "tokens": entry.tokens, "nll_sum": entry.nll_sum}

@@ -1,0 +1,97 @@
+"""Turn a teacher's logits into the arrays a logit store holds (topk, full or sampled).
+
+Pure torch, float32, one batch of rows at a time. Every quantity is normalised over the
+whole vocabulary: top-k log-probs are not renormalised over k, and the tail is
+log(1 - sum of the k probabilities), summed in float64 from the float32 log-probs (the
+store's definition, and what vLLM gives), so the tail mass is exact to ~1e-7.
+`target_logprob` is at temperature 1, so the store's `teacher_loss` is the teacher's
+real cross-entropy whatever temperature the targets were cached at.
+
+Top-k needs no full log-softmax: one log-sum-exp per position and a top-k over the raw
+logits give the same numbers with one pass less over the [B, T, V] logits, which at
+small model sizes cost as much as the forward pass itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdcache.pipeline.errors import PipelineError
+from kdcache.storage import id_dtype
+
+Kind = Literal["topk", "full", "sampled"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSpec:
+    """What to extract from the teacher at each position."""
+
+    kind: Kind
+    k: int
+    temperature: float
+    draws: int = 0
+    seed: int = 0
+
+
+def targets_from_logits(
+    logits: Tensor, tokens: np.ndarray, spec: TargetSpec, first_row: int
+) -> dict[str, np.ndarray]:
+    """Store arrays for rows `tokens` [B, T+1] given the teacher's logits [B, T, V]."""
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    nxt = torch.from_numpy(tokens[:, 1:].astype(np.int64)).unsqueeze(-1)
+    scaled = logits if spec.temperature == 1.0 else logits / spec.temperature
+    # NaN or +inf anywhere in a row's logits shows up in its log-normaliser.
+    logz = torch.logsumexp(scaled, -1, keepdim=True)
+    logz1 = logz if spec.temperature == 1.0 else torch.logsumexp(logits, -1, keepdim=True)
+    if not (torch.isfinite(logz).all() and torch.isfinite(logz1).all()):
+        raise PipelineError(f"teacher produced non-finite logits for rows from {first_row}")
+    target = (logits.gather(-1, nxt) - logz1).squeeze(-1)
+    out = {"tokens": tokens.astype(np.int32), "target_logprob": target.numpy()}
+    if spec.kind == "topk":
+        top, ids = torch.topk(scaled, spec.k, dim=-1, sorted=True)
+        values = top - logz
+        mass = values.double().exp().sum(-1).clamp(max=1.0)
+        out["ids"] = ids.numpy().astype(id_dtype(vocab))
+        out["logprobs"] = values.numpy().astype(np.float16)
+        out["tail_logmass"] = torch.log1p(-mass).numpy().astype(np.float32)
+    elif spec.kind == "full":
+        out["logprobs"] = (scaled - logz).numpy().astype(np.float16)
+    else:
+        out.update(_sampled(scaled - logz, spec, first_row, vocab))
+    return out
+
+
+def _sampled(logp: Tensor, spec: TargetSpec, first_row: int, vocab: int) -> dict[str, np.ndarray]:
+    """`draws` samples per position, stored as unique ids with counts, most probable first.
+
+    Each row draws from its own generator seeded by (seed, row index), so the samples do
+    not depend on how rows are batched or which worker runs them.
+    """
+    b, t, _ = logp.shape
+    probs = logp.exp()
+    samples = torch.empty(b, t, spec.draws, dtype=torch.int64)
+    for i in range(b):
+        gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + first_row + i)
+        samples[i] = torch.multinomial(probs[i], spec.draws, replacement=True, generator=gen)
+    s = samples.view(b * t, spec.draws).sort(-1).values
+    starts = torch.ones_like(s, dtype=torch.bool)
+    starts[:, 1:] = s[:, 1:] != s[:, :-1]
+    slot = starts.long().cumsum(-1) - 1
+    ids = torch.zeros_like(s).scatter_(1, slot, s)
+    counts = torch.zeros_like(s).scatter_add_(1, slot, torch.ones_like(s))
+    used = torch.arange(spec.draws).expand_as(s) < starts.sum(-1, keepdim=True)
+    lp = logp.view(b * t, -1).gather(1, ids).masked_fill(~used, float("-inf"))
+    order = torch.sort(lp, dim=-1, descending=True, stable=True).indices
+    ids, counts, lp = (x.gather(1, order) for x in (ids, counts, lp))
+    shape = (b, t, spec.draws)
+    return {
+        "ids": ids.masked_fill(counts == 0, 0).view(shape).numpy().astype(id_dtype(vocab)),
+        "logprobs": lp.masked_fill(counts == 0, 0.0).view(shape).numpy().astype(np.float16),
+        "counts": counts.view(shape).numpy().astype(np.uint8),
+    }

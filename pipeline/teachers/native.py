@@ -1,0 +1,37 @@
+"""`native`: a kdcache MODEL directory run by kdcache's own torch model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.teachers.torch_teacher import TorchTeacher, default_device
+from kdcache.storage import TeacherInfo
+from kdcache.train.errors import TrainError
+from kdcache.train.model_dir import load_model_dir
+
+
+class NativeTeacher(TorchTeacher):
+    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64) -> None:
+        try:
+            loaded = load_model_dir(path)
+        except TrainError as exc:
+            raise PipelineError(str(exc)) from exc
+        self.device = default_device()
+        self.model = loaded.model.to(self.device)
+        self.batch_rows = batch_rows
+        self.vocab_size = loaded.config.vocab_size
+        total = sum(p.numel() for p in self.model.parameters())
+        self.info = TeacherInfo(
+            name=Path(path).resolve().name,
+            fingerprint=loaded.fingerprint,
+            params=total,
+            nonembedding_params=loaded.config.non_embedding_params(),
+        )
+        tok = Path(path) / "tokenizer.json"
+        self.tokenizer_json = tok.read_bytes() if tok.is_file() else None
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)

