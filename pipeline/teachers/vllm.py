@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,9 @@ class VLLMTeacher:
         self.vocab_size = int(hf["vocab_size"])
         self.max_k = max_k
         self.batch_rows = batch_rows
+        # One engine, called from the cache actor's two threads: vLLM's LLM is not
+        # thread-safe, so generation is serialised (a shard's write still overlaps).
+        self._lock = threading.Lock()
         self.llm = LLM(model=str(root), skip_tokenizer_init=True, dtype="float32",
                        max_logprobs=max_k, logprobs_mode="raw_logprobs", enforce_eager=True,
                        enable_prefix_caching=False, seed=0,
@@ -60,7 +64,8 @@ class VLLMTeacher:
         params = SamplingParams(max_tokens=1, prompt_logprobs=spec.k, detokenize=False,
                                 flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in row]) for row in rows]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with self._lock:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         b, t = rows.shape[0], rows.shape[1] - 1
         ids = np.zeros((b, t, spec.k), dtype=np.int64)
         logprobs = np.zeros((b, t, spec.k), dtype=np.float64)
