@@ -88,6 +88,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         ray.init(address=cfg.ray_address, include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False, configure_logging=False)
     created = not Path(cfg.out).exists()
+    actors: list[Any] = []
     try:
         actors = _start_actors(cfg)
         described = _get(actors[0].describe.remote())
@@ -102,6 +103,10 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         _roll_back(cfg.out, created)
         raise
     finally:
+        # Explicitly: a failed job's traceback keeps the handles alive, and live actors
+        # would hold their CPUs/GPUs on a shared cluster.
+        for actor in actors:
+            ray.kill(actor)
         if started:
             ray.shutdown()
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,24 @@ def test_non_finite_teacher_outputs(ray_local, tmp_path, teacher, token_data):
     with pytest.raises(PipelineError, match="non-finite"):
         cache(tmp_path, bad, token_data, "s.zarr", max_rows=16)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_failed_job_releases_its_workers(ray_local, tmp_path, teacher, token_data):
+    free = ray_local.available_resources().get("CPU", 0)
+    with pytest.raises(PipelineError):
+        cache(tmp_path, teacher, token_data, "s.zarr", split="nope")
+    data = tmp_path / "data"
+    shutil.copytree(token_data, data)
+    zarr.open_array(str(data / "student"), mode="r+")[0, 0] = 999
+    # Fails inside a worker, after the actors started. The caller keeps the error (and so
+    # its traceback, which references the actor handles), as pytest's reports and REPLs do.
+    with pytest.raises(PipelineError) as kept:
+        cache(tmp_path, teacher, data, "s.zarr", max_rows=16)
+    deadline = time.monotonic() + 30
+    while ray_local.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_local.available_resources().get("CPU", 0) == free
+    assert kept.value is not None
 
 
 def test_cli_error_is_one_line(ray_local, tmp_path, token_data, capsys):
