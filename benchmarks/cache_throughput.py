@@ -14,6 +14,7 @@ is installed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import tempfile
@@ -50,19 +51,23 @@ def bare_loop(model_dir: Path, rows: np.ndarray, k: int) -> float:
 
 
 def bare_vllm(model_dir: Path, rows: np.ndarray, k: int) -> float:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_logprobs=k,
-              logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False)
+    from kdcache.pipeline.teachers.vllm import engine_kwargs
+
+    llm = LLM(model=str(model_dir), **engine_kwargs(k))
     params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
     prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in r]) for r in rows]
     llm.generate(prompts[:BATCH_ROWS], params, use_tqdm=False)
     t0 = time.perf_counter()
     for lo in range(0, len(prompts), BATCH_ROWS):
         llm.generate(prompts[lo : lo + BATCH_ROWS], params, use_tqdm=False)
-    return rows[:, :-1].size / (time.perf_counter() - t0)
+    rate = rows[:, :-1].size / (time.perf_counter() - t0)
+    del llm  # its KV-cache reservation must be gone before the cache job's engine starts
+    gc.collect()
+    return rate
 
 
 def backends() -> list[str]:

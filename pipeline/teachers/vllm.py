@@ -45,10 +45,7 @@ class VLLMTeacher:
         # One engine, called from the cache actor's two threads: vLLM's LLM is not
         # thread-safe, so generation is serialised (a shard's write still overlaps).
         self._lock = threading.Lock()
-        self.llm = LLM(model=str(root), skip_tokenizer_init=True, dtype="float32",
-                       max_logprobs=max_k, logprobs_mode="raw_logprobs", enforce_eager=True,
-                       enable_prefix_caching=False, seed=0,
-                       gpu_memory_utilization=0.8 if _has_cuda() else 0.25)
+        self.llm = LLM(model=str(root), **engine_kwargs(max_k))
         params = _count_params(self.llm)
         self.info = TeacherInfo(name=root.resolve().name, fingerprint=weights_fingerprint(root),
                                 params=params[0], nonembedding_params=params[1])
@@ -106,10 +103,17 @@ def _fill_row(flat: Any, row: np.ndarray, k: int, ids: np.ndarray,
     target[:] = values[start]
 
 
-def _has_cuda() -> bool:
+def engine_kwargs(max_k: int) -> dict[str, Any]:
+    """Arguments of vLLM's LLM for prompt log-probs on token ids (REFERENCE.md §8)."""
     import torch
 
-    return torch.cuda.is_available()
+    return dict(
+        skip_tokenizer_init=True, dtype="float32", max_logprobs=max_k,
+        logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False, seed=0,
+        # On the CPU build this is the share of host memory reserved for the KV cache;
+        # on GPUs prompt log-probs allocate a full-vocab tensor outside profiling.
+        gpu_memory_utilization=0.8 if torch.cuda.is_available() else 0.25,
+    )
 
 
 def _count_params(llm: Any) -> tuple[int, int]:
