@@ -82,7 +82,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
 
     from kdcache.storage import StoreWriter
 
-    _check_paths(cfg)
+    data = _check_paths(cfg)
     started = not ray.is_initialized()
     if started:
         ray.init(address=cfg.ray_address, include_dashboard=False, logging_level="ERROR",
@@ -92,7 +92,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     try:
         actors = _start_actors(cfg)
         described = _get(actors[0].describe.remote())
-        meta = _store_meta(cfg, described)
+        meta = _store_meta(cfg, described, data)
         writer = StoreWriter.open(cfg.out, meta)
         pending = writer.pending_shards()
         t0 = time.perf_counter()
@@ -136,8 +136,8 @@ def _roll_back(out: str, created: bool) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_paths(cfg: CacheConfig) -> None:
-    """Cheap checks before any worker starts, so bad paths fail in a second."""
+def _check_paths(cfg: CacheConfig) -> Any:
+    """Cheap checks before any worker starts, so bad paths fail in a second; the token data."""
     teacher = Path(cfg.teacher)
     if not (teacher / "config.json").is_file():
         raise PipelineError(f"{teacher}: missing config.json (not a model directory)")
@@ -145,6 +145,7 @@ def _check_paths(cfg: CacheConfig) -> None:
         raise PipelineError(f"{teacher}: missing model.safetensors (no weights)")
     data = _open_data(cfg.data)
     _split_rows(data, cfg)
+    return data
 
 
 def _open_data(path: str) -> Any:
@@ -167,10 +168,9 @@ def _split_rows(data: Any, cfg: CacheConfig) -> int:
     return min(rows, cfg.max_rows) if cfg.max_rows else rows
 
 
-def _store_meta(cfg: CacheConfig, described: dict[str, Any]) -> Any:
+def _store_meta(cfg: CacheConfig, described: dict[str, Any], data: Any) -> Any:
     from kdcache.storage import DataInfo, StoreMeta, TeacherInfo, suggest_chunk_rows
 
-    data = _open_data(cfg.data)
     vocab = int(described["vocab_size"])
     if vocab != data.vocab_size:
         raise PipelineError(

@@ -9,7 +9,6 @@ Each shard is still written whole by one thread, so the bytes do not change.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,6 @@ class CacheWorker:
             "info": asdict(teacher.info),
             "vocab_size": teacher.vocab_size,
             "tokenizer": _tokenizer_vocab(tok) if tok is not None else None,
-            "tokenizer_sha256": hashlib.sha256(tok).hexdigest() if tok is not None else None,
         }
 
     def process(self, shard: int, meta_json: dict[str, Any]) -> dict[str, Any]:

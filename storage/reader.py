@@ -77,10 +77,6 @@ class StoreReader:
             batch = {name: values[inverse] for name, values in batch.items()}
         return batch
 
-    def read_shard(self, shard: int) -> Batch:
-        start, stop = self.meta.shard_bounds(shard)
-        return self.read_rows(np.arange(start, stop))
-
     def iter_batches(self, batch_rows: int) -> Iterator[Batch]:
         """Committed rows in order, `batch_rows` at a time, never crossing a shard."""
         for shard in self.committed_shards:

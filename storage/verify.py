@@ -69,7 +69,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     meta = read_meta(path)
     done = ledger.committed(path)
-    rows = sum(meta.shard_bounds(s)[1] - meta.shard_bounds(s)[0] for s in done)
+    rows = sum(stop - start for start, stop in map(meta.shard_bounds, done))
     tokens = rows * meta.seq_len
     array_bytes = {name: _du(path / name) for name in array_specs(meta)}
     total = _du(path)

@@ -35,11 +35,6 @@ def cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="sum")
 
 
-def z_loss_sum(logits: Tensor) -> Tensor:
-    """Summed squared log-partition, log(Z)^2: keeps logits from drifting (PaLM's z-loss)."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).sum()
-
-
 @dataclass(frozen=True)
 class NextTokenLoss:
     """Supervised objective: cross-entropy + z_loss_weight * z-loss."""
@@ -47,7 +42,7 @@ class NextTokenLoss:
     z_loss_weight: float = 1e-4
 
     def __call__(self, logits: Tensor, batch: Batch) -> LossSums:
-        # One log-partition serves both terms (cheaper than cross_entropy + z_loss_sum).
+        # One log-partition serves both terms: cross-entropy and z-loss, log(Z)^2 (PaLM).
         logits = logits.float()
         lse = torch.logsumexp(logits, dim=-1)
         ce = (lse - logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)).sum()

@@ -19,7 +19,6 @@ import zarr
 from kdcache.train.errors import TrainError
 
 FORMAT = "kdcache.tokens/1"
-SPLITS = ("teacher", "student", "valid")
 ATTR = "kdcache"
 
 

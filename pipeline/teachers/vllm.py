@@ -46,9 +46,9 @@ class VLLMTeacher:
         # thread-safe, so generation is serialised (a shard's write still overlaps).
         self._lock = threading.Lock()
         self.llm = LLM(model=str(root), **engine_kwargs(max_k))
-        params = _count_params(self.llm)
+        total, embedding = _param_counts(root)
         self.info = TeacherInfo(name=root.resolve().name, fingerprint=weights_fingerprint(root),
-                                params=params[0], nonembedding_params=params[1])
+                                params=total, nonembedding_params=total - embedding)
         tok = root / "tokenizer.json"
         self.tokenizer_json = tok.read_bytes() if tok.is_file() else None
 
@@ -116,15 +116,16 @@ def engine_kwargs(max_k: int) -> dict[str, Any]:
     )
 
 
-def _count_params(llm: Any) -> tuple[int, int]:
-    """(total, non-embedding) parameters of the engine's model, when it can be reached."""
-    def count(model: Any) -> tuple[int, int]:
-        total = sum(p.numel() for p in model.parameters())
-        emb = sum(p.numel() for name, p in model.named_parameters()
-                  if "embed_tokens" in name or "lm_head" in name)
-        return total, total - emb
+def _param_counts(root: Path) -> tuple[int, int]:
+    """(all, embedding) parameters, read from the safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
 
-    try:
-        return tuple(llm.apply_model(count)[0])  # type: ignore[return-value]
-    except Exception:  # engines without apply_model: sizes unknown, recorded as 0
-        return 0, 0
+    total = embedding = 0
+    for file in sorted(root.glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                size = int(np.prod(weights.get_slice(name).get_shape()))
+                total += size
+                if "embed_tokens" in name or name.endswith("lm_head.weight"):
+                    embedding += size
+    return total, embedding

@@ -281,7 +281,7 @@ def test_cost_calibrates_from_runs(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_cost_from_a_real_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    storage = pytest.importorskip("kdcache.storage")
+    from kdcache import storage
     from tests.storage.conftest import make_meta, make_rows, shard_of
 
     meta = make_meta(rows=8, seq_len=8, vocab=300, k=4, shard_rows=4)

@@ -15,6 +15,7 @@ from kdcache.pipeline.cache import CacheConfig, run_cache
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import StoreError, StoreReader, verify_store
+from kdcache.train.model_dir import load_model_dir
 from kdcache.train.tokens import open_token_data
 
 from ..storage.conftest import tree_digest
@@ -74,6 +75,9 @@ def test_backend_matches_transformers(ray_local, tmp_path, teacher, token_data, 
     store = cache(tmp_path, teacher, token_data, f"{backend}.zarr", backend=backend)
     assert verify_store(store) == []
     assert_topk_matches(store, teacher)
+    recorded, loaded = StoreReader(store).meta.teacher, load_model_dir(teacher)
+    assert recorded.params == sum(p.numel() for p in loaded.model.parameters())
+    assert recorded.nonembedding_params == loaded.config.non_embedding_params()
 
 
 def test_full_kind_at_temperature(ray_local, tmp_path, teacher, token_data):
