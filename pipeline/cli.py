@@ -36,7 +36,10 @@ def _verb_modules() -> dict[str, ModuleType]:
 
 
 def add_dataclass_arguments(parser: ArgumentParser, cls: type) -> None:
-    """Add one flag per field of `cls`, help text from the field's docstring."""
+    """Add one flag per field of `cls`, help text from the field's docstring.
+
+    A field's `metadata["flag"]` names its flag when the field name cannot (`lambda`).
+    """
     docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(cls).params}
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -56,8 +59,9 @@ def add_dataclass_arguments(parser: ArgumentParser, cls: type) -> None:
             if not required:
                 kwargs["nargs"] = "?"
         else:
-            name = "--" + field.name.replace("_", "-")
+            name = "--" + field.metadata.get("flag", field.name.replace("_", "-"))
             kwargs["required"] = required
+            kwargs["dest"] = field.name
         parser.add_argument(name, **kwargs)
 
 

@@ -29,8 +29,9 @@ from kdcache.storage.validate import validate_shard
 ATTR = "kdcache"
 
 
-def read_meta(path: Path) -> StoreMeta:
+def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
     """The metadata of the store at `path`, or a StoreError saying why it is not one."""
+    path = Path(path)
     if path.is_file():
         raise StoreError(f"{path}: is a file, not a kdcache store")
     if not (path / "zarr.json").is_file():

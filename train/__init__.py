@@ -7,6 +7,8 @@ Entry points (import the submodules; this package imports nothing so the CLI sta
 - `model_dir.save_model_dir` / `model_dir.load_model_dir(MODEL) -> LoadedModel`: Hugging
   Face Llama directories (Qwen3 when QK-norm is on).
 - `trainer.Trainer(model, source, loss_fn, LoopConfig)`: any `batches.BatchSource` and any
-  `losses.LossFn`; `supervised.train_supervised(job.TrainJobConfig)` is `kdcache train`.
+  `losses.LossFn`; `run.run_training(job.TrainJobConfig)` is `kdcache train`.
+- Distillation: `store_batches.StoreBatches` (a logit store), `online.OnlineTeacherBatches`
+  (a live teacher) and `kd_losses.DistillLoss`; all sources follow `row_order.RowOrder`.
 - `evaluate.evaluate(model, data)`: validation cross-entropy and ECE (21 bins).
 """

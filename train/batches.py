@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from kdcache.train.errors import TrainError
+from kdcache.train.row_order import RowOrder
 from kdcache.train.tokens import TokenData
 
 
@@ -54,40 +55,50 @@ def rows_to_batch(rows: np.ndarray) -> Batch:
     return Batch(inputs=t[:, :-1], targets=t[:, 1:])
 
 
-class TokenBatches:
-    """Endless batches of rows from one split: a fresh seeded permutation every epoch.
+class OrderedBatches:
+    """Position bookkeeping shared by sources that follow a `RowOrder`.
 
-    The position is (epoch, offset), so the state is two integers and resuming at any
-    step reproduces the order exactly.
+    The position is (epoch, batch within the epoch): two integers, so the state dict is
+    tiny and resuming at any step reproduces the order exactly.
     """
 
-    def __init__(self, data: TokenData, split: str, *, batch_size: int, seed: int) -> None:
-        self.data, self.split, self.batch_size, self.seed = data, split, batch_size, seed
-        self.n_rows = data.rows(split)
-        if self.n_rows < batch_size:
-            raise TrainError(
-                f"{data.path}: split {split!r} has {self.n_rows} rows, fewer than the batch size "
-                f"{batch_size} (lower --batch-size or prepare more data)"
-            )
-        self.epoch, self.offset = 0, 0
-        self._perm = self._permutation(0)
+    def __init__(self, order: RowOrder) -> None:
+        self.order = order
+        self.epoch, self.batch = 0, 0
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-
-    def next_batch(self) -> Batch:
-        # Batches never straddle epochs: the tail of a permutation shorter than a batch is
-        # skipped, so every batch has the same shape.
-        if self.offset + self.batch_size > self.n_rows:
-            self.epoch, self.offset = self.epoch + 1, 0
-            self._perm = self._permutation(self.epoch)
-        idx = self._perm[self.offset : self.offset + self.batch_size]
-        self.offset += self.batch_size
-        return rows_to_batch(self.data.read(self.split, idx))
+    def _advance(self) -> None:
+        self.batch += 1
+        if self.batch == self.order.batches_per_epoch():
+            self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "offset": self.offset}
+        return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._perm = self._permutation(self.epoch)
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class TokenBatches(OrderedBatches):
+    """Endless batches of rows from one token split, in `RowOrder`."""
+
+    def __init__(self, data: TokenData, split: str, *, batch_size: int, seed: int) -> None:
+        n_rows = data.rows(split)
+        if n_rows < batch_size:
+            raise TrainError(
+                f"{data.path}: split {split!r} has {n_rows} rows, fewer than the batch size "
+                f"{batch_size} (lower --batch-size or prepare more data)"
+            )
+        super().__init__(RowOrder(n_rows=n_rows, batch_size=batch_size, seed=seed))
+        self.data, self.split = data, split
+        self._epoch_rows: tuple[int, np.ndarray] | None = None
+
+    def next_rows(self) -> np.ndarray:
+        """Row indices of the next batch (advances the position)."""
+        if self._epoch_rows is None or self._epoch_rows[0] != self.epoch:
+            self._epoch_rows = (self.epoch, np.concatenate(self.order.windows(self.epoch)))
+        idx = self._epoch_rows[1][self.batch]
+        self._advance()
+        return idx
+
+    def next_batch(self) -> Batch:
+        return rows_to_batch(self.data.read(self.split, self.next_rows()))

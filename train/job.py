@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kdcache.train.errors import TrainError
 
 TRAIN_SPLITS = ("teacher", "student")
+DIVERGENCES = ("kl_forward", "kl_reverse")
+TAILS = ("tail", "renormalize", "none")
 TOKENS_PER_PARAM = 20  # the paper's default budget D = 20 N
 
 
@@ -24,7 +26,19 @@ class TrainJobConfig:
     layers: int
     """Transformer blocks; the width follows as d_model = rho * layers."""
     split: str = "student"
-    """Token split to train on: teacher | student."""
+    """Token split to train on: teacher | student (a --distill store brings its own rows)."""
+    distill: str | None = None
+    """Distil offline from this logit STORE (kdcache cache) instead of supervised training."""
+    online_teacher: str | None = None
+    """Distil online from this teacher MODEL, run in-process every step (for comparison)."""
+    lam: float = field(default=1.0, metadata={"flag": "lambda"})
+    """Distillation weight: loss = (1 - lambda) * NTP + lambda * KD + z_loss * Z."""
+    temperature: float | None = None
+    """Distillation temperature tau (default: the store's, else 1.0; must equal the store's)."""
+    divergence: str = "kl_forward"
+    """Distillation divergence: kl_forward | kl_reverse."""
+    tail: str = "tail"
+    """Top-k stores: tail (the rest of the mass as one category) | renormalize | none."""
     tokens: int | None = None
     """Training tokens D (default 20 per non-embedding parameter)."""
     rho: int = 64
@@ -81,13 +95,32 @@ class TrainJobConfig:
             raise TrainError(f"--warmup-frac must lie in [0, 1], got {self.warmup_frac}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise TrainError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.distill and self.online_teacher:
+            raise TrainError("--distill and --online-teacher exclude each other")
+        if not 0 <= self.lam <= 1:
+            raise TrainError(f"--lambda must lie in [0, 1], got {self.lam}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise TrainError(f"--temperature must be positive, got {self.temperature}")
+        if self.divergence not in DIVERGENCES:
+            raise TrainError(f"--divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.tail not in TAILS:
+            raise TrainError(f"--tail must be one of {TAILS}, got {self.tail!r}")
         if self.checkpoint_every < 0:
             raise TrainError("--checkpoint-every must be >= 0")
 
-    def fingerprint(self, data_fingerprint: str) -> str:
-        """Identifies what the run computes: resuming requires the same fingerprint."""
+    @property
+    def kind(self) -> str:
+        """The runs table's `kind`: supervised | distill | online."""
+        return "distill" if self.distill else "online" if self.online_teacher else "supervised"
+
+    def fingerprint(self, data_fingerprint: str, teacher_fingerprint: str = "") -> str:
+        """Identifies what the run computes: resuming requires the same fingerprint.
+
+        Paths are not part of it; the teacher (a store's identity or a model's weights) is.
+        """
         runtime = {"runs", "run_id", "checkpoint_every", "threads", "quiet", "json", "out", "data",
-                   "eval_rows", "device"}
+                   "eval_rows", "device", "distill", "online_teacher"}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
-        blob = json.dumps({"config": values, "data": data_fingerprint}, sort_keys=True)
+        blob = json.dumps({"config": values, "data": data_fingerprint, "kind": self.kind,
+                           "teacher": teacher_fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""`kdcache train`: supervised training of one model of the family; writes a MODEL directory."""
+"""`kdcache train`: train one model of the family (supervised, or distilled from a store or a live
+teacher); writes a MODEL directory and a runs-table row."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import json
 
 from kdcache.train.job import TrainJobConfig as Config
 
-HELP = "Train a model on a token split (supervised); save it in Hugging Face Llama format."
+HELP = ("Train a model on a token split, supervised or distilled (--distill STORE, --online-teacher "
+        "MODEL); save it in Hugging Face Llama format.")
 
 __all__ = ["HELP", "Config", "run"]
 
 
 def run(cfg: Config) -> int:
-    from kdcache.train.supervised import train_supervised
+    from kdcache.train.run import run_training
 
-    result = train_supervised(cfg)
+    result = run_training(cfg)
     row = result.row
     if cfg.json:
         print(json.dumps(row, indent=2))
@@ -24,4 +26,7 @@ def run(cfg: Config) -> int:
             f"D = {row['tokens']:,} tokens, {row['tokens_per_s']:,.0f} tokens/s"
         )
         print(f"validation loss {row['loss']:.4f} nats/token, ECE {100 * row['ece']:.2f}%")
+        if row.get("teacher_loss") is not None:
+            print(f"{row['kind']} from a teacher of loss {row['teacher_loss']:.4f} "
+                  f"(N_T = {row['teacher_params']:,})")
     return 0

@@ -42,19 +42,19 @@ def test_prepare_train_resume_and_load(data_dir: Path, tmp_path: Path, capsys) -
 
     # A second, identical run is interrupted (Ctrl-C at step 50, after the step-40
     # checkpoint); rerunning the same command resumes it and ends with identical weights.
-    from kdcache.train import supervised
+    from kdcache.train import run as train_run
 
-    original = supervised.Trainer.run
+    original = train_run.Trainer.run
 
     def crash_midway(self):
         self.on_step = lambda info: (_ for _ in ()).throw(KeyboardInterrupt) if info.step == 50 else None
         return original(self)
 
-    supervised.Trainer.run = crash_midway
+    train_run.Trainer.run = crash_midway
     try:
         assert main(_train_argv(data_dir, tmp_path / "resumed")) == 130
     finally:
-        supervised.Trainer.run = original
+        train_run.Trainer.run = original
     assert (tmp_path / "resumed" / "checkpoint" / "state.json").is_file()
     assert not (tmp_path / "resumed" / "kdcache.json").exists()
     assert main([*_train_argv(data_dir, tmp_path / "resumed", "--runs", str(runs))]) == 0

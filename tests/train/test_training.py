@@ -72,7 +72,7 @@ def test_token_batches_state_roundtrip(tiny_data: TokenData) -> None:
         a.next_batch()
     b = TokenBatches(tiny_data, "student", batch_size=64, seed=0)
     b.load_state_dict(a.state_dict())
-    assert a.epoch >= 1
+    assert a.epoch >= 1 and a.state_dict() == {"epoch": a.epoch, "batch": a.batch}
     assert torch.equal(a.next_batch().inputs, b.next_batch().inputs)
     batch = b.next_batch()
     assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])

@@ -1,0 +1,160 @@
+"""Many training runs from one YAML file: a grid of students as Ray tasks, one runs table.
+
+`kdcache sweep --config SWEEP.yaml` reads the file as the verb's flags (so `--threads 2`
+overrides it; relative paths are relative to the working directory). It holds settings
+shared by every run and a `grid` of groups; list values inside a
+group expand as a Cartesian product, and every expanded run is a `kdcache train`
+(supervised, `distill: STORE` or `online_teacher: MODEL`):
+
+    data: out/data
+    runs: out/runs.parquet
+    out: out/students            # each run writes out/students/<run_id>
+    threads: 1                   # torch threads per run; runs in parallel fill the CPUs
+    defaults: {batch_size: 16}
+    grid:
+      - {layers: [1, 2], tokens: [200000, 400000]}
+      - {layers: [1, 2], tokens: 400000, distill: [out/stores/t1, out/stores/t2]}
+
+Runs read the stores concurrently (readers never write). A run whose model directory
+is finished is skipped, so rerunning the same file resumes the sweep (an interrupted
+run resumes from its checkpoint). A failed run is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcache.pipeline.errors import PipelineError
+from kdcache.train.job import TrainJobConfig
+
+# Settings that identify a run less than its shape and teacher do, left out of its id.
+_ID_QUIET = {"data", "runs", "out", "run_id", "quiet", "json", "threads", "checkpoint_every", "device"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """A grid of training runs sharing data, stores and one runs table."""
+
+    data: str
+    """DATA directory every run trains and evaluates on."""
+    runs: str
+    """Runs table (Parquet) every run appends its row to."""
+    out: str
+    """Directory of the runs' MODEL directories (OUT/<run_id>)."""
+    grid: list[dict[str, Any]]
+    """Groups of `kdcache train` settings; lists expand as a Cartesian product."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Train settings shared by every run (a group's own values win)."""
+    threads: int = 1
+    """torch threads (and Ray CPUs) per run."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster; default starts a local one."""
+    json: bool = False
+    """Print the summary as JSON."""
+
+    def __post_init__(self) -> None:
+        if not self.grid or not all(isinstance(g, dict) for g in self.grid):
+            raise PipelineError("field 'grid' must be a non-empty list of mappings")
+        if self.threads < 1:
+            raise PipelineError(f"field 'threads' must be >= 1, got {self.threads}")
+
+
+def expand(cfg: SweepConfig, where: str = "sweep") -> list[TrainJobConfig]:
+    """Every run of the grid as a train config, in file order, ids unique."""
+    jobs: list[TrainJobConfig] = []
+    for i, group in enumerate(cfg.grid):
+        keys = list(group)
+        values = [v if isinstance(v, list) else [v] for v in group.values()]
+        for combo in itertools.product(*values):
+            settings = {**cfg.defaults, **dict(zip(keys, combo, strict=True))}
+            jobs.append(_job(cfg, settings, f"{where}: grid[{i}]"))
+    ids = [j.run_id for j in jobs]
+    dup = next((r for r in ids if ids.count(r) > 1), None)
+    if dup:
+        raise PipelineError(f"{where}: two runs share run_id {dup!r}")
+    return jobs
+
+
+def _job(cfg: SweepConfig, settings: dict[str, Any], where: str) -> TrainJobConfig:
+    names = {f.name for f in dataclasses.fields(TrainJobConfig)}
+    settings = {("lam" if k == "lambda" else k): v for k, v in settings.items()}
+    unknown = set(settings) - names
+    if unknown:
+        raise PipelineError(f"{where}: unknown train setting {sorted(unknown)[0]!r}")
+    base = {"data": cfg.data, "runs": cfg.runs, "out": "", "quiet": True, "threads": cfg.threads}
+    try:
+        job = TrainJobConfig(**{**base, **settings})
+    except TypeError as exc:  # a required field (layers) missing
+        raise PipelineError(f"{where}: {exc}") from None
+    run_id = job.run_id or run_id_of(job)
+    return dataclasses.replace(job, run_id=run_id, out=str(Path(cfg.out) / run_id))
+
+
+def run_id_of(job: TrainJobConfig) -> str:
+    """Readable and unique: kind, layers, tokens, teacher name, and a hash of the rest."""
+    teacher = Path(job.distill or job.online_teacher or "").name
+    values = {k: v for k, v in dataclasses.asdict(job).items() if k not in _ID_QUIET}
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:6]
+    parts = [job.kind, f"L{job.layers}", f"D{job.tokens or 'auto'}", teacher, digest]
+    return "-".join(p for p in parts if p)
+
+
+def _finished(job: TrainJobConfig) -> bool:
+    from kdcache.train.model_dir import META
+
+    return (Path(job.out) / META).is_file()
+
+
+def _train(settings: dict[str, Any]) -> dict[str, Any]:
+    """One run, in a Ray worker: settings in, runs-table row out (JSON-able both ways)."""
+    from kdcache.train.run import run_training
+
+    return run_training(TrainJobConfig(**settings)).row
+
+
+def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """Run every unfinished run of the grid; returns {done, skipped, failed: {run_id: error}}."""
+    import ray
+    from tqdm import tqdm
+
+    jobs = expand(cfg)
+    todo = [j for j in jobs if not _finished(j)]
+    skipped = len(jobs) - len(todo)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False, configure_logging=False)
+    failed: dict[str, str] = {}
+    try:
+        # A killed worker's run is retried (it resumes from its checkpoint); errors are not.
+        task = ray.remote(_train).options(num_cpus=cfg.threads, max_retries=2, retry_exceptions=False)
+        refs = {task.remote(dataclasses.asdict(j)): j.run_id for j in todo}
+        bar = tqdm(total=len(jobs), initial=skipped, unit="run", desc="sweep", dynamic_ncols=True)
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            run_id = refs.pop(done[0])
+            try:
+                row = ray.get(done[0])
+                bar.write(f"{run_id}: loss {row['loss']:.4f}", file=sys.stderr)
+            except ray.exceptions.RayError as exc:
+                failed[run_id] = _reason(exc)
+                bar.write(f"{run_id}: FAILED: {failed[run_id]}", file=sys.stderr)
+            bar.update(1)
+        bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+    return {"runs": len(jobs), "done": len(todo) - len(failed), "skipped": skipped, "failed": failed}
+
+
+def _reason(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    text = str(cause if cause is not None else exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

@@ -1,0 +1,83 @@
+"""`kdcache sweep`: many students from shared stores, one runs table, resume, failures isolated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from kdcache.pipeline.cache import CacheConfig, run_cache
+from kdcache.pipeline.cli import main
+from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.sweep import SweepConfig, expand
+from tests.pipeline.conftest import make_teacher
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def stores(token_data: Path, tmp_path_factory: pytest.TempPathFactory, ray_local) -> list[Path]:
+    root = tmp_path_factory.mktemp("sweep-stores")
+    out = []
+    for seed in (0, 1):
+        teacher = make_teacher(root / f"teacher{seed}", token_data, seed=seed)
+        store = root / f"t{seed}"
+        run_cache(CacheConfig(teacher=str(teacher), data=str(token_data), out=str(store), k=8, quiet=True))
+        out.append(store)
+    return out
+
+
+def _sweep_file(tmp_path: Path, token_data: Path, stores: list[Path]) -> Path:
+    spec = {
+        "data": str(token_data), "runs": str(tmp_path / "runs.parquet"), "out": str(tmp_path / "students"),
+        "defaults": {"rho": 32, "batch_size": 4, "tokens": 1024, "checkpoint_every": 0},
+        "grid": [
+            {"layers": 1},
+            {"layers": 1, "distill": [str(s) for s in stores], "lambda": [1.0, 0.5]},
+            {"layers": 1, "online_teacher": str(stores[0].parent / "teacher0")},
+            {"layers": 1, "distill": str(tmp_path / "missing-store"), "run_id": "broken"},
+        ],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_sweep_runs_the_grid_skips_finished_and_isolates_failures(
+    token_data: Path, stores: list[Path], tmp_path: Path, capsys
+) -> None:
+    sweep = _sweep_file(tmp_path, token_data, stores)
+    assert main(["sweep", "--config", str(sweep), "--json"]) == 1  # the broken run fails
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"] == 7 and result["done"] == 6 and result["skipped"] == 0
+    assert list(result["failed"]) == ["broken"] and "not a kdcache store" in result["failed"]["broken"]
+
+    rows = pq.read_table(tmp_path / "runs.parquet").to_pylist()
+    kinds = sorted(r["kind"] for r in rows)
+    assert kinds == ["distill"] * 4 + ["online", "supervised"]
+    distilled = [r for r in rows if r["kind"] == "distill"]
+    assert {r["store"] for r in distilled} == {str(s.resolve()) for s in stores}
+    assert sorted(r["lambda"] for r in distilled) == [0.5, 0.5, 1.0, 1.0]
+    assert len({r["run_id"] for r in rows}) == 6
+
+    # Rerun: the six finished runs are skipped, nothing is appended twice.
+    assert main(["sweep", "--config", str(sweep), "--json"]) == 1
+    again = json.loads(capsys.readouterr().out)
+    assert again["skipped"] == 6 and again["done"] == 0
+    assert len(pq.read_table(tmp_path / "runs.parquet")) == 6
+
+
+def test_expand_names_runs_and_refuses_bad_settings(token_data: Path, tmp_path: Path) -> None:
+    base = {"data": str(token_data), "runs": "r.parquet", "out": str(tmp_path)}
+    jobs = expand(SweepConfig(**base, grid=[{"layers": [1, 2], "tokens": [100, 200]}]))
+    assert len({j.run_id for j in jobs}) == 4 and all(j.run_id.startswith("supervised-L") for j in jobs)
+    assert all(Path(j.out).parent == tmp_path for j in jobs)
+    with pytest.raises(PipelineError, match="unknown train setting 'layer'"):
+        expand(SweepConfig(**base, grid=[{"layer": 1}]))
+    with pytest.raises(PipelineError, match="share run_id"):
+        expand(SweepConfig(**base, grid=[{"layers": [1, 2], "run_id": "same"}]))
+    with pytest.raises(PipelineError, match="grid"):
+        SweepConfig(**base, grid=[])

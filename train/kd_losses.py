@@ -1,0 +1,258 @@
+"""Distillation losses: pure tensor functions over flattened positions, and the trainer's `DistillLoss`.
+
+Every function takes student logits `s` [N, V] and the teacher targets a logit store holds
+for those positions, and returns the SUM over positions of a divergence at temperature tau:
+the student is softened as s / tau and the result scaled by tau**2, so gradients match
+L_KD = -tau^2 sum_a softmax(z_T/tau)_a log softmax(z_S/tau)_a. The teacher-entropy term is
+included (KL rather than cross-entropy) so exact divergences are >= 0.
+
+Top-k stores keep the k most probable ids; `tail` names how the rest of the vocabulary is
+treated (`TAIL_MODES`):
+
+- `renormalize`: teacher and student both renormalised over the k ids.
+- `tail`: k + 1 categories, the k ids plus one "rest" category holding the stored
+  `tail_logmass` for the teacher and the student's mass outside the k ids.
+- `none`: the raw top-k terms of forward KL with unrenormalised probabilities; not a
+  divergence (it can be negative) and not defined for reverse KL.
+
+Sampled stores hold ids drawn from the teacher at temperature tau with their draw counts;
+`sampled_kl` is an unbiased Monte-Carlo estimate of forward KL. Ids within a position are
+assumed unique (the stores write them so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from kdcache.train.batches import Batch
+from kdcache.train.errors import TrainError
+from kdcache.train.losses import LossSums
+
+NEG_INF = float("-inf")
+
+
+def _kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """sum p (log p - log q) over every element; categories with p = 0 contribute 0."""
+    # Filling both sides where p = 0 keeps -inf (and -inf - -inf = nan) out of the value and
+    # out of the gradient, which `torch.where` alone would not.
+    empty = torch.isneginf(log_p)
+    log_p, log_q = log_p.masked_fill(empty, 0.0), log_q.masked_fill(empty, 0.0)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def _log_rest_mass(z: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """log of the softmax(z) mass outside `ids` [N], and which rows have no ids outside."""
+    rest = z.scatter(-1, ids, NEG_INF)
+    # logsumexp over an all -inf row gives -inf but a nan gradient: give it finite inputs.
+    empty = torch.isneginf(rest).all(-1)
+    lse_rest = torch.logsumexp(rest.masked_fill(empty.unsqueeze(-1), 0.0), -1)
+    return (lse_rest - torch.logsumexp(z, -1)).masked_fill(empty, NEG_INF), empty
+
+
+def _renormalized(z: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor) -> tuple[Tensor, Tensor]:
+    z_k = z.gather(-1, ids)
+    return t_lp - torch.logsumexp(t_lp, -1, keepdim=True), z_k - torch.logsumexp(z_k, -1, keepdim=True)
+
+
+def _with_tail(z: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor) -> tuple[Tensor, Tensor]:
+    log_q_k = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
+    log_q_rest, empty = _log_rest_mass(z, ids)
+    # With no ids outside the k (k = V) the rest category does not exist; a stored tail
+    # there is rounding in 1 - sum(p), which would otherwise make the KL infinite.
+    log_p_rest = tail_logmass.masked_fill(empty, NEG_INF)
+    return torch.cat([t_lp, log_p_rest.unsqueeze(-1)], -1), torch.cat([log_q_k, log_q_rest.unsqueeze(-1)], -1)
+
+
+def _raw_topk(z: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor) -> tuple[Tensor, Tensor]:
+    return t_lp, z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
+
+
+TAIL_MODES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = {
+    "renormalize": _renormalized,
+    "tail": _with_tail,
+    "none": _raw_topk,
+}
+"""Tail mode -> (z = s/tau, ids, teacher log-probs, tail log-mass) -> (log p, log q) per category."""
+
+
+def topk_categories(
+    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str
+) -> tuple[Tensor, Tensor]:
+    """Teacher and student log-probs [N, k] (k + 1 for `tail`) over the categories of a tail mode."""
+    if tail not in TAIL_MODES:
+        raise ValueError(f"unknown tail mode {tail!r}; expected one of {sorted(TAIL_MODES)}")
+    z = s / tau
+    return TAIL_MODES[tail](z, ids, t_logprobs.to(z.dtype), tail_logmass.to(z.dtype))
+
+
+def forward_kl_full(s: Tensor, t_logprobs: Tensor, tau: float) -> Tensor:
+    """tau^2 sum_n KL(p || q) with p the stored full-vocabulary teacher log-probs [N, V]."""
+    log_q = torch.log_softmax(s / tau, -1)
+    return tau**2 * _kl_sum(t_logprobs.to(log_q.dtype), log_q)
+
+
+def reverse_kl_full(s: Tensor, t_logprobs: Tensor, tau: float) -> Tensor:
+    """tau^2 sum_n KL(q || p): mode-seeking; infinite where the teacher has no mass."""
+    log_q = torch.log_softmax(s / tau, -1)
+    return tau**2 * _kl_sum(log_q, t_logprobs.to(log_q.dtype))
+
+
+def forward_kl_topk(
+    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str = "tail"
+) -> Tensor:
+    """tau^2 sum_n KL(p || q) over the categories of `tail` (see the module docstring)."""
+    log_p, log_q = topk_categories(s, ids, t_logprobs, tail_logmass, tau, tail)
+    return tau**2 * _kl_sum(log_p, log_q)
+
+
+def reverse_kl_topk(
+    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str = "tail"
+) -> Tensor:
+    """tau^2 sum_n KL(q || p) over `tail` (k + 1 categories) or `renormalize` (k categories).
+
+    Reverse KL weighs by the student, so it needs a teacher probability for every category
+    the student puts mass on: the raw top-k terms (`none`) leave the rest out and are refused.
+    """
+    if tail == "none":
+        raise ValueError("reverse KL is not defined for tail mode 'none'; use 'tail' or 'renormalize'")
+    log_p, log_q = topk_categories(s, ids, t_logprobs, tail_logmass, tau, tail)
+    return tau**2 * _kl_sum(log_q, log_p)
+
+
+def sampled_kl(s: Tensor, ids: Tensor, t_logprobs: Tensor, counts: Tensor, tau: float) -> Tensor:
+    """Importance-weighted Monte-Carlo estimate of tau^2 sum_n KL(p || q) from a sampled store.
+
+    The ids were drawn `draws` = sum(counts) times from p itself (the teacher at tau), so the
+    proposal equals the target and the weight of id a is counts_a / draws. Since
+    E[counts_a] = draws * p_a, E[sum_a (counts_a / draws)(log p_a - log q_a)] = KL(p || q):
+    unbiased, though a single estimate can be negative. Unused slots (count 0) weigh 0.
+    """
+    z = s / tau
+    log_q = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
+    counts = counts.to(z.dtype)
+    weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    return tau**2 * (weights * (t_logprobs.to(z.dtype) - log_q)).sum()
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence's function per store kind; `sampled` is None where it has no estimator."""
+
+    full: Callable[[Tensor, Tensor, float], Tensor]
+    topk: Callable[[Tensor, Tensor, Tensor, Tensor, float, str], Tensor]
+    sampled: Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None
+    tail_modes: tuple[str, ...]
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "kl_forward": Divergence(forward_kl_full, forward_kl_topk, sampled_kl, ("renormalize", "tail", "none")),
+    "kl_reverse": Divergence(reverse_kl_full, reverse_kl_topk, None, ("renormalize", "tail")),
+}
+
+KIND_EXTRAS: dict[str, tuple[str, ...]] = {
+    "full": ("logprobs",),
+    "topk": ("ids", "logprobs", "tail_logmass"),
+    "sampled": ("ids", "logprobs", "counts"),
+}
+"""Store kind -> the `Batch.extras` keys its loss reads, in the order the functions take them."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillLoss:
+    """(1 - lam) * NTP + lam * KD + z_loss * Z, summed over positions, computed in chunks."""
+
+    kind: str
+    """Store kind: full | topk | sampled; says which `Batch.extras` the loss reads."""
+    divergence: str = "kl_forward"
+    """kl_forward | kl_reverse (reverse has no sampled estimator)."""
+    tail: str = "tail"
+    """Top-k tail handling: renormalize | tail | none (forward only)."""
+    lam: float = 1.0
+    """Weight of the distillation term; 1 - lam goes to next-token cross-entropy."""
+    tau: float = 1.0
+    """Distillation temperature; must match the temperature the store was written at."""
+    z_loss: float = 1e-4
+    """Weight of log(Z)^2 of the student's logits at temperature 1."""
+    chunk_positions: int = 1024
+    """Positions per chunk: bounds the float32 activations to chunk_positions x V."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KIND_EXTRAS:
+            raise TrainError(f"unknown store kind {self.kind!r}; expected one of {sorted(KIND_EXTRAS)}")
+        if self.divergence not in DIVERGENCES:
+            raise TrainError(f"unknown divergence {self.divergence!r}; expected one of {sorted(DIVERGENCES)}")
+        if self.tail not in TAIL_MODES:
+            raise TrainError(f"unknown tail mode {self.tail!r}; expected one of {sorted(TAIL_MODES)}")
+        div = DIVERGENCES[self.divergence]
+        if self.kind == "sampled" and div.sampled is None:
+            raise TrainError(f"{self.divergence} has no estimator for sampled stores; use kl_forward")
+        if self.kind == "topk" and self.tail not in div.tail_modes:
+            raise TrainError(f"{self.divergence} is not defined for tail mode {self.tail!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise TrainError(f"lam must be in [0, 1], got {self.lam}")
+        if not self.tau > 0.0:
+            raise TrainError(f"tau must be > 0, got {self.tau}")
+        if not self.z_loss >= 0.0:
+            raise TrainError(f"z_loss must be >= 0, got {self.z_loss}")
+        if self.chunk_positions < 1:
+            raise TrainError(f"chunk_positions must be >= 1, got {self.chunk_positions}")
+
+    def __call__(self, logits: Tensor, batch: Batch) -> LossSums:
+        s = logits.flatten(0, -2)
+        n = s.shape[0]
+        extras = [_flat_extra(batch, key, logits.shape[:-1]) for key in KIND_EXTRAS[self.kind]]
+        parts = [t.split(self.chunk_positions) for t in [s, batch.targets.reshape(n), *extras]]
+        chunks = zip(*parts, strict=True)
+        # Each chunk is checkpointed: only its inputs (views) are kept, and its float32
+        # softmaxes are recomputed one chunk at a time in backward.
+        grad = s.requires_grad and torch.is_grad_enabled()
+        sums = sum(
+            checkpoint(self._chunk_sums, *c, use_reentrant=False) if grad else self._chunk_sums(*c)
+            for c in chunks
+        )
+        assert isinstance(sums, Tensor)
+        ce, kd, z = sums[1:].tolist()
+        return LossSums(total=sums[0], tokens=batch.tokens, metrics={"ce": ce, "kd": kd, "z": z})
+
+    def _chunk_sums(self, s: Tensor, targets: Tensor, *extras: Tensor) -> Tensor:
+        """[total, ce, kd, z] sums over one chunk; only `total` carries a gradient."""
+        s = s.to(torch.promote_types(s.dtype, torch.float32))
+        lse = torch.logsumexp(s, -1)
+        z = lse.pow(2).sum()
+        with torch.set_grad_enabled(self.lam < 1.0 and torch.is_grad_enabled()):
+            ce = (lse - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
+        with torch.set_grad_enabled(self.lam > 0.0 and torch.is_grad_enabled()):
+            kd = self._kd_sum(s, *extras)
+        total = self.z_loss * z
+        if self.lam < 1.0:
+            total = total + (1.0 - self.lam) * ce
+        if self.lam > 0.0:
+            total = total + self.lam * kd
+        return torch.stack([total, ce.detach(), kd.detach(), z.detach()])
+
+    def _kd_sum(self, s: Tensor, *extras: Tensor) -> Tensor:
+        div = DIVERGENCES[self.divergence]
+        if self.kind == "full":
+            (t_lp,) = extras
+            return div.full(s, t_lp, self.tau)
+        if self.kind == "topk":
+            ids, t_lp, tail_logmass = extras
+            return div.topk(s, ids.long(), t_lp, tail_logmass, self.tau, self.tail)
+        assert div.sampled is not None
+        ids, t_lp, counts = extras
+        return div.sampled(s, ids.long(), t_lp, counts, self.tau)
+
+
+def _flat_extra(batch: Batch, key: str, lead: torch.Size) -> Tensor:
+    """`batch.extras[key]` with its leading [B, T] flattened to match the flattened logits."""
+    if key not in batch.extras:
+        raise TrainError(f"batch has no {key!r} extra (has {sorted(batch.extras)}); wrong store kind?")
+    t = batch.extras[key]
+    if t.shape[: len(lead)] != lead:
+        raise TrainError(f"extra {key!r} has shape {tuple(t.shape)}, expected leading {tuple(lead)}")
+    return t.flatten(0, len(lead) - 1)

@@ -1,0 +1,66 @@
+"""Online distillation: the teacher runs in the training process on every batch.
+
+This is what a cache replaces, kept for comparison and for the cost model: the same
+rows in the same order as `StoreBatches`, with the teacher's full distribution at
+temperature `tau` computed each step in float32 instead of read from a store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kdcache.train.batches import Batch, TokenBatches
+from kdcache.train.errors import TrainError
+from kdcache.train.model_dir import LoadedModel
+from kdcache.train.tokens import TokenData
+
+
+def check_teacher_matches(teacher: LoadedModel, data: TokenData) -> None:
+    """Refuse a teacher whose vocabulary or tokenizer differ from the student's data."""
+    if teacher.config.vocab_size != data.vocab_size:
+        raise TrainError(
+            f"{teacher.path}/config.json: field 'vocab_size' is {teacher.config.vocab_size} but the "
+            f"data {data.path} has {data.vocab_size}"
+        )
+    trained_on = teacher.meta.get("data", {}).get("tokenizer_fingerprint")
+    if trained_on is not None and trained_on != data.tokenizer_fingerprint:
+        raise TrainError(
+            f"{teacher.path}: the teacher was trained with another tokenizer than {data.tokenizer_path}"
+        )
+
+
+class OnlineTeacherBatches:
+    """Token batches plus the live teacher's log-probs under `extras["logprobs"]`.
+
+    Also accumulates the teacher's NLL of the true next tokens it saw, the online
+    counterpart of a store's `teacher_loss`.
+    """
+
+    def __init__(self, tokens: TokenBatches, teacher: torch.nn.Module, *, temperature: float) -> None:
+        self.tokens, self.teacher, self.temperature = tokens, teacher.eval(), temperature
+        self.device = next(teacher.parameters()).device
+        self.nll_sum, self.nll_tokens = 0.0, 0
+
+    @property
+    def teacher_loss(self) -> float:
+        return self.nll_sum / max(self.nll_tokens, 1)
+
+    @torch.no_grad()
+    def next_batch(self) -> Batch:
+        batch = self.tokens.next_batch().to(self.device)
+        logits = self.teacher(batch.inputs).float()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
+                                                reduction="sum")
+        self.nll_sum += nll.item()
+        self.nll_tokens += batch.tokens
+        logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
+        return Batch(batch.inputs, batch.targets, {"logprobs": logprobs})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.tokens.state_dict(), "nll_sum": self.nll_sum, "nll_tokens": self.nll_tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens.load_state_dict(state)
+        self.nll_sum, self.nll_tokens = float(state["nll_sum"]), int(state["nll_tokens"])
