@@ -45,73 +45,95 @@ def _kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum()
 
 
-def _log_rest_mass(z: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """log of the softmax(z) mass outside `ids` [N], and which rows have no ids outside."""
-    rest = z.scatter(-1, ids, NEG_INF)
-    # logsumexp over an all -inf row gives -inf but a nan gradient: give it finite inputs.
-    empty = torch.isneginf(rest).all(-1)
-    lse_rest = torch.logsumexp(rest.masked_fill(empty.unsqueeze(-1), 0.0), -1)
-    return (lse_rest - torch.logsumexp(z, -1)).masked_fill(empty, NEG_INF), empty
+def _log_rest_mass(log_q_k: Tensor, vocab: int) -> Tensor:
+    """log of the student's mass outside its k ids, from the k log-probs alone.
+
+    log(1 - sum_k q) costs a pass over k, not over the vocabulary. It is exact up to the
+    rounding of 1 - sum_k q (~1e-7 in float32), so a rest mass far below that reads as 0;
+    such a category then barely moves the KL, whose term for it is p_rest (log p_rest -
+    log q_rest) with p_rest near 0 as well. With k = V there is no rest: -inf.
+    """
+    if log_q_k.shape[-1] >= vocab:
+        return torch.full_like(log_q_k[..., 0], NEG_INF)
+    log_mass_k = torch.logsumexp(log_q_k, -1).clamp(max=0.0)
+    return torch.log((-torch.expm1(log_mass_k)).clamp_min(torch.finfo(log_q_k.dtype).tiny))
 
 
-def _renormalized(z: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor) -> tuple[Tensor, Tensor]:
+def _renormalized(
+    z: Tensor, lse: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor
+) -> tuple[Tensor, Tensor]:
     z_k = z.gather(-1, ids)
     return t_lp - torch.logsumexp(t_lp, -1, keepdim=True), z_k - torch.logsumexp(z_k, -1, keepdim=True)
 
 
-def _with_tail(z: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor) -> tuple[Tensor, Tensor]:
-    log_q_k = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
-    log_q_rest, empty = _log_rest_mass(z, ids)
+def _with_tail(
+    z: Tensor, lse: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor
+) -> tuple[Tensor, Tensor]:
+    log_q_k = z.gather(-1, ids) - lse.unsqueeze(-1)
+    log_q_rest = _log_rest_mass(log_q_k, z.shape[-1])
     # With no ids outside the k (k = V) the rest category does not exist; a stored tail
     # there is rounding in 1 - sum(p), which would otherwise make the KL infinite.
-    log_p_rest = tail_logmass.masked_fill(empty, NEG_INF)
+    log_p_rest = tail_logmass.masked_fill(torch.isneginf(log_q_rest), NEG_INF)
     return torch.cat([t_lp, log_p_rest.unsqueeze(-1)], -1), torch.cat([log_q_k, log_q_rest.unsqueeze(-1)], -1)
 
 
-def _raw_topk(z: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor) -> tuple[Tensor, Tensor]:
-    return t_lp, z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
+def _raw_topk(
+    z: Tensor, lse: Tensor, ids: Tensor, t_lp: Tensor, tail_logmass: Tensor
+) -> tuple[Tensor, Tensor]:
+    return t_lp, z.gather(-1, ids) - lse.unsqueeze(-1)
 
 
-TAIL_MODES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = {
+def _scaled(s: Tensor, tau: float, lse: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(s / tau, its log-normaliser); a caller's `lse` of s / tau saves a pass over V."""
+    z = s if tau == 1.0 else s / tau
+    return z, torch.logsumexp(z, -1) if lse is None else lse
+
+
+TAIL_MODES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = {
     "renormalize": _renormalized,
     "tail": _with_tail,
     "none": _raw_topk,
 }
-"""Tail mode -> (z = s/tau, ids, teacher log-probs, tail log-mass) -> (log p, log q) per category."""
+"""Tail mode -> (z = s/tau, logsumexp z, ids, teacher log-probs, tail log-mass) -> (log p, log q)."""
 
 
 def topk_categories(
-    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str
+    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str,
+    lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Teacher and student log-probs [N, k] (k + 1 for `tail`) over the categories of a tail mode."""
     if tail not in TAIL_MODES:
         raise ValueError(f"unknown tail mode {tail!r}; expected one of {sorted(TAIL_MODES)}")
-    z = s / tau
-    return TAIL_MODES[tail](z, ids, t_logprobs.to(z.dtype), tail_logmass.to(z.dtype))
+    z, lse = _scaled(s, tau, lse)
+    return TAIL_MODES[tail](z, lse, ids, t_logprobs.to(z.dtype), tail_logmass.to(z.dtype))
 
 
-def forward_kl_full(s: Tensor, t_logprobs: Tensor, tau: float) -> Tensor:
+def forward_kl_full(s: Tensor, t_logprobs: Tensor, tau: float, lse: Tensor | None = None) -> Tensor:
     """tau^2 sum_n KL(p || q) with p the stored full-vocabulary teacher log-probs [N, V]."""
-    log_q = torch.log_softmax(s / tau, -1)
+    z, lse = _scaled(s, tau, lse)
+    log_q = z - lse.unsqueeze(-1)
     return tau**2 * _kl_sum(t_logprobs.to(log_q.dtype), log_q)
 
 
-def reverse_kl_full(s: Tensor, t_logprobs: Tensor, tau: float) -> Tensor:
+def reverse_kl_full(s: Tensor, t_logprobs: Tensor, tau: float, lse: Tensor | None = None) -> Tensor:
     """tau^2 sum_n KL(q || p): mode-seeking; infinite where the teacher has no mass."""
-    log_q = torch.log_softmax(s / tau, -1)
+    z, lse = _scaled(s, tau, lse)
+    log_q = z - lse.unsqueeze(-1)
     return tau**2 * _kl_sum(log_q, t_logprobs.to(log_q.dtype))
 
 
 def forward_kl_topk(
-    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str = "tail"
+    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str = "tail",
+    lse: Tensor | None = None,
 ) -> Tensor:
     """tau^2 sum_n KL(p || q) over the categories of `tail` (see the module docstring)."""
-    log_p, log_q = topk_categories(s, ids, t_logprobs, tail_logmass, tau, tail)
+    log_p, log_q = topk_categories(s, ids, t_logprobs, tail_logmass, tau, tail, lse)
     return tau**2 * _kl_sum(log_p, log_q)
 
 
 def reverse_kl_topk(
-    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str = "tail"
+    s: Tensor, ids: Tensor, t_logprobs: Tensor, tail_logmass: Tensor, tau: float, tail: str = "tail",
+    lse: Tensor | None = None,
 ) -> Tensor:
     """tau^2 sum_n KL(q || p) over `tail` (k + 1 categories) or `renormalize` (k categories).
 
@@ -120,11 +142,13 @@ def reverse_kl_topk(
     """
     if tail == "none":
         raise ValueError("reverse KL is not defined for tail mode 'none'; use 'tail' or 'renormalize'")
-    log_p, log_q = topk_categories(s, ids, t_logprobs, tail_logmass, tau, tail)
+    log_p, log_q = topk_categories(s, ids, t_logprobs, tail_logmass, tau, tail, lse)
     return tau**2 * _kl_sum(log_q, log_p)
 
 
-def sampled_kl(s: Tensor, ids: Tensor, t_logprobs: Tensor, counts: Tensor, tau: float) -> Tensor:
+def sampled_kl(
+    s: Tensor, ids: Tensor, t_logprobs: Tensor, counts: Tensor, tau: float, lse: Tensor | None = None
+) -> Tensor:
     """Importance-weighted Monte-Carlo estimate of tau^2 sum_n KL(p || q) from a sampled store.
 
     The ids were drawn `draws` = sum(counts) times from p itself (the teacher at tau), so the
@@ -132,8 +156,8 @@ def sampled_kl(s: Tensor, ids: Tensor, t_logprobs: Tensor, counts: Tensor, tau: 
     E[counts_a] = draws * p_a, E[sum_a (counts_a / draws)(log p_a - log q_a)] = KL(p || q):
     unbiased, though a single estimate can be negative. Unused slots (count 0) weigh 0.
     """
-    z = s / tau
-    log_q = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
+    z, lse = _scaled(s, tau, lse)
+    log_q = z.gather(-1, ids) - lse.unsqueeze(-1)
     counts = counts.to(z.dtype)
     weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     return tau**2 * (weights * (t_logprobs.to(z.dtype) - log_q)).sum()
@@ -143,9 +167,9 @@ def sampled_kl(s: Tensor, ids: Tensor, t_logprobs: Tensor, counts: Tensor, tau: 
 class Divergence:
     """A divergence's function per store kind; `sampled` is None where it has no estimator."""
 
-    full: Callable[[Tensor, Tensor, float], Tensor]
-    topk: Callable[[Tensor, Tensor, Tensor, Tensor, float, str], Tensor]
-    sampled: Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None
+    full: Callable[..., Tensor]
+    topk: Callable[..., Tensor]
+    sampled: Callable[..., Tensor] | None
     tail_modes: tuple[str, ...]
 
 
@@ -208,11 +232,14 @@ class DistillLoss:
         extras = [_flat_extra(batch, key, logits.shape[:-1]) for key in KIND_EXTRAS[self.kind]]
         parts = [t.split(self.chunk_positions) for t in [s, batch.targets.reshape(n), *extras]]
         chunks = zip(*parts, strict=True)
-        # Each chunk is checkpointed: only its inputs (views) are kept, and its float32
-        # softmaxes are recomputed one chunk at a time in backward.
+        # A chunk that would keep [chunk, V] tensors for backward (a full store's log-softmax,
+        # logits scaled by tau or upcast from bf16) is checkpointed: only its inputs (views) are
+        # kept, and it is recomputed in backward. Top-k and sampled losses at tau = 1 on float32
+        # logits keep only [chunk, k] tensors, so they skip the recomputation.
         grad = s.requires_grad and torch.is_grad_enabled()
+        recompute = grad and (self.kind == "full" or self.tau != 1.0 or s.dtype != torch.float32)
         sums = sum(
-            checkpoint(self._chunk_sums, *c, use_reentrant=False) if grad else self._chunk_sums(*c)
+            checkpoint(self._chunk_sums, *c, use_reentrant=False) if recompute else self._chunk_sums(*c)
             for c in chunks
         )
         assert isinstance(sums, Tensor)
@@ -227,7 +254,7 @@ class DistillLoss:
         with torch.set_grad_enabled(self.lam < 1.0 and torch.is_grad_enabled()):
             ce = (lse - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
         with torch.set_grad_enabled(self.lam > 0.0 and torch.is_grad_enabled()):
-            kd = self._kd_sum(s, *extras)
+            kd = self._kd_sum(s, lse if self.tau == 1.0 else None, *extras)
         total = self.z_loss * z
         if self.lam < 1.0:
             total = total + (1.0 - self.lam) * ce
@@ -235,17 +262,17 @@ class DistillLoss:
             total = total + self.lam * kd
         return torch.stack([total, ce.detach(), kd.detach(), z.detach()])
 
-    def _kd_sum(self, s: Tensor, *extras: Tensor) -> Tensor:
+    def _kd_sum(self, s: Tensor, lse: Tensor | None, *extras: Tensor) -> Tensor:
         div = DIVERGENCES[self.divergence]
         if self.kind == "full":
             (t_lp,) = extras
-            return div.full(s, t_lp, self.tau)
+            return div.full(s, t_lp, self.tau, lse)
         if self.kind == "topk":
             ids, t_lp, tail_logmass = extras
-            return div.topk(s, ids.long(), t_lp, tail_logmass, self.tau, self.tail)
+            return div.topk(s, ids.long(), t_lp, tail_logmass, self.tau, self.tail, lse)
         assert div.sampled is not None
         ids, t_lp, counts = extras
-        return div.sampled(s, ids.long(), t_lp, counts, self.tau)
+        return div.sampled(s, ids.long(), t_lp, counts, self.tau, lse)
 
 
 def _flat_extra(batch: Batch, key: str, lead: torch.Size) -> Tensor:
