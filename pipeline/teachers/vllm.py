@@ -23,9 +23,13 @@ from kdcache.pipeline.targets import TargetSpec
 from kdcache.pipeline.teachers.hf import weights_fingerprint
 from kdcache.storage import TeacherInfo, id_dtype
 
+CPU_STEP_TOKENS = 4096  # vLLM's max_num_batched_tokens for the LLM class on CPU
+MIN_KV_BYTES = 64 << 20
+
 
 class VLLMTeacher:
-    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64) -> None:
+    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64,
+                 max_len: int | None = None) -> None:
         root = Path(path)
         config = root / "config.json"
         if not config.is_file():
@@ -45,8 +49,8 @@ class VLLMTeacher:
         # One engine, called from the cache actor's two threads: vLLM's LLM is not
         # thread-safe, so generation is serialised (a shard's write still overlaps).
         self._lock = threading.Lock()
-        self.llm = LLM(model=str(root), **engine_kwargs(max_k))
-        total, embedding = _param_counts(root)
+        self.llm = LLM(model=str(root), **engine_kwargs(max_k, hf, max_len))
+        total, embedding = _param_counts(root, tied=bool(hf.get("tie_word_embeddings", False)))
         self.info = TeacherInfo(name=root.resolve().name, fingerprint=weights_fingerprint(root),
                                 params=total, nonembedding_params=total - embedding)
         tok = root / "tokenizer.json"
@@ -103,27 +107,52 @@ def _fill_row(flat: Any, row: np.ndarray, k: int, ids: np.ndarray,
     target[:] = values[start]
 
 
-def engine_kwargs(max_k: int) -> dict[str, Any]:
-    """Arguments of vLLM's LLM for prompt log-probs on token ids (REFERENCE.md §8)."""
+def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None) -> dict[str, Any]:
+    """Arguments of vLLM's LLM for prompt log-probs on token-id prompts (REFERENCE.md §8).
+
+    `hf` is the model's config.json; `max_len` the longest prompt (default: the model's
+    context length).
+    """
     import torch
 
-    return dict(
+    kwargs: dict[str, Any] = dict(
         skip_tokenizer_init=True, dtype="float32", max_logprobs=max_k,
+        max_model_len=None if max_len is None else max_len + 1,  # + the one generated token
         logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False, seed=0,
-        # On the CPU build this is the share of host memory reserved for the KV cache;
-        # on GPUs prompt log-probs allocate a full-vocab tensor outside profiling.
-        gpu_memory_utilization=0.8 if torch.cuda.is_available() else 0.25,
     )
+    if torch.cuda.is_available():
+        # Prompt log-probs allocate a full-vocab tensor outside vLLM's memory profiling.
+        kwargs["gpu_memory_utilization"] = 0.8
+    else:
+        # The CPU build would otherwise reserve a quarter of host memory less what the process
+        # already holds (5.9 GB for a 135M model here; an error in a process holding other
+        # models). Prompt log-probs need the KV of one scheduler step plus the longest prompt.
+        tokens = CPU_STEP_TOKENS + (max_len or int(hf.get("max_position_embeddings", 2048)))
+        kwargs["kv_cache_memory_bytes"] = max(MIN_KV_BYTES, 2 * tokens * _kv_bytes_per_token(hf))
+    return kwargs
 
 
-def _param_counts(root: Path) -> tuple[int, int]:
-    """(all, embedding) parameters, read from the safetensors headers (no weights loaded)."""
+def _kv_bytes_per_token(hf: dict[str, Any]) -> int:
+    heads = int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    return 2 * int(hf["num_hidden_layers"]) * kv_heads * head_dim * 4  # K and V, float32
+
+
+def _param_counts(root: Path, *, tied: bool) -> tuple[int, int]:
+    """(all, embedding) parameters, read from the safetensors headers (no weights loaded).
+
+    A tied output layer is the embedding matrix: counted once, like transformers'
+    `model.parameters()`, even where a checkpoint also stores `lm_head.weight`.
+    """
     from safetensors import safe_open
 
     total = embedding = 0
     for file in sorted(root.glob("*.safetensors")):
         with safe_open(str(file), framework="np") as weights:
             for name in weights.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                if tied and name.endswith("lm_head.weight"):
+                    continue
                 size = int(np.prod(weights.get_slice(name).get_shape()))
                 total += size
                 if "embed_tokens" in name or name.endswith("lm_head.weight"):
