@@ -42,6 +42,8 @@ class Preset:
     batch_size: int = 16
     min_runs_to_fit: tuple[int, int] = (10, 15)
     """Supervised and distillation runs needed before a law is fitted, not taken from the paper."""
+    bootstrap: int = 64
+    """Bootstrap resamples for the fits' 90% intervals."""
 
 
 PRESETS = {
@@ -136,15 +138,24 @@ def _student_grid(out: Path, p: Preset, stores: list[Path]) -> list[dict[str, An
 
 
 def _fit(out: Path, p: Preset) -> dict[str, str]:
-    """Fit each law with enough runs; otherwise say so (plans then use the paper's law)."""
+    """Fit each law with enough runs; otherwise say so (plans then use the paper's law).
+
+    The distillation law describes pure distillation (lambda = 1), so runs that mix
+    next-token loss back in are left out of the fitted table (`fits/runs.parquet`).
+    """
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    kinds = pq.read_table(out / "runs.parquet", columns=["kind"]).column("kind").to_pylist()
+    table = pq.read_table(out / "runs.parquet")
+    pure = pc.or_(pc.equal(table["kind"], "supervised"), pc.equal(pc.fill_null(table["lambda"], 1.0), 1.0))
+    fitted_runs = table.filter(pure)
+    (out / "fits").mkdir(exist_ok=True)
+    (out / "plots").mkdir(exist_ok=True)
+    pq.write_table(fitted_runs, out / "fits" / "runs.parquet")
+    kinds = fitted_runs.column("kind").to_pylist()
     counts = {"supervised": kinds.count("supervised"),
               "distillation": kinds.count("distill") + kinds.count("online")}
     notes: dict[str, str] = {}
-    (out / "fits").mkdir(exist_ok=True)
-    (out / "plots").mkdir(exist_ok=True)
     for law, needed in zip(("supervised", "distillation"), p.min_runs_to_fit, strict=True):
         path = out / "fits" / f"{law}.json"
         path.unlink(missing_ok=True)
@@ -155,9 +166,13 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
         _stage(f"fit: {law} law on {counts[law]} runs")
         extra = ["--supervised", str(out / "fits" / "supervised.json")] if (
             law == "distillation" and (out / "fits" / "supervised.json").is_file()) else []
-        fitted = _verb_json(["fit", "--runs", str(out / "runs.parquet"), "--law", law, "--bootstrap", "64",
-                             "--plot", str(out / "plots" / f"fit-{law}.png"), *extra])
+        fitted = _verb_json(["fit", "--runs", str(out / "fits" / "runs.parquet"), "--law", law,
+                             "--bootstrap", str(p.bootstrap), "--plot", str(out / "plots" / f"fit-{law}.png"),
+                             *extra])
         path.write_text(json.dumps(fitted, indent=2))
+    if len(fitted_runs) < len(table):
+        left_out = f"{len(table) - len(fitted_runs)} runs with lambda < 1 left out (the law is for lambda 1)"
+        notes["distillation"] = "; ".join(filter(None, (notes.get("distillation"), left_out)))
     (out / "fits" / "notes.json").write_text(json.dumps(notes, indent=2))
     for note in notes.values():
         print(f"note: {note}", file=sys.stderr)
