@@ -89,8 +89,8 @@ def _offline(cfg: TrainJobConfig, data: TokenData) -> Objective:
     source = StoreBatches(cfg.distill, batch_size=cfg.batch_size, seed=cfg.seed,
                           prefetch=0 if cfg.device == "cpu" else 2)
     identity = json.dumps(meta.identity(), sort_keys=True)
-    teacher = {"teacher_params": meta.teacher.nonembedding_params, "teacher_loss": meta.teacher_loss,
-               "store": str(Path(cfg.distill).resolve()), "k": meta.k,
+    teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": str(Path(cfg.distill).resolve()),
+               "k": meta.k,
                "temperature": meta.temperature, "lambda": cfg.lam}
     return Objective(source, loss, teacher_fingerprint=identity, teacher=teacher)
 
