@@ -39,7 +39,8 @@ class CacheWorker:
                 from kdcache.pipeline.cache import _open_data
                 from kdcache.pipeline.teachers import load_teacher
 
-                rows = _open_data(self.cfg.data).seq_len + 1
+                self._data = _open_data(self.cfg.data)
+                rows = self._data.seq_len + 1
                 self._teacher = load_teacher(self.cfg.backend, self.cfg.teacher, max_len=rows,
                                              batch_rows=self.cfg.batch_rows, max_k=self.cfg.k)
             return self._teacher
@@ -58,7 +59,6 @@ class CacheWorker:
         }
 
     def process(self, shard: int, meta_json: dict[str, Any]) -> dict[str, Any]:
-        from kdcache.pipeline.cache import _open_data
         from kdcache.pipeline.targets import TargetSpec
         from kdcache.storage import StoreMeta, StoreWriter
 
@@ -67,7 +67,6 @@ class CacheWorker:
             if self._writer is None:
                 meta = StoreMeta.from_json(meta_json, self.cfg.out)
                 self._writer = StoreWriter.open(Path(self.cfg.out), meta)
-                self._data = _open_data(self.cfg.data)
         meta = self._writer.meta
         start, stop = meta.shard_bounds(shard)
         rows = np.asarray(self._data.read(self.cfg.split, slice(start, stop)), dtype=np.int32)

@@ -201,11 +201,9 @@ def check_conversion(model: Any, tokenizer: Any, out: Path) -> float:
 def _write_provenance(out: Path, src: Path, header: dict[str, Any], diff: float) -> None:
     from importlib.metadata import version
 
-    digest = hashlib.sha256()
     with open(src, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    record = {"source": src.name, "source_sha256": digest.hexdigest(), **header,
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    record = {"source": src.name, "source_sha256": digest, **header,
               "max_abs_logit_diff": diff, "transformers": version("transformers"),
               "gguf": version("gguf")}
     (out / "gguf_import.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

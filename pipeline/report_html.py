@@ -366,7 +366,9 @@ def fits_section(out: Path) -> str:
     blocks = [problem]
     for law in ("supervised", "distillation"):
         fit, missing_fit = load(out, f"fits/{law}.json", read_json)
-        blocks.append(fit_block(law, fit, missing_fit, (notes or {}).get(law)))
+        remark = (notes or {}).get(law)
+        # A note saying why a law was not fitted replaces the generic "not written yet".
+        blocks.append(fit_block(law, fit, "" if fit is None and remark else missing_fit, remark))
     return section("fits", "Scaling-law fits", *blocks)
 
 

@@ -39,6 +39,7 @@ def test_run_writes_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.
     assert [c["label"] for c in costs] == ["teacher-L2", "teacher-L3"]
     html = (out / "report.html").read_text()
     assert "teacher-L2-full" in html and html.count("data:image/png;base64,") == 2
+    assert "not fitted" in html and "Missing: fits/supervised.json" not in html  # the note says why
 
     # Rerun: every training run and store is found finished; nothing is appended twice.
     before = {p: p.stat().st_mtime_ns for p in (out / "students").rglob("model.safetensors")}
