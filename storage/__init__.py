@@ -4,12 +4,13 @@ Numpy and zarr only (no torch), so any tool can read and check a store.
 """
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.integrity import Problem
 from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, id_dtype, suggest_chunk_rows
 from kdcache.storage.ledger import ShardEntry
 from kdcache.storage.metadata import DataInfo, StoreMeta, TeacherInfo
 from kdcache.storage.reader import StoreReader
-from kdcache.storage.verify import Problem, repair_store, summarize, verify_store
-from kdcache.storage.writer import StoreWriter, read_meta
+from kdcache.storage.verify import repair_store, summarize, verify_store
+from kdcache.storage.writer import StoreWriter, read_attrs, read_meta
 
 __all__ = [
     "ARRAYS_BY_KIND",
@@ -23,6 +24,7 @@ __all__ = [
     "TeacherInfo",
     "array_specs",
     "id_dtype",
+    "read_attrs",
     "read_meta",
     "repair_store",
     "suggest_chunk_rows",

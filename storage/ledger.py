@@ -7,7 +7,9 @@ lists and opens without warnings.
 A shard exists for readers exactly when its entry exists. Entries are written after the
 shard's data, through a temporary file and an atomic rename, so a writer killed at any
 point leaves either no entry (the shard is redone) or a whole one. Entries hold no
-timestamps or host names: a finished store's bytes do not depend on who wrote it.
+timestamps or host names: a finished store's bytes do not depend on who wrote it. Each
+entry pins the digest of the store's identity metadata, so a `k`, `temperature` or row
+count edited after shards were written is detected instead of silently reinterpreting them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ShardEntry:
     tokens: int
     nll_sum: float  # sum of -target_logprob over the shard, nats
     arrays: dict[str, ArraySum]
+    identity: str = ""  # metadata.identity_digest of the store it was written into ("" before v0.2)
 
 
 def checksum(array: np.ndarray) -> ArraySum:

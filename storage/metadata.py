@@ -8,7 +8,11 @@ never silently mix two teachers, tokenizers, k values or temperatures.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +22,7 @@ FORMAT = "kdcache.logits/1"
 KINDS = ("topk", "full", "sampled")
 Kind = Literal["topk", "full", "sampled"]
 MAX_DRAWS = 255  # `counts` is uint8
+MEASURED = ("complete", "teacher_loss")  # set when the store completes; not its identity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,9 +107,7 @@ class StoreMeta:
 
     def identity(self) -> dict[str, Any]:
         """The fields a reopening writer must match."""
-        out = self.to_json()
-        del out["complete"], out["teacher_loss"]
-        return out
+        return identity_of(self.to_json())
 
     def differences(self, other: StoreMeta) -> list[str]:
         """Human-readable identity fields that differ, `name: ours != theirs`."""
@@ -122,13 +125,72 @@ class StoreMeta:
             raise StoreError(f"{where}: not a kdcache store (no 'kdcache' group attribute)")
         try:
             fields = dict(value)
-            fields["teacher"] = TeacherInfo(**fields["teacher"])
-            fields["data"] = DataInfo(**fields["data"])
+            for name, sub in (("teacher", TeacherInfo), ("data", DataInfo)):
+                if not isinstance(fields.get(name), dict):
+                    raise StoreError(f"field '{name}' must be an object, got {fields.get(name)!r}")
+                _check_types(sub, fields[name], f"{name}.")
+                fields[name] = sub(**fields[name])
+            _check_types(cls, fields)
             return cls(**fields)
-        except (KeyError, TypeError) as exc:
-            raise StoreError(f"{where}: malformed 'kdcache' attribute ({exc})") from exc
         except StoreError as exc:
             raise StoreError(f"{where}: attribute 'kdcache': {exc}") from exc
+
+
+def identity_of(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields of a `kdcache` attribute: everything but what completion sets."""
+    return {key: value for key, value in attrs.items() if key not in MEASURED}
+
+
+def identity_digest(attrs: dict[str, Any]) -> str:
+    """sha256 of the identity fields exactly as stored, so that shard entries can pin them.
+
+    It is taken over the attribute as it is on disk, not over a `StoreMeta`, so a later
+    kdcache that adds a defaulted field still computes the digest old stores were written with.
+    """
+    blob = json.dumps(identity_of(attrs), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
+    """Refuse missing, unknown or wrongly typed fields by name (JSON has no int/float split)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise StoreError(f"unknown field '{prefix}{unknown[0]}'")
+    for name, f in fields.items():
+        if name not in values:
+            if f.default is dataclasses.MISSING:
+                raise StoreError(f"missing field '{prefix}{name}'")
+            continue
+        if not _is_a(values[name], hints[name]):
+            want = _type_name(hints[name])
+            raise StoreError(f"field '{prefix}{name}' must be {want}, got {values[name]!r}")
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return isinstance(value, str)  # the allowed values are checked in __post_init__
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return "a string"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(hint, str(hint))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -4,8 +4,11 @@ The reader sees only shards whose ledger entry exists, so it can run while a cac
 is still writing (call `refresh` to pick up new shards). Reads go through Zarr's
 sharding codec, which fetches only the inner chunks holding the requested rows, and
 every chunk carries a crc32c, so a flipped byte fails the read instead of returning
-wrong targets. Rows of a committed shard whose file went missing would read as fill
-values (NaN, -1), which the reader also refuses.
+wrong targets. The metadata is checked against the arrays on open, each ledger entry
+against the metadata when its shard is first seen, and each shard's files for presence
+before its first read (`integrity.py`): a deleted shard file would otherwise read as
+fill values, some of which are valid ids. A store that says it is complete while shards
+are uncommitted is refused, rather than waited on.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from typing import cast
 import numpy as np
 import zarr
 
-from kdcache.storage import ledger
+from kdcache.storage import integrity, ledger
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import array_specs
-from kdcache.storage.metadata import StoreMeta
-from kdcache.storage.writer import read_meta
+from kdcache.storage.metadata import StoreMeta, identity_digest
+from kdcache.storage.writer import read_attrs, read_meta
 
 Batch = dict[str, np.ndarray]
 
@@ -40,17 +43,26 @@ class StoreReader:
         if unknown:
             raise StoreError(f"{self.path}: a {self.meta.kind} store has no arrays {sorted(unknown)}")
         group = zarr.open_group(str(self.path), mode="r")
+        integrity.raise_first(self.path, integrity.layout_problems(group, self.meta))
+        self._identity = identity_digest(read_attrs(self.path))
         self._arrays = {name: cast(zarr.Array, group[name]) for name in self.fields}
         self._committed = np.zeros(self.meta.num_shards, dtype=bool)
+        self._present = np.zeros(self.meta.num_shards, dtype=bool)  # files checked
+        self._entries: dict[int, ledger.ShardEntry] = {}
         self.refresh()
 
     def refresh(self) -> int:
         """Pick up shards committed since the last look; returns the committed count."""
-        for shard in ledger.committed(self.path):
-            if shard < self.meta.num_shards:
-                self._committed[shard] = True
+        for shard, entry_file in ledger.committed(self.path).items():
+            if shard in self._entries:
+                continue
+            entry = ledger.read_entry(entry_file)
+            integrity.raise_first(self.path, integrity.entry_problems(entry, self.meta, self._identity))
+            self._entries[shard] = entry
+            self._committed[shard] = True
         if self._committed.all() and not self.meta.complete:
             self.meta = read_meta(self.path)
+        integrity.raise_first(self.path, integrity.completion_problems(self.meta, self._entries.values()))
         return int(self._committed.sum())
 
     @property
@@ -71,6 +83,7 @@ class StoreReader:
         missing = shards[~self._committed[shards]]
         if missing.size:
             raise StoreError(f"{self.path}: rows asked for in uncommitted shards {missing.tolist()}")
+        self._check_present(shards)
         unique, inverse = np.unique(rows, return_inverse=True)
         batch = self._read(unique, f"shards {shards.tolist()}")
         if unique.size != rows.size or not (unique == rows).all():
@@ -84,6 +97,14 @@ class StoreReader:
             for lo in range(start, stop, batch_rows):
                 yield self.read_rows(np.arange(lo, min(lo + batch_rows, stop)))
 
+    def _check_present(self, shards: np.ndarray) -> None:
+        for shard in shards[~self._present[shards]].tolist():
+            gone = integrity.missing_files(self.path, self._arrays, shard)
+            if gone:
+                raise StoreError(f"{self.path}: shard {shard} array '{gone[0]}': shard file is missing "
+                                 "(committed in the ledger; run kdcache verify --repair, then the cache job)")
+            self._present[shard] = True
+
     def _read(self, unique: np.ndarray, where: str) -> Batch:
         """Sorted unique rows of every field, all arrays read concurrently."""
         if unique.size and unique[-1] - unique[0] + 1 == unique.size:
@@ -96,10 +117,5 @@ class StoreReader:
         for name, values in gather(coros).items():
             if isinstance(values, Exception):  # zarr/numcodecs raise several types on bad bytes
                 raise StoreError(f"{self.path}: array '{name}' in {where} is corrupt ({values})")
-            values = np.asarray(values)
-            if values.dtype.kind == "f" and np.isnan(values).any():
-                raise StoreError(f"{self.path}: array '{name}' in {where} has missing data")
-            if name == "tokens" and values.size and values.min() < 0:
-                raise StoreError(f"{self.path}: array 'tokens' in {where} has missing data")
-            batch[name] = values
+            batch[name] = np.asarray(values)
         return batch

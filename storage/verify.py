@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,50 +10,43 @@ import numpy as np
 import zarr
 
 from kdcache.storage import ledger
-from kdcache.storage.errors import StoreError
+from kdcache.storage.integrity import Problem, store_problems
 from kdcache.storage.layout import array_specs
-from kdcache.storage.writer import ATTR, read_meta
-
-
-@dataclass(frozen=True)
-class Problem:
-    shard: int
-    array: str  # "" when the ledger entry itself is bad
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"shard {self.shard}" + (f" array '{self.array}'" if self.array else "")
-        return f"{where}: {self.reason}"
+from kdcache.storage.metadata import identity_digest
+from kdcache.storage.writer import ATTR, read_attrs, read_meta
 
 
 def verify_store(path: str | os.PathLike[str]) -> list[Problem]:
-    """Decode every committed shard and compare it with its ledger checksums."""
+    """The cheap checks, then decode every committed shard and compare it with its checksums."""
     path = Path(path)
     meta = read_meta(path)
+    problems, entries = store_problems(path, meta, identity_digest(read_attrs(path)))
+    if any(p.shard is None for p in problems):
+        return problems  # the layout itself is off: decoding against it would mislead
     group = zarr.open_group(str(path), mode="r")
-    problems = []
-    for shard, entry_file in ledger.committed(path).items():
-        try:
-            entry = ledger.read_entry(entry_file)
-        except StoreError as exc:
-            problems.append(Problem(shard, "", str(exc)))
+    flagged = {p.shard for p in problems}
+    for entry in entries:
+        if entry.shard in flagged:
             continue
-        start, stop = meta.shard_bounds(shard)
         for name in array_specs(meta):
             try:
-                values = np.asarray(group[name][start:stop])  # type: ignore[index]
+                values = np.asarray(group[name][entry.start:entry.stop])  # type: ignore[index]
             except Exception as exc:  # any decode failure is corruption
-                problems.append(Problem(shard, name, f"unreadable ({exc})"))
+                problems.append(Problem(entry.shard, name, f"unreadable ({exc})"))
                 continue
             if name not in entry.arrays or ledger.checksum(values) != entry.arrays[name]:
-                problems.append(Problem(shard, name, "checksum does not match the ledger"))
-    return problems
+                problems.append(Problem(entry.shard, name, "checksum does not match the ledger"))
+    return sorted(problems, key=lambda p: (-1 if p.shard is None else p.shard, p.array))
 
 
 def repair_store(path: str | os.PathLike[str], problems: list[Problem]) -> list[int]:
-    """Uncommit the shards with problems so the next cache run rewrites them."""
+    """Uncommit the shards with problems so the next cache run rewrites them.
+
+    Problems of the store as a whole (edited metadata, arrays of the wrong shape) cannot be
+    repaired by rewriting shards; they are left for the caller to report.
+    """
     path = Path(path)
-    shards = sorted({p.shard for p in problems})
+    shards = sorted({p.shard for p in problems if p.shard is not None})
     for shard in shards:
         ledger.remove_entry(path, shard)
     if shards:
@@ -65,10 +57,11 @@ def repair_store(path: str | os.PathLike[str], problems: list[Problem]) -> list[
 
 
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Metadata, progress and size of a store, as plain JSON-able values."""
+    """Metadata, progress, size and cheap-check problems of a store, as JSON-able values."""
     path = Path(path)
     meta = read_meta(path)
-    done = ledger.committed(path)
+    problems, _ = store_problems(path, meta, identity_digest(read_attrs(path)))
+    done = [s for s in ledger.committed(path) if s < meta.num_shards]
     rows = sum(stop - start for start, stop in map(meta.shard_bounds, done))
     tokens = rows * meta.seq_len
     array_bytes = {name: _du(path / name) for name in array_specs(meta)}
@@ -86,6 +79,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "bytes_per_token": total / tokens if tokens else None,
         "target_bytes_per_token": targets / tokens if tokens else None,
         "teacher_loss": meta.teacher_loss,
+        "damaged": [str(p) for p in problems],
     }
 
 

@@ -14,7 +14,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -23,7 +23,7 @@ from kdcache.storage import ledger
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import ArraySpec, array_specs, compressors
-from kdcache.storage.metadata import StoreMeta
+from kdcache.storage.metadata import StoreMeta, identity_digest
 from kdcache.storage.validate import validate_shard
 
 ATTR = "kdcache"
@@ -31,6 +31,11 @@ ATTR = "kdcache"
 
 def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
     """The metadata of the store at `path`, or a StoreError saying why it is not one."""
+    return StoreMeta.from_json(read_attrs(path), str(path))
+
+
+def read_attrs(path: str | os.PathLike[str]) -> Any:
+    """The raw `kdcache` attribute of the store at `path` (None when the group has none)."""
     path = Path(path)
     if path.is_file():
         raise StoreError(f"{path}: is a file, not a kdcache store")
@@ -40,7 +45,7 @@ def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
         group = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises many types for unreadable metadata
         raise StoreError(f"{path}: not a readable Zarr group ({exc})") from exc
-    return StoreMeta.from_json(group.attrs.get(ATTR), str(path))
+    return group.attrs.get(ATTR)
 
 
 def _create(path: Path, meta: StoreMeta) -> None:
@@ -79,6 +84,7 @@ class StoreWriter:
         self.meta = meta
         self._group = zarr.open_group(str(path), mode="r+")
         self._specs = array_specs(meta)
+        self._identity = identity_digest(read_attrs(path))
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], meta: StoreMeta) -> StoreWriter:
@@ -122,6 +128,7 @@ class StoreWriter:
             tokens=int(target.size),
             nll_sum=float(-target.astype(np.float64).sum()),
             arrays={name: ledger.checksum(values) for name, values in data.items()},
+            identity=self._identity,
         )
         ledger.write_entry(self.path, entry)
         return entry

@@ -67,5 +67,5 @@ def test_missing_shard_file_is_refused(built):
     path, _ = built
     (path / "tail_logmass" / "c" / "2" / "0").rename(path / "moved")
     assert [(p.shard, p.array) for p in verify_store(path)] == [(2, "tail_logmass")]
-    with pytest.raises(StoreError, match="missing data"):
+    with pytest.raises(StoreError, match="shard 2 array 'tail_logmass': shard file is missing"):
         StoreReader(path).read_rows(np.array([6]))

@@ -1,0 +1,150 @@
+"""Checks that a store's metadata, ledger and files agree, without decoding any data.
+
+These are the cheap checks: array shapes and dtypes against the metadata, each ledger
+entry against the metadata it was written under, every committed shard's files present,
+`complete` and `teacher_loss` against the ledger. The reader runs them as it goes (each
+shard's once), `kdcache inspect` runs them all, and `kdcache verify` adds decoding and
+checksums on top.
+
+A committed shard whose file was deleted would otherwise read as fill values, and some
+fill values are valid data (id 0; and a uint16 id array over a 65,536-token vocabulary
+has no invalid value at all), so presence is checked against the ledger rather than
+by scanning values: one `stat` per array per shard, once per reader.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import zarr
+
+from kdcache.storage import ledger
+from kdcache.storage.errors import StoreError
+from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs
+from kdcache.storage.metadata import StoreMeta
+
+# teacher_loss is nll / tokens over float64 sums; finalize computes it from the same entries.
+LOSS_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Problem:
+    shard: int | None  # None: the store as a whole (its metadata)
+    array: str  # "" when not about one array
+    reason: str
+
+    def __str__(self) -> str:
+        where = "store" if self.shard is None else f"shard {self.shard}"
+        return where + (f" array '{self.array}'" if self.array else "") + f": {self.reason}"
+
+
+def layout_problems(group: zarr.Group, meta: StoreMeta) -> list[Problem]:
+    """Arrays of the store's kind with the shapes and dtypes its metadata implies; no others."""
+    problems = []
+    specs = array_specs(meta)
+    present = set(group.array_keys())
+    every = {name for names in ARRAYS_BY_KIND.values() for name in names}
+    for name in sorted((present & every) - set(specs)):
+        problems.append(Problem(None, name, f"present, but a {meta.kind} store has no such array "
+                                            "(field 'kind' does not match the arrays)"))
+    for name, spec in specs.items():
+        if name not in present:
+            problems.append(Problem(None, name, f"missing (a {meta.kind} store has it)"))
+            continue
+        array = cast(zarr.Array, group[name])
+        shape = (meta.rows, *spec.row_shape)
+        if array.shape != shape:
+            problems.append(Problem(None, name, f"shape {array.shape} does not match the metadata's "
+                                                f"{shape} ({_shape_fields(name)})"))
+        elif array.dtype != spec.dtype:
+            problems.append(Problem(None, name, f"dtype {array.dtype} is not {spec.dtype} "
+                                                "(field 'vocab_size' sets the id width)"))
+        elif array.shards != (meta.shard_rows, *spec.row_shape):
+            problems.append(Problem(None, name, f"shards {array.shards} do not match field "
+                                                f"'shard_rows' ({meta.shard_rows})"))
+    return problems
+
+
+def _shape_fields(name: str) -> str:
+    per_id = name in ("ids", "logprobs", "counts")
+    return "fields 'data.rows', 'seq_len'" + (", 'k'" if per_id else "")
+
+
+def entry_problems(entry: ledger.ShardEntry, meta: StoreMeta, identity: str) -> list[Problem]:
+    """An entry's row range and identity digest against the store's metadata."""
+    shard = entry.shard
+    if not 0 <= shard < meta.num_shards:
+        return [Problem(shard, "", f"ledger entry for a shard outside 0..{meta.num_shards - 1} "
+                                   "(field 'data.rows' or 'shard_rows' was changed)")]
+    problems = []
+    if (entry.start, entry.stop) != meta.shard_bounds(shard):
+        problems.append(Problem(shard, "", f"ledger rows {entry.start}..{entry.stop} do not match the "
+                                           f"metadata's {meta.shard_bounds(shard)} (field 'data.rows' "
+                                           "or 'shard_rows' was changed)"))
+    if entry.identity and entry.identity != identity:
+        problems.append(Problem(shard, "", "written under other metadata: the 'kdcache' attribute was "
+                                           "edited after this shard was committed"))
+    return problems
+
+
+def missing_files(path: Path, group_arrays: Mapping[str, zarr.Array], shard: int) -> list[str]:
+    """Names of the arrays whose file for `shard` is absent."""
+    out = []
+    for name, array in group_arrays.items():
+        key = array.metadata.encode_chunk_key((shard, *([0] * (array.ndim - 1))))
+        if not (path / name / key).is_file():
+            out.append(name)
+    return out
+
+
+def completion_problems(meta: StoreMeta, entries: Iterable[ledger.ShardEntry]) -> list[Problem]:
+    """`complete` and `teacher_loss` against the ledger."""
+    entries = list(entries)
+    if not meta.complete:
+        return []
+    if len(entries) < meta.num_shards:
+        return [Problem(None, "", f"field 'complete' is true but only {len(entries)} of "
+                                  f"{meta.num_shards} shards are committed")]
+    tokens = sum(e.tokens for e in entries)
+    loss = sum(e.nll_sum for e in entries) / tokens if tokens else math.nan
+    if meta.teacher_loss is None or not math.isclose(meta.teacher_loss, loss, rel_tol=LOSS_RTOL):
+        return [Problem(None, "", f"field 'teacher_loss' is {meta.teacher_loss} but the ledger's NLL "
+                                  f"sums give {loss:.6f}")]
+    return []
+
+
+def store_problems(
+    path: Path, meta: StoreMeta, identity: str
+) -> tuple[list[Problem], list[ledger.ShardEntry]]:
+    """Every cheap check over the whole store; also returns the readable ledger entries."""
+    group = zarr.open_group(str(path), mode="r")
+    problems = layout_problems(group, meta)
+    arrays = {name: cast(zarr.Array, group[name]) for name in array_specs(meta) if name in group}
+    entries = []
+    committed = ledger.committed(path)
+    for shard, entry_file in committed.items():
+        try:
+            entry = ledger.read_entry(entry_file)
+        except StoreError as exc:
+            problems.append(Problem(shard, "", str(exc)))
+            continue
+        entries.append(entry)
+        found = entry_problems(entry, meta, identity)
+        problems += found
+        if not found:
+            problems += [Problem(shard, name, "shard file is missing")
+                         for name in missing_files(path, arrays, shard)]
+    if len(entries) == len(committed):  # an unreadable entry is its own problem already
+        problems += completion_problems(meta, entries)
+    return problems, entries
+
+
+def raise_first(path: Path, problems: list[Problem]) -> None:
+    """Turn the first problem into the StoreError readers raise, naming the store."""
+    if problems:
+        more = f" (and {len(problems) - 1} more; run kdcache verify)" if len(problems) > 1 else ""
+        raise StoreError(f"{path}: {problems[0]}{more}")
