@@ -2,7 +2,9 @@
 
 Every verb is a frozen config dataclass whose documented fields become dashed flags
 (`ray_address` -> `--ray-address`), plus `--config FILE.yaml` whose values the flags
-override. User mistakes end as one line on stderr and exit status 1.
+override. Every user mistake, a malformed flag as much as a refused input, ends as one
+line on stderr, `kdcache VERB: error: MESSAGE`, and exit status 1; so do environment
+faults kdcache cannot fix (an unwritable output path), as the OSError's own line.
 """
 
 from __future__ import annotations
@@ -10,21 +12,19 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import re
 import sys
 import typing
 from types import ModuleType
 
 import docstring_parser
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from kdcache.fit.errors import FitError
+from kdcache.errors import KdcacheError
 from kdcache.pipeline import commands
-from kdcache.pipeline.errors import PipelineError
-from kdcache.storage.errors import StoreError
-from kdcache.train.errors import TrainError
 
 DESCRIPTION = "Precompute teacher logits once, distil many students, fit distillation laws."
-USER_ERRORS = (StoreError, FitError, TrainError, PipelineError)
+EXIT_ERROR = 1
 
 
 def _verb_modules() -> dict[str, ModuleType]:
@@ -67,29 +67,85 @@ def add_dataclass_arguments(parser: ArgumentParser, cls: type) -> None:
 
 def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
     verbs = _verb_modules()
-    parser = ArgumentParser(prog="kdcache", description=DESCRIPTION)
+    parser = ArgumentParser(prog="kdcache", description=DESCRIPTION, exit_on_error=False)
     sub = parser.add_subcommands(dest="verb", required=True)
     for name, module in verbs.items():
-        verb = ArgumentParser(prog=f"kdcache {name}", description=module.HELP)
+        verb = ArgumentParser(prog=f"kdcache {name}", description=module.HELP, exit_on_error=False)
         verb.add_argument("--config", action=ActionConfigFile, help="YAML file of flag values.")
         add_dataclass_arguments(verb, module.Config)
         sub.add_subcommand(name, verb, help=module.HELP)
     return parser, verbs
 
 
+def one_line(message: str) -> str:
+    """Collapse a multi-line library message (jsonargparse nests its reasons) into one line,
+    naming flags as they are typed (`--batch-size`, not `Parser key "batch_size"`)."""
+    text = "; ".join(part.strip(" -") for part in str(message).splitlines() if part.strip(" -"))
+    text = re.sub(r'Parser key "([\w.]+)":;?', lambda m: f"--{_flag(m[1])}:", text)
+    text = re.sub(r"Expected a <class '(\w+)'>\. Got value: ", r"expected \1, got ", text)
+    return re.sub(r"\b[a-z-]+\.(\w+)\b(?=,|$)", lambda m: f"--{_flag(m[1])}", text)
+
+
+def _flag(key: str) -> str:
+    return key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def check_config_files(argv: list[str]) -> dict[str, set[str]]:
+    """Parse every `--config FILE` up front, so a broken file is named; returns its keys."""
+    import yaml
+
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    keys = {}
+    for path in files:
+        try:
+            with open(path) as fh:
+                doc = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ArgumentError(None, f"{path}: not valid YAML ({one_line(str(exc))})") from exc
+        except OSError as exc:
+            raise ArgumentError(None, f"{path}: cannot read the --config file ({exc.strerror})") from exc
+        if not isinstance(doc, dict):
+            raise ArgumentError(None, f"{path}: a --config file must be a mapping of flag names to values")
+        keys[path] = {str(k) for k in doc}
+    return keys
+
+
+def _name_config(message: str, keys: dict[str, set[str]]) -> str:
+    """Say which --config file a refused value came from."""
+    for path, names in keys.items():
+        if any(re.search(rf"\b{re.escape(n)}\b|--{re.escape(_flag(n))}\b", message) for n in names):
+            return f"{path}: {message}"
+    return message
+
+
+def _verb_of(argv: list[str], verbs: dict[str, ModuleType]) -> str:
+    return next((a for a in argv if a in verbs), "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser, verbs = build_parser()
-    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    name = ns.verb
-    module = verbs[name]
-    values = {k: v for k, v in vars(ns[name]).items() if k != "config"}
+    name = _verb_of(argv, verbs)
+    prefix = f"kdcache {name}".strip()
+    keys: dict[str, set[str]] = {}
     try:
+        keys = check_config_files(argv)
+        ns = parser.parse_args(argv)
+        module = verbs[ns.verb]
+        values = {k: v for k, v in vars(ns[ns.verb]).items() if k != "config"}
         return int(module.run(module.Config(**values)) or 0)
-    except USER_ERRORS as exc:
-        print(f"kdcache {name}: error: {exc}", file=sys.stderr)
-        return 1
+    except ArgumentError as exc:
+        print(f"{prefix}: error: {_name_config(one_line(str(exc)), keys)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KdcacheError as exc:
+        print(f"{prefix}: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # the environment, not kdcache: the message names the path
+        print(f"{prefix}: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        print(f"kdcache {name}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
 
 

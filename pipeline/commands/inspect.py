@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 
-HELP = "Show a logit store's metadata, committed rows/shards, bytes on disk and bytes per token."
+HELP = ("Show a logit store's metadata, committed rows/shards, bytes on disk and bytes per token; "
+        "exit 1 if it is damaged.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,9 +22,10 @@ def run(cfg: Config) -> int:
     from kdcache.storage import summarize
 
     info = summarize(cfg.store)
+    status = 1 if info["damaged"] else 0
     if cfg.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return status
     meta = info["metadata"]
     teacher, data = meta["teacher"], meta["data"]
     per_token = info["bytes_per_token"]
@@ -40,6 +43,10 @@ def run(cfg: Config) -> int:
         + (f", {per_token:.1f} bytes/token ({info['target_bytes_per_token']:.1f} for targets)"
            if per_token else ""),
         f"teacher_loss {loss:.4f} nats/token" if loss is not None else "teacher_loss (not complete)",
+        *(f"DAMAGED      {problem}" for problem in info["damaged"]),
     ]
     print("\n".join(lines))
-    return 0
+    if status:
+        count = len(info["damaged"])
+        print(f"{cfg.store}: damaged ({count} problem(s)); run kdcache verify", file=sys.stderr)
+    return status
