@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kdcache.errors import KdcacheError
+from kdcache.paths import check_writable
 from kdcache.pipeline.errors import PipelineError
 
 Backend = Literal["native", "hf", "vllm"]
@@ -138,33 +140,24 @@ def _roll_back(out: str, created: bool) -> None:
 
 def _check_paths(cfg: CacheConfig) -> Any:
     """Cheap checks before any worker starts, so bad paths fail in a second; the token data."""
+    from kdcache.storage import read_meta
+    from kdcache.train.tokens import open_token_data
+
     teacher = Path(cfg.teacher)
     if not (teacher / "config.json").is_file():
         raise PipelineError(f"{teacher}: missing config.json (not a model directory)")
     if not any(teacher.glob("*.safetensors")):
         raise PipelineError(f"{teacher}: missing model.safetensors (no weights)")
-    data = _open_data(cfg.data)
+    check_writable(cfg.out, "--out")
+    if Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
+        read_meta(cfg.out)  # an existing store must at least parse before workers start
+    data = open_token_data(cfg.data)
     _split_rows(data, cfg)
     return data
 
 
-def _open_data(path: str) -> Any:
-    from kdcache.train.errors import TrainError
-    from kdcache.train.tokens import open_token_data
-
-    try:
-        return open_token_data(path)
-    except TrainError as exc:
-        raise PipelineError(str(exc)) from exc
-
-
 def _split_rows(data: Any, cfg: CacheConfig) -> int:
-    from kdcache.train.errors import TrainError
-
-    try:
-        rows = int(data.rows(cfg.split))
-    except TrainError as exc:
-        raise PipelineError(str(exc)) from exc
+    rows = int(data.rows(cfg.split))
     return min(rows, cfg.max_rows) if cfg.max_rows else rows
 
 
@@ -251,12 +244,10 @@ def _get(ref: Any) -> Any:
     """ray.get, turning a worker's domain error back into that error (one clear line)."""
     import ray
 
-    from kdcache.storage import StoreError
-
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
-        if isinstance(cause, PipelineError | StoreError):
+        if isinstance(cause, KdcacheError):
             raise type(cause)(str(cause)) from None
         raise PipelineError(f"cache worker failed: {cause or exc}") from exc

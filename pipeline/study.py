@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdcache.paths import check_writable
 from kdcache.pipeline.errors import PipelineError
 
 
@@ -217,6 +218,7 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path
     if preset not in PRESETS:
         raise PipelineError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
     p, out = PRESETS[preset], Path(out_dir)
+    check_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     data = _prepare(out, p)
     started = not ray.is_initialized()

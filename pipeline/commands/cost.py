@@ -72,7 +72,10 @@ class Config:
 
 def run(cfg: Config) -> int:
     from kdcache.fit import cost
+    from kdcache.paths import check_writable
 
+    if cfg.plot:
+        check_writable(cfg.plot, "--plot", directory=False)
     sizes = parse_sizes(cfg.student_params)
     students = sizes * cfg.students if len(sizes) == 1 else sizes
     if len(sizes) > 1 and cfg.students not in (1, len(sizes)):

@@ -57,7 +57,10 @@ class Config:
 def run(cfg: Config) -> int:
     from kdcache.fit import report
     from kdcache.fit.runs import read_runs
+    from kdcache.paths import check_writable
 
+    if cfg.plot:
+        check_writable(cfg.plot, "--plot", directory=False)
     table = read_runs(cfg.runs)
     fixed = parse_fixed(cfg.fix)
     if cfg.law == "supervised":
