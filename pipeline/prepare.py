@@ -10,7 +10,6 @@ leaves nothing that looks like valid data; same inputs and seed give identical b
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -107,13 +106,6 @@ def assign_splits(
     return out
 
 
-def _sha256(*parts: bytes) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(hashlib.sha256(part).digest())
-    return digest.hexdigest()
-
-
 def _train_tokenizer(texts: list[str], vocab_size: int, progress: bool) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -183,7 +175,14 @@ def _read_documents(cfg: PrepareConfig) -> list[str]:
 
 
 def _write_split(group: Any, name: str, rows: Any, vocab_size: int, source: str) -> dict[str, Any]:
-    """Store one split's rows as a Zarr array; returns its metadata."""
+    """Store one split's rows as a Zarr array; returns its metadata.
+
+    Chunks carry a crc32c (after the store's compressor) so a reader detects a flipped
+    byte, and the fill value is -1 so a deleted chunk reads as ids no vocabulary has.
+    """
+    from kdcache.storage.layout import compressors
+    from kdcache.train.tokens import CHECKSUMS, sha256_parts
+
     width = rows.shape[1]
     if len(rows) == 0:
         raise PipelineError(
@@ -193,12 +192,13 @@ def _write_split(group: Any, name: str, rows: Any, vocab_size: int, source: str)
     if int(rows.max()) >= vocab_size:
         raise PipelineError(f"{source}: tokenizer produced id {int(rows.max())} >= its vocab size")
     arr = group.create_array(
-        name, shape=rows.shape, chunks=(max(1, CHUNK_TOKENS // width), width), dtype="int32"
+        name, shape=rows.shape, chunks=(max(1, CHUNK_TOKENS // width), width), dtype="int32",
+        fill_value=-1, compressors=compressors(),
     )
     arr[:] = rows
-    fp = _sha256(str(rows.shape).encode(), rows.astype("<i4").tobytes())
+    fp = sha256_parts(str(rows.shape).encode(), rows.astype("<i4").tobytes())
     arr.attrs["kdcache"] = {"split": name, "rows": len(rows), "fingerprint": fp}
-    return {"rows": len(rows), "tokens": int(rows.size), "fingerprint": fp}
+    return {"rows": len(rows), "tokens": int(rows.size), "fingerprint": fp, "checksums": CHECKSUMS}
 
 
 def prepare(cfg: PrepareConfig) -> PrepareResult:
@@ -206,7 +206,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     import zarr
     from tqdm import tqdm
 
-    from kdcache.train.tokens import ATTR, FORMAT
+    from kdcache.train.tokens import ATTR, FORMAT, data_fingerprint, sha256_parts
 
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
@@ -233,11 +233,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
                 meta_splits[name] = _write_split(group, name, rows, vocab_size, cfg.source)
         tok_json = tok.to_str().encode()
         (tmp / "tokenizer.json").write_bytes(tok_json)
-        tok_fp = _sha256(tok_json)
-        fingerprint = _sha256(
-            tok_fp.encode(), str(cfg.seq_len).encode(),
-            *(f"{n}:{m['fingerprint']}".encode() for n, m in meta_splits.items()),
-        )
+        tok_fp = sha256_parts(tok_json)
+        split_fps = {n: m["fingerprint"] for n, m in meta_splits.items()}
+        fingerprint = data_fingerprint(tok_fp, cfg.seq_len, split_fps)
         group.attrs[ATTR] = {
             "format": FORMAT, "source": cfg.source, "seed": cfg.seed, "fractions": cfg.fractions,
             "max_tokens": cfg.max_tokens, "vocab_size": vocab_size, "seq_len": cfg.seq_len,
