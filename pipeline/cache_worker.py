@@ -36,10 +36,10 @@ class CacheWorker:
     def _load(self) -> Any:
         with self._lock:
             if self._teacher is None:
-                from kdcache.pipeline.cache import _open_data
                 from kdcache.pipeline.teachers import load_teacher
+                from kdcache.train.tokens import open_token_data
 
-                self._data = _open_data(self.cfg.data)
+                self._data = open_token_data(self.cfg.data)
                 rows = self._data.seq_len + 1
                 self._teacher = load_teacher(self.cfg.backend, self.cfg.teacher, max_len=rows,
                                              batch_rows=self.cfg.batch_rows, max_k=self.cfg.k)

@@ -80,7 +80,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
 def one_line(message: str) -> str:
     """Collapse a multi-line library message (jsonargparse nests its reasons) into one line,
     naming flags as they are typed (`--batch-size`, not `Parser key "batch_size"`)."""
-    text = "; ".join(part.strip(" -") for part in str(message).splitlines() if part.strip(" -"))
+    parts = (re.sub(r"^- ", "", line.strip()) for line in str(message).splitlines())
+    text = "; ".join(part for part in parts if part)
     text = re.sub(r'Parser key "([\w.]+)":;?', lambda m: f"--{_flag(m[1])}:", text)
     text = re.sub(r"Expected a <class '(\w+)'>\. Got value: ", r"expected \1, got ", text)
     return re.sub(r"\b[a-z-]+\.(\w+)\b(?=,|$)", lambda m: f"--{_flag(m[1])}", text)

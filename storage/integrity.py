@@ -75,20 +75,19 @@ def _shape_fields(name: str) -> str:
 
 
 def entry_problems(entry: ledger.ShardEntry, meta: StoreMeta, identity: str) -> list[Problem]:
-    """An entry's row range and identity digest against the store's metadata."""
+    """An entry's row range and identity digest against the store's metadata.
+
+    These are problems of the metadata, not of the shard (rewriting the shard would not
+    fix them), so they are the store's.
+    """
     shard = entry.shard
-    if not 0 <= shard < meta.num_shards:
-        return [Problem(shard, "", f"ledger entry for a shard outside 0..{meta.num_shards - 1} "
-                                   "(field 'data.rows' or 'shard_rows' was changed)")]
-    problems = []
-    if (entry.start, entry.stop) != meta.shard_bounds(shard):
-        problems.append(Problem(shard, "", f"ledger rows {entry.start}..{entry.stop} do not match the "
-                                           f"metadata's {meta.shard_bounds(shard)} (field 'data.rows' "
-                                           "or 'shard_rows' was changed)"))
+    if not 0 <= shard < meta.num_shards or (entry.start, entry.stop) != meta.shard_bounds(shard):
+        return [Problem(None, "", f"shard {shard} was committed for rows {entry.start}..{entry.stop}, "
+                                  "which the metadata's 'data.rows' and 'shard_rows' do not give")]
     if entry.identity and entry.identity != identity:
-        problems.append(Problem(shard, "", "written under other metadata: the 'kdcache' attribute was "
-                                           "edited after this shard was committed"))
-    return problems
+        return [Problem(None, "", f"shard {shard} was written under other metadata: the 'kdcache' "
+                                  "attribute was edited after shards were committed")]
+    return []
 
 
 def missing_files(path: Path, group_arrays: Mapping[str, zarr.Array], shard: int) -> list[str]:
@@ -126,6 +125,7 @@ def store_problems(
     arrays = {name: cast(zarr.Array, group[name]) for name in array_specs(meta) if name in group}
     entries = []
     committed = ledger.committed(path)
+    off: list[Problem] = []  # entries that disagree with the metadata: reported once
     for shard, entry_file in committed.items():
         try:
             entry = ledger.read_entry(entry_file)
@@ -134,10 +134,13 @@ def store_problems(
             continue
         entries.append(entry)
         found = entry_problems(entry, meta, identity)
-        problems += found
+        off += found
         if not found:
             problems += [Problem(shard, name, "shard file is missing")
                          for name in missing_files(path, arrays, shard)]
+    if off:
+        more = f" ({len(off)} of {len(committed)} committed shards)" if len(off) > 1 else ""
+        problems.append(Problem(None, "", off[0].reason + more))
     if len(entries) == len(committed):  # an unreadable entry is its own problem already
         problems += completion_problems(meta, entries)
     return problems, entries
@@ -146,5 +149,7 @@ def store_problems(
 def raise_first(path: Path, problems: list[Problem]) -> None:
     """Turn the first problem into the StoreError readers raise, naming the store."""
     if problems:
+        first = problems[0]
+        text = str(first) if first.shard is not None or first.array else first.reason
         more = f" (and {len(problems) - 1} more; run kdcache verify)" if len(problems) > 1 else ""
-        raise StoreError(f"{path}: {problems[0]}{more}")
+        raise StoreError(f"{path}: {text}{more}")

@@ -97,6 +97,11 @@ class StoreReader:
             for lo in range(start, stop, batch_rows):
                 yield self.read_rows(np.arange(lo, min(lo + batch_rows, stop)))
 
+    def check_files(self) -> None:
+        """Check now that every committed shard's files exist (a stat per file), rather than
+        at its first read: a training run should fail before its first step, not midway."""
+        self._check_present(np.flatnonzero(self._committed))
+
     def _check_present(self, shards: np.ndarray) -> None:
         for shard in shards[~self._present[shards]].tolist():
             gone = integrity.missing_files(self.path, self._arrays, shard)

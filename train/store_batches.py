@@ -98,6 +98,7 @@ class StoreBatches(OrderedBatches):
         self.path = path
         kind = read_meta(path).kind
         self.reader = StoreReader(path, ("tokens", *TARGET_FIELDS[kind]))
+        self.reader.check_files()
         self.meta = self.reader.meta
         super().__init__(RowOrder(n_rows=self.meta.rows, batch_size=batch_size, seed=seed,
                                   rank=rank, world=world))

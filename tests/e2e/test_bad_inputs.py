@@ -1,0 +1,285 @@
+"""A catalogue of bad inputs and detected faults across the verbs.
+
+Each case gets its own copy of a small world (token data, a teacher, a cache built by
+the real job, a runs table, a sweep file), optionally damages it, runs one command and
+asserts three things: exit status 1, one line on stderr that says what is wrong, and
+not one file of the world added, removed or changed. The README reports the count per
+verb from `CASES`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from kdcache.fit.runs import append_run
+from kdcache.pipeline.cli import main
+
+from ..pipeline.conftest import make_teacher
+from ..storage.conftest import tree_digest
+
+torch.set_num_threads(1)
+VOCAB, SEQ_LEN = 300, 16
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: str  # "{w}" is the world's path; split on spaces
+    match: str  # regex the stderr line must contain
+    setup: Callable[[Path], None] | None = None
+
+    @property
+    def verb(self) -> str:
+        return self.argv.split()[0]
+
+
+# ---- damage --------------------------------------------------------------------------------------
+
+def _flip(path: Path, offset: int = 40) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_store(**changes) -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        doc = json.loads((w / "store.zarr" / "zarr.json").read_text())
+        for key, value in changes.items():
+            *parents, leaf = key.split(".")
+            target = doc["attributes"]["kdcache"]
+            for parent in parents:
+                target = target[parent]
+            target[leaf] = value
+        (w / "store.zarr" / "zarr.json").write_text(json.dumps(doc))
+    return apply
+
+
+def _store_shard_file(w: Path, name: str = "ids", shard: int = 1) -> Path:
+    ndim = len(json.loads((w / "store.zarr" / name / "zarr.json").read_text())["shape"])
+    return w / "store.zarr" / name / "c" / str(shard) / Path(*["0"] * (ndim - 1))
+
+
+def _delete_shard_file(name: str) -> Callable[[Path], None]:
+    return lambda w: _store_shard_file(w, name).unlink()
+
+
+def _uncommit_but_complete(w: Path) -> None:
+    shutil.rmtree(w / "store.zarr" / "ledger" / "shard-000001")
+
+
+def _flip_token_chunk(w: Path) -> None:
+    _flip(next(p for p in sorted((w / "data" / "student" / "c").rglob("*")) if p.is_file()))
+
+
+def _break_split_json(w: Path) -> None:
+    path = w / "data" / "student" / "zarr.json"
+    path.write_text(path.read_text().replace(",", "", 1))
+
+
+def _write(rel: str, text: str | bytes) -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        path = w / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return apply
+
+
+def _both(*fns: Callable[[Path], None]) -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        for fn in fns:
+            fn(w)
+    return apply
+
+
+def _sweep(grid: list) -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        doc = {"data": str(w / "data"), "runs": str(w / "sweep-runs.parquet"), "out": str(w / "students"),
+               "grid": grid, "defaults": {"rho": 16, "tokens": 2000, "batch_size": 4, "quiet": True}}
+        (w / "sweep.yaml").write_text(yaml.safe_dump(doc))
+    return apply
+
+
+TRAIN = "train --data {w}/data --layers 1 --rho 32 --tokens 2000 --batch-size 4 --threads 1 --quiet"
+CACHE = "cache --teacher {w}/teacher --data {w}/data --workers 1 --k 8 --shard-rows 16 --quiet"
+LAW = "--law paper --student-params 1e8 --compute 1e20"
+COST = "cost --teacher-params 1e9 --student-params 1e8 --tokens 1e10"
+
+CASES = [
+    # prepare
+    Case("prepare-empty-source", "prepare --source {w}/empty --out {w}/d2 --vocab-size 300 --quiet",
+         r"source is empty", _write("empty/.keep", "")),
+    Case("prepare-vocab-too-small", "prepare --out {w}/d2 --vocab-size 100", r"--vocab-size 100 is too small"),
+    Case("prepare-seq-len", "prepare --out {w}/d2 --seq-len 1", r"--seq-len 1 must be at least 2"),
+    Case("prepare-out-exists", "prepare --out {w}/data --vocab-size 300 --quiet", r"output already exists"),
+    Case("prepare-fractions", "prepare --out {w}/d2 --teacher-frac 0.5 --student-frac 0.5 --valid-frac 0.5",
+         r"must be positive and sum to 1"),
+    Case("prepare-no-tokenizer", "prepare --out {w}/d2 --tokenizer {w}/nope.json", r"nope.json: no such tokenizer"),
+    Case("prepare-non-utf8", "prepare --source {w}/bin --out {w}/d2 --vocab-size 300 --quiet",
+         r"bin/a.txt.*UTF-8", _write("bin/a.txt", b"\xff\xfe\xfa not text")),
+    Case("prepare-no-text-column", "prepare --source {w}/c.jsonl --out {w}/d2 --vocab-size 300 --quiet",
+         r"c.jsonl.*'text'", _write("c.jsonl", '{"body": "x"}\n')),
+    Case("prepare-out-below-file", "prepare --out {w}/afile/d2 --vocab-size 300 --quiet",
+         r"afile", _write("afile", "x")),
+    Case("prepare-bad-flag-type", "prepare --out {w}/d2 --seq-len many", r"--seq-len: expected int, got many"),
+    # train
+    Case("train-no-data", TRAIN.replace("{w}/data", "{w}/nodata") + " --out {w}/s", r"nodata: not a token data"),
+    Case("train-bad-split", TRAIN + " --out {w}/s --split valid", r"--split must be one of"),
+    Case("train-distill-and-online", TRAIN + " --out {w}/s --distill {w}/store.zarr --online-teacher {w}/teacher",
+         r"--distill and --online-teacher exclude each other"),
+    Case("train-lambda", TRAIN + " --out {w}/s --lambda 2", r"--lambda must lie in \[0, 1\]"),
+    Case("train-layers-type", TRAIN.replace("--layers 1", "--layers x") + " --out {w}/s",
+         r"--layers: expected int, got x"),
+    Case("train-unknown-flag", TRAIN + " --out {w}/s --lern-rate 3", r"unrecognized arguments: --lern-rate"),
+    Case("train-config-broken", TRAIN + " --out {w}/s --config {w}/c.yaml", r"c.yaml: not valid YAML",
+         _write("c.yaml", "lr: [1\n")),
+    Case("train-config-unknown-key", TRAIN + " --out {w}/s --config {w}/c.yaml", r"c.yaml: .*'lern_rate'",
+         _write("c.yaml", "lern_rate: 1\n")),
+    Case("train-out-is-file", TRAIN + " --out {w}/afile", r"afile.*file", _write("afile", "x")),
+    Case("train-out-finished", TRAIN + " --out {w}/teacher", r"teacher: already holds a finished model"),
+    Case("train-no-online-teacher", TRAIN + " --out {w}/s --online-teacher {w}/noteacher", r"noteacher"),
+    Case("train-missing-store-file", TRAIN + " --out {w}/s --distill {w}/store.zarr",
+         r"store.zarr: shard 1 array 'ids': shard file is missing", _delete_shard_file("ids")),
+    Case("train-missing-counts-free-file", TRAIN + " --out {w}/s --distill {w}/store.zarr",
+         r"shard 1 array 'tail_logmass': shard file is missing", _delete_shard_file("tail_logmass")),
+    Case("train-edited-temperature", TRAIN + " --out {w}/s --distill {w}/store.zarr",
+         r"written under other metadata", _edit_store(temperature=2.0)),
+    Case("train-edited-k", TRAIN + " --out {w}/s --distill {w}/store.zarr",
+         r"array 'ids': shape .* does not match", _edit_store(k=4)),
+    Case("train-edited-rows", TRAIN + " --out {w}/s --distill {w}/store.zarr",
+         r"array 'tokens': shape .* does not match", _edit_store(**{"data.rows": 99})),
+    Case("train-edited-teacher-loss", TRAIN + " --out {w}/s --distill {w}/store.zarr",
+         r"field 'teacher_loss' is -1.0 but the ledger", _edit_store(teacher_loss=-1.0)),
+    Case("train-complete-but-uncommitted", TRAIN + " --out {w}/s --distill {w}/store.zarr",
+         r"field 'complete' is true but only", _uncommit_but_complete),
+    Case("train-store-k-not-int", TRAIN + " --out {w}/s --distill {w}/store.zarr",
+         r"field 'k' must be an integer, got 8.5", _edit_store(k=8.5)),
+    Case("train-store-temperature-mismatch", TRAIN + " --out {w}/s --distill {w}/store.zarr --temperature 2",
+         r"field 'temperature' is 1.0 but --temperature is 2.0"),
+    Case("train-token-chunk-flipped", TRAIN + " --out {w}/s", r"data.*student.*rows", _flip_token_chunk),
+    Case("train-split-json-broken", TRAIN + " --out {w}/s", r"student/zarr.json", _break_split_json),
+    # cache
+    Case("cache-no-config", CACHE.replace("{w}/teacher", "{w}/empty") + " --out {w}/s2.zarr",
+         r"empty: missing config.json", _write("empty/.keep", "")),
+    Case("cache-other-vocab", CACHE.replace("{w}/teacher", "{w}/teacher-v512") + " --out {w}/s2.zarr",
+         r"vocabulary 512 does not match"),
+    Case("cache-bad-split", CACHE + " --out {w}/s2.zarr --split nosplit", r"no split 'nosplit'"),
+    Case("cache-k-zero", CACHE + " --out {w}/s2.zarr --k 0", r"field 'k' must be >= 1"),
+    Case("cache-kind", CACHE + " --out {w}/s2.zarr --kind best", r"--kind: .*best"),
+    Case("cache-other-settings", CACHE.replace("--k 8", "--k 4") + " --out {w}/store.zarr",
+         r"store was made with different settings .*k: 8 != 4"),
+    Case("cache-out-is-file", CACHE + " --out {w}/afile", r"afile: --out is a file", _write("afile", "x")),
+    Case("cache-out-below-file", CACHE + " --out {w}/afile/s.zarr", r"lies below .*afile, which is a file",
+         _write("afile", "x")),
+    Case("cache-draws", CACHE + " --out {w}/s2.zarr --kind sampled --draws 300", r"'draws' must be <= 255"),
+    Case("cache-vllm-full", CACHE + " --out {w}/s2.zarr --backend vllm --kind full",
+         r"vllm backend caches kind=topk"),
+    Case("cache-temperature", CACHE + " --out {w}/s2.zarr --temperature 0", r"'temperature' must be > 0"),
+    Case("cache-split-json-broken", CACHE + " --out {w}/s2.zarr", r"student/zarr.json", _break_split_json),
+    Case("cache-broken-store", CACHE + " --out {w}/store.zarr", r"store.zarr: attribute 'kdcache': field 'k'",
+         _edit_store(k="eight")),
+    # inspect, verify
+    Case("inspect-not-a-store", "inspect {w}/data", r"data: not a kdcache store|attribute 'kdcache'"),
+    Case("inspect-missing-file", "inspect {w}/store.zarr", r"store.zarr: damaged \(1 problem",
+         _delete_shard_file("logprobs")),
+    Case("verify-a-file", "verify {w}/afile", r"afile: is a file", _write("afile", "x")),
+    Case("verify-edited-k", "verify {w}/store.zarr", r"0 bad shard\(s\) \[\], 2 store problem", _edit_store(k=4)),
+    Case("verify-flipped-byte", "verify {w}/store.zarr", r"bad shard", lambda w: _flip(_store_shard_file(w))),
+    # fit, plan, cost
+    Case("fit-no-runs", "fit --runs {w}/none.parquet --law supervised", r"none.parquet: no such runs table"),
+    Case("fit-missing-column", "fit --runs {w}/r.csv --law supervised", r"r.csv: missing column 'params'",
+         _write("r.csv", "tokens,loss\n1,2\n")),
+    Case("fit-law", "fit --runs {w}/runs.parquet --law chinchilla", r"--law"),
+    Case("fit-plot-below-file", "fit --runs {w}/runs.parquet --law supervised --plot {w}/afile/p.png",
+         r"--plot lies below", _write("afile", "x")),
+    Case("fit-corrupt-runs", "fit --runs {w}/runs.parquet --law supervised", r"runs.parquet: not a readable",
+         _write("runs.parquet", "PAR1 garbage")),
+    Case("plan-scenario", f"plan {LAW} --scenario worst", r"worst"),
+    Case("plan-law-file", "plan --law {w}/nofit.json --student-params 1e8 --compute 1e20", r"nofit.json"),
+    Case("cost-students", f"{COST} --students 0", r"--students"),
+    Case("cost-store", f"{COST} --store {{w}}/data", r"data: not a kdcache store|attribute 'kdcache'"),
+    # sweep, run, import-teacher
+    Case("sweep-empty-grid", "sweep --config {w}/sweep.yaml", r"field 'grid' must be a non-empty list",
+         _sweep([])),
+    Case("run-preset", "run --preset huge --out {w}/o", r"--preset must be one of"),
+    Case("run-out-is-file", "run --out {w}/afile", r"afile: --out is a file", _write("afile", "x")),
+    Case("import-teacher-no-gguf", "import-teacher --gguf {w}/m.gguf --out {w}/m", r"m.gguf"),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    w = tmp_path_factory.mktemp("world") / "w"
+    assert main(["prepare", "--out", str(w / "data"), "--vocab-size", str(VOCAB), "--seq-len", str(SEQ_LEN),
+                 "--max-tokens", "8000", "--quiet"]) == 0
+    make_teacher(w / "teacher", w / "data")
+    make_teacher(w / "teacher-v512", w / "data", vocab=512)
+    assert main(CACHE.format(w=w).split() + ["--out", str(w / "store.zarr")]) == 0
+    for i in range(3):
+        append_run(w / "runs.parquet", {"run_id": f"r{i}", "kind": "supervised", "params": 1000 * (i + 1),
+                                        "tokens": 20000, "loss": 4.0 - i / 10})
+    return w
+
+
+@pytest.fixture
+def fresh(world: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "w"
+    shutil.copytree(world, copy)
+    # The store is built once with absolute paths inside `world`; nothing in it names them.
+    return copy
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {k: v for k, v in tree_digest(path).items() if not k.endswith(".lock")}
+
+
+def test_catalogue_covers_every_verb() -> None:
+    from kdcache.pipeline.cli import build_parser
+
+    _, verbs = build_parser()
+    counts = Counter(case.verb for case in CASES)
+    assert set(verbs) <= set(counts), set(verbs) - set(counts)
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_is_one_line_exit_1_and_changes_nothing(case: Case, fresh: Path, capsys) -> None:
+    if case.setup:
+        case.setup(fresh)
+    before = _tree(fresh)
+    status = main(case.argv.format(w=fresh).split())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1, (case.id, err)
+    assert len(err) == 1 and err[0].startswith(f"kdcache {case.verb}: error: ") or (
+        case.verb in ("inspect", "verify") and err and err[-1].startswith(str(fresh))), err
+    assert re.search(case.match, err[-1]), (case.match, err)
+    assert _tree(fresh) == before, case.id
+
+
+def test_exit_status_of_the_process(tmp_path: Path) -> None:
+    """Through the installed entry point, not `main`: the status the shell sees."""
+    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.cli", "inspect", str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith(f"kdcache inspect: error: {tmp_path}: not a kdcache store")
+
+
+def test_runs_table_with_a_string_column_is_named(tmp_path: Path, capsys) -> None:
+    table = pa.table({"params": [1000, 2000], "tokens": [1, 2], "loss": ["abc", "2.0"]})
+    pq.write_table(table, tmp_path / "r.parquet")
+    assert main(["fit", "--runs", str(tmp_path / "r.parquet"), "--law", "supervised"]) == 1
+    assert "column 'loss'" in capsys.readouterr().err
