@@ -55,16 +55,21 @@ def _flip(path: Path, offset: int = 40) -> None:
     path.write_bytes(bytes(data))
 
 
+def _edit_json(path: Path, key: str, value) -> None:
+    """Set the dotted `key` of a group's `kdcache` attribute."""
+    doc = json.loads(path.read_text())
+    *parents, leaf = key.split(".")
+    target = doc["attributes"]["kdcache"]
+    for parent in parents:
+        target = target[parent]
+    target[leaf] = value
+    path.write_text(json.dumps(doc))
+
+
 def _edit_store(**changes) -> Callable[[Path], None]:
     def apply(w: Path) -> None:
-        doc = json.loads((w / "store.zarr" / "zarr.json").read_text())
         for key, value in changes.items():
-            *parents, leaf = key.split(".")
-            target = doc["attributes"]["kdcache"]
-            for parent in parents:
-                target = target[parent]
-            target[leaf] = value
-        (w / "store.zarr" / "zarr.json").write_text(json.dumps(doc))
+            _edit_json(w / "store.zarr" / "zarr.json", key, value)
     return apply
 
 
@@ -98,11 +103,8 @@ def _write(rel: str, text: str | bytes) -> Callable[[Path], None]:
     return apply
 
 
-def _both(*fns: Callable[[Path], None]) -> Callable[[Path], None]:
-    def apply(w: Path) -> None:
-        for fn in fns:
-            fn(w)
-    return apply
+def _append(rel: str, text: str) -> Callable[[Path], None]:
+    return lambda w: (w / rel).write_text((w / rel).read_text() + text)
 
 
 def _sweep(grid: list) -> Callable[[Path], None]:
@@ -122,23 +124,28 @@ CASES = [
     # prepare
     Case("prepare-empty-source", "prepare --source {w}/empty --out {w}/d2 --vocab-size 300 --quiet",
          r"source is empty", _write("empty/.keep", "")),
-    Case("prepare-vocab-too-small", "prepare --out {w}/d2 --vocab-size 100", r"--vocab-size 100 is too small"),
+    Case("prepare-vocab-too-small", "prepare --out {w}/d2 --vocab-size 100",
+         r"--vocab-size 100 is too small"),
     Case("prepare-seq-len", "prepare --out {w}/d2 --seq-len 1", r"--seq-len 1 must be at least 2"),
     Case("prepare-out-exists", "prepare --out {w}/data --vocab-size 300 --quiet", r"output already exists"),
     Case("prepare-fractions", "prepare --out {w}/d2 --teacher-frac 0.5 --student-frac 0.5 --valid-frac 0.5",
          r"must be positive and sum to 1"),
-    Case("prepare-no-tokenizer", "prepare --out {w}/d2 --tokenizer {w}/nope.json", r"nope.json: no such tokenizer"),
+    Case("prepare-no-tokenizer", "prepare --out {w}/d2 --tokenizer {w}/nope.json",
+         r"nope.json: no such tokenizer"),
     Case("prepare-non-utf8", "prepare --source {w}/bin --out {w}/d2 --vocab-size 300 --quiet",
          r"bin/a.txt.*UTF-8", _write("bin/a.txt", b"\xff\xfe\xfa not text")),
     Case("prepare-no-text-column", "prepare --source {w}/c.jsonl --out {w}/d2 --vocab-size 300 --quiet",
          r"c.jsonl.*'text'", _write("c.jsonl", '{"body": "x"}\n')),
     Case("prepare-out-below-file", "prepare --out {w}/afile/d2 --vocab-size 300 --quiet",
          r"afile", _write("afile", "x")),
-    Case("prepare-bad-flag-type", "prepare --out {w}/d2 --seq-len many", r"--seq-len: expected int, got many"),
+    Case("prepare-bad-flag-type", "prepare --out {w}/d2 --seq-len many",
+         r"--seq-len: expected int, got many"),
     # train
-    Case("train-no-data", TRAIN.replace("{w}/data", "{w}/nodata") + " --out {w}/s", r"nodata: not a token data"),
+    Case("train-no-data", TRAIN.replace("{w}/data", "{w}/nodata") + " --out {w}/s",
+         r"nodata: not a token data"),
     Case("train-bad-split", TRAIN + " --out {w}/s --split valid", r"--split must be one of"),
-    Case("train-distill-and-online", TRAIN + " --out {w}/s --distill {w}/store.zarr --online-teacher {w}/teacher",
+    Case("train-distill-and-online",
+         TRAIN + " --out {w}/s --distill {w}/store.zarr --online-teacher {w}/teacher",
          r"--distill and --online-teacher exclude each other"),
     Case("train-lambda", TRAIN + " --out {w}/s --lambda 2", r"--lambda must lie in \[0, 1\]"),
     Case("train-layers-type", TRAIN.replace("--layers 1", "--layers x") + " --out {w}/s",
@@ -196,8 +203,18 @@ CASES = [
     Case("inspect-missing-file", "inspect {w}/store.zarr", r"store.zarr: damaged \(1 problem",
          _delete_shard_file("logprobs")),
     Case("verify-a-file", "verify {w}/afile", r"afile: is a file", _write("afile", "x")),
-    Case("verify-edited-k", "verify {w}/store.zarr", r"0 bad shard\(s\) \[\], 2 store problem", _edit_store(k=4)),
+    Case("verify-edited-k", "verify {w}/store.zarr", r"0 bad shard\(s\) \[\], 3 store problem",
+         _edit_store(k=4)),
     Case("verify-flipped-byte", "verify {w}/store.zarr", r"bad shard", lambda w: _flip(_store_shard_file(w))),
+    Case("verify-data-flipped", "verify {w}/data", r"1 problem\(s\), bad split\(s\) \['student'\]",
+         _flip_token_chunk),
+    Case("verify-data-chunk-deleted", "verify {w}/data", r"bad split\(s\) \['valid'\]",
+         lambda w: next(p for p in (w / "data" / "valid" / "c").rglob("*") if p.is_file()).unlink()),
+    Case("verify-data-fingerprint", "verify {w}/data", r"the token data is corrupt",
+         lambda w: _edit_json(w / "data" / "zarr.json", "splits.student.fingerprint", "0" * 64)),
+    Case("verify-data-repair", "verify {w}/data --repair", r"--repair works on logit stores only"),
+    Case("train-tokenizer-edited", TRAIN + " --out {w}/s", r"tokenizer.json: sha256 does not match",
+         _append("data/tokenizer.json", " ")),
     # fit, plan, cost
     Case("fit-no-runs", "fit --runs {w}/none.parquet --law supervised", r"none.parquet: no such runs table"),
     Case("fit-missing-column", "fit --runs {w}/r.csv --law supervised", r"r.csv: missing column 'params'",
@@ -227,7 +244,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  "--max-tokens", "8000", "--quiet"]) == 0
     make_teacher(w / "teacher", w / "data")
     make_teacher(w / "teacher-v512", w / "data", vocab=512)
-    assert main(CACHE.format(w=w).split() + ["--out", str(w / "store.zarr")]) == 0
+    assert main([*CACHE.format(w=w).split(), "--out", str(w / "store.zarr")]) == 0
     for i in range(3):
         append_run(w / "runs.parquet", {"run_id": f"r{i}", "kind": "supervised", "params": 1000 * (i + 1),
                                         "tokens": 20000, "loss": 4.0 - i / 10})
@@ -264,8 +281,10 @@ def test_bad_input_is_one_line_exit_1_and_changes_nothing(case: Case, fresh: Pat
     status = main(case.argv.format(w=fresh).split())
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1, (case.id, err)
-    assert len(err) == 1 and err[0].startswith(f"kdcache {case.verb}: error: ") or (
-        case.verb in ("inspect", "verify") and err and err[-1].startswith(str(fresh))), err
+    one_line = len(err) == 1 and err[0].startswith(f"kdcache {case.verb}: error: ")
+    # inspect and verify are reports: a line per problem, then the verdict, each naming the path.
+    report = case.verb in ("inspect", "verify") and err and all(e.startswith(str(fresh)) for e in err)
+    assert one_line or report, err
     assert re.search(case.match, err[-1]), (case.match, err)
     assert _tree(fresh) == before, case.id
 
