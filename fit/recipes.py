@@ -5,6 +5,10 @@ the paper did, with SLSQP under the budget as an equality constraint and bounds
 [1e6, 1e17] on N_T, D_S, D_T, but in log coordinates (so one step size suits values
 twelve decades apart) and from a few starts. `best` needs no constrained solver: the
 budget fixes D_S and L_T is a free scalar.
+
+Every scenario refuses (`OutOfBounds`) a recipe outside those bounds, naming the bound:
+below them the laws say nothing (1e10 FLOPs buy a 1e9-param student 1.36 tokens), and a
+number printed there would read as a plan.
 """
 
 from __future__ import annotations
@@ -26,7 +30,28 @@ SCENARIOS = {
     "pretraining": (0.0, 1.0),
     "pretraining+inference": (1.0, 1.0),
 }
-LOG_LO, LOG_HI = np.log(1e6), np.log(1e17)  # the paper's bounds on N_T, D_S, D_T
+LO, HI = 1e6, 1e17  # the paper's bounds on N_T, D_S, D_T
+LOG_LO, LOG_HI = np.log(LO), np.log(HI)
+N_FLOOR = 1e3  # the smallest model the supervised optimum is searched over
+C_LOW, C_HIGH = 1e10, 1e35  # budgets searched for a supervised teacher of a given loss
+
+
+class OutOfBounds(FitError):
+    """No recipe within the bounds [1e6, 1e17] on N_T, D_S, D_T (the message names the bound)."""
+
+
+def _sci(x: float) -> str:
+    """3 significant digits with a bare exponent (1e10, 1.36e-05 -> 1.36e-5) for messages."""
+    mantissa, e, exponent = f"{x:.3g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if e else mantissa
+
+
+def _bounded(value: float, name: str, says: str) -> None:
+    """Refuse `value` outside [LO, HI]; `says` describes it with a {} for the number."""
+    if value < LO * (1 - 1e-6):
+        raise OutOfBounds(f"{says.format(_sci(value))}, fewer than the bound {name} >= {_sci(LO)}")
+    if value > HI * (1 + 1e-6):
+        raise OutOfBounds(f"{says.format(_sci(value))}, more than the bound {name} <= {_sci(HI)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,36 +73,73 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def supervised_optimal(law: SupervisedLaw, compute: float, **shape: float) -> tuple[float, float, float]:
-    """(N*, D*, L*) minimising L(N, D) subject to 3 F(N) D = compute."""
+def _supervised_optimum(
+    law: SupervisedLaw, compute: float, **shape: float
+) -> tuple[float, float, float, bool]:
+    """(N*, D*, L*, pinned): the optimum over N in [N_FLOOR, 1e17] with D >= 1 token.
+
+    `pinned` says N* sits on a search bound, so the true optimum lies outside it.
+    """
+    if compute < 3.0 * forward_flops(N_FLOOR, **shape):
+        raise OutOfBounds(f"compute {_sci(compute)} buys a {_sci(N_FLOOR)}-param model less than one token")
 
     def loss(log_n: float) -> float:
         n = np.exp(log_n)
         return float(law.log_loss(n, compute / (3.0 * forward_flops(n, **shape))))
 
     # D = C / 3F(N) must stay >= 1 token: cap N where the budget buys one token per param.
-    hi = min(LOG_HI, brentq(lambda x: np.log(3 * forward_flops(np.exp(x), **shape)) - np.log(compute), 0, 80))
-    res = minimize_scalar(loss, bounds=(np.log(1e3), hi), method="bounded", options={"xatol": 1e-10})
+    lo = np.log(N_FLOOR)
+    cap = brentq(lambda x: np.log(3 * forward_flops(np.exp(x), **shape)) - np.log(compute), lo, 80)
+    hi = min(LOG_HI, cap)
+    res = minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
     n = float(np.exp(res.x))
     d = compute / (3.0 * forward_flops(n, **shape))
-    return n, d, float(law.loss(n, d))
+    pinned = bool(res.x - lo < 1e-4 or hi - res.x < 1e-4)
+    return n, d, float(law.loss(n, d)), pinned
+
+
+def supervised_optimal(law: SupervisedLaw, compute: float, **shape: float) -> tuple[float, float, float]:
+    """(N*, D*, L*) minimising L(N, D) subject to 3 F(N) D = compute.
+
+    Refuses (`OutOfBounds`) a budget whose optimum lies on the search bounds: the value
+    there (a 1e3-param model on 22 tokens at 1e8 FLOPs) is no optimum.
+    """
+    n, d, loss, pinned = _supervised_optimum(law, compute, **shape)
+    if pinned:
+        raise OutOfBounds(
+            f"compute {_sci(compute)}: the supervised optimum lies on the search bound "
+            f"(N = {_sci(n)} params, D = {_sci(d)} tokens; N is searched in [{_sci(N_FLOOR)}, {_sci(HI)}])"
+        )
+    return n, d, loss
 
 
 def supervised_teacher_for(
     law: SupervisedLaw, target_loss: float, **shape: float
 ) -> tuple[float, float] | None:
-    """The supervised-compute-optimal (N, D) whose loss is `target_loss`; None if below E."""
+    """The supervised-compute-optimal (N, D) whose loss is `target_loss`; None if below E.
+
+    A loss reached with under 1e10 FLOPs (N D < 2e9) or only beyond 1e35 is refused
+    (`OutOfBounds`): such a teacher lies outside the bounds on N_T, D_T.
+    """
     if target_loss <= law.E * (1 + 1e-9):
         return None
 
     def gap(log_c: float) -> float:
-        return supervised_optimal(law, float(np.exp(log_c)), **shape)[2] - target_loss
+        return _supervised_optimum(law, float(np.exp(log_c)), **shape)[2] - target_loss
 
-    lo, hi = np.log(1e10), np.log(1e35)
-    if gap(lo) < 0 or gap(hi) > 0:
-        return None
+    lo, hi = np.log(C_LOW), np.log(C_HIGH)
+    if gap(lo) < 0:
+        raise OutOfBounds(
+            f"a teacher of loss {target_loss:.4g} needs under {_sci(C_LOW)} FLOPs of training, "
+            f"so N_T or D_T is fewer than the bound {_sci(LO)}"
+        )
+    if gap(hi) > 0:
+        raise OutOfBounds(
+            f"a teacher of loss {target_loss:.4g} needs over {_sci(C_HIGH)} FLOPs of training, "
+            f"so N_T or D_T is more than the bound {_sci(HI)}"
+        )
     log_c = brentq(gap, lo, hi, xtol=1e-10)
-    n, d, _ = supervised_optimal(law, float(np.exp(log_c)), **shape)
+    n, d, _, _ = _supervised_optimum(law, float(np.exp(log_c)), **shape)
     return n, d
 
 
@@ -93,6 +155,7 @@ def _flops(n_s: float, d_s: float, n_t: float, d_t: float, scenario: str, **shap
 
 def _best(law: DistillationLaw, n_s: float, compute: float, **shape: float) -> Recipe:
     d_s = compute / (3.0 * forward_flops(n_s, **shape))
+    _bounded(d_s, "D_S", f"compute {_sci(compute)} buys the student {{}} tokens")
     # L_S is minimised over L_T in (E, ~E + 10): the capacity gap gives an interior minimum.
     e = law.supervised.E
     res = minimize_scalar(
@@ -104,6 +167,10 @@ def _best(law: DistillationLaw, n_s: float, compute: float, **shape: float) -> R
     lt = float(res.x)
     teacher = supervised_teacher_for(law.supervised, lt, **shape)
     n_t, d_t = teacher if teacher else (None, None)
+    if n_t is not None and d_t is not None:
+        who = f"at compute {_sci(compute)} the best-case teacher (L_T = {lt:.4g})"
+        _bounded(n_t, "N_T", who + " has {} params")
+        _bounded(d_t, "D_T", who + " is trained on {} tokens")
     flops = _flops(n_s, d_s, 0.0, 0.0, "best", **shape)
     return Recipe(
         "best",
@@ -137,8 +204,8 @@ def _constrained(law: DistillationLaw, n_s: float, compute: float, scenario: str
         return float(law.log_loss(n_s, d_s, sup.loss(n_t, d_t)))
 
     d_max = compute / (3.0 * forward_flops(n_s, **shape))
-    if d_max < 1e6:
-        raise FitError(f"compute {compute:.3g} buys the student fewer than 1e6 tokens")
+    if d_max < LO:
+        _bounded(d_max, "D_S", f"compute {_sci(compute)} buys the student at most {{}} tokens")
     best = None
     for share in (0.9, 0.5, 0.1):  # fraction of the budget on the student
         for ratio in (1.0, 4.0):  # teacher size relative to student
@@ -162,7 +229,8 @@ def _constrained(law: DistillationLaw, n_s: float, compute: float, scenario: str
             if feasible and (best is None or res.fun < best.fun):
                 best = res
     if best is None:
-        raise FitError(f"no feasible {scenario} recipe for N_S={n_s:.3g} at compute {compute:.3g}")
+        raise OutOfBounds(f"no {scenario} recipe for N_S = {_sci(n_s)} at compute {_sci(compute)} "
+                          f"within the bounds [{_sci(LO)}, {_sci(HI)}] on N_T, D_S, D_T")
     d_s, n_t, d_t = (float(v) for v in np.exp(best.x))
     lt = float(sup.loss(n_t, d_t))
     return Recipe(
@@ -179,17 +247,45 @@ def _constrained(law: DistillationLaw, n_s: float, compute: float, scenario: str
     )
 
 
+def _check_recipe(r: Recipe) -> Recipe:
+    """The bounds, once more on the answer: no scenario may return what they exclude."""
+    at = f"at compute {_sci(r.compute)} the"
+    _bounded(r.student_tokens, "D_S", at + " student gets {} tokens")
+    if r.teacher_params is not None:
+        _bounded(r.teacher_params, "N_T", at + " teacher has {} params")
+    if r.teacher_tokens is not None:
+        _bounded(r.teacher_tokens, "D_T", at + " teacher is trained on {} tokens")
+    return r
+
+
+def _check_inputs(student_params: float, compute: float, scenario: str) -> None:
+    if scenario not in SCENARIOS:
+        raise FitError(f"scenario must be one of {list(SCENARIOS)}, got {scenario!r}")
+    if not (np.isfinite(student_params) and np.isfinite(compute) and student_params > 0 and compute > 0):
+        raise FitError("student params and compute must be positive and finite")
+
+
 def distillation_optimal(
     law: DistillationLaw, student_params: float, compute: float, scenario: str, **shape: float
 ) -> Recipe:
-    """Eq. 10: the lowest student loss for N_S within `compute` FLOPs in one scenario."""
-    if scenario not in SCENARIOS:
-        raise FitError(f"scenario must be one of {list(SCENARIOS)}, got {scenario!r}")
-    if student_params <= 0 or compute <= 0:
-        raise FitError("student params and compute must be positive")
+    """Eq. 10: the lowest student loss for N_S within `compute` FLOPs in one scenario.
+
+    Raises `OutOfBounds` when no recipe within the bounds exists (the message names the bound).
+    """
+    _check_inputs(student_params, compute, scenario)
     if scenario == "best":
-        return _best(law, student_params, compute, **shape)
-    return _constrained(law, student_params, compute, scenario, **shape)
+        return _check_recipe(_best(law, student_params, compute, **shape))
+    return _check_recipe(_constrained(law, student_params, compute, scenario, **shape))
+
+
+def recipe_or_none(
+    law: DistillationLaw, student_params: float, compute: float, scenario: str, **shape: float
+) -> Recipe | None:
+    """`distillation_optimal`, or None where the bounds leave no recipe (for scans over budgets)."""
+    try:
+        return distillation_optimal(law, student_params, compute, scenario, **shape)
+    except OutOfBounds:
+        return None
 
 
 def crossover_compute(
@@ -204,16 +300,25 @@ def crossover_compute(
     """The compute at which supervised training catches up with distillation for N_S.
 
     None when one of the two wins over the whole range [low, high] (with teacher
-    pretraining counted, supervised usually wins everywhere).
+    pretraining counted, supervised usually wins everywhere). Budgets without a recipe
+    inside the bounds (D_S > 1e17 near 1e27 for a 1e9 student) are left out of the
+    search, so the answer is always a budget with a recipe.
     """
+    _check_inputs(student_params, low, scenario)
 
-    def advantage(log_c: float) -> float:
-        r = distillation_optimal(law, student_params, float(np.exp(log_c)), scenario, **shape)
-        return r.supervised_loss - r.student_loss  # > 0 while distilling wins
+    def advantage(log_c: float) -> float | None:
+        r = recipe_or_none(law, student_params, float(np.exp(log_c)), scenario, **shape)
+        return None if r is None else r.supervised_loss - r.student_loss  # > 0 while distilling wins
+
+    def strict(log_c: float) -> float:
+        value = advantage(log_c)
+        if value is None:
+            raise OutOfBounds(f"compute {_sci(float(np.exp(log_c)))}: no recipe inside the bounds")
+        return value
 
     grid = np.linspace(np.log(low), np.log(high), 11)
     values = [advantage(x) for x in grid]
     for a, b, va, vb in zip(grid, grid[1:], values, values[1:], strict=False):
-        if va > 0 >= vb:
-            return float(np.exp(brentq(advantage, a, b, xtol=1e-6)))
+        if va is not None and vb is not None and va > 0 >= vb:
+            return float(np.exp(brentq(strict, a, b, xtol=1e-6)))
     return None

@@ -112,11 +112,14 @@ def check_config_files(argv: list[str]) -> dict[str, set[str]]:
     return keys
 
 
-def _name_config(message: str, keys: dict[str, set[str]]) -> str:
-    """Say which --config file a refused value came from."""
+def _name_config(message: str, keys: dict[str, set[str]], leading: bool = False) -> str:
+    """Say which --config file a refused value came from: one whose key the message names
+    (only at its start when `leading`, as library errors that begin with a path name it)."""
     for path, names in keys.items():
-        if any(re.search(rf"\b{re.escape(n)}\b|--{re.escape(_flag(n))}\b", message) for n in names):
-            return f"{path}: {message}"
+        for name in names:
+            pattern = rf"\b{re.escape(name)}\b|--{re.escape(_flag(name))}\b"
+            if re.match(pattern, message) if leading else re.search(pattern, message):
+                return f"{path}: {message}"
     return message
 
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {_name_config(one_line(str(exc)), keys)}", file=sys.stderr)
         return EXIT_ERROR
     except KdcacheError as exc:
-        print(f"{prefix}: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"{prefix}: error: {_name_config(one_line(str(exc)), keys, leading=True)}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # the environment, not kdcache: the message names the path
         print(f"{prefix}: error: {one_line(str(exc))}", file=sys.stderr)

@@ -16,8 +16,10 @@ group expand as a Cartesian product, and every expanded run is a `kdcache train`
       - {layers: [1, 2], tokens: 400000, distill: [out/stores/t1, out/stores/t2]}
 
 Runs read the stores concurrently (readers never write). A run whose model directory
-is finished is skipped, so rerunning the same file resumes the sweep (an interrupted
-run resumes from its checkpoint). A failed run is reported and the others go on.
+is finished and whose row is in the runs table is skipped, so rerunning the same file
+resumes the sweep (an interrupted run resumes from its checkpoint; a finished one whose
+row was lost only appends it). A failed run is reported and the others go on. Every
+setting is checked against `TrainJobConfig`'s field types before anything runs.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import hashlib
 import itertools
 import json
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdcache.pipeline.errors import PipelineError
+from kdcache.train.errors import TrainError
 from kdcache.train.job import TrainJobConfig
 
 # Settings that identify a run less than its shape and teacher do, left out of its id.
@@ -64,35 +69,75 @@ class SweepConfig:
             raise PipelineError("field 'grid' must be a non-empty list of mappings")
         if self.threads < 1:
             raise PipelineError(f"field 'threads' must be >= 1, got {self.threads}")
+        if self.defaults is not None and not isinstance(self.defaults, dict):
+            raise PipelineError("field 'defaults' must be a mapping of train settings")
 
 
-def expand(cfg: SweepConfig, where: str = "sweep") -> list[TrainJobConfig]:
-    """Every run of the grid as a train config, in file order, ids unique."""
+def expand(cfg: SweepConfig, where: str = "") -> list[TrainJobConfig]:
+    """Every run of the grid as a train config, in file order, ids unique.
+
+    `where` (the sweep file) leads each error: "SWEEP.yaml: grid[1]: field 'layers' ...".
+    The command line names the --config file itself when a message names one of its keys.
+    """
+    lead = f"{where}: " if where else ""
+    defaults = cfg.defaults or {}  # the command line gives None when the file has none
+    _check_settings(defaults, f"{lead}defaults")
     jobs: list[TrainJobConfig] = []
     for i, group in enumerate(cfg.grid):
         keys = list(group)
         values = [v if isinstance(v, list) else [v] for v in group.values()]
+        for key, options in zip(keys, values, strict=True):
+            for value in options:
+                _check_settings({key: value}, f"{lead}grid[{i}]")
         for combo in itertools.product(*values):
-            settings = {**cfg.defaults, **dict(zip(keys, combo, strict=True))}
-            jobs.append(_job(cfg, settings, f"{where}: grid[{i}]"))
+            settings = {**defaults, **dict(zip(keys, combo, strict=True))}
+            jobs.append(_job(cfg, settings, f"{lead}grid[{i}]"))
     ids = [j.run_id for j in jobs]
     dup = next((r for r in ids if ids.count(r) > 1), None)
     if dup:
-        raise PipelineError(f"{where}: two runs share run_id {dup!r}")
+        raise PipelineError(f"{lead}two runs share run_id {dup!r}")
     return jobs
 
 
+def _accepts(kind: Any, value: Any) -> bool:
+    """Whether `value` (as YAML loads it) fits the annotation `kind`; bool is no int here."""
+    if kind is type(None):
+        return value is None
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(kind, type) and isinstance(value, kind)
+
+
+def _check_settings(settings: dict[str, Any], where: str) -> None:
+    """Refuse unknown names and values of the wrong type, naming the field, before any run.
+
+    TrainJobConfig compares numbers in its checks; a string there would end as
+    "'<' not supported between 'str' and 'int'", naming neither the group nor the field.
+    """
+    hints = typing.get_type_hints(TrainJobConfig)
+    for key, value in settings.items():
+        name = "lam" if key == "lambda" else key
+        if name not in hints:
+            raise PipelineError(f"{where}: unknown train setting {key!r}")
+        hint = hints[name]
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if not any(_accepts(k, value) for k in kinds):
+            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise PipelineError(f"{where}: field {key!r} must be {wanted}, got {value!r}")
+
+
 def _job(cfg: SweepConfig, settings: dict[str, Any], where: str) -> TrainJobConfig:
-    names = {f.name for f in dataclasses.fields(TrainJobConfig)}
+    _check_settings(settings, where)
     settings = {("lam" if k == "lambda" else k): v for k, v in settings.items()}
-    unknown = set(settings) - names
-    if unknown:
-        raise PipelineError(f"{where}: unknown train setting {sorted(unknown)[0]!r}")
     base = {"data": cfg.data, "runs": cfg.runs, "out": "", "quiet": True, "threads": cfg.threads}
     try:
         job = TrainJobConfig(**{**base, **settings})
     except TypeError as exc:  # a required field (layers) missing
         raise PipelineError(f"{where}: {exc}") from None
+    except TrainError as exc:  # a value out of range (layers: 0)
+        raise PipelineError(f"{where}: {exc}") from exc
     run_id = job.run_id or run_id_of(job)
     return dataclasses.replace(job, run_id=run_id, out=str(Path(cfg.out) / run_id))
 
@@ -107,9 +152,20 @@ def run_id_of(job: TrainJobConfig) -> str:
 
 
 def _finished(job: TrainJobConfig) -> bool:
+    """Finished and recorded; a finished run whose row is missing runs again, only to append it."""
+    from kdcache.fit.runs import has_run
     from kdcache.train.model_dir import META
 
-    return (Path(job.out) / META).is_file()
+    meta = Path(job.out) / META
+    if not meta.is_file():
+        return False
+    if not job.runs:
+        return True
+    try:
+        training = json.loads(meta.read_text()).get("training")
+    except (OSError, ValueError, AttributeError):
+        return False  # the run reports the unreadable file
+    return not isinstance(training, dict) or has_run(job.runs, training)
 
 
 def _train(settings: dict[str, Any]) -> dict[str, Any]:

@@ -107,6 +107,11 @@ class TrainJobConfig:
             raise TrainError(f"--tail must be one of {TAILS}, got {self.tail!r}")
         if self.checkpoint_every < 0:
             raise TrainError("--checkpoint-every must be >= 0")
+        # Checked here, not where used: evaluation and threads come after hours of training.
+        for name in ("eval_rows", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 1 when given, got {value}")
 
     @property
     def kind(self) -> str:

@@ -1,9 +1,14 @@
-"""`kdcache plan`: the compute-optimal distillation recipe for a student size and a budget."""
+"""`kdcache plan`: the compute-optimal distillation recipe for a student size and a budget.
+
+A recipe outside the paper's bounds [1e6, 1e17] on N_T, D_S, D_T is refused by
+`kdcache.fit.recipes` (one line naming the bound); this module only prints.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from kdcache.fit.errors import FitError
@@ -38,8 +43,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
             raise FitError(f"--scenario must be one of {SCENARIOS}, got {self.scenario!r}")
-        if self.student_params <= 0 or self.compute <= 0:
-            raise FitError("--student-params and --compute must be positive")
+        if not (0 < self.student_params < math.inf and 0 < self.compute < math.inf):
+            raise FitError("--student-params and --compute must be positive and finite")
 
 
 def run(cfg: Config) -> int:
@@ -69,13 +74,10 @@ def _plot(law: Any, cfg: Config, shape: dict[str, float]) -> None:
     from kdcache.fit import plots, recipes
 
     budgets = cfg.compute * np.logspace(-2, 2, 9)
-    table = {
-        s: [
-            recipes.distillation_optimal(law, cfg.student_params, float(c), s, **shape).to_dict()
-            for c in budgets
-        ]
-        for s in SCENARIOS
-    }
+    # Budgets whose recipe would leave the bounds are left out of the curves, not plotted.
+    found = {s: [recipes.recipe_or_none(law, cfg.student_params, float(c), s, **shape) for c in budgets]
+             for s in SCENARIOS}
+    table = {s: [r.to_dict() for r in rs if r is not None] for s, rs in found.items()}
     plots.allocations(
         table, cfg.plot, f"Compute-optimal distillation of a {cfg.student_params:.3g}-param student"
     )

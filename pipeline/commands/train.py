@@ -20,6 +20,8 @@ def run(cfg: Config) -> int:
     row = result.row
     if cfg.json:
         print(json.dumps(row, indent=2))
+    elif result.added_row:  # a finished model whose row was lost: nothing was trained
+        print(f"added the missing runs-table row for {result.out}")
     else:
         print(
             f"wrote {result.out}: N = {row['params']:,} non-embedding params, "

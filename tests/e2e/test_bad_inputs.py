@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 from kdcache.fit.runs import append_run
 from kdcache.pipeline.cli import main
@@ -105,6 +106,21 @@ def _write(rel: str, text: str | bytes) -> Callable[[Path], None]:
 
 def _append(rel: str, text: str) -> Callable[[Path], None]:
     return lambda w: (w / rel).write_text((w / rel).read_text() + text)
+
+
+def _parquet(rel: str, columns: dict) -> Callable[[Path], None]:
+    return lambda w: pq.write_table(pa.table(columns), w / rel)
+
+
+_HELD: list[FileLock] = []
+
+
+def _hold_lock(w: Path) -> None:
+    """Another `kdcache train` holding OUT (this process holds the lock for the test's duration)."""
+    (w / "s").mkdir()
+    lock = FileLock(str(w / "s" / ".kdcache-train.lock"), timeout=0)
+    lock.acquire()
+    _HELD.append(lock)
 
 
 def _sweep(grid: list) -> Callable[[Path], None]:
@@ -213,6 +229,26 @@ CASES = [
     Case("verify-data-fingerprint", "verify {w}/data", r"the token data is corrupt",
          lambda w: _edit_json(w / "data" / "zarr.json", "splits.student.fingerprint", "0" * 64)),
     Case("verify-data-repair", "verify {w}/data --repair", r"--repair works on logit stores only"),
+    Case("train-runs-corrupt", TRAIN + " --out {w}/s --runs {w}/bad.parquet",
+         r"bad.parquet: not a readable Parquet runs table", _write("bad.parquet", "PAR1 garbage")),
+    Case("train-runs-string-column", TRAIN + " --out {w}/s --runs {w}/sr.parquet",
+         r"sr.parquet: column 'loss' must hold numbers",
+         _parquet("sr.parquet", {"run_id": ["a"], "params": [1], "tokens": [2], "loss": ["abc"]})),
+    Case("train-runs-unknown-column", TRAIN + " --out {w}/s --runs {w}/uc.parquet",
+         r"unknown runs-table column 'colour'", _parquet("uc.parquet", {"run_id": ["a"], "colour": ["red"]})),
+    Case("train-runs-csv", TRAIN + " --out {w}/s --runs {w}/r.csv",
+         r"r.csv: --runs tables are appended as Parquet"),
+    Case("train-runs-below-file", TRAIN + " --out {w}/s --runs {w}/afile/runs.parquet",
+         r"--runs lies below .*afile, which is a file", _write("afile", "x")),
+    Case("train-runs-is-dir", TRAIN + " --out {w}/s --runs {w}/data",
+         r"data: --runs is a directory, not a file"),
+    Case("train-out-below-file", TRAIN + " --out {w}/afile/m", r"--out lies below .*afile, which is a file",
+         _write("afile", "x")),
+    Case("train-eval-rows-zero", TRAIN + " --out {w}/s --eval-rows 0",
+         r"--eval-rows must be >= 1 when given"),
+    Case("train-threads-zero", TRAIN.replace("--threads 1", "--threads 0") + " --out {w}/s",
+         r"--threads must be >= 1 when given"),
+    Case("train-out-locked", TRAIN + " --out {w}/s", r"another kdcache train is writing .*/s", _hold_lock),
     Case("train-tokenizer-edited", TRAIN + " --out {w}/s", r"tokenizer.json: sha256 does not match",
          _append("data/tokenizer.json", " ")),
     # fit, plan, cost
@@ -224,6 +260,17 @@ CASES = [
          r"--plot lies below", _write("afile", "x")),
     Case("fit-corrupt-runs", "fit --runs {w}/runs.parquet --law supervised", r"runs.parquet: not a readable",
          _write("runs.parquet", "PAR1 garbage")),
+    Case("fit-string-in-loss", "fit --runs {w}/x.csv --law supervised",
+         r"x.csv: column 'loss' must hold numbers",
+         _write("x.csv", "kind,params,tokens,loss\nsupervised,1e8,2e9,3.1\nsupervised,2e8,4e9,abc\n")),
+    Case("plan-bound-student-tokens", "plan --law paper --student-params 1e9 --compute 1e10",
+         r"compute 1e\+?10 buys the student 1.36 tokens, fewer than the bound D_S >= 1e6"),
+    Case("plan-bound-inference", "plan --law paper --student-params 1e9 --compute 1e12 --scenario inference",
+         r"fewer than the bound D_S >= 1e6"),
+    Case("plan-bound-too-many-tokens", "plan --law paper --student-params 1e9 --compute 1e28 --no-crossover",
+         r"more than the bound D_S <= 1e17"),
+    Case("plan-bound-teacher", "plan --law paper --student-params 1e12 --compute 1e25 --no-crossover",
+         r"more than the bound 1e17"),
     Case("plan-scenario", f"plan {LAW} --scenario worst", r"worst"),
     Case("plan-law-file", "plan --law {w}/nofit.json --student-params 1e8 --compute 1e20", r"nofit.json"),
     Case("cost-students", f"{COST} --students 0", r"--students"),
@@ -231,6 +278,11 @@ CASES = [
     # sweep, run, import-teacher
     Case("sweep-empty-grid", "sweep --config {w}/sweep.yaml", r"field 'grid' must be a non-empty list",
          _sweep([])),
+    Case("sweep-grid-type", "sweep --config {w}/sweep.yaml",
+         r"sweep.yaml: grid\[0\]: field 'layers' must be int",
+         _sweep([{"layers": ["two", 1]}])),
+    Case("sweep-grid-range", "sweep --config {w}/sweep.yaml", r"grid\[0\]: --layers must be >= 1",
+         _sweep([{"layers": 0}])),
     Case("run-preset", "run --preset huge --out {w}/o", r"--preset must be one of"),
     Case("run-out-is-file", "run --out {w}/afile", r"afile: --out is a file", _write("afile", "x")),
     Case("import-teacher-no-gguf", "import-teacher --gguf {w}/m.gguf --out {w}/m", r"m.gguf"),
@@ -260,7 +312,9 @@ def fresh(world: Path, tmp_path: Path) -> Path:
 
 
 def _tree(path: Path) -> dict[str, str]:
-    return {k: v for k, v in tree_digest(path).items() if not k.endswith(".lock")}
+    """Every file and folder under `path`, with file contents' digests."""
+    folders = {str(p.relative_to(path)) + "/": "" for p in path.rglob("*") if p.is_dir()}
+    return {**tree_digest(path), **folders}
 
 
 def test_catalogue_covers_every_verb() -> None:
@@ -278,7 +332,11 @@ def test_bad_input_is_one_line_exit_1_and_changes_nothing(case: Case, fresh: Pat
     if case.setup:
         case.setup(fresh)
     before = _tree(fresh)
-    status = main(case.argv.format(w=fresh).split())
+    try:
+        status = main(case.argv.format(w=fresh).split())
+    finally:
+        while _HELD:
+            _HELD.pop().release()
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1, (case.id, err)
     one_line = len(err) == 1 and err[0].startswith(f"kdcache {case.verb}: error: ")

@@ -142,6 +142,25 @@ def test_fit_distillation_needs_a_supervised_law(tmp_path: Path, capsys: pytest.
     assert "--supervised" in err and len(err.splitlines()) == 1
 
 
+def test_fit_refuses_text_in_a_numeric_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("kind,params,tokens,loss\nsupervised,1e8,2e9,3.1\nsupervised,2e8,4e9,abc\n")
+    assert main(["fit", "--runs", str(path), "--law", "supervised"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{path}: column 'loss' must hold numbers" in err and "'abc'" in err
+
+
+def test_plan_refuses_recipes_outside_the_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    # 1e10 FLOPs buy a 1e9-param student 1.36 tokens: no recipe, in the default scenario too.
+    assert main(["plan", "--law", "paper", "--student-params", "1e9", "--compute", "1e10"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kdcache plan: error: " in err
+    assert "compute 1e10 buys the student 1.36 tokens, fewer than the bound D_S >= 1e6" in err
+    assert main(["plan", "--student-params", "1e9", "--compute", "1e28", "--no-crossover"]) == 1
+    assert "more than the bound D_S <= 1e17" in capsys.readouterr().err
+
+
 def test_fit_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.csv"
     path.write_text("params,loss\n1,2\n")

@@ -81,8 +81,39 @@ def test_optimal_teacher_plateaus_slightly_above_student(scenario: str) -> None:
     assert max(sizes) / min(sizes) < 1.5  # type: ignore[type-var, operator]
 
 
+def test_every_scenario_refuses_recipes_outside_the_bounds() -> None:
+    for scenario in recipes.SCENARIOS:
+        with pytest.raises(recipes.OutOfBounds, match=r"buys the student .* fewer than the bound D_S >= 1e6"):
+            recipes.distillation_optimal(PAPER, 1e9, 1e10, scenario)
+    with pytest.raises(recipes.OutOfBounds, match="compute 1e10 buys the student 1.36 tokens"):
+        recipes.distillation_optimal(PAPER, 1e9, 1e10, "best")
+    with pytest.raises(recipes.OutOfBounds, match=r"more than the bound D_S <= 1e17"):
+        recipes.distillation_optimal(PAPER, 1e9, 1e28, "best")
+    # A 1e12 student at 1e25 FLOPs wants a best-case teacher no budget below 1e35 trains.
+    with pytest.raises(recipes.OutOfBounds, match="N_T or D_T is more than the bound 1e17"):
+        recipes.distillation_optimal(PAPER, 1e12, 1e25, "best")
+    assert recipes.recipe_or_none(PAPER, 1e9, 1e10, "best") is None
+
+
+def test_supervised_optimum_on_its_search_bound_refused() -> None:
+    with pytest.raises(recipes.OutOfBounds, match="on the search bound"):
+        recipes.supervised_optimal(SUP, 1e10)  # the optimum would be below 1e3 params
+    with pytest.raises(recipes.OutOfBounds, match="less than one token"):
+        recipes.supervised_optimal(SUP, 1e5)
+    n, d, _ = recipes.supervised_optimal(SUP, 1e14)
+    assert 1e3 < n < 1e17 and d > 1
+
+
+def test_crossover_searches_only_budgets_with_a_recipe() -> None:
+    # Near 1e27 a 1e9 student gets more than 1e17 tokens; those budgets are skipped, not fatal.
+    assert recipes.crossover_compute(PAPER, 1e9, "best", low=1e20, high=1e27) is not None
+    assert recipes.crossover_compute(PAPER, 1e9, "best", low=1e27, high=1e29) is None
+
+
 def test_bad_inputs() -> None:
     with pytest.raises(FitError, match="scenario"):
         recipes.distillation_optimal(PAPER, 1e9, 1e21, "cheap")
     with pytest.raises(FitError, match="fewer than"):
         recipes.distillation_optimal(PAPER, 1e9, 1e12, "inference")
+    with pytest.raises(FitError, match="positive and finite"):
+        recipes.distillation_optimal(PAPER, 1e9, float("inf"), "best")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -69,6 +70,16 @@ def test_sweep_runs_the_grid_skips_finished_and_isolates_failures(
     assert again["skipped"] == 6 and again["done"] == 0
     assert len(pq.read_table(tmp_path / "runs.parquet")) == 6
 
+    # The table is lost: the finished runs only append their rows again, training nothing.
+    weights = {p: p.stat().st_mtime_ns for p in (tmp_path / "students").rglob("model.safetensors")}
+    (tmp_path / "runs.parquet").unlink()
+    assert main(["sweep", "--config", str(sweep), "--json"]) == 1
+    healed = json.loads(capsys.readouterr().out)
+    assert healed["skipped"] == 0 and healed["done"] == 6 and list(healed["failed"]) == ["broken"]
+    assert sorted(r["run_id"] for r in pq.read_table(tmp_path / "runs.parquet").to_pylist()) == sorted(
+        r["run_id"] for r in rows)
+    assert weights == {p: p.stat().st_mtime_ns for p in (tmp_path / "students").rglob("model.safetensors")}
+
 
 def test_expand_names_runs_and_refuses_bad_settings(token_data: Path, tmp_path: Path) -> None:
     base = {"data": str(token_data), "runs": "r.parquet", "out": str(tmp_path)}
@@ -81,3 +92,30 @@ def test_expand_names_runs_and_refuses_bad_settings(token_data: Path, tmp_path: 
         expand(SweepConfig(**base, grid=[{"layers": [1, 2], "run_id": "same"}]))
     with pytest.raises(PipelineError, match="grid"):
         SweepConfig(**base, grid=[])
+
+
+def test_expand_refuses_settings_of_the_wrong_type(tmp_path: Path) -> None:
+    # Without the check, TrainJobConfig's `layers < 1` fails with "'<' not supported between 'str' and 'int'".
+    base = {"data": "d", "runs": "r.parquet", "out": str(tmp_path)}
+    cases = [
+        ({"grid": [{"layers": 1}, {"layers": ["two", 1]}]}, "S.yaml: grid[1]: field 'layers' must be int"),
+        ({"grid": [{"layers": 1, "tokens": 1.5}]}, "grid[0]: field 'tokens' must be int or null, got 1.5"),
+        ({"grid": [{"layers": True}]}, "grid[0]: field 'layers' must be int, got True"),
+        ({"grid": [{"layers": 1, "lambda": "half"}]}, "grid[0]: field 'lambda' must be float"),
+        ({"grid": [{"layers": 1}], "defaults": {"lr": "fast"}}, "S.yaml: defaults: field 'lr' must be float"),
+        ({"grid": [{"layers": 0}]}, "S.yaml: grid[0]: --layers must be >= 1"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(PipelineError, match=re.escape(message)):
+            expand(SweepConfig(**base, **spec), "S.yaml")
+    good = [{"layers": 1, "lambda": 1, "lr": 3e-3, "temperature": None}]
+    assert len(expand(SweepConfig(**base, grid=good))) == 1
+
+
+def test_sweep_cli_names_the_bad_grid_field(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "SWEEP.yaml"
+    sweep.write_text(yaml.safe_dump({"data": "d", "runs": str(tmp_path / "r.parquet"), "out": str(tmp_path),
+                                     "grid": [{"layers": ["two", 1]}]}))
+    assert main(["sweep", "--config", str(sweep)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grid[0]: field 'layers' must be int, got 'two'" in err
