@@ -15,6 +15,7 @@ from kdcache.pipeline.cache import CacheConfig, run_cache
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import StoreError, StoreReader, verify_store
+from kdcache.train.errors import TrainError
 from kdcache.train.model_dir import load_model_dir
 from kdcache.train.tokens import open_token_data
 
@@ -142,7 +143,7 @@ def test_missing_model_files(ray_local, tmp_path, teacher, token_data):
 
 
 def test_missing_split(ray_local, tmp_path, teacher, token_data):
-    with pytest.raises(PipelineError, match="nope"):
+    with pytest.raises(TrainError, match="no split 'nope'"):
         cache(tmp_path, teacher, token_data, "s.zarr", split="nope")
     assert not (tmp_path / "s.zarr").exists()
 
@@ -163,7 +164,7 @@ def test_token_ids_outside_vocabulary(ray_local, tmp_path, teacher, token_data):
     shutil.copytree(token_data, data)
     split = zarr.open_array(str(data / "student"), mode="r+")
     split[3, 5] = 999
-    with pytest.raises(PipelineError, match="outside the teacher vocabulary"):
+    with pytest.raises(TrainError, match="split 'student' rows 3..3: token id 999 >= vocab_size 384"):
         cache(tmp_path, teacher, data, "s.zarr", max_rows=16)
     assert not (tmp_path / "s.zarr").exists()
 
@@ -184,14 +185,14 @@ def test_non_finite_teacher_outputs(ray_local, tmp_path, teacher, token_data):
 
 def test_failed_job_releases_its_workers(ray_local, tmp_path, teacher, token_data):
     free = ray_local.available_resources().get("CPU", 0)
-    with pytest.raises(PipelineError):
+    with pytest.raises(TrainError, match="no split 'nope'"):
         cache(tmp_path, teacher, token_data, "s.zarr", split="nope")
     data = tmp_path / "data"
     shutil.copytree(token_data, data)
     zarr.open_array(str(data / "student"), mode="r+")[0, 0] = 999
     # Fails inside a worker, after the actors started. The caller keeps the error (and so
     # its traceback, which references the actor handles), as pytest's reports and REPLs do.
-    with pytest.raises(PipelineError) as kept:
+    with pytest.raises(TrainError) as kept:
         cache(tmp_path, teacher, data, "s.zarr", max_rows=16)
     deadline = time.monotonic() + 30
     while ray_local.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
