@@ -102,7 +102,8 @@ def measure(world: dict[str, Any], k: int, args: argparse.Namespace) -> dict[str
         "offline_thread": lambda: (StoreBatches(str(store), batch_size=args.batch_size, seed=0, prefetch=2),
                                    DistillLoss(kind="topk")),
         "online": lambda: (OnlineTeacherBatches(TokenBatches(data, "student", batch_size=args.batch_size,
-                                                             seed=0), teacher, temperature=1.0),
+                                                             seed=0), teacher, temperature=1.0,
+                                                        vocab=data.vocab_size),
                            DistillLoss(kind="full")),
     }
     times: dict[str, list[float]] = {m: [] for m in modes}

@@ -10,7 +10,6 @@ micro-batches, so the store's bytes do not depend on the number of workers.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections import deque
@@ -21,6 +20,8 @@ from typing import Any, Literal
 from kdcache.errors import KdcacheError
 from kdcache.paths import check_writable
 from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.placement import check_tensor_parallel, replica_options
+from kdcache.pipeline.vocab import check_teacher_vocab
 
 Backend = Literal["native", "hf", "vllm"]
 
@@ -54,7 +55,12 @@ class CacheConfig:
     shard_rows: int = 64
     """Rows per store shard: the unit of work, of commit and of resume."""
     batch_rows: int = 8
-    """Rows per teacher forward pass (native/hf run fewer when their logits would pass 1 GiB)."""
+    """Rows per teacher forward pass (native/hf project their logits in chunks of 256 MB)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Teacher weights' dtype (hf, vllm; native too): auto is float32 on CPU, the checkpoint's
+    torch_dtype on GPU. Log-probs are computed in float32 whatever it is."""
+    tensor_parallel: int = 1
+    """GPUs per teacher replica (vllm), held as one placement group on one node."""
     max_rows: int | None = None
     """Cache only the first N rows of the split (quick runs)."""
     seed: int = 0
@@ -65,7 +71,7 @@ class CacheConfig:
     """No progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("k", "draws", "workers", "shard_rows", "batch_rows"):
+        for name in ("k", "draws", "workers", "shard_rows", "batch_rows", "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"cache config: field '{name}' must be >= 1")
         if self.max_rows is not None and self.max_rows < 1:
@@ -76,6 +82,8 @@ class CacheConfig:
             raise PipelineError("cache config: field 'draws' must be <= 255 (counts are uint8)")
         if self.backend == "vllm" and (self.kind != "topk" or self.temperature != 1.0):
             raise PipelineError("cache config: the vllm backend caches kind=topk at temperature 1 only")
+        if self.tensor_parallel > 1 and self.backend != "vllm":
+            raise PipelineError("cache config: field 'tensor_parallel' > 1 needs --backend vllm")
 
 
 def run_cache(cfg: CacheConfig) -> dict[str, Any]:
@@ -91,8 +99,9 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
                  log_to_driver=False, configure_logging=False)
     created = not Path(cfg.out).exists()
     actors: list[Any] = []
+    groups: list[Any] = []
     try:
-        actors = _start_actors(cfg)
+        actors = _start_actors(cfg, groups)
         described = _get(actors[0].describe.remote())
         meta = _store_meta(cfg, described, data)
         writer = StoreWriter.open(cfg.out, meta)
@@ -109,6 +118,8 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         # would hold their CPUs/GPUs on a shared cluster.
         for actor in actors:
             ray.kill(actor)
+        for group in groups:
+            ray.util.remove_placement_group(group)
         if started:
             ray.shutdown()
     return {
@@ -164,16 +175,9 @@ def _split_rows(data: Any, cfg: CacheConfig) -> int:
 def _store_meta(cfg: CacheConfig, described: dict[str, Any], data: Any) -> Any:
     from kdcache.storage import DataInfo, StoreMeta, TeacherInfo, suggest_chunk_rows
 
-    vocab = int(described["vocab_size"])
-    if vocab != data.vocab_size:
-        raise PipelineError(
-            f"{cfg.teacher}: teacher vocabulary {vocab} does not match the data's tokenizer "
-            f"vocabulary {data.vocab_size} ({cfg.data})"
-        )
-    if described["tokenizer"] is not None and described["tokenizer"] != _tokenizer_vocab(
-        Path(data.tokenizer_path).read_bytes()
-    ):
-        raise PipelineError(f"{cfg.teacher}/tokenizer.json: differs from the data's tokenizer ({cfg.data})")
+    vocab = data.vocab_size  # the store's ids are the tokenizer's; padded output rows are dropped
+    check_teacher_vocab(cfg.teacher, int(described["output_rows"]), described["tokenizer"],
+                        Path(data.tokenizer_path), vocab)
     k = {"topk": cfg.k, "full": vocab, "sampled": cfg.draws}[cfg.kind]
     if k > vocab:
         raise PipelineError(f"cache config: field 'k' ({k}) exceeds the vocabulary ({vocab})")
@@ -189,26 +193,24 @@ def _store_meta(cfg: CacheConfig, described: dict[str, Any], data: Any) -> Any:
     )
 
 
-def _tokenizer_vocab(raw: bytes) -> str:
-    """The parts of a tokenizer.json that decide token ids, canonicalised."""
-    doc = json.loads(raw)
-    added = sorted((t["id"], t["content"]) for t in doc.get("added_tokens", []))
-    return json.dumps({"model": doc.get("model", {}).get("vocab"), "added": added}, sort_keys=True)
-
-
-def _start_actors(cfg: CacheConfig) -> list[Any]:
+def _start_actors(cfg: CacheConfig, groups: list[Any]) -> list[Any]:
+    """One actor per replica; placement groups it reserves are appended to `groups`."""
     import ray
 
     from kdcache.pipeline.cache_worker import CacheWorker
 
+    check_tensor_parallel(cfg.tensor_parallel, ray.nodes())
     resources = ray.cluster_resources()
-    gpus = 1 if resources.get("GPU", 0) >= 1 else 0
     cpus = max(1, int(resources.get("CPU", 1)) // cfg.workers)
-    actor = ray.remote(CacheWorker).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1,
-        scheduling_strategy="SPREAD", max_concurrency=2,
-    )
-    return [actor.remote(asdict(cfg), cpus) for _ in range(cfg.workers)]
+    actors = []
+    for _ in range(cfg.workers):
+        options, group = replica_options(cfg.tensor_parallel, cpus, resources.get("GPU", 0))
+        if group is not None:
+            groups.append(group)
+        actor = ray.remote(CacheWorker).options(**options, max_restarts=-1, max_task_retries=-1,
+                                                max_concurrency=2)
+        actors.append(actor.remote(asdict(cfg), options["num_cpus"]))
+    return actors
 
 
 def _dispatch(cfg: CacheConfig, actors: list[Any], pending: list[int], meta: Any) -> int:

@@ -13,8 +13,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 class CacheWorker:
     def __init__(self, cfg: dict[str, Any], threads: int) -> None:
@@ -40,24 +38,26 @@ class CacheWorker:
                 self._data = open_token_data(self.cfg.data)
                 rows = self._data.seq_len + 1
                 self._teacher = load_teacher(self.cfg.backend, self.cfg.teacher, max_len=rows,
-                                             batch_rows=self.cfg.batch_rows, max_k=self.cfg.k)
+                                             batch_rows=self.cfg.batch_rows, max_k=self.cfg.k,
+                                             dtype=self.cfg.dtype, tensor_parallel=self.cfg.tensor_parallel,
+                                             vocab=self._data.vocab_size)
             return self._teacher
 
     def describe(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        from kdcache.pipeline.cache import _tokenizer_vocab
+        from kdcache.pipeline.vocab import token_ids
 
         teacher = self._load()
         tok = teacher.tokenizer_json
         return {
             "info": asdict(teacher.info),
-            "vocab_size": teacher.vocab_size,
-            "tokenizer": _tokenizer_vocab(tok) if tok is not None else None,
+            "output_rows": teacher.output_rows,
+            "tokenizer": token_ids(tok) if tok is not None else None,
         }
 
     def process(self, shard: int, meta_json: dict[str, Any]) -> dict[str, Any]:
-        from kdcache.pipeline.targets import TargetSpec
+        from kdcache.pipeline.cache_shard import cache_shard
         from kdcache.storage import StoreMeta, StoreWriter
 
         teacher = self._load()
@@ -65,11 +65,5 @@ class CacheWorker:
             if self._writer is None:
                 meta = StoreMeta.from_json(meta_json, self.cfg.out)
                 self._writer = StoreWriter.open(Path(self.cfg.out), meta)
-        meta = self._writer.meta
-        start, stop = meta.shard_bounds(shard)
-        # The reader refuses ids outside the data's vocabulary (the store's vocab_size).
-        rows = np.asarray(self._data.read(self.cfg.split, slice(start, stop)), dtype=np.int32)
-        spec = TargetSpec(kind=meta.kind, k=meta.k, temperature=meta.temperature,
-                          draws=meta.draws or 0, seed=self.cfg.seed)
-        entry = self._writer.write_shard(shard, teacher.targets(rows, spec, start))
+        entry = cache_shard(teacher, self._data, self.cfg.split, self._writer, shard)
         return {"shard": shard, "tokens": entry.tokens, "nll_sum": entry.nll_sum}

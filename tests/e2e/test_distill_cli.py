@@ -75,7 +75,7 @@ def test_full_store_gives_the_live_teachers_loss_at_every_step(world: dict[str, 
                                       max_position=2048), seed=SEED)
     store = StoreBatches(str(world["full"]), batch_size=BATCH, seed=SEED)
     online = OnlineTeacherBatches(TokenBatches(data, "student", batch_size=BATCH, seed=SEED), teacher,
-                                  temperature=1.0)
+                                  temperature=1.0, vocab=data.vocab_size)
     loss_fn = DistillLoss(kind="full")
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
     for _ in range(STEPS):

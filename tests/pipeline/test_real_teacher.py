@@ -206,12 +206,12 @@ def test_failed_check_leaves_nothing(tmp_path, monkeypatch, gguf_file, gguf_mode
     assert list(tmp_path.iterdir()) == []
 
 
-def test_large_vocab_rows_per_pass():
-    """49k float32 logits: long rows run fewer per forward pass, short ones all of --batch-rows."""
+def test_large_vocab_logits_are_projected_in_chunks():
+    """49k float32 logits: long rows project fewer positions per chunk, within the budget."""
     from kdcache.pipeline.teachers.torch_teacher import LOGITS_BUDGET, TorchTeacher
 
     teacher = TorchTeacher()
-    teacher.batch_rows, teacher.vocab_size = 8, VOCAB
-    assert teacher.rows_per_pass(64) == 8
-    assert teacher.rows_per_pass(2048) == LOGITS_BUDGET // (4 * 2048 * VOCAB) == 2
-    assert teacher.rows_per_pass(8192) == 1
+    teacher.output_rows = VOCAB
+    assert teacher.positions_per_chunk(8) == LOGITS_BUDGET // (4 * 8 * VOCAB) == 170
+    assert teacher.positions_per_chunk(1) * 4 * VOCAB <= LOGITS_BUDGET
+    assert teacher.positions_per_chunk(10_000) == 1
