@@ -14,6 +14,11 @@ vocabulary) over stdlib text in its own tokenizer, through the hf and vllm backe
 against its own bare loop (transformers forward + log-softmax + top-k; vLLM's engine).
 
     python benchmarks/cache_throughput.py [--teachers synthetic smollm2] [--json] [--rows N] [--k 64]
+        [--dtype auto|float32|bfloat16|float16] [--device cpu|cuda] [--seq-len 2048]
+
+`--dtype` runs the cache job's teacher and the bare loop in that dtype (hf, vllm; native
+too); `--device cuda` runs the bare loops on the GPU, where the job's teachers run
+whenever one is present.
 """
 
 from __future__ import annotations
@@ -47,39 +52,56 @@ BATCH_ROWS = 8
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _bare_torch(forward: Callable[[torch.Tensor], torch.Tensor], rows: np.ndarray, k: int) -> float:
-    """tokens/s of forward + log-softmax + top-k, nothing else."""
+def _bare_torch(forward: Callable[[torch.Tensor], torch.Tensor], rows: np.ndarray, k: int,
+                device: str) -> float:
+    """tokens/s of forward + float32 log-softmax + top-k, nothing else."""
     tokens = 0
     with torch.inference_mode():
-        forward(torch.from_numpy(rows[:BATCH_ROWS, :-1].astype(np.int64)))  # warm-up
+        forward(torch.from_numpy(rows[:BATCH_ROWS, :-1].astype(np.int64)).to(device))  # warm-up
         t0 = time.perf_counter()
         for lo in range(0, len(rows), BATCH_ROWS):
-            ids = torch.from_numpy(rows[lo : lo + BATCH_ROWS, :-1].astype(np.int64))
-            torch.topk(torch.log_softmax(forward(ids), -1), k, dim=-1)
+            ids = torch.from_numpy(rows[lo : lo + BATCH_ROWS, :-1].astype(np.int64)).to(device)
+            values, _ = torch.topk(torch.log_softmax(forward(ids).float(), -1), k, dim=-1)
+            values.cpu()
             tokens += ids.numel()
     return tokens / (time.perf_counter() - t0)
 
 
-def bare_loop(model_dir: Path, rows: np.ndarray, k: int) -> float:
-    return _bare_torch(load_model_dir(model_dir).model, rows, k)
+def _torch_dtype(dtype: str, device: str) -> torch.dtype:
+    from kdcache.pipeline.teachers.torch_teacher import DTYPES, resolve_dtype
+
+    return DTYPES[resolve_dtype(dtype, None if dtype == "auto" else dtype, torch.device(device))]
 
 
-def bare_hf(model_dir: Path, rows: np.ndarray, k: int) -> float:
+def bare_loop(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str) -> float:
+    model = load_model_dir(model_dir).model.to(device, _torch_dtype(dtype, device))
+    return _bare_torch(model, rows, k, device)
+
+
+def bare_hf(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str) -> float:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return _bare_torch(lambda ids: model(input_ids=ids).logits, rows, k)
+    from kdcache.pipeline.teachers.hf import checkpoint_dtype
+    from kdcache.pipeline.teachers.torch_teacher import DTYPES, resolve_dtype
+
+    hf = json.loads((model_dir / "config.json").read_text())
+    torch_dtype = DTYPES[resolve_dtype(dtype, checkpoint_dtype(hf), torch.device(device))]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    return _bare_torch(lambda ids: model(input_ids=ids).logits, rows, k, device)
 
 
-def bare_vllm(model_dir: Path, rows: np.ndarray, k: int) -> float:
+def bare_vllm(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str) -> float:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from kdcache.pipeline.teachers.hf import checkpoint_dtype
+    from kdcache.pipeline.teachers.torch_teacher import default_device, resolve_dtype
     from kdcache.pipeline.teachers.vllm import engine_kwargs
 
     hf = json.loads((model_dir / "config.json").read_text())
-    llm = LLM(model=str(model_dir), **engine_kwargs(k, hf, max_len=rows.shape[1]))
+    resolved = resolve_dtype(dtype, checkpoint_dtype(hf), default_device())
+    llm = LLM(model=str(model_dir), **engine_kwargs(k, hf, max_len=rows.shape[1], dtype=resolved))
     params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
     prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in r]) for r in rows]
     llm.generate(prompts[:BATCH_ROWS], params, use_tqdm=False)
@@ -104,16 +126,17 @@ def backends(first: str) -> list[str]:
 
 
 def measure(model_dir: Path, data: Path, rows: np.ndarray, out: Path, *, name: str, params: int,
-            backend: str, k: int) -> dict[str, object]:
+            backend: str, k: int, dtype: str = "auto", device: str = "cpu") -> dict[str, object]:
     """One row of the table: the cache job against the bare loop of the same backend."""
-    bare = BARE[backend](model_dir, rows, k)
+    bare = BARE[backend](model_dir, rows, k, dtype, device)
     gc.collect()
     t0 = time.perf_counter()
     result = run_cache(CacheConfig(teacher=str(model_dir), data=str(data), out=str(out), backend=backend,
                                    k=k, max_rows=len(rows), shard_rows=32, batch_rows=BATCH_ROWS,
-                                   quiet=True))
+                                   dtype=dtype, quiet=True))
     return {
-        "backend": backend, "model": name, "params": params, "k": k,
+        "backend": backend, "model": name, "params": params, "k": k, "dtype": summarize(out)["metadata"]
+        ["teacher"]["dtype"], "device": device, "seq_len": rows.shape[1] - 1,
         "cache_tokens_per_s": result["tokens_per_s"], "bare_tokens_per_s": bare,
         "ratio": result["tokens_per_s"] / bare,
         "startup_s": time.perf_counter() - t0 - result["seconds"],
@@ -141,7 +164,7 @@ def synthetic(tmp: Path, args: argparse.Namespace) -> list[dict[str, object]]:
         for backend in backends("native"):
             results.append(measure(model_dir, tmp / "data", student, tmp / f"{name}-{backend}.zarr",
                                    name=name, params=model.non_embedding_params(), backend=backend,
-                                   k=args.k))
+                                   k=args.k, dtype=args.dtype, device=args.device))
     return results
 
 
@@ -159,7 +182,8 @@ def smollm2(tmp: Path, args: argparse.Namespace) -> list[dict[str, object]]:
                           seq_len=args.seq_len, max_tokens=rows * (args.seq_len + 1) * 3, quiet=True))
     student = student_rows(tmp / "data", rows)
     return [measure(model_dir, tmp / "data", student, tmp / f"smollm2-{backend}.zarr", name=model_dir.name,
-                    params=imported.nonembedding_params, backend=backend, k=args.k)
+                    params=imported.nonembedding_params, backend=backend, k=args.k, dtype=args.dtype,
+                    device=args.device)
             for backend in backends("hf")]
 
 
@@ -171,6 +195,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the synthetic models")
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--teachers", nargs="+", choices=["synthetic", "smollm2"],
                         default=["synthetic", "smollm2"],
                         help="synthetic: two fresh kdcache models; smollm2: SmolLM2-135M (GGUF, 49k vocab)")

@@ -34,8 +34,9 @@ def run(cfg: Config) -> int:
         f"store        {info['path']}",
         f"format       {meta['format']}  kind={meta['kind']} k={meta['k']} "
         f"vocab={meta['vocab_size']} seq_len={meta['seq_len']} temperature={meta['temperature']}",
-        f"teacher      {teacher['name']} ({teacher['params']:,} params, "
+        f"teacher      {teacher['name']} ({teacher['params']:,} params, {teacher['dtype']}, "
         f"fingerprint {teacher['fingerprint'][:12]})",
+        f"output rows  {_rows(teacher['output_rows'], meta['vocab_size'], meta.get('padded_mass'))}",
         f"data         split={data['split']} rows={data['rows']:,} fingerprint {data['fingerprint'][:12]}",
         f"committed    {info['shards_committed']}/{info['shards']} shards, {info['rows']:,} rows, "
         f"{info['tokens']:,} tokens{'  (complete)' if meta['complete'] else ''}",
@@ -50,3 +51,13 @@ def run(cfg: Config) -> int:
         count = len(info["damaged"])
         print(f"{cfg.store}: damaged ({count} problem(s)); run kdcache verify", file=sys.stderr)
     return status
+
+
+def _rows(rows: int | None, vocab: int, mass: float | None) -> str:
+    """The teacher's output layer against the tokenizer, and the mass its padding held."""
+    if rows is None:
+        return "not recorded (store written before kdcache recorded it)"
+    if rows == vocab:
+        return f"{rows:,} (the tokenizer's ids; no padding)"
+    held = "not measured (vllm)" if mass is None else f"mean padded mass {mass:.3g}"
+    return f"{rows:,} over the tokenizer's {vocab:,} ids: {rows - vocab:,} padded rows dropped, {held}"

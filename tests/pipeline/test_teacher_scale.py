@@ -255,16 +255,21 @@ ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
 cluster.wait_for_nodes()
 out = {}
 try:
-    check_tensor_parallel(3, ray.nodes())
-except PipelineError as exc:
-    out["refused"] = str(exc)
-check_tensor_parallel(2, ray.nodes())
-groups = [replica_options(2, 1, 4)[1] for _ in range(2)]
-table = [ray.util.placement_group_table(g) for g in groups]
-out["nodes_per_group"] = [len(set(t["bundles_to_node_id"].values())) for t in table]
-out["distinct_nodes"] = len({next(iter(t["bundles_to_node_id"].values())) for t in table})
-out["strategy"] = [t["strategy"] for t in table]
-print(json.dumps(out))
+    try:
+        check_tensor_parallel(3, ray.nodes())
+    except PipelineError as exc:
+        out["refused"] = str(exc)
+    check_tensor_parallel(2, ray.nodes())
+    groups = [replica_options(2, 1, 4)[1] for _ in range(2)]
+    table = [ray.util.placement_group_table(g) for g in groups]
+    out["nodes_per_group"] = [len(set(t["bundles_to_node_id"].values())) for t in table]
+    out["distinct_nodes"] = len({next(iter(t["bundles_to_node_id"].values())) for t in table})
+    out["strategy"] = [t["strategy"] for t in table]
+    print(json.dumps(out))
+finally:
+    # Also forgets this cluster's address: a later ray.init() must not try to join it.
+    ray.shutdown()
+    cluster.shutdown()
 """
 
 
