@@ -36,6 +36,11 @@ def verify_store(path: str | os.PathLike[str]) -> list[Problem]:
                 continue
             if name not in entry.arrays or ledger.checksum(values) != entry.arrays[name]:
                 problems.append(Problem(entry.shard, name, "checksum does not match the ledger"))
+            elif name in ("tokens", "ids") and values.size and int(values.max()) >= meta.vocab_size:
+                # Bytes intact but ids beyond field 'vocab_size': the metadata was edited
+                # (stores whose entries pin the metadata's digest are caught earlier).
+                problems.append(Problem(entry.shard, name, f"holds id {int(values.max())}, beyond field "
+                                                           f"'vocab_size' ({meta.vocab_size})"))
     return sorted(problems, key=lambda p: (-1 if p.shard is None else p.shard, p.array))
 
 

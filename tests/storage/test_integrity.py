@@ -112,3 +112,6 @@ def test_intact_and_legacy_stores_pass(store_path):
         entry.write_text(json.dumps(doc))
     assert verify_store(store_path) == []
     assert StoreReader(store_path).read_rows(np.arange(9))["ids"].shape == (9, 8, 4)
+    # Without the digest, an edited vocab_size still shows: the ids no longer fit it.
+    edit_attrs(store_path, vocab_size=200)
+    assert any("beyond field 'vocab_size' (200)" in str(p) for p in verify_store(store_path))
