@@ -78,13 +78,19 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ModuleType]]:
 
 
 def one_line(message: str) -> str:
-    """Collapse a multi-line library message (jsonargparse nests its reasons) into one line,
-    naming flags as they are typed (`--batch-size`, not `Parser key "batch_size"`)."""
+    """Collapse a multi-line message (jsonargparse nests its reasons) into one line."""
     parts = (re.sub(r"^- ", "", line.strip()) for line in str(message).splitlines())
-    text = "; ".join(part for part in parts if part)
+    return "; ".join(part for part in parts if part)
+
+
+def parser_message(message: str, verbs: dict[str, ModuleType]) -> str:
+    """jsonargparse's message in one line, naming flags as they are typed (`--batch-size`,
+    not `Parser key "batch_size"` or `train.batch_size`)."""
+    text = one_line(message)
     text = re.sub(r'Parser key "([\w.]+)":;?', lambda m: f"--{_flag(m[1])}:", text)
     text = re.sub(r"Expected a <class '(\w+)'>\. Got value: ", r"expected \1, got ", text)
-    return re.sub(r"\b[a-z-]+\.(\w+)\b(?=,|$)", lambda m: f"--{_flag(m[1])}", text)
+    names = "|".join(re.escape(v) for v in verbs)
+    return re.sub(rf"\b(?:{names})\.(\w+)\b", lambda m: f"--{_flag(m[1])}", text)
 
 
 def _flag(key: str) -> str:
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         values = {k: v for k, v in vars(ns[ns.verb]).items() if k != "config"}
         return int(module.run(module.Config(**values)) or 0)
     except ArgumentError as exc:
-        print(f"{prefix}: error: {_name_config(one_line(str(exc)), keys)}", file=sys.stderr)
+        print(f"{prefix}: error: {_name_config(parser_message(str(exc), verbs), keys)}", file=sys.stderr)
         return EXIT_ERROR
     except KdcacheError as exc:
         print(f"{prefix}: error: {_name_config(one_line(str(exc)), keys, leading=True)}", file=sys.stderr)
