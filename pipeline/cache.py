@@ -136,17 +136,12 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
 
 def _roll_back(out: str, created: bool) -> None:
     """A store this run created and never committed to is removed: bad input changes nothing."""
-    from kdcache.storage import StoreError, StoreReader
+    from kdcache.storage.ledger import committed
 
     path = Path(out)
-    if not (created and path.is_dir()):
-        return
-    try:
-        if StoreReader(path, fields=["tokens"]).committed_shards:
-            return
-    except StoreError:
-        pass
-    shutil.rmtree(path, ignore_errors=True)
+    # The ledger alone decides: a reader's integrity checks must never get committed work deleted.
+    if created and path.is_dir() and not committed(path):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_paths(cfg: CacheConfig) -> Any:
