@@ -3,7 +3,7 @@
 For three sizes (set by --layers), times real optimiser steps of the trainer (forward,
 z-loss cross-entropy, backward, clipping, AdamW) on synthetic token batches, and reports
 tokens/s, achieved FLOP/s counting 3 F(N) per token (6N plus attention and the
-unembedding, REFERENCE.md §4), and that divided by the FLOP/s of a 2048^3 float32 matmul
+unembedding, `fit/flops.py`), and that divided by the FLOP/s of a 2048^3 float32 matmul
 measured in the same run with the same threads. Prints a table, or JSON with --json.
 
     python benchmarks/train_throughput.py [--layers 2 4 6] [--threads 2] [--json]

@@ -40,7 +40,7 @@ class Hardware:
 
 
 def topk_bytes_per_token(k: int, vocab: int) -> float:
-    """Uncompressed bytes per token of a top-k store (DESIGN.md): ids, fp16 log-probs,
+    """Uncompressed bytes per token of a top-k store (README, "The logit store"): ids, fp16 log-probs,
     float32 tail mass and target log-prob, int32 input token."""
     id_bytes = 2 if vocab <= 65536 else 4
     return float(k * (id_bytes + 2) + 4 + 4 + 4)

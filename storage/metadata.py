@@ -51,7 +51,7 @@ class DataInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class StoreMeta:
-    """Contents of the `kdcache` attribute (DESIGN.md, "The logit store")."""
+    """Contents of the `kdcache` attribute (README, "The logit store")."""
 
     kind: Kind
     k: int

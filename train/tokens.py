@@ -1,4 +1,4 @@
-"""Reader for the token data that `kdcache prepare` writes (layout in DESIGN.md).
+"""Reader for the token data that `kdcache prepare` writes (layout in the README, "Token data").
 
 A DATA directory is a Zarr v3 group with one int32 array per split (`teacher`,
 `student`, `valid`, each `[rows, seq_len + 1]`) and `tokenizer.json` beside them. The

@@ -1,4 +1,4 @@
-"""The laws against the paper's sanity values (REFERENCE.md §2) and their limits."""
+"""The laws against the paper's sanity values (Busbridge et al. 2025) and their limits."""
 
 from __future__ import annotations
 
