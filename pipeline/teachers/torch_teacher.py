@@ -56,14 +56,14 @@ class TorchTeacher:
                                         spec, first_row + lo, position=t0)
                     for t0 in range(0, seq_len, span)
                 ]
-                parts.append({**_join(pieces, axis=1), "tokens": batch.astype(np.int32)})
+                # A position chunk's `tokens` overlap the next chunk's by one: keep the rows' own.
+                parts.append({**_join(pieces, axis=1, skip="tokens"), "tokens": batch.astype(np.int32)})
         return _join(parts, axis=0)
 
 
-def _join(parts: list[dict[str, np.ndarray]], axis: int) -> dict[str, np.ndarray]:
-    """Concatenate per-chunk arrays along positions (axis 1) or rows (axis 0); a position
-    chunk's `tokens` overlap their neighbours', so the caller sets the row's own."""
-    return {name: np.concatenate([p[name] for p in parts], axis=axis) for name in parts[0]}
+def _join(parts: list[dict[str, np.ndarray]], axis: int, skip: str = "") -> dict[str, np.ndarray]:
+    """Concatenate per-chunk arrays along positions (axis 1) or rows (axis 0)."""
+    return {name: np.concatenate([p[name] for p in parts], axis=axis) for name in parts[0] if name != skip}
 
 
 def resolve_dtype(name: str, checkpoint: str | None, device: torch.device) -> str:
