@@ -166,11 +166,7 @@ def _best(law: DistillationLaw, n_s: float, compute: float, **shape: float) -> R
     )
     lt = float(res.x)
     teacher = supervised_teacher_for(law.supervised, lt, **shape)
-    n_t, d_t = teacher if teacher else (None, None)
-    if n_t is not None and d_t is not None:
-        who = f"at compute {_sci(compute)} the best-case teacher (L_T = {lt:.4g})"
-        _bounded(n_t, "N_T", who + " has {} params")
-        _bounded(d_t, "D_T", who + " is trained on {} tokens")
+    n_t, d_t = teacher if teacher else (None, None)  # bounds: checked on the recipe by the caller
     flops = _flops(n_s, d_s, 0.0, 0.0, "best", **shape)
     return Recipe(
         "best",

@@ -129,7 +129,7 @@ def _check_settings(settings: dict[str, Any], where: str) -> None:
 
 
 def _job(cfg: SweepConfig, settings: dict[str, Any], where: str) -> TrainJobConfig:
-    _check_settings(settings, where)
+    """One run from settings `expand` has type-checked already (every value, once)."""
     settings = {("lam" if k == "lambda" else k): v for k, v in settings.items()}
     base = {"data": cfg.data, "runs": cfg.runs, "out": "", "quiet": True, "threads": cfg.threads}
     try:
