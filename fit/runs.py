@@ -118,8 +118,16 @@ def _conform(table: pa.Table, path: str | os.PathLike[str]) -> pa.Table:
 
 
 def _read_parquet(path: Path) -> pa.Table:
+    """Read a whole table through one open file.
+
+    Appends replace the file atomically (`os.replace`), but `pq.read_table(path)` stats
+    the path and opens it separately: a replace in between gave it the new file with the
+    old one's size ("Couldn't deserialize thrift"), which is how a sweep's concurrent
+    runs once failed. An open handle pins one version of the file.
+    """
     try:
-        return pq.read_table(path)
+        with open(path, "rb") as fh:
+            return pq.read_table(fh)
     except (pa.ArrowException, OSError) as exc:
         raise FitError(f"{path}: not a readable Parquet runs table ({exc})") from exc
 
@@ -188,7 +196,7 @@ def read_runs(path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) 
     if not path.is_file():
         raise FitError(f"{path}: no such runs table")
     try:
-        table = pacsv.read_csv(path) if path.suffix.lower() == ".csv" else pq.read_table(path)
+        table = pacsv.read_csv(path) if path.suffix.lower() == ".csv" else _read_parquet(path)
     except (pa.ArrowException, OSError) as exc:
         raise FitError(f"{path}: not a readable runs table ({exc})") from exc
     for name in required:
