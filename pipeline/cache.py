@@ -10,6 +10,7 @@ micro-batches, so the store's bytes do not depend on the number of workers.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections import deque
@@ -95,7 +96,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     data = _check_paths(cfg)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level="ERROR",
+        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False, configure_logging=False)
     created = not Path(cfg.out).exists()
     actors: list[Any] = []

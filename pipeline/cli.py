@@ -43,6 +43,9 @@ def add_dataclass_arguments(parser: ArgumentParser, cls: type) -> None:
     docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(cls).params}
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):  # a group of settings: its fields, flat
+            add_dataclass_arguments(parser, hints[field.name])
+            continue
         kwargs: dict[str, typing.Any] = {"help": docs.get(field.name)}
         missing = dataclasses.MISSING
         required = field.default is missing and field.default_factory is missing
@@ -89,8 +92,16 @@ def parser_message(message: str, verbs: dict[str, ModuleType]) -> str:
     text = one_line(message)
     text = re.sub(r'Parser key "([\w.]+)":;?', lambda m: f"--{_flag(m[1])}:", text)
     text = re.sub(r"Expected a <class '(\w+)'>\. Got value: ", r"expected \1, got ", text)
+    text = re.sub(r"Does not validate against any of the Union subtypes.*?Given value: (.*)$", _union, text)
     names = "|".join(re.escape(v) for v in verbs)
     return re.sub(rf"\b(?:{names})\.(\w+)\b", lambda m: f"--{_flag(m[1])}", text)
+
+
+def _union(match: re.Match[str]) -> str:
+    """jsonargparse's long Union message as "expected int or null, got x"."""
+    kinds = re.findall(r"Expected a <class '(\w+)'>", match[0])
+    names = ["null" if k == "NoneType" else k for k in dict.fromkeys(kinds)]
+    return f"expected {' or '.join(names)}, got {match[1]}"
 
 
 def _flag(key: str) -> str:
@@ -144,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         ns = parser.parse_args(argv)
         module = verbs[ns.verb]
         values = {k: v for k, v in vars(ns[ns.verb]).items() if k != "config"}
-        return int(module.run(module.Config(**values)) or 0)
+        build = getattr(module.Config, "from_flat", module.Config)  # grouped settings take flat flags
+        return int(module.run(build(**values)) or 0)
     except ArgumentError as exc:
         print(f"{prefix}: error: {_name_config(parser_message(str(exc), verbs), keys)}", file=sys.stderr)
         return EXIT_ERROR

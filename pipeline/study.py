@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ def _caches(out: Path, data: Path, p: Preset) -> list[Path]:
     from kdcache.pipeline.cache import CacheConfig, run_cache
     from kdcache.storage import StoreError, read_meta
 
-    jobs = [(name, "topk", None) for name in p.teachers]
+    jobs: list[tuple[str, str, int | None]] = [(name, "topk", None) for name in p.teachers]
     if p.full_store_rows:
         jobs.append((next(iter(p.teachers)), "full", p.full_store_rows))
     stores = []
@@ -223,7 +224,8 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path
     data = _prepare(out, p)
     started = not ray.is_initialized()
     if started:  # one Ray for every stage: the cache jobs and sweeps reuse it
-        ray.init(address=ray_address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False,
                  configure_logging=False)
     try:
         _stage(f"teachers: {', '.join(p.teachers)}")

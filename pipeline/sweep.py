@@ -4,7 +4,9 @@
 overrides it; relative paths are relative to the working directory). It holds settings
 shared by every run and a `grid` of groups; list values inside a
 group expand as a Cartesian product, and every expanded run is a `kdcache train`
-(supervised, `distill: STORE` or `online_teacher: MODEL`):
+(supervised, `distill: STORE` or `online_teacher: MODEL`; a family `layers: L`, a
+Hugging Face `student: DIR` or `student_config: FILE.json`; `workers: N` spreads one run
+over N Ray Train ranks):
 
     data: out/data
     runs: out/runs.parquet
@@ -24,10 +26,10 @@ setting is checked against `TrainJobConfig`'s field types before anything runs.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import sys
 import types
 import typing
@@ -37,10 +39,7 @@ from typing import Any
 
 from kdcache.pipeline.errors import PipelineError
 from kdcache.train.errors import TrainError
-from kdcache.train.job import TrainJobConfig
-
-# Settings that identify a run less than its shape and teacher do, left out of its id.
-_ID_QUIET = {"data", "runs", "out", "run_id", "quiet", "json", "threads", "checkpoint_every", "device"}
+from kdcache.train.job import GROUPS, TrainJobConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +91,7 @@ def expand(cfg: SweepConfig, where: str = "") -> list[TrainJobConfig]:
         for combo in itertools.product(*values):
             settings = {**defaults, **dict(zip(keys, combo, strict=True))}
             jobs.append(_job(cfg, settings, f"{lead}grid[{i}]"))
-    ids = [j.run_id for j in jobs]
+    ids = [j.runtime.run_id for j in jobs]
     dup = next((r for r in ids if ids.count(r) > 1), None)
     if dup:
         raise PipelineError(f"{lead}two runs share run_id {dup!r}")
@@ -116,7 +115,8 @@ def _check_settings(settings: dict[str, Any], where: str) -> None:
     TrainJobConfig compares numbers in its checks; a string there would end as
     "'<' not supported between 'str' and 'int'", naming neither the group nor the field.
     """
-    hints = typing.get_type_hints(TrainJobConfig)
+    hints = {name: hint for cls in GROUPS.values() for name, hint in typing.get_type_hints(cls).items()}
+    hints |= {"data": str, "out": str}
     for key, value in settings.items():
         name = "lam" if key == "lambda" else key
         if name not in hints:
@@ -130,24 +130,26 @@ def _check_settings(settings: dict[str, Any], where: str) -> None:
 
 def _job(cfg: SweepConfig, settings: dict[str, Any], where: str) -> TrainJobConfig:
     """One run from settings `expand` has type-checked already (every value, once)."""
-    settings = {("lam" if k == "lambda" else k): v for k, v in settings.items()}
     base = {"data": cfg.data, "runs": cfg.runs, "out": "", "quiet": True, "threads": cfg.threads}
     try:
-        job = TrainJobConfig(**{**base, **settings})
-    except TypeError as exc:  # a required field (layers) missing
-        raise PipelineError(f"{where}: {exc}") from None
-    except TrainError as exc:  # a value out of range (layers: 0)
+        job = TrainJobConfig.from_flat(**{**base, **settings})
+    except TrainError as exc:  # a value out of range (layers: 0), or no student given
         raise PipelineError(f"{where}: {exc}") from exc
-    run_id = job.run_id or run_id_of(job)
-    return dataclasses.replace(job, run_id=run_id, out=str(Path(cfg.out) / run_id))
+    run_id = job.runtime.run_id or run_id_of(job)
+    return job.replace(run_id=run_id, out=str(Path(cfg.out) / run_id))
 
 
 def run_id_of(job: TrainJobConfig) -> str:
-    """Readable and unique: kind, layers, tokens, teacher name, and a hash of the rest."""
-    teacher = Path(job.distill or job.online_teacher or "").name
-    values = {k: v for k, v in dataclasses.asdict(job).items() if k not in _ID_QUIET}
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:6]
-    parts = [job.kind, f"L{job.layers}", f"D{job.tokens or 'auto'}", teacher, digest]
+    """Readable and unique: kind, student, tokens, teacher name, and a hash of the identity.
+
+    The hash covers the settings that identify a run (`TrainJobConfig.identity`), so two
+    runs that differ only in where or how they run share an id (and are refused).
+    """
+    d, s = job.distillation, job.student
+    teacher = Path(d.distill or d.online_teacher or "").name
+    student = f"L{s.layers}" if s.family else Path(s.student or s.student_config or "").stem
+    digest = hashlib.sha256(json.dumps(job.identity(), sort_keys=True).encode()).hexdigest()[:6]
+    parts = [job.kind, student, f"D{job.loop.tokens or 'auto'}", teacher, digest]
     return "-".join(p for p in parts if p)
 
 
@@ -159,20 +161,28 @@ def _finished(job: TrainJobConfig) -> bool:
     meta = Path(job.out) / META
     if not meta.is_file():
         return False
-    if not job.runs:
+    if not job.runtime.runs:
         return True
     try:
         training = json.loads(meta.read_text()).get("training")
     except (OSError, ValueError, AttributeError):
         return False  # the run reports the unreadable file
-    return not isinstance(training, dict) or has_run(job.runs, training)
+    return not isinstance(training, dict) or has_run(job.runtime.runs, training)
 
 
 def _train(settings: dict[str, Any]) -> dict[str, Any]:
-    """One run, in a Ray worker: settings in, runs-table row out (JSON-able both ways)."""
+    """One run, in a Ray worker: settings in, runs-table row out (JSON-able both ways).
+
+    Idempotent, as a task Ray may retry must be: an attempt whose worker died after the
+    run recorded its row finds the run finished and returns that row.
+    """
+    from kdcache.train.model_dir import META
     from kdcache.train.run import run_training
 
-    return run_training(TrainJobConfig(**settings)).row
+    job = TrainJobConfig.from_flat(**settings)
+    if _finished(job):
+        return json.loads((Path(job.out) / META).read_text())["training"]
+    return run_training(job).row
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
@@ -185,13 +195,15 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     skipped = len(jobs) - len(todo)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level="ERROR",
+        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False, configure_logging=False)
     failed: dict[str, str] = {}
     try:
         # A killed worker's run is retried (it resumes from its checkpoint); errors are not.
-        task = ray.remote(_train).options(num_cpus=cfg.threads, max_retries=2, retry_exceptions=False)
-        refs = {task.remote(dataclasses.asdict(j)): j.run_id for j in todo}
+        task = ray.remote(max_retries=2, retry_exceptions=False)(_train)
+        # A run over several Ray Train workers asks for their CPUs itself; its driver task holds none.
+        refs = {task.options(num_cpus=0 if j.runtime.workers > 1 else cfg.threads).remote(j.flat()):
+                j.runtime.run_id for j in todo}
         bar = tqdm(total=len(jobs), initial=skipped, unit="run", desc="sweep", dynamic_ncols=True)
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1)
@@ -211,6 +223,11 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _reason(exc: Exception) -> str:
+    """A failed run's reason in one line: kdcache's own error whole, else the last line."""
+    from kdcache.errors import KdcacheError
+
     cause = getattr(exc, "cause", None)
+    if isinstance(cause, KdcacheError):  # its message may wrap a library's multi-line one
+        return " ".join(str(cause).split())
     text = str(cause if cause is not None else exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__

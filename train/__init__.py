@@ -1,14 +1,42 @@
-"""kdcache.train: the model family, token data reader, trainer, evaluation and MODEL directories.
+"""kdcache.train: students, the store-streaming dataset, losses, trainer, evaluation and MODEL directories.
 
-Entry points (import the submodules; this package imports nothing so the CLI stays fast):
+The public training API (a contract: other people's training loops rely on it):
+
+    from kdcache.train import StoreDataset, distill_loss
+    ds = StoreDataset("store.zarr", batch_size=8, seed=0)  # rank/world from torch.distributed
+    for batch in ds:                                       # one epoch of this rank's rows
+        loss = distill_loss(batch, logits=model(input_ids=batch["input_ids"]).logits)
+        # or distill_loss(batch, hidden=h, lm_head=W): chunked, never [B, T, V]
+
+Both names load on first use (PEP 562), so `import kdcache.train` stays free of torch
+and the CLI starts fast. The rest is in submodules:
 
 - `tokens.open_token_data(DATA) -> TokenData`: the splits `kdcache prepare` wrote.
-- `config.ModelConfig`, `model.build_model(cfg, seed=) -> Transformer` (ids -> logits).
-- `model_dir.save_model_dir` / `model_dir.load_model_dir(MODEL) -> LoadedModel`: Hugging
-  Face Llama directories (Qwen3 when QK-norm is on).
-- `trainer.Trainer(model, source, loss_fn, LoopConfig)`: any `batches.BatchSource` and any
-  `losses.LossFn`; `run.run_training(job.TrainJobConfig)` is `kdcache train`.
-- Distillation: `store_batches.StoreBatches` (a logit store), `online.OnlineTeacherBatches`
-  (a live teacher) and `kd_losses.DistillLoss`; all sources follow `row_order.RowOrder`.
+- `student`: the family (`model.build_model`) or any Hugging Face causal LM, behind `Student`.
+- `model_dir.save_model_dir` / `model_dir.load_model_dir(MODEL) -> LoadedModel`.
+- `trainer.Trainer(student, source, loss_fn, LoopConfig, world=)`; `run.run_training(
+  job.TrainJobConfig)` is `kdcache train`, on one rank, under torchrun, or over Ray Train
+  (`distributed.py`, `ray_launch.py`).
+- Distillation: `dataset.StoreDataset` / `store_batches.StoreBatches` (a logit store),
+  `online.OnlineTeacherBatches` (a live teacher) and `kd_losses.DistillLoss`; all sources
+  follow `row_order.RowOrder`, whose batches do not depend on the world size.
 - `evaluate.evaluate(model, data)`: validation cross-entropy and ECE (21 bins).
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["StoreDataset", "distill_loss"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StoreDataset":
+        from kdcache.train.dataset import StoreDataset
+
+        return StoreDataset
+    if name == "distill_loss":
+        from kdcache.train.kd_losses import distill_loss
+
+        return distill_loss
+    raise AttributeError(f"module 'kdcache.train' has no attribute {name!r}")

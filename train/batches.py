@@ -58,8 +58,9 @@ def rows_to_batch(rows: np.ndarray) -> Batch:
 class OrderedBatches:
     """Position bookkeeping shared by sources that follow a `RowOrder`.
 
-    The position is (epoch, batch within the epoch): two integers, so the state dict is
-    tiny and resuming at any step reproduces the order exactly.
+    The position is (epoch, global batch within the epoch): two integers, the same on
+    every rank and at every world size, so the state dict is tiny and resuming at any
+    step, on any number of ranks, reproduces the order exactly.
     """
 
     def __init__(self, order: RowOrder) -> None:
@@ -75,25 +76,33 @@ class OrderedBatches:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < self.order.batches_per_epoch():
+            raise TrainError(
+                f"position (epoch {epoch}, batch {batch}) lies outside an epoch of "
+                f"{self.order.batches_per_epoch()} batches (a checkpoint of another run?)"
+            )
+        self.epoch, self.batch = epoch, batch
 
 
 class TokenBatches(OrderedBatches):
-    """Endless batches of rows from one token split, in `RowOrder`."""
+    """Endless batches of rows from one token split, in `RowOrder`: rank `rank` of `world`
+    gets its batch_size // world rows of each global batch of `batch_size`."""
 
-    def __init__(self, data: TokenData, split: str, *, batch_size: int, seed: int) -> None:
+    def __init__(self, data: TokenData, split: str, *, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1) -> None:
         n_rows = data.rows(split)
         if n_rows < batch_size:
             raise TrainError(
                 f"{data.path}: split {split!r} has {n_rows} rows, fewer than the batch size "
                 f"{batch_size} (lower --batch-size or prepare more data)"
             )
-        super().__init__(RowOrder(n_rows=n_rows, batch_size=batch_size, seed=seed))
+        super().__init__(RowOrder(n_rows=n_rows, batch_size=batch_size, seed=seed, rank=rank, world=world))
         self.data, self.split = data, split
         self._epoch_rows: tuple[int, np.ndarray] | None = None
 
     def next_rows(self) -> np.ndarray:
-        """Row indices of the next batch (advances the position)."""
+        """Row indices of this rank's share of the next batch (advances the position)."""
         if self._epoch_rows is None or self._epoch_rows[0] != self.epoch:
             self._epoch_rows = (self.epoch, np.concatenate(self.order.windows(self.epoch)))
         idx = self._epoch_rows[1][self.batch]

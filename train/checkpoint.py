@@ -3,6 +3,11 @@
 A checkpoint directory holds `state-<step>.safetensors` (model weights and AdamW moments)
 and `state.json` naming it. The JSON is replaced atomically after the tensors are on
 disk, so a run killed at any moment leaves the previous complete checkpoint readable.
+
+State is full (unsharded) and keyed by parameter name, `model.<name>` and
+`opt.<name>.<moment>`, taken and restored through `torch.distributed.checkpoint`'s
+state-dict helpers, which gather FSDP shards and see through DDP. So one checkpoint
+serves one rank, many ranks, or FSDP, and resumes at any world size.
 """
 
 from __future__ import annotations
@@ -15,6 +20,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from kdcache.train.errors import TrainError
 
@@ -28,20 +41,37 @@ class Checkpoint:
     info: dict[str, Any]
 
 
+def full_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, *, prefix: str = ""
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """(weights, optimizer moments) gathered in full on the CPU, named without `prefix`.
+
+    Every rank must call it (FSDP gathers shards); under a process group only rank 0's
+    result is filled, the others get empty dicts.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights: dict[str, Any] = dict(get_model_state_dict(module, options=options))
+    optim: Any = get_optimizer_state_dict(module, optimizer, options=options)
+    moments: dict[str, Any] = dict(optim.get("state", {}))
+    cut = len(prefix)
+    return ({k[cut:]: v for k, v in weights.items() if k.startswith(prefix)},
+            {str(k)[cut:]: v for k, v in moments.items() if str(k).startswith(prefix)})
+
+
 def save_checkpoint(
     directory: Path,
     *,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: dict[str, Tensor],
+    optimizer: dict[str, dict[str, Tensor]],
     info: dict[str, Any],
 ) -> None:
-    """Write the state after `step` completed steps; `info` must be JSON-serialisable."""
+    """Write the state after `step` completed steps (`full_state`'s two dicts); `info` is JSON."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for idx, state in optimizer.state_dict()["state"].items():
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
+    for name, state in optimizer.items():
         for key, value in state.items():
-            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"opt.{name}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     name = f"state-{step:09d}.safetensors"
     save_file(tensors, str(directory / (name + ".tmp")))
     os.replace(directory / (name + ".tmp"), directory / name)
@@ -65,14 +95,19 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     return Checkpoint(step=int(record["step"]), tensors=tensors, info=record["info"])
 
 
-def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load weights and AdamW moments saved by `save_checkpoint` into fresh objects."""
-    prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)})
-    fresh = optimizer.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
+def restore(
+    ckpt: Checkpoint, module: nn.Module, optimizer: torch.optim.Optimizer, *, prefix: str = ""
+) -> None:
+    """Load weights and AdamW moments saved by `save_checkpoint` into fresh objects (every rank)."""
+    weights: dict[str, Any] = {prefix + k[len("model."):]: v for k, v in ckpt.tensors.items()
+                               if k.startswith("model.")}
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, weights, options=options)
+    state: dict[str, Any] = {}
     for key, value in ckpt.tensors.items():
         if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": fresh["param_groups"]})
+            name, moment = key[len("opt."):].rsplit(".", 1)
+            state.setdefault(prefix + name, {})[moment] = value
+    groups = get_optimizer_state_dict(module, optimizer, options=options)["param_groups"]
+    full: Any = {"state": state, "param_groups": groups}
+    set_optimizer_state_dict(module, optimizer, full, options=options)

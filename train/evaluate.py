@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from kdcache.train.batches import rows_to_batch
-from kdcache.train.model import Transformer
+from kdcache.train.batches import Batch, rows_to_batch
+from kdcache.train.distributed import World
 from kdcache.train.tokens import TokenData
 
 ECE_BINS = 21
+EVAL_CHUNK_BYTES = 64 * 2**20
+"""float32 logits formed at once per chunk of positions."""
 
 
 @dataclass(frozen=True)
@@ -58,27 +60,65 @@ def expected_calibration_error(logprobs: Tensor, targets: Tensor, bins: int = EC
     return counter.ece()
 
 
+def eval_sums(hidden: Tensor, head: Tensor, batch: Batch, *, chunk_bytes: int = EVAL_CHUNK_BYTES) -> Tensor:
+    """[nll sum, tokens, per-bin counts, confidences, hits] of one batch, float64.
+
+    Logits are formed chunk by chunk of positions (`chunk_bytes` of float32 each), so
+    evaluation, like training, never holds [B, T, V].
+    """
+    h, targets = hidden.flatten(0, -2), batch.targets.flatten()
+    per_chunk = max(1, chunk_bytes // (4 * head.shape[0]))
+    nll = torch.zeros((), dtype=torch.float64)
+    counter = CalibrationCounter()
+    for h_c, t_c in zip(h.split(per_chunk), targets.split(per_chunk), strict=True):
+        logprobs = torch.log_softmax((h_c @ head.T).float(), dim=-1)
+        nll -= logprobs.gather(-1, t_c.unsqueeze(-1)).sum().double().cpu()
+        counter.update(logprobs.cpu(), t_c.cpu())
+    tokens = torch.tensor([targets.numel()], dtype=torch.float64)
+    return torch.cat([nll.reshape(1), tokens, counter.count, counter.confidence, counter.correct])
+
+
 @torch.no_grad()
 def evaluate(
-    model: Transformer,
+    model: nn.Module,
     data: TokenData,
     *,
     split: str = "valid",
     batch_size: int = 16,
     max_rows: int | None = None,
+    world: World | None = None,
+    step_module: nn.Module | None = None,
 ) -> EvalResult:
-    """Cross-entropy and ECE of `model` over the first `max_rows` rows of `split`."""
-    was_training = model.training
-    model.eval()
+    """Cross-entropy and ECE of `model` over the first `max_rows` rows of `split`.
+
+    Under a process group every rank must call it: rank r evaluates the batches i with
+    i % world == r and the sums are reduced, so every rank returns the same result.
+    `step_module` is the trainer's (DDP or FSDP wrapped) step module; FSDP needs its
+    forward, which gathers the shards. Without it, `model` (a `Student` or the family's
+    `Transformer`) is run as it is.
+    """
+    from kdcache.train.trainer import LossStep, as_student
+
+    world = world or World()
+    student = as_student(model)
+    step = step_module if step_module is not None else LossStep(student)
+    was_training = student.training
+    student.eval()
     rows = data.rows(split) if max_rows is None else min(max_rows, data.rows(split))
-    nll, tokens = 0.0, 0
-    counter = CalibrationCounter()
-    for start in range(0, rows, batch_size):
+    starts = list(range(0, rows, batch_size))
+    mine = starts[world.rank :: world.size]
+    rounds = -(-len(starts) // world.size)  # every rank runs as many forwards (FSDP gathers in each)
+    device = next(student.parameters()).device
+    total = torch.zeros(2 + 3 * ECE_BINS, dtype=torch.float64)
+    for i in range(rounds):
+        start = mine[i] if i < len(mine) else starts[0]
         rows_np = data.read(split, slice(start, min(start + batch_size, rows)))
-        batch = rows_to_batch(rows_np).to(next(model.parameters()).device)
-        logprobs = torch.log_softmax(model(batch.inputs).float(), dim=-1)
-        nll -= logprobs.gather(-1, batch.targets.unsqueeze(-1)).sum().item()
-        tokens += batch.tokens
-        counter.update(logprobs.cpu(), batch.targets.cpu())
-    model.train(was_training)
+        sums = step(eval_sums, rows_to_batch(rows_np).to(device))
+        if i < len(mine):
+            total += sums
+    world.sum_(total)
+    student.train(was_training)
+    nll, tokens = total[0].item(), int(total[1].item())
+    counter = CalibrationCounter()
+    counter.count, counter.confidence, counter.correct = total[2:].reshape(3, ECE_BINS).unbind(0)
     return EvalResult(loss=nll / tokens, ece=counter.ece(), tokens=tokens)

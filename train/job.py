@@ -1,4 +1,19 @@
-"""Settings of one supervised `kdcache train` run (kept free of torch so the CLI loads fast)."""
+"""Settings of one `kdcache train` run (kept free of torch so the CLI loads fast).
+
+A run's settings fall into four groups, and one rule says what identifies a run:
+
+- `student` (what is trained), `loop` (how: budget, optimiser, data order) and
+  `distillation` (from what teacher) identify it. Resuming needs the same three
+  (`fingerprint`, where paths are replaced by what they hold: the data's and the
+  teacher's fingerprints), and a sweep names its runs by them (`identity`).
+- `runtime` (where it writes, on what hardware, over how many ranks, how it reports)
+  never changes what a run computes, so it is in neither. In particular one rank and
+  many ranks train the same model (`--batch-size` is the global batch).
+
+On the command line and in sweep files the groups are flat: every field is its own flag
+(`--layers`, `--lr`, `--lambda`, `--workers`); `TrainJobConfig.from_flat` builds the
+groups and `flat()` goes back.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from kdcache.train.errors import TrainError
 
@@ -15,42 +31,58 @@ TAILS = ("tail", "renormalize", "none")
 TOKENS_PER_PARAM = 20  # the paper's default budget D = 20 N
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainJobConfig:
-    """One supervised training run: data, model shape, budget and optimisation."""
+def _at_least_one(owner: object, names: tuple[str, ...], *, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if value is None and optional:
+            continue
+        if value < 1:
+            when = " when given" if optional else ""
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1{when}, got {value}")
 
-    data: str
-    """DATA directory written by `kdcache prepare`."""
-    out: str
-    """MODEL directory to write (Hugging Face Llama format); rerunning resumes it."""
-    layers: int
-    """Transformer blocks; the width follows as d_model = rho * layers."""
+
+@dataclass(frozen=True, kw_only=True)
+class StudentSettings:
+    """What is trained: the family's shape, or a Hugging Face model."""
+
+    layers: int | None = None
+    """Transformer blocks of the family's model; the width follows as d_model = rho * layers."""
+    student: str | None = None
+    """Train this local Hugging Face causal-LM directory on from its weights (instead of --layers)."""
+    student_config: str | None = None
+    """Train a Hugging Face model of this transformers config.json from scratch (instead of --layers)."""
+    rho: int = 64
+    """Aspect ratio d_model / layers (family)."""
+    head_dim: int = 32
+    """Attention head size (family)."""
+    qk_norm: bool = False
+    """QK-norm in attention (family; exports as Qwen3, since Llama has none)."""
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("layers", "student", "student_config") if getattr(self, n) is not None]
+        if len(given) != 1:
+            flags = " / ".join(f"--{n.replace('_', '-')}" for n in ("layers", "student", "student_config"))
+            raise TrainError(f"give exactly one of {flags}" + (f", got {len(given)}" if given else ""))
+        _at_least_one(self, ("rho", "head_dim"))
+        _at_least_one(self, ("layers",), optional=True)
+
+    @property
+    def family(self) -> bool:
+        return self.layers is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopSettings:
+    """How it is trained: the split, the budget, the optimiser and the data order."""
+
     split: str = "student"
     """Token split to train on: teacher | student (a --distill store brings its own rows)."""
-    distill: str | None = None
-    """Distil offline from this logit STORE (kdcache cache) instead of supervised training."""
-    online_teacher: str | None = None
-    """Distil online from this teacher MODEL, run in-process every step (for comparison)."""
-    lam: float = field(default=1.0, metadata={"flag": "lambda"})
-    """Distillation weight: loss = (1 - lambda) * NTP + lambda * KD + z_loss * Z."""
-    temperature: float | None = None
-    """Distillation temperature tau (default: the store's, else 1.0; must equal the store's)."""
-    divergence: str = "kl_forward"
-    """Distillation divergence: kl_forward | kl_reverse."""
-    tail: str = "tail"
-    """Top-k stores: tail (the rest of the mass as one category) | renormalize | none."""
     tokens: int | None = None
     """Training tokens D (default 20 per non-embedding parameter)."""
-    rho: int = 64
-    """Aspect ratio d_model / layers."""
-    head_dim: int = 32
-    """Attention head size."""
-    qk_norm: bool = False
-    """QK-norm in attention (exports as Qwen3, since Llama has none)."""
     batch_size: int = 16
-    """Sequences per step."""
+    """Sequences per optimizer step, over all ranks (split evenly between them)."""
     lr: float = 3e-3
-    """Peak learning rate at the muP base width (d_model 128); muP rescales it per width."""
+    """Peak learning rate (family: at the muP base width d_model 128; muP rescales it per width)."""
     warmup_frac: float = 0.05
     """Fraction of steps spent warming up linearly."""
     final_lr_frac: float = 0.1
@@ -63,38 +95,36 @@ class TrainJobConfig:
     """Weight of the z-loss log(Z)^2."""
     seed: int = 0
     """Seed for init and data order."""
-    runs: str | None = None
-    """Runs table (Parquet) to append this run's row to."""
-    run_id: str | None = None
-    """Row id in the runs table (default: the output directory's name)."""
-    eval_rows: int | None = None
-    """Validation rows to evaluate (default all)."""
-    checkpoint_every: int = 200
-    """Steps between resumable checkpoints (0: none)."""
-    device: str = "cpu"
-    """torch device to train on ("cpu", "cuda", "cuda:1"); bit-exact resume is checked on CPU."""
-    threads: int | None = None
-    """torch CPU threads (default: torch's choice)."""
-    quiet: bool = False
-    """Hide the progress bar."""
-    json: bool = False
-    """Print the result as JSON."""
 
     def __post_init__(self) -> None:
         if self.split not in TRAIN_SPLITS:
             raise TrainError(f"--split must be one of {TRAIN_SPLITS}, got {self.split!r}")
-        positive = ("layers", "rho", "head_dim", "batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.tokens is not None and self.tokens < 1:
-            raise TrainError(f"--tokens must be >= 1, got {self.tokens}")
+        _at_least_one(self, ("batch_size",))
+        _at_least_one(self, ("tokens",), optional=True)
         if not self.lr > 0:
             raise TrainError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_frac <= 1:
             raise TrainError(f"--warmup-frac must lie in [0, 1], got {self.warmup_frac}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise TrainError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillSettings:
+    """From what teacher, if any: a logit store or a live model, and the loss's options."""
+
+    distill: str | None = None
+    """Distil offline from this logit STORE (kdcache cache) instead of supervised training."""
+    online_teacher: str | None = None
+    """Distil online from this teacher MODEL, run in-process every step (for comparison)."""
+    lam: float = field(default=1.0, metadata={"flag": "lambda"})
+    """Distillation weight: loss = (1 - lambda) * NTP + lambda * KD + z_loss * Z."""
+    temperature: float | None = None
+    """Distillation temperature tau (default: the store's, else 1.0; must equal the store's)."""
+    divergence: str = "kl_forward"
+    """Distillation divergence: kl_forward | kl_reverse."""
+    tail: str = "tail"
+    """Top-k stores: tail (the rest of the mass as one category) | renormalize | none."""
+
+    def __post_init__(self) -> None:
         if self.distill and self.online_teacher:
             raise TrainError("--distill and --online-teacher exclude each other")
         if not 0 <= self.lam <= 1:
@@ -105,27 +135,122 @@ class TrainJobConfig:
             raise TrainError(f"--divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if self.tail not in TAILS:
             raise TrainError(f"--tail must be one of {TAILS}, got {self.tail!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeSettings:
+    """Where it writes, on what hardware and ranks, how it reports: never what it computes."""
+
+    runs: str | None = None
+    """Runs table (Parquet) to append this run's row to."""
+    run_id: str | None = None
+    """Row id in the runs table (default: the output directory's name)."""
+    eval_rows: int | None = None
+    """Validation rows to evaluate (default all)."""
+    checkpoint_every: int = 200
+    """Steps between resumable checkpoints (0: none)."""
+    device: str = "cpu"
+    """torch device to train on ("cpu", "cuda"; under torchrun each rank takes cuda:LOCAL_RANK)."""
+    threads: int | None = None
+    """torch CPU threads per rank (default: torch's choice)."""
+    workers: int = 1
+    """Data-parallel ranks started through Ray Train (TorchTrainer); 1 trains in this process."""
+    ray_address: str | None = None
+    """Ray cluster for --workers (default: start a local one)."""
+    fsdp: bool = False
+    """Shard the student over the ranks with FSDP2 (needs torchrun or --workers N > 1)."""
+    quiet: bool = False
+    """Hide the progress bar."""
+    json: bool = False
+    """Print the result as JSON."""
+
+    def __post_init__(self) -> None:
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise TrainError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if self.checkpoint_every < 0:
             raise TrainError("--checkpoint-every must be >= 0")
+        _at_least_one(self, ("workers",))
         # Checked here, not where used: evaluation and threads come after hours of training.
-        for name in ("eval_rows", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 1 when given, got {value}")
+        _at_least_one(self, ("eval_rows", "threads"), optional=True)
+
+
+GROUPS: dict[str, type] = {
+    "student": StudentSettings, "loop": LoopSettings, "distillation": DistillSettings,
+    "runtime": RuntimeSettings,
+}
+IDENTITY_GROUPS = ("student", "loop", "distillation")
+"""The groups that identify a run; `runtime` never does."""
+_GROUP_OF = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+_PATHS = ("student", "student_config", "distill", "online_teacher")
+"""Identity fields that are paths: the fingerprint holds what they contain instead."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJobConfig:
+    """One training run: its data and MODEL directory, and the four groups of settings."""
+
+    data: str
+    """DATA directory written by `kdcache prepare`."""
+    out: str
+    """MODEL directory to write (Hugging Face format); rerunning resumes it."""
+    student: StudentSettings
+    loop: LoopSettings = field(default_factory=LoopSettings)
+    distillation: DistillSettings = field(default_factory=DistillSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    @classmethod
+    def from_flat(cls, **flags: Any) -> TrainJobConfig:
+        """Build the groups from flat settings (flag names, `lam` for --lambda, or `lambda`)."""
+        groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+        top: dict[str, Any] = {}
+        for key, value in flags.items():
+            name = "lam" if key == "lambda" else key
+            if name in ("data", "out"):
+                top[name] = value
+            elif name in _GROUP_OF:
+                groups[_GROUP_OF[name]][name] = value
+            else:
+                raise TrainError(f"unknown train setting {key!r}")
+        missing = [n for n in ("data", "out") if n not in top]
+        if missing:
+            raise TrainError(f"missing train setting {missing[0]!r}")
+        built = {name: GROUPS[name](**values) for name, values in groups.items()}
+        return cls(**top, **built)
+
+    def flat(self) -> dict[str, Any]:
+        """The settings as flat names (what `from_flat` takes); JSON-able."""
+        out: dict[str, Any] = {"data": self.data, "out": self.out}
+        for name in GROUPS:
+            out |= dataclasses.asdict(getattr(self, name))
+        return out
+
+    def replace(self, **flags: Any) -> TrainJobConfig:
+        return TrainJobConfig.from_flat(**{**self.flat(), **flags})
 
     @property
     def kind(self) -> str:
         """The runs table's `kind`: supervised | distill | online."""
-        return "distill" if self.distill else "online" if self.online_teacher else "supervised"
+        d = self.distillation
+        return "distill" if d.distill else "online" if d.online_teacher else "supervised"
 
-    def fingerprint(self, data_fingerprint: str, teacher_fingerprint: str = "") -> str:
+    def identity(self) -> dict[str, Any]:
+        """What the run computes, as settings: the identity groups (paths as given)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in IDENTITY_GROUPS}
+
+    def fingerprint(
+        self, data_fingerprint: str, teacher_fingerprint: str = "", student_fingerprint: str = ""
+    ) -> str:
         """Identifies what the run computes: resuming requires the same fingerprint.
 
-        Paths are not part of it; the teacher (a store's identity or a model's weights) is.
+        The identity groups with their paths replaced by what those hold: the data, the
+        teacher (a store's identity or a model's weights) and an HF student's weights or
+        config.
         """
-        runtime = {"runs", "run_id", "checkpoint_every", "threads", "quiet", "json", "out", "data",
-                   "eval_rows", "device", "distill", "online_teacher"}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        values = self.identity()
+        for group in values.values():
+            for name in _PATHS:
+                group.pop(name, None)
         blob = json.dumps({"config": values, "data": data_fingerprint, "kind": self.kind,
-                           "teacher": teacher_fingerprint}, sort_keys=True)
+                           "teacher": teacher_fingerprint, "student": student_fingerprint},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""Distillation losses: pure tensor functions over flattened positions, and the trainer's `DistillLoss`.
+"""Distillation losses: pure tensor functions over flattened positions, the trainer's
+`DistillLoss`, and `distill_loss`, the public function over dict batches.
 
 Every function takes student logits `s` [N, V] and the teacher targets a logit store holds
 for those positions, and returns the SUM over positions of a divergence at temperature tau:
@@ -18,20 +19,38 @@ treated (`TAIL_MODES`):
 Sampled stores hold ids drawn from the teacher at temperature tau with their draw counts;
 `sampled_kl` is an unbiased Monte-Carlo estimate of forward KL. Ids within a position are
 assumed unique (the stores write them so).
+
+`DistillLoss` combines a divergence with next-token cross-entropy and the z-loss over
+chunks of positions, from logits or (`from_hidden`) from the final hidden states and the
+output layer, never holding more than a chunk of the logits (losses.py says why). Training
+code outside this package calls `distill_loss(batch, logits=...)` or `distill_loss(batch,
+hidden=..., lm_head=...)` on dict batches, whose teacher keys (`BATCH_KEYS`) say the store
+kind; it is the same `DistillLoss` / `NextTokenLoss` math, averaged over the batch's tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from kdcache.train.batches import Batch
 from kdcache.train.errors import TrainError
-from kdcache.train.losses import LossSums
+from kdcache.train.losses import (
+    LOSS_CHUNK_BYTES,
+    LossSums,
+    NextTokenLoss,
+    check_chunk_bytes,
+    head_logits,
+    needs_grad,
+    output_rows,
+    positions_per_chunk,
+    sum_chunks,
+)
 
 NEG_INF = float("-inf")
 
@@ -188,7 +207,11 @@ KIND_EXTRAS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True, kw_only=True)
 class DistillLoss:
-    """(1 - lam) * NTP + lam * KD + z_loss * Z, summed over positions, computed in chunks."""
+    """(1 - lam) * NTP + lam * KD + z_loss * Z, summed over positions, computed in chunks.
+
+    `__call__` takes logits [B, T, V]; `from_hidden` takes the final hidden states and the
+    output layer's weight and never holds more than one chunk's logits (losses.py).
+    """
 
     kind: str
     """Store kind: full | topk | sampled; says which `Batch.extras` the loss reads."""
@@ -202,8 +225,8 @@ class DistillLoss:
     """Distillation temperature; must match the temperature the store was written at."""
     z_loss: float = 1e-4
     """Weight of log(Z)^2 of the student's logits at temperature 1."""
-    chunk_positions: int = 1024
-    """Positions per chunk: bounds the float32 activations to chunk_positions x V."""
+    chunk_bytes: int = LOSS_CHUNK_BYTES
+    """Bytes of float32 logits per chunk: bounds the float32 activations to about this much."""
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_EXTRAS:
@@ -223,26 +246,41 @@ class DistillLoss:
             raise TrainError(f"tau must be > 0, got {self.tau}")
         if not self.z_loss >= 0.0:
             raise TrainError(f"z_loss must be >= 0, got {self.z_loss}")
-        if self.chunk_positions < 1:
-            raise TrainError(f"chunk_positions must be >= 1, got {self.chunk_positions}")
+        check_chunk_bytes(self.chunk_bytes)
 
     def __call__(self, logits: Tensor, batch: Batch) -> LossSums:
         s = logits.flatten(0, -2)
-        n = s.shape[0]
-        extras = [_flat_extra(batch, key, logits.shape[:-1]) for key in KIND_EXTRAS[self.kind]]
-        parts = [t.split(self.chunk_positions) for t in [s, batch.targets.reshape(n), *extras]]
-        chunks = zip(*parts, strict=True)
+        extras = self._extras(batch, logits.shape[:-1])
         # A chunk that would keep [chunk, V] tensors for backward (a full store's log-softmax,
         # logits scaled by tau or upcast from bf16) is checkpointed: only its inputs (views) are
         # kept, and it is recomputed in backward. Top-k and sampled losses at tau = 1 on float32
         # logits keep only [chunk, k] tensors, so they skip the recomputation.
-        grad = s.requires_grad and torch.is_grad_enabled()
-        recompute = grad and (self.kind == "full" or self.tau != 1.0 or s.dtype != torch.float32)
-        sums = sum(
-            checkpoint(self._chunk_sums, *c, use_reentrant=False) if recompute else self._chunk_sums(*c)
-            for c in chunks
-        )
-        assert isinstance(sums, Tensor)
+        keeps_vocab = self.kind == "full" or self.tau != 1.0 or s.dtype != torch.float32
+        sums = sum_chunks(self._chunk_sums, [s, batch.targets.reshape(-1), *extras],
+                          positions=positions_per_chunk(self.chunk_bytes, s.shape[-1]),
+                          recompute=needs_grad(s) and keeps_vocab)
+        return self._result(sums, batch)
+
+    def from_hidden(
+        self, hidden: Tensor, head: Tensor, batch: Batch, *, vocab: int | None = None
+    ) -> LossSums:
+        """The loss of logits hidden @ head[:vocab].T, never holding more than a chunk of them.
+
+        `hidden` [B, T, d], `head` the output layer's weight [V_rows, d]; with a padded layer
+        (V_rows > vocab) the padding rows are left out and get a zero gradient.
+        """
+        h, w = output_rows(hidden, head, vocab)
+        extras = self._extras(batch, hidden.shape[:-1])
+        sums = sum_chunks(lambda w, h, *rest: self._chunk_sums(head_logits(h, w), *rest),
+                          [h, batch.targets.reshape(-1), *extras], shared=[w],
+                          positions=positions_per_chunk(self.chunk_bytes, w.shape[0]),
+                          recompute=needs_grad(h, w))
+        return self._result(sums, batch)
+
+    def _extras(self, batch: Batch, lead: torch.Size) -> list[Tensor]:
+        return [_flat_extra(batch, key, lead) for key in KIND_EXTRAS[self.kind]]
+
+    def _result(self, sums: Tensor, batch: Batch) -> LossSums:
         ce, kd, z = sums[1:].tolist()
         return LossSums(total=sums[0], tokens=batch.tokens, metrics={"ce": ce, "kd": kd, "z": z})
 
@@ -283,3 +321,123 @@ def _flat_extra(batch: Batch, key: str, lead: torch.Size) -> Tensor:
     if t.shape[: len(lead)] != lead:
         raise TrainError(f"extra {key!r} has shape {tuple(t.shape)}, expected leading {tuple(lead)}")
     return t.flatten(0, len(lead) - 1)
+
+
+# ---- the public function over dict batches ----
+
+BATCH_KEYS: dict[str, str] = {
+    "teacher_ids": "ids",
+    "teacher_logprobs": "logprobs",
+    "teacher_tail_logmass": "tail_logmass",
+    "teacher_counts": "counts",
+}
+"""Key of a batch dict (`distill_loss`, `StoreDataset`) -> the `Batch.extras` key it maps to."""
+
+TEMPERATURE_KEY = "teacher_temperature"
+"""Batch-dict key of the store's temperature (a 0-d float32 tensor)."""
+
+
+def batch_kind(batch: Mapping[str, Any]) -> str | None:
+    """The store kind a batch dict's teacher keys say; None for a batch with no teacher keys."""
+    present = {BATCH_KEYS[key] for key in batch if key in BATCH_KEYS}
+    if not present:
+        return None
+    for kind, extras in KIND_EXTRAS.items():
+        if present == set(extras):
+            return kind
+    names = {extra: key for key, extra in BATCH_KEYS.items()}
+    expected = "; ".join(f"{kind}: {', '.join(names[e] for e in extras)}"
+                         for kind, extras in KIND_EXTRAS.items())
+    have = ", ".join(names[e] for e in sorted(present))
+    raise ValueError(f"batch has teacher keys {have}, which match no store kind ({expected})")
+
+
+def batch_from_dict(batch: Mapping[str, Any]) -> Batch:
+    """A batch dict (input_ids, labels, teacher_* keys) as the trainer's `Batch`."""
+    missing = [key for key in ("input_ids", "labels") if key not in batch]
+    if missing:
+        raise ValueError(f"batch has no {' or '.join(missing)} (has {sorted(batch)})")
+    extras = {extra: batch[key] for key, extra in BATCH_KEYS.items() if key in batch}
+    return Batch(inputs=batch["input_ids"], targets=batch["labels"].long(), extras=extras)
+
+
+def _temperature(batch: Mapping[str, Any], temperature: float | None) -> float:
+    """The distillation temperature: the batch's (the store's), which an explicit one must equal."""
+    if TEMPERATURE_KEY not in batch:
+        return 1.0 if temperature is None else float(temperature)
+    stored = np.float32(batch[TEMPERATURE_KEY].item() if isinstance(batch[TEMPERATURE_KEY], Tensor)
+                        else batch[TEMPERATURE_KEY])
+    if temperature is not None and np.float32(temperature) != stored:
+        raise ValueError(
+            f"temperature={temperature} but the batch's {TEMPERATURE_KEY} is {stored} (the stored "
+            "log-probs fix the temperature; cache again to change it)"
+        )
+    # The shortest decimal that rounds to the stored float32: the store's own temperature
+    # (0.7, not 0.699999988), so the loss equals `kdcache train`'s.
+    return float(str(stored)) if temperature is None else float(temperature)
+
+
+def _head_weight(lm_head: Tensor | torch.nn.Module) -> Tensor:
+    if isinstance(lm_head, Tensor):
+        return lm_head
+    weight, bias = getattr(lm_head, "weight", None), getattr(lm_head, "bias", None)
+    if not isinstance(weight, Tensor) or bias is not None:
+        raise ValueError("lm_head= must be the output layer's weight [V, d] (or a Linear without bias)")
+    return weight
+
+
+def distill_loss(
+    batch: Mapping[str, Any],
+    *,
+    logits: Tensor | None = None,
+    hidden: Tensor | None = None,
+    lm_head: Tensor | torch.nn.Module | None = None,
+    tail: str = "tail",
+    divergence: str = "kl_forward",
+    lam: float = 1.0,
+    temperature: float | None = None,
+    z_loss: float = 1e-4,
+    vocab: int | None = None,
+) -> Tensor:
+    """The training loss of one batch dict: its mean over the batch's predicted tokens.
+
+    Give the student's `logits` [B, T, V], or its final `hidden` states [B, T, d] with the
+    output layer's weight `lm_head` [V, d]; the latter never holds more than a chunk of
+    the logits (`DistillLoss.from_hidden`). The batch's teacher keys say the store kind
+    (`batch_kind`); a batch with none gives the supervised loss, cross-entropy + z-loss.
+    Otherwise the loss is (1 - lam) * cross-entropy + lam * KD + z_loss * log(Z)^2, with
+    `tail` and `divergence` as in `DistillLoss`, at the batch's `teacher_temperature`
+    (an explicit `temperature` must equal it). `vocab` cuts a padded student to its first
+    `vocab` ids. The defaults are `kdcache train`'s. Bad arguments raise ValueError.
+    """
+    if logits is not None and (hidden is not None or lm_head is not None):
+        raise ValueError("give logits= or hidden= with lm_head=, not both")
+    if logits is None:
+        if hidden is None and lm_head is None:
+            raise ValueError("distill_loss needs logits=, or hidden= and lm_head=")
+        if lm_head is None:
+            raise ValueError("hidden= needs lm_head= (the output layer's weight [V, d])")
+        if hidden is None:
+            raise ValueError("lm_head= needs hidden= (the student's final hidden states [B, T, d])")
+    try:
+        b, kind = batch_from_dict(batch), batch_kind(batch)
+        loss: NextTokenLoss | DistillLoss
+        if kind is None:
+            # Checked as a distillation batch would be, so a typo does not wait for a store.
+            DistillLoss(kind="full", divergence=divergence, tail=tail, lam=lam, z_loss=z_loss)
+            loss = NextTokenLoss(z_loss)
+        else:
+            loss = DistillLoss(kind=kind, divergence=divergence, tail=tail, lam=lam,
+                               tau=_temperature(batch, temperature), z_loss=z_loss)
+        if logits is not None:
+            if vocab is not None:
+                if not 1 <= vocab <= logits.shape[-1]:
+                    raise ValueError(f"vocab {vocab} must lie in [1, {logits.shape[-1]}] (the logits' size)")
+                logits = logits[..., :vocab]
+            sums = loss(logits, b)
+        else:
+            assert hidden is not None and lm_head is not None
+            sums = loss.from_hidden(hidden, _head_weight(lm_head), b, vocab=vocab)
+    except TrainError as e:
+        raise ValueError(str(e)) from e
+    return sums.total / sums.tokens

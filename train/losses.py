@@ -1,19 +1,39 @@
 """Losses as pure tensor functions returning sums; the trainer divides by the token count.
 
-A loss function for the trainer maps (logits [B, T, V], batch) to `LossSums`. Supervised
-training uses `NextTokenLoss`; distillation losses plug in the same way.
+A loss function for the trainer (`LossFn`) maps (logits [B, T, V], batch) to `LossSums`,
+or (hidden states, output layer, batch) through `from_hidden`. Supervised training uses
+`NextTokenLoss`; distillation losses plug in the same way.
+
+Both losses work over chunks of positions, and both also take the student's final hidden
+states [B, T, d] and its output layer's weight instead of logits (`from_hidden`): each
+chunk's logits are computed from the hidden states, used, and dropped, and backward
+recomputes them (activation checkpointing, as a fused linear cross-entropy does). At a
+vocabulary of 150k and a few thousand positions per step the logits and their gradient
+are several GiB, far more than the rest of a small student's step; chunked, the loss
+holds one chunk's worth at a time. Chunks are sized in bytes of float32 logits
+(`LOSS_CHUNK_BYTES`), so the bound does not change with the vocabulary.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from kdcache.train.batches import Batch
+from kdcache.train.errors import TrainError
+
+LOSS_CHUNK_BYTES = 64 * 2**20
+"""Float32 logits per chunk: 64 MiB is 110 positions at V = 151,936 and 341 at 49,152.
+
+A chunk's forward and backward hold a few tensors of this size at once (the logits, their
+softmax, their gradient), so the loss adds a few hundred MiB at most to a step whatever
+B * T is; matmuls of ~100+ rows against the output layer still run near full speed."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +47,13 @@ class LossSums:
 
 
 class LossFn(Protocol):
+    """What the trainer calls: from logits, or from hidden states and the output layer."""
+
     def __call__(self, logits: Tensor, batch: Batch) -> LossSums: ...
+
+    def from_hidden(
+        self, hidden: Tensor, head: Tensor, batch: Batch, *, vocab: int | None = None
+    ) -> LossSums: ...
 
 
 def cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
@@ -35,20 +61,105 @@ def cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="sum")
 
 
+def positions_per_chunk(chunk_bytes: int, vocab: int) -> int:
+    """Positions whose float32 logits over `vocab` ids fit in `chunk_bytes` (at least one)."""
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+def check_chunk_bytes(chunk_bytes: int) -> None:
+    if chunk_bytes < 1:
+        raise TrainError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+
+
+def sum_chunks(
+    fn: Callable[..., Tensor], per_position: Sequence[Tensor], *, positions: int,
+    shared: Sequence[Tensor] = (), recompute: bool = False,
+) -> Tensor:
+    """sum over chunks of `fn(*shared, *chunks)`, each `per_position` tensor split on dim 0.
+
+    With `recompute` each chunk runs under non-reentrant activation checkpointing: only its
+    inputs (views of `per_position`, and `shared`) are kept for backward, which reruns it.
+    """
+    parts = [t.split(positions) for t in per_position]
+    total: Tensor | None = None
+    for chunk in zip(*parts, strict=True):
+        args = (*shared, *chunk)
+        out = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+        total = out if total is None else total + out
+    assert total is not None, "no positions"
+    return total
+
+
+def output_rows(hidden: Tensor, head: Tensor, vocab: int | None) -> tuple[Tensor, Tensor]:
+    """(hidden flattened to [N, d], the first `vocab` rows of `head` [V_rows, d]), checked.
+
+    A padded output layer (V_rows rounded up for speed) has rows past the tokenizer's
+    vocabulary; those ids cannot be targets, so the loss is over the first `vocab` rows.
+    """
+    if head.dim() != 2 or hidden.dim() < 2 or hidden.shape[-1] != head.shape[1]:
+        raise TrainError(
+            f"hidden states {tuple(hidden.shape)} and output layer {tuple(head.shape)} do not fit: "
+            "expected hidden [..., d] and a head weight [V, d]"
+        )
+    rows = head.shape[0]
+    vocab = rows if vocab is None else vocab
+    if not 1 <= vocab <= rows:
+        raise TrainError(f"vocab {vocab} must lie in [1, {rows}] (the output layer's rows)")
+    return hidden.flatten(0, -2), head[:vocab]
+
+
+def head_logits(hidden: Tensor, head: Tensor) -> Tensor:
+    """hidden [n, d] @ head.T in the head's dtype (or autocast's), upcast to at least float32."""
+    if hidden.dtype != head.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(head.dtype)  # a chunk's worth; casting the head would copy [V, d]
+    s = hidden @ head.T
+    return s.to(torch.promote_types(s.dtype, torch.float32))
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 @dataclass(frozen=True)
 class NextTokenLoss:
     """Supervised objective: cross-entropy + z_loss_weight * z-loss."""
 
     z_loss_weight: float = 1e-4
+    chunk_bytes: int = LOSS_CHUNK_BYTES
+    """Bytes of float32 logits per chunk (`LOSS_CHUNK_BYTES`)."""
+
+    def __post_init__(self) -> None:
+        check_chunk_bytes(self.chunk_bytes)
 
     def __call__(self, logits: Tensor, batch: Batch) -> LossSums:
+        s = logits.flatten(0, -2)
+        # Float32 logits keep only [chunk] tensors for backward (logsumexp saves its input, a
+        # view); upcast ones (bf16) would keep a float32 copy per chunk, so they recompute.
+        sums = sum_chunks(self._chunk_sums, [s, batch.targets.reshape(-1)],
+                          positions=positions_per_chunk(self.chunk_bytes, s.shape[-1]),
+                          recompute=needs_grad(s) and s.dtype != torch.float32)
+        return self._result(sums, batch)
+
+    def from_hidden(
+        self, hidden: Tensor, head: Tensor, batch: Batch, *, vocab: int | None = None
+    ) -> LossSums:
+        """The loss of logits hidden @ head[:vocab].T, never holding more than a chunk of them."""
+        h, w = output_rows(hidden, head, vocab)
+        sums = sum_chunks(lambda w, h, t: self._chunk_sums(head_logits(h, w), t),
+                          [h, batch.targets.reshape(-1)], shared=[w],
+                          positions=positions_per_chunk(self.chunk_bytes, w.shape[0]),
+                          recompute=needs_grad(h, w))
+        return self._result(sums, batch)
+
+    def _chunk_sums(self, s: Tensor, targets: Tensor) -> Tensor:
+        """[total, ce, z] over one chunk of logits [n, V]; only `total` carries a gradient."""
         # One log-partition serves both terms: cross-entropy and z-loss, log(Z)^2 (PaLM).
-        logits = logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        ce = (lse - logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)).sum()
+        s = s.to(torch.promote_types(s.dtype, torch.float32))
+        lse = torch.logsumexp(s, dim=-1)
+        ce = (lse - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
         z = lse.pow(2).sum()
-        return LossSums(
-            total=ce + self.z_loss_weight * z,
-            tokens=batch.tokens,
-            metrics={"ce": ce.item(), "z": z.item()},
-        )
+        return torch.stack([ce + self.z_loss_weight * z, ce.detach(), z.detach()])
+
+    def _result(self, sums: Tensor, batch: Batch) -> LossSums:
+        ce, z = sums[1:].tolist()
+        return LossSums(total=sums[0], tokens=batch.tokens, metrics={"ce": ce, "z": z})

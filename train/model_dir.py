@@ -48,7 +48,7 @@ class LoadedModel:
         return self.path / "tokenizer.json"
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -66,17 +66,22 @@ def save_model_dir(
     tokenizer: str | os.PathLike[str],
     eos_token_id: int | None = None,
     meta: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> str:
-    """Write `model` as a Hugging Face directory at `out`; returns the weights' fingerprint."""
+    """Write `model` as a Hugging Face directory at `out`; returns the weights' fingerprint.
+
+    `state` (default `model.state_dict()`) gives the weights, e.g. gathered from FSDP shards.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)  # the directory is incomplete until the end
     cfg = model.config
-    state = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().float().contiguous()
+             for k, v in (model.state_dict() if state is None else state).items()}
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS)
-    _write_json(out / "config.json", cfg.hf_config(eos_token_id=eos_token_id))
+    write_json(out / "config.json", cfg.hf_config(eos_token_id=eos_token_id))
     shutil.copyfile(tokenizer, out / "tokenizer.json")
     tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if eos_token_id is not None:
@@ -84,7 +89,7 @@ def save_model_dir(
         names = [t["content"] for t in vocab if t.get("id") == eos_token_id]
         if names:
             tok_cfg["eos_token"] = names[0]
-    _write_json(out / "tokenizer_config.json", tok_cfg)
+    write_json(out / "tokenizer_config.json", tok_cfg)
     fingerprint = file_sha256(out / WEIGHTS)
     record = {
         "format": FORMAT,
@@ -94,7 +99,7 @@ def save_model_dir(
         "fingerprint": fingerprint,
         **(meta or {}),
     }
-    _write_json(out / META, record)
+    write_json(out / META, record)
     return fingerprint
 
 
@@ -147,8 +152,9 @@ def load_model_dir(path: str | os.PathLike[str]) -> LoadedModel:
         meta = json.loads((path / META).read_text())
         if meta.get("format") != FORMAT:
             raise TrainError(f"{path / META}: field 'format' is {meta.get('format')!r}, not {FORMAT}")
+    if "model" in meta:
         cfg = ModelConfig.from_dict(meta["model"], where=str(path / META))
-    else:
+    else:  # a plain Hugging Face directory, or a Hugging Face student kdcache trained
         cfg = _config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
     try:
         state = load_file(str(path / WEIGHTS))

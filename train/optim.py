@@ -16,6 +16,9 @@ scaling a weight's init and learning rate by 1/m is the same as multiplying its 
 by 1/m.) Weight decay is fully decoupled: each step multiplies matrices by
 (1 - weight_decay * schedule(t)), independent of the learning rate and of width;
 norm gains are not decayed.
+
+A Hugging Face student has no muP parametrisation: every parameter takes `lr`, and
+matrices decay while vectors (norm gains, biases) do not, the usual AdamW recipe.
 """
 
 from __future__ import annotations
@@ -23,31 +26,44 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from kdcache.train.model import Transformer
+from kdcache.train.student import Student
 
 
-def param_groups(model: Transformer, *, lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: (embedding, hidden, lm_head, norms), named for checkpointing."""
-    m = model.config.width_mult
-    groups: dict[str, dict] = {
-        "embedding": {"params": [], "lr": lr, "decay": weight_decay},
-        "hidden": {"params": [], "lr": lr / m, "decay": weight_decay},
-        "lm_head": {"params": [], "lr": lr / m, "decay": weight_decay},
-        "norms": {"params": [], "lr": lr, "decay": 0.0},
-    }
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            key = "norms"
-        elif name == "model.embed_tokens.weight":
-            key = "embedding"
-        elif name == "lm_head.weight":
-            key = "lm_head"
-        else:
-            key = "hidden"
-        groups[key]["params"].append(p)
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: (embedding, hidden, lm_head, norms) for the family, named for
+    checkpointing; (matrices, vectors) for any other model."""
+    lm = model.lm if isinstance(model, Student) else model
+    if not isinstance(lm, Transformer):
+        params = list(lm.parameters())
+        groups: dict[str, dict] = {
+            "matrices": {"params": [p for p in params if p.ndim >= 2], "lr": lr, "decay": weight_decay},
+            "vectors": {"params": [p for p in params if p.ndim < 2], "lr": lr, "decay": 0.0},
+        }
+    else:
+        m = lm.config.width_mult
+        groups = {
+            "embedding": {"params": [], "lr": lr, "decay": weight_decay},
+            "hidden": {"params": [], "lr": lr / m, "decay": weight_decay},
+            "lm_head": {"params": [], "lr": lr / m, "decay": weight_decay},
+            "norms": {"params": [], "lr": lr, "decay": 0.0},
+        }
+        for name, p in lm.named_parameters():
+            if name.endswith("norm.weight"):
+                key = "norms"
+            elif name == "model.embed_tokens.weight":
+                key = "embedding"
+            elif name == "lm_head.weight":
+                key = "lm_head"
+            else:
+                key = "hidden"
+            groups[key]["params"].append(p)
     out = []
     for key, g in groups.items():
+        if not g["params"]:
+            continue
         # torch's AdamW decays by lr * weight_decay; dividing by the group's peak lr makes
         # the decay per step weight_decay * schedule(t), whatever the muP lr scaling.
         out.append({"name": key, "params": g["params"], "lr": g["lr"], "base_lr": g["lr"],
@@ -56,7 +72,7 @@ def param_groups(model: Transformer, *, lr: float, weight_decay: float) -> list[
 
 
 def build_optimizer(
-    model: Transformer, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
 ) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         param_groups(model, lr=lr, weight_decay=weight_decay), betas=betas, eps=1e-8, foreach=True

@@ -12,6 +12,11 @@ and then fails to save. One process writes an `--out` at a time: the run holds
 `OUT/.kdcache-train.lock` (taken without waiting, after the checks) from the first step
 to the last write; a second one is refused.
 
+Any number of ranks (torchrun, or `--workers N` through Ray Train, `distributed.py`)
+train one student: each reads its slice of every global batch, so the run equals a
+one-rank run up to floating-point reduction order. Every rank checks its inputs; rank
+0 alone takes the lock and writes the checkpoint, the MODEL directory and the row.
+
 A run ends by writing the MODEL directory, whose `kdcache.json` (written last, it marks
 the model finished) also holds the runs-table row under "training", then appending the
 row to `--runs`, then removing the checkpoint. A run killed between the two writes, or
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from filelock import FileLock, Timeout
 
 from kdcache.fit.flops import forward_flops, training_flops
@@ -40,14 +47,16 @@ from kdcache.fit.runs import SCHEMA, append_run, check_appendable, has_run
 from kdcache.paths import check_writable
 from kdcache.train.batches import BatchSource, TokenBatches
 from kdcache.train.config import ModelConfig
+from kdcache.train.distributed import World
 from kdcache.train.errors import TrainError
 from kdcache.train.evaluate import evaluate
 from kdcache.train.job import TOKENS_PER_PARAM, TrainJobConfig
 from kdcache.train.kd_losses import DistillLoss
 from kdcache.train.losses import LossFn, NextTokenLoss
 from kdcache.train.model import build_model
-from kdcache.train.model_dir import META, load_model_dir, save_model_dir
+from kdcache.train.model_dir import META, file_sha256, load_model_dir, save_model_dir
 from kdcache.train.runtime import tune_cpu_allocator
+from kdcache.train.student import FamilyStudent, HFStudent, Student, load_hf_student, new_hf_student
 from kdcache.train.tokens import TokenData, open_token_data
 from kdcache.train.trainer import LoopConfig, Trainer
 
@@ -80,75 +89,119 @@ class Objective:
 
 def plan_steps(cfg: TrainJobConfig, n_params: int, seq_len: int) -> tuple[int, int]:
     """(steps, tokens per step) for the token budget, rounding the budget up to whole steps."""
-    budget = cfg.tokens if cfg.tokens is not None else TOKENS_PER_PARAM * n_params
-    per_step = cfg.batch_size * seq_len
+    loop = cfg.loop
+    budget = loop.tokens if loop.tokens is not None else TOKENS_PER_PARAM * n_params
+    per_step = loop.batch_size * seq_len
     return max(1, math.ceil(budget / per_step)), per_step
 
 
-def _objective(cfg: TrainJobConfig, data: TokenData) -> Objective:
-    if cfg.distill:
-        return _offline(cfg, data)
-    if cfg.online_teacher:
-        return _online(cfg, data)
-    data.rows(cfg.split)  # fail early, naming a missing split
-    return Objective(TokenBatches(data, cfg.split, batch_size=cfg.batch_size, seed=cfg.seed),
-                     NextTokenLoss(cfg.z_loss))
+@dataclass(frozen=True)
+class BuiltStudent:
+    student: Student
+    shape: dict[str, int]
+    """Runs-table shape columns: layers, d_model, n_heads."""
+    rho: float
+    """d_model / layers, for the FLOPs model."""
+    fingerprint: str
+    """What an HF student starts from (its weights, or its config file); "" for the family."""
 
 
-def _offline(cfg: TrainJobConfig, data: TokenData) -> Objective:
+def build_student(cfg: TrainJobConfig, data: TokenData) -> BuiltStudent:
+    """The run's student: the family (`--layers`) or a Hugging Face model, over the data's ids."""
+    s = cfg.student
+    if s.layers is not None:
+        model_cfg = ModelConfig(
+            layers=s.layers, vocab_size=data.vocab_size, rho=s.rho, head_dim=s.head_dim,
+            qk_norm=s.qk_norm, max_position=max(2048, data.seq_len + 1),
+        )
+        model = build_model(model_cfg, seed=cfg.loop.seed)
+        shape = {"layers": s.layers, "d_model": model_cfg.d_model, "n_heads": model_cfg.n_heads}
+        return BuiltStudent(FamilyStudent(model, data.vocab_size), shape, s.rho, "")
+    if s.student is not None:
+        student = load_hf_student(s.student, vocab=data.vocab_size, data=str(data.path))
+        weights = sorted(Path(s.student).glob("*.safetensors")) or sorted(Path(s.student).glob("*.bin"))
+        fingerprint = "+".join(file_sha256(w) for w in weights)
+    else:
+        assert s.student_config is not None
+        student = new_hf_student(s.student_config, vocab=data.vocab_size, data=str(data.path),
+                                 seed=cfg.loop.seed)
+        fingerprint = file_sha256(Path(s.student_config))
+    hf = student.lm.config
+    layers, d_model = int(hf.num_hidden_layers), int(hf.hidden_size)
+    shape = {"layers": layers, "d_model": d_model, "n_heads": int(hf.num_attention_heads)}
+    return BuiltStudent(student, shape, d_model / layers, fingerprint)
+
+
+def _objective(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
+    d, loop = cfg.distillation, cfg.loop
+    if d.distill:
+        return _offline(cfg, data, world)
+    if d.online_teacher:
+        return _online(cfg, data, world)
+    data.rows(loop.split)  # fail early, naming a missing split
+    return Objective(TokenBatches(data, loop.split, batch_size=loop.batch_size, seed=loop.seed,
+                                  rank=world.rank, world=world.size),
+                     NextTokenLoss(loop.z_loss))
+
+
+def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     from kdcache.storage import read_meta
     from kdcache.train.store_batches import StoreBatches, check_store_matches
 
-    assert cfg.distill is not None
-    meta = read_meta(cfg.distill)
-    check_store_matches(cfg.distill, meta, data)
-    if cfg.temperature is not None and cfg.temperature != meta.temperature:
+    d, loop = cfg.distillation, cfg.loop
+    assert d.distill is not None
+    meta = read_meta(d.distill)
+    check_store_matches(d.distill, meta, data)
+    if d.temperature is not None and d.temperature != meta.temperature:
         raise TrainError(
-            f"{cfg.distill}: field 'temperature' is {meta.temperature} but --temperature is "
-            f"{cfg.temperature} (stored log-probs fix the temperature; cache again to change it)"
+            f"{d.distill}: field 'temperature' is {meta.temperature} but --temperature is "
+            f"{d.temperature} (stored log-probs fix the temperature; cache again to change it)"
         )
-    loss = DistillLoss(kind=meta.kind, divergence=cfg.divergence, tail=cfg.tail, lam=cfg.lam,
-                       tau=meta.temperature, z_loss=cfg.z_loss)
+    loss = DistillLoss(kind=meta.kind, divergence=d.divergence, tail=d.tail, lam=d.lam,
+                       tau=meta.temperature, z_loss=loop.z_loss)
     # On CPU a prefetch thread competes with torch's threads for the cores (store_batches.py).
-    source = StoreBatches(cfg.distill, batch_size=cfg.batch_size, seed=cfg.seed,
-                          prefetch=0 if cfg.device == "cpu" else 2)
+    source = StoreBatches(d.distill, batch_size=loop.batch_size, seed=loop.seed, rank=world.rank,
+                          world=world.size, prefetch=0 if cfg.runtime.device == "cpu" else 2)
     identity = json.dumps(meta.identity(), sort_keys=True)
-    teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": str(Path(cfg.distill).resolve()),
-               "k": meta.k,
-               "temperature": meta.temperature, "lambda": cfg.lam}
+    teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": str(Path(d.distill).resolve()),
+               "k": meta.k, "temperature": meta.temperature, "lambda": d.lam}
     return Objective(source, loss, teacher_fingerprint=identity, teacher=teacher)
 
 
-def _online(cfg: TrainJobConfig, data: TokenData) -> Objective:
+def _online(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     from kdcache.train.online import OnlineTeacherBatches, check_teacher_matches
 
-    assert cfg.online_teacher is not None
-    loaded = load_model_dir(cfg.online_teacher)
+    d, loop = cfg.distillation, cfg.loop
+    assert d.online_teacher is not None
+    loaded = load_model_dir(d.online_teacher)
     check_teacher_matches(loaded, data)
-    tau = 1.0 if cfg.temperature is None else cfg.temperature
-    tokens = TokenBatches(data, cfg.split, batch_size=cfg.batch_size, seed=cfg.seed)
-    source = OnlineTeacherBatches(tokens, loaded.model.to(cfg.device), temperature=tau,
+    tau = 1.0 if d.temperature is None else d.temperature
+    tokens = TokenBatches(data, loop.split, batch_size=loop.batch_size, seed=loop.seed,
+                          rank=world.rank, world=world.size)
+    source = OnlineTeacherBatches(tokens, loaded.model.to(world.device), temperature=tau,
                                   vocab=data.vocab_size)
-    loss = DistillLoss(kind="full", divergence=cfg.divergence, tail=cfg.tail, lam=cfg.lam,
-                       tau=tau, z_loss=cfg.z_loss)
+    loss = DistillLoss(kind="full", divergence=d.divergence, tail=d.tail, lam=d.lam,
+                       tau=tau, z_loss=loop.z_loss)
     n_t = loaded.config.non_embedding_params()
-    teacher = {"teacher_params": n_t, "k": data.vocab_size, "temperature": tau, "lambda": cfg.lam}
+    teacher = {"teacher_params": n_t, "k": data.vocab_size, "temperature": tau, "lambda": d.lam}
     per_token = float(forward_flops(n_t, rho=loaded.config.rho, context=data.seq_len, vocab=data.vocab_size))
     return Objective(source, loss, teacher_fingerprint=loaded.fingerprint, teacher=teacher,
                      teacher_flops_per_token=per_token)
 
 
-def _teacher_columns(cfg: TrainJobConfig, objective: Objective) -> dict[str, Any]:
+def _teacher_columns(cfg: TrainJobConfig, objective: Objective, world: World) -> dict[str, Any]:
     """The row's teacher columns, read at the end: a store may have completed meanwhile."""
     from kdcache.storage import read_meta
     from kdcache.train.online import OnlineTeacherBatches
 
     if objective.teacher is None:
         return {}
-    if isinstance(objective.source, OnlineTeacherBatches):
-        return {**objective.teacher, "teacher_loss": objective.source.teacher_loss}
-    assert cfg.distill is not None
-    return {**objective.teacher, "teacher_loss": read_meta(cfg.distill).teacher_loss}
+    source = objective.source
+    if isinstance(source, OnlineTeacherBatches):  # each rank saw its own slice of the rows
+        nll = world.sum_(torch.tensor([source.nll_sum, float(source.nll_tokens)], dtype=torch.float64))
+        return {**objective.teacher, "teacher_loss": float(nll[0] / nll[1].clamp_min(1))}
+    assert cfg.distillation.distill is not None
+    return {**objective.teacher, "teacher_loss": read_meta(cfg.distillation.distill).teacher_loss}
 
 
 @contextmanager
@@ -192,9 +245,10 @@ def _recorded_row(out: Path) -> dict[str, Any] | None:
 
 def _missing_row(cfg: TrainJobConfig, out: Path) -> dict[str, Any]:
     """The row of the finished OUT that --runs lacks; refuses a finished OUT with nothing to add."""
-    if cfg.runs:
+    runs = cfg.runtime.runs
+    if runs:
         row = _recorded_row(out)
-        if row is not None and not has_run(cfg.runs, row):
+        if row is not None and not has_run(runs, row):
             return row
     raise TrainError(f"{out}: already holds a finished model (choose another --out)")
 
@@ -202,67 +256,132 @@ def _missing_row(cfg: TrainJobConfig, out: Path) -> dict[str, Any]:
 def _add_missing_row(cfg: TrainJobConfig, out: Path) -> TrainResult:
     """Finish a finished run's tail (row, then checkpoint removal); the caller holds OUT's lock."""
     row = _missing_row(cfg, out)  # again under the lock: another rerun may have added it
-    assert cfg.runs is not None
-    append_run(cfg.runs, row)
+    assert cfg.runtime.runs is not None
+    append_run(cfg.runtime.runs, row)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return TrainResult(out=out, row=row, added_row=True)
+
+
+def check_launch(cfg: TrainJobConfig, world_size: int, *, distributed: bool) -> None:
+    """Refuse, before anything is read or written, a launch that cannot train this run."""
+    rt = cfg.runtime
+    if rt.fsdp and not distributed:
+        raise TrainError("--fsdp needs a distributed launch (torchrun, or --workers N with N > 1)")
+    if cfg.loop.batch_size % world_size:
+        raise TrainError(f"--batch-size {cfg.loop.batch_size} is not divisible by the world size "
+                         f"{world_size}")
+    if rt.device != "cpu" and not torch.cuda.is_available():
+        raise TrainError(f"--device {rt.device}: no CUDA device is available")
 
 
 def run_training(cfg: TrainJobConfig) -> TrainResult:
     """Train, evaluate, save and record one run; resumes from `out/checkpoint`.
 
     On a finished OUT it only appends a runs-table row that is missing (see the module
-    docstring), else refuses.
+    docstring), else refuses. With `--workers N > 1` it starts N Ray Train ranks; under
+    torchrun (or inside those ranks) it is one rank of the group.
     """
-    out = Path(cfg.out)
-    # Where the run's two outputs go is checked first: they are written only at the end.
-    check_writable(out, "--out")
-    if cfg.runs:
-        check_appendable(cfg.runs, "--runs")
-    if (out / META).is_file():
-        _missing_row(cfg, out)  # refuses without taking the lock, so nothing on disk changes
-        with _writer(out):
-            return _add_missing_row(cfg, out)
-    if cfg.device != "cpu" and not torch.cuda.is_available():
-        raise TrainError(f"--device {cfg.device}: no CUDA device is available")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    tune_cpu_allocator()
-    data = open_token_data(cfg.data)
-    data.rows("valid")
-    objective = _objective(cfg, data)
+    rt = cfg.runtime
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    launched = dist.is_initialized() or torchrun  # a Ray Train rank has its group already
+    if rt.workers > 1 and torchrun:
+        raise TrainError("--workers starts Ray Train ranks; under torchrun leave it at 1")
+    if rt.workers > 1 and not launched:
+        from kdcache.train.ray_launch import run_on_ray_train
+
+        check_launch(cfg, rt.workers, distributed=True)
+        _check_outputs(cfg)
+        if (Path(cfg.out) / META).is_file():  # finished: only a missing row to add, no ranks needed
+            return _finished_out(cfg)
+        return run_on_ray_train(cfg)
+    check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")), distributed=launched)
+    started = not dist.is_initialized()
+    world = World.start(rt.device)
     try:
-        model_cfg = ModelConfig(
-            layers=cfg.layers, vocab_size=data.vocab_size, rho=cfg.rho, head_dim=cfg.head_dim,
-            qk_norm=cfg.qk_norm, max_position=max(2048, data.seq_len + 1),
-        )
+        return _run_rank(cfg, world)
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_outputs(cfg: TrainJobConfig) -> None:
+    # Where the run's two outputs go is checked first: they are written only at the end.
+    check_writable(Path(cfg.out), "--out")
+    if cfg.runtime.runs:
+        check_appendable(cfg.runtime.runs, "--runs")
+
+
+def _finished_out(cfg: TrainJobConfig) -> TrainResult:
+    out = Path(cfg.out)
+    _missing_row(cfg, out)  # refuses without taking the lock, so nothing on disk changes
+    with _writer(out):
+        return _add_missing_row(cfg, out)
+
+
+def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
+    """One rank's run (the only one alone): checks, then train under rank 0's lock."""
+    rt, out = cfg.runtime, Path(cfg.out)
+    world.check_same(json.dumps(cfg.flat(), sort_keys=True))
+    error: BaseException | None = None
+    try:
+        _check_outputs(cfg)
+        finished = (out / META).is_file()
+    except BaseException as exc:
+        error, finished = exc, False
+    world.first_error(error)
+    if finished:
+        if world.main:
+            result = _finished_out(cfg)
+        world.barrier()
+        return result if world.main else TrainResult(out=out, row=_recorded_row(out) or {}, added_row=True)
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    tune_cpu_allocator()
+    if rt.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    objective: Objective | None = None
+    try:
+        data = open_token_data(cfg.data)
+        data.rows("valid")
+        objective = _objective(cfg, data, world)
+        built = build_student(cfg, data)
+    except BaseException as exc:
+        error = exc
+    try:
+        world.first_error(error)
+        assert objective is not None
+        if not world.main:
+            return _train(cfg, out, data, objective, built, world)
         with _writer(out):
             if (out / META).is_file():  # another process finished OUT while this one checked inputs
                 return _add_missing_row(cfg, out)
-            return _train(cfg, out, data, objective, model_cfg)
+            return _train(cfg, out, data, objective, built, world)
     finally:
-        close = getattr(objective.source, "close", None)
+        close = getattr(objective.source, "close", None) if objective is not None else None
         if close is not None:
             close()
 
 
 def _train(
-    cfg: TrainJobConfig, out: Path, data: TokenData, objective: Objective, model_cfg: ModelConfig
+    cfg: TrainJobConfig, out: Path, data: TokenData, objective: Objective, built: BuiltStudent, world: World
 ) -> TrainResult:
-    """The run proper, under OUT's lock: train, evaluate, save the model, then append its row."""
-    n_params = model_cfg.non_embedding_params()
+    """The run proper (rank 0 under OUT's lock): train, evaluate, save the model, append its row."""
+    student, loop, rt = built.student, cfg.loop, cfg.runtime
+    n_params = student.non_embedding_params()
     steps, per_step = plan_steps(cfg, n_params, data.seq_len)
-    model = build_model(model_cfg, seed=cfg.seed).to(cfg.device)
-    loop = LoopConfig(
-        steps=steps, lr=cfg.lr, warmup_steps=round(cfg.warmup_frac * steps),
-        final_lr_frac=cfg.final_lr_frac, weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
-    )
+    student.to(world.device)
     trainer = Trainer(
-        model, objective.source, objective.loss, loop,
+        student, objective.source, objective.loss,
+        LoopConfig(
+            steps=steps, lr=loop.lr, warmup_steps=round(loop.warmup_frac * steps),
+            final_lr_frac=loop.final_lr_frac, weight_decay=loop.weight_decay,
+            grad_clip=loop.grad_clip, checkpoint_every=rt.checkpoint_every,
+        ),
         checkpoint_dir=out / CHECKPOINT_DIR,
-        run_fingerprint=cfg.fingerprint(data.fingerprint, objective.teacher_fingerprint),
-        progress=not cfg.quiet,
+        run_fingerprint=cfg.fingerprint(data.fingerprint, objective.teacher_fingerprint, built.fingerprint),
+        progress=not rt.quiet, world=world, fsdp=rt.fsdp,
     )
     try:
         result = trainer.run()
@@ -270,38 +389,53 @@ def _train(
         close = getattr(objective.source, "close", None)
         if close is not None:
             close()
-    metrics = evaluate(model, data, max_rows=cfg.eval_rows, batch_size=cfg.batch_size)
-    flops = training_flops(n_params, result.tokens, rho=cfg.rho, context=data.seq_len, vocab=data.vocab_size)
+    metrics = evaluate(student, data, max_rows=rt.eval_rows, batch_size=loop.batch_size, world=world,
+                       step_module=trainer.step_module)
+    flops = training_flops(n_params, result.tokens, rho=built.rho, context=data.seq_len,
+                           vocab=data.vocab_size)
     row: dict[str, Any] = {
-        "run_id": cfg.run_id or out.name,
+        "run_id": rt.run_id or out.name,
         "kind": cfg.kind,
         "params": n_params,
         "tokens": result.tokens,
         "loss": metrics.loss,
-        **_teacher_columns(cfg, objective),
+        **_teacher_columns(cfg, objective, world),
         "ece": metrics.ece,
         "flops": flops + objective.teacher_flops_per_token * result.tokens,
         "wall_s": result.wall_s,
         "tokens_per_s": result.tokens / result.wall_s,
-        "layers": cfg.layers,
-        "d_model": model_cfg.d_model,
-        "n_heads": model_cfg.n_heads,
+        **built.shape,
         "vocab_size": data.vocab_size,
         "seq_len": data.seq_len,
-        "seed": cfg.seed,
+        "seed": loop.seed,
     }
-    # kdcache.json first, holding the row: a kill before the append below is healed by a rerun.
-    save_model_dir(
-        model, out, tokenizer=data.tokenizer_path, eos_token_id=data.eos_token_id,
-        meta={
-            "training": {**row, "train_loss": result.final_loss, "steps": steps, "split": cfg.split,
-                         "batch_size": cfg.batch_size, "lr": cfg.lr, "tokens_per_step": per_step,
-                         "loss_history": result.history},
-            "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint,
-                     "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len},
-        },
-    )
-    if cfg.runs:
-        append_run(cfg.runs, row)
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    state = trainer.full_state()  # every rank: FSDP gathers the shards
+    if world.main:
+        _save(cfg, out, data, built, state, row, steps, per_step, result)
+    world.barrier()
     return TrainResult(out=out, row=row)
+
+
+def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, state: dict[str, Any],
+          row: dict[str, Any], steps: int, per_step: int, result: Any) -> None:
+    """Rank 0: kdcache.json first, holding the row (a kill before the append is healed by a
+    rerun), then the row, then the checkpoint's removal."""
+    from kdcache.train.student import save_hf_student
+
+    meta = {
+        "training": {**row, "train_loss": result.final_loss, "steps": steps, "split": cfg.loop.split,
+                     "batch_size": cfg.loop.batch_size, "lr": cfg.loop.lr, "tokens_per_step": per_step,
+                     "world": cfg.runtime.workers if not dist.is_initialized() else dist.get_world_size(),
+                     "loss_history": result.history},
+        "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint,
+                 "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len},
+    }
+    student = built.student
+    if isinstance(student, HFStudent):
+        save_hf_student(student, state, out, tokenizer=data.tokenizer_path, meta=meta)
+    else:
+        save_model_dir(student.lm, out, tokenizer=data.tokenizer_path, eos_token_id=data.eos_token_id,
+                       meta=meta, state=state)
+    if cfg.runtime.runs:
+        append_run(cfg.runtime.runs, row)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

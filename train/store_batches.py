@@ -1,12 +1,14 @@
-"""Stream tokens and teacher targets from a logit store into training batches.
+"""Stream tokens and teacher targets from a logit store into the trainer's batches.
 
-`StoreBatches` follows the same `RowOrder` as the token-split and online sources, so a
-student distilled from a store sees the rows a supervised or online run of the same
-seed sees. It reads one window of rows at a time (a few chunk reads per array, all
-arrays concurrently), converts it to torch and serves its batches from memory; with
-`prefetch` > 0 a background thread does this and queues up to `prefetch` windows,
-otherwise the caller's thread reads each window when it needs it. Memory is bounded by
-the windows held; nothing else of the store is ever loaded.
+`StoreBatches` is `StoreDataset` (dataset.py) as a `BatchSource`: it iterates the
+dataset's epochs endlessly and converts each batch dict to a `Batch`. So it follows the
+same `RowOrder` as the token-split and online sources, and a student distilled from a
+store sees the rows a supervised or online run of the same seed sees. It reads one
+window of rows at a time (a few chunk reads per array, all arrays concurrently),
+converts it to torch and serves its batches from memory; with `prefetch` > 0 a
+background thread does this and queues up to `prefetch` windows, otherwise the
+caller's thread reads each window when it needs it. Memory is bounded by the windows
+held; nothing else of the store is ever loaded.
 
 Which to use is measured, not assumed (benchmarks/distill_step.py): when training keeps
 every CPU core busy, a background thread steals cycles from torch's threads, whose
@@ -15,37 +17,24 @@ supervised step with the thread and 1.05x reading inline). With a GPU doing the 
 the cores are idle and the thread hides the reads. `kdcache train` prefetches only off
 CPU.
 
-A store still being built is usable: the order covers every row of the finished
-store, and a window whose shards are not committed yet waits for them (polling the
-ledger), so a run started during caching trains on exactly what a run started after
-it would. It gives up after `wait_timeout_s` seconds without a new commit.
+A store still being built is usable: a window whose shards are not committed yet
+waits for them (`StoreDataset`), giving up after `wait_timeout_s` seconds without a
+new commit.
 """
 
 from __future__ import annotations
 
 import queue
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-import torch
-
-from kdcache.storage import StoreMeta, StoreReader, read_meta
+from kdcache.storage import StoreMeta, StoreReader
 from kdcache.train.batches import Batch, OrderedBatches
+from kdcache.train.dataset import StoreDataset
 from kdcache.train.errors import TrainError
-from kdcache.train.row_order import RowOrder
+from kdcache.train.kd_losses import batch_from_dict
 from kdcache.train.tokens import TokenData
-
-TARGET_FIELDS = {
-    "topk": ("ids", "logprobs", "tail_logmass"),
-    "full": ("logprobs",),
-    "sampled": ("ids", "logprobs", "counts"),
-}
-_TORCH_DTYPE = {"ids": torch.int64, "logprobs": torch.float32, "tail_logmass": torch.float32,
-                "counts": torch.float32}
 
 
 def check_store_matches(path: str, meta: StoreMeta, data: TokenData) -> None:
@@ -67,22 +56,11 @@ def check_store_matches(path: str, meta: StoreMeta, data: TokenData) -> None:
         )
 
 
-def window_to_batches(values: dict[str, np.ndarray], rows: np.ndarray, window: np.ndarray) -> list[Batch]:
-    """Cut one window read (sorted unique `rows`) into its batches, in window order."""
-    out = []
-    for batch_rows in window:
-        pos = np.searchsorted(rows, batch_rows)
-        tokens = torch.from_numpy(values["tokens"][pos].astype(np.int64))
-        extras = {
-            name: torch.from_numpy(values[name][pos]).to(_TORCH_DTYPE[name])
-            for name in values if name != "tokens"
-        }
-        out.append(Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], extras=extras))
-    return out
-
-
 class StoreBatches(OrderedBatches):
-    """Endless batches from a store: `Batch.extras` holds the kind's target arrays."""
+    """Endless batches from a store: `Batch.extras` holds the kind's target arrays.
+
+    Rank `rank` of `world` gets its batch_size // world rows of each global batch.
+    """
 
     def __init__(
         self,
@@ -96,17 +74,22 @@ class StoreBatches(OrderedBatches):
         wait_timeout_s: float = 3600.0,
     ) -> None:
         self.path = path
-        kind = read_meta(path).kind
-        self.reader = StoreReader(path, ("tokens", *TARGET_FIELDS[kind]))
-        self.reader.check_files()
-        self.meta = self.reader.meta
-        super().__init__(RowOrder(n_rows=self.meta.rows, batch_size=batch_size, seed=seed,
-                                  rank=rank, world=world))
-        self.prefetch, self.wait_timeout_s = prefetch, wait_timeout_s
+        self.dataset = StoreDataset(path, batch_size=batch_size, seed=seed, rank=rank, world=world,
+                                    wait_timeout_s=wait_timeout_s)
+        super().__init__(self.dataset.order)
+        self.prefetch = prefetch
         self._queue: queue.Queue[Batch | BaseException] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._inline: Iterator[Batch] | None = None
+
+    @property
+    def reader(self) -> StoreReader:
+        return self.dataset.reader
+
+    @property
+    def meta(self) -> StoreMeta:
+        return self.dataset.meta
 
     def next_batch(self) -> Batch:
         if self.prefetch == 0:
@@ -151,18 +134,11 @@ class StoreBatches(OrderedBatches):
         self._thread.start()
 
     def _batches(self, epoch: int, skip: int, stop: threading.Event) -> Iterator[Batch]:
-        """Every batch from position (epoch, skip) on, reading one window at a time."""
-        while True:
-            for window in self.order.windows(epoch):
-                if skip >= len(window):
-                    skip -= len(window)
-                    continue
-                rows = np.unique(window[skip:])
-                self._wait_for(rows, stop)
-                values = self.reader.read_rows(rows)
-                yield from window_to_batches(values, rows, window[skip:])
-                skip = 0
-            epoch += 1
+        """Every batch from position (epoch, skip) on, until `stop` is set."""
+        while not stop.is_set():
+            for _, item in self.dataset.read_batches(epoch, skip, stop=stop):
+                yield batch_from_dict(item)
+            epoch, skip = epoch + 1, 0
 
     @staticmethod
     def _produce(batches: Iterator[Batch], out: queue.Queue, stop: threading.Event) -> None:
@@ -181,26 +157,3 @@ class StoreBatches(OrderedBatches):
                     return
         except BaseException as exc:  # handed to the consumer, which raises it
             put(exc)
-
-    def _wait_for(self, rows: np.ndarray, stop: threading.Event) -> None:
-        shards = np.unique(rows // self.meta.shard_rows)
-        committed = set(self.reader.committed_shards)
-        last_progress, told = time.monotonic(), False
-        while not committed.issuperset(shards.tolist()):
-            if stop.is_set():
-                return
-            before = len(committed)
-            self.reader.refresh()
-            committed = set(self.reader.committed_shards)
-            if len(committed) > before:
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > self.wait_timeout_s:
-                raise TrainError(
-                    f"{self.path}: no shard committed for {self.wait_timeout_s:.0f} s while waiting for "
-                    f"shards {sorted(set(shards.tolist()) - committed)} (is the cache job running?)"
-                )
-            if not told:
-                print(f"waiting for {self.path} shards to be committed by the cache job", file=sys.stderr)
-                told = True
-            time.sleep(0.5)
-

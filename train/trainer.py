@@ -1,8 +1,19 @@
-"""The training loop: any model, any batch source, any loss function.
+"""The training loop: any student, any batch source, any loss function, any number of ranks.
 
 The trainer owns the optimiser, the schedule, clipping, checkpointing and resume; what
 a step learns from is the `BatchSource` and the `LossFn` passed in, so supervised
 training, offline distillation from a store and online distillation share this loop.
+
+A step runs the student and its loss in one module's forward (`LossStep`): the student
+gives hidden states, the loss projects them to logits chunk by chunk (`from_hidden`),
+so no step holds [B, T, V], and DDP or FSDP (`distributed.py`) see every parameter,
+the output layer's included, used inside the forward they wrap. Each rank's loss is
+the mean over its own tokens; ranks hold equal token counts, so DDP's gradient average
+is the gradient of the global batch's mean.
+
+Checkpoints hold full (unsharded) state under parameter names, written by rank 0 and
+read by every rank, so a run resumes at any world size, with or without FSDP: the data
+position is a global batch index (`row_order.py`), the same at every world size.
 """
 
 from __future__ import annotations
@@ -15,14 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from kdcache.train.batches import BatchSource
-from kdcache.train.checkpoint import load_checkpoint, restore, save_checkpoint
+from kdcache.train.batches import Batch, BatchSource
+from kdcache.train.checkpoint import full_state, load_checkpoint, restore, save_checkpoint
+from kdcache.train.distributed import World, wrap
 from kdcache.train.errors import TrainError
-from kdcache.train.losses import LossFn
+from kdcache.train.losses import LossFn, LossSums
 from kdcache.train.model import Transformer
 from kdcache.train.optim import build_optimizer, lr_factor, set_lr
+from kdcache.train.student import FamilyStudent, Student
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,17 +83,46 @@ class LoopResult:
     history: list[float] = field(repr=False, default_factory=list)
 
 
-class Trainer:
-    """Runs `cfg.steps` optimiser steps of `model` on `source` with `loss_fn`.
+class LossStep(nn.Module):
+    """`fn(hidden, head[:vocab], batch)` of the student, in one forward for DDP and FSDP to wrap."""
 
-    With `checkpoint_dir`, state is saved every `checkpoint_every` steps and a later
-    `run()` resumes from it (refusing a checkpoint whose `run_fingerprint` differs),
-    ending with bit-identical weights to an uninterrupted run.
+    def __init__(self, student: Student) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, fn: Callable[[Tensor, Tensor, Batch], Any], batch: Batch) -> Any:
+        return fn(self.student(batch.inputs), self.student.head()[: self.student.vocab], batch)
+
+
+def as_student(model: nn.Module) -> Student:
+    """A `Student` as it is; the family's `Transformer` wrapped, over all its output rows."""
+    if isinstance(model, Student):
+        return model
+    if isinstance(model, Transformer):
+        return FamilyStudent(model, model.config.vocab_size)
+    raise TypeError(f"expected a Student or the family's Transformer, got {type(model).__name__}")
+
+
+def decoder_layers(student: Student) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one (every transformers decoder names them so)."""
+    base = student.lm.model if student.family else student.lm.base_model
+    layers = getattr(base, "layers", None) or getattr(base, "h", None) or []
+    return list(layers)
+
+
+class Trainer:
+    """Runs `cfg.steps` optimiser steps of a student on `source` with `loss_fn`.
+
+    `model` is a `Student` or the family's `Transformer`. With `checkpoint_dir`, state is
+    saved every `checkpoint_every` steps and a later `run()` resumes from it (refusing a
+    checkpoint whose `run_fingerprint` differs), ending with bit-identical weights to an
+    uninterrupted run. Under a process group (`world`), every rank runs this loop on its
+    slice of each batch; rank 0 alone writes checkpoints.
     """
 
     def __init__(
         self,
-        model: Transformer,
+        model: nn.Module,
         source: BatchSource,
         loss_fn: LossFn,
         cfg: LoopConfig,
@@ -88,12 +131,26 @@ class Trainer:
         run_fingerprint: str = "",
         progress: bool = True,
         on_step: Callable[[StepInfo], None] | None = None,
+        world: World | None = None,
+        fsdp: bool = False,
     ) -> None:
-        self.model, self.source, self.loss_fn, self.cfg = model, source, loss_fn, cfg
+        self.student = as_student(model)
+        self.model = self.student.lm
+        self.source, self.loss_fn, self.cfg = source, loss_fn, cfg
         self.checkpoint_dir, self.run_fingerprint = checkpoint_dir, run_fingerprint
-        self.progress, self.on_step = progress, on_step
-        self.optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.device = next(model.parameters()).device  # batches follow the model
+        self.world = world or World()
+        self.progress, self.on_step = progress and self.world.main, on_step
+        self.step_module = wrap(LossStep(self.student), self.world, fsdp=fsdp,
+                                layers=decoder_layers(self.student))
+        self.optimizer = build_optimizer(self.student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.device = next(self.student.parameters()).device  # batches follow the model
+
+    def _loss(self, hidden: Tensor, head: Tensor, batch: Batch) -> LossSums:
+        return self.loss_fn.from_hidden(hidden, head, batch)
+
+    def full_state(self) -> dict[str, Tensor]:
+        """The student's unsharded weights under its own names (every rank must call it)."""
+        return full_state(self.step_module, self.optimizer, prefix="student.lm.")[0]
 
     def _resume(self) -> tuple[int, int, float]:
         if self.checkpoint_dir is None:
@@ -106,7 +163,7 @@ class Trainer:
                 f"{self.checkpoint_dir}: checkpoint belongs to a run with different settings "
                 "(use another --out, or delete the checkpoint)"
             )
-        restore(ckpt, self.model, self.optimizer)
+        restore(ckpt, self.step_module, self.optimizer, prefix="student.lm.")
         self.source.load_state_dict(ckpt.info["source"])
         return ckpt.step, int(ckpt.info["tokens"]), float(ckpt.info["wall_s"])
 
@@ -117,31 +174,36 @@ class Trainer:
             "source": self.source.state_dict(),
             "tokens": tokens,
             "wall_s": wall_s,
+            "world": self.world.size,
         }
-        save_checkpoint(self.checkpoint_dir, step=step, model=self.model,
-                        optimizer=self.optimizer, info=info)
+        model, optim = full_state(self.step_module, self.optimizer, prefix="student.lm.")  # every rank
+        if self.world.main:
+            save_checkpoint(self.checkpoint_dir, step=step, model=model, optimizer=optim, info=info)
+        self.world.barrier()
 
     def _step(self, step: int) -> tuple[float, int, StepInfo]:
         cfg = self.cfg
         factor = lr_factor(step, total=cfg.steps, warmup=cfg.warmup_steps, final=cfg.final_lr_frac)
         set_lr(self.optimizer, factor)
         batch = self.source.next_batch().to(self.device)
-        sums = self.loss_fn(self.model(batch.inputs), batch)
+        sums = self.step_module(self._loss, batch)
         loss = sums.total / sums.tokens
-        if not math.isfinite(loss.item()):
+        mean = self.world.mean(loss.item())  # every rank sees the same value, so all stop together
+        if not math.isfinite(mean):
             raise TrainError(f"loss became non-finite at step {step + 1} (try a lower --lr)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
         self.optimizer.step()
-        metrics = {k: v / sums.tokens for k, v in sums.metrics.items()}
-        return loss.item(), sums.tokens, StepInfo(step + 1, loss.item(), metrics, grad_norm, factor)
+        metrics = {k: self.world.mean(v / sums.tokens) for k, v in sums.metrics.items()}
+        tokens = sums.tokens * self.world.size
+        return mean, tokens, StepInfo(step + 1, mean, metrics, grad_norm, factor)
 
     def run(self) -> LoopResult:
         """Train to `cfg.steps`, resuming from the checkpoint directory if it holds state."""
         cfg = self.cfg
         start, tokens, wall_before = self._resume()
-        self.model.train()
+        self.student.train()
         history: list[float] = []
         session_tokens, t0 = 0, time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not self.progress,
@@ -161,7 +223,7 @@ class Trainer:
             if self.checkpoint_dir is not None and every and done % every == 0 and done < cfg.steps:
                 self._save(done, tokens, wall_before + time.perf_counter() - t0)
         bar.close()
-        self.model.eval()
+        self.student.eval()
         tail = history[-max(1, len(history) // 10):] if history else [float("nan")]
         return LoopResult(
             steps=cfg.steps,

@@ -1,5 +1,6 @@
-"""`kdcache train`: train one model of the family (supervised, or distilled from a store or a live
-teacher); writes a MODEL directory and a runs-table row."""
+"""`kdcache train`: train one student (the family's, or a Hugging Face model), supervised or
+distilled from a store or a live teacher, on one rank or many; writes a MODEL directory and a
+runs-table row."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 
 from kdcache.train.job import TrainJobConfig as Config
 
-HELP = ("Train a model on a token split, supervised or distilled (--distill STORE, --online-teacher "
-        "MODEL); save it in Hugging Face Llama format.")
+HELP = ("Train a student (--layers L, --student DIR or --student-config FILE.json) on a token split, "
+        "supervised or distilled (--distill STORE, --online-teacher MODEL), on one rank, under torchrun "
+        "or over --workers N Ray Train ranks; save it in Hugging Face format.")
 
 __all__ = ["HELP", "Config", "run"]
 
@@ -18,7 +20,7 @@ def run(cfg: Config) -> int:
 
     result = run_training(cfg)
     row = result.row
-    if cfg.json:
+    if cfg.runtime.json:
         print(json.dumps(row, indent=2))
     elif result.added_row:  # a finished model whose row was lost: nothing was trained
         print(f"added the missing runs-table row for {result.out}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,8 +62,9 @@ class HFTeacher(TorchTeacher):
             raise PipelineError(f"{root}: transformers cannot load it ({exc})") from exc
         self.model = model.to(self.device).eval()
         self.batch_rows = batch_rows
-        out = model.get_output_embeddings().weight
-        inp = model.get_input_embeddings().weight
+        lm: Any = model
+        out = lm.get_output_embeddings().weight
+        inp = lm.get_input_embeddings().weight
         self.output_rows = int(out.shape[0])
         self._scale = float(config.get("logit_scale") or 1.0)
         self._softcap = config.get("final_logit_softcapping")

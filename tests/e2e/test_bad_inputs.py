@@ -132,6 +132,7 @@ def _sweep(grid: list) -> Callable[[Path], None]:
 
 
 TRAIN = "train --data {w}/data --layers 1 --rho 32 --tokens 2000 --batch-size 4 --threads 1 --quiet"
+HF = "train --data {w}/data --tokens 2000 --batch-size 4 --threads 1 --quiet"
 CACHE = "cache --teacher {w}/teacher --data {w}/data --workers 1 --k 8 --shard-rows 16 --quiet"
 LAW = "--law paper --student-params 1e8 --compute 1e20"
 COST = "cost --teacher-params 1e9 --student-params 1e8 --tokens 1e10"
@@ -165,7 +166,7 @@ CASES = [
          r"--distill and --online-teacher exclude each other"),
     Case("train-lambda", TRAIN + " --out {w}/s --lambda 2", r"--lambda must lie in \[0, 1\]"),
     Case("train-layers-type", TRAIN.replace("--layers 1", "--layers x") + " --out {w}/s",
-         r"--layers: expected int, got x"),
+         r"--layers: expected int or null, got x"),
     Case("train-unknown-flag", TRAIN + " --out {w}/s --lern-rate 3", r"unrecognized arguments: --lern-rate"),
     Case("train-config-broken", TRAIN + " --out {w}/s --config {w}/c.yaml", r"c.yaml: not valid YAML",
          _write("c.yaml", "lr: [1\n")),
@@ -251,6 +252,23 @@ CASES = [
     Case("train-out-locked", TRAIN + " --out {w}/s", r"another kdcache train is writing .*/s", _hold_lock),
     Case("train-tokenizer-edited", TRAIN + " --out {w}/s", r"tokenizer.json: sha256 does not match",
          _append("data/tokenizer.json", " ")),
+    # train: Hugging Face students and ranks
+    Case("train-student-no-config", HF + " --student {w}/hf --out {w}/s",
+         r"hf: --student has no config.json", _write("hf/model.safetensors", b"")),
+    Case("train-student-vocab-small", HF + " --student-config {w}/small.json --out {w}/s",
+         r"small.json: field 'vocab_size' is 10, smaller than the tokenizer's \d+ ids",
+         _write("small.json", '{"model_type": "llama", "vocab_size": 10, "hidden_size": 16, '
+                '"intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}')),
+    Case("train-student-config-no-type", HF + " --student-config {w}/c.json --out {w}/s",
+         r"c.json: field 'model_type' is missing", _write("c.json", '{"vocab_size": 1000}')),
+    Case("train-two-students", TRAIN + " --student-config {w}/c.json --out {w}/s",
+         r"give exactly one of --layers / --student / --student-config, got 2"),
+    Case("train-no-student", HF + " --out {w}/s",
+         r"give exactly one of --layers / --student / --student-config"),
+    Case("train-batch-not-divisible",
+         TRAIN.replace("--batch-size 4", "--batch-size 3") + " --workers 2 --out {w}/s",
+         r"--batch-size 3 is not divisible by the world size 2"),
+    Case("train-fsdp-alone", TRAIN + " --fsdp --out {w}/s", r"--fsdp needs a distributed launch"),
     # fit, plan, cost
     Case("fit-no-runs", "fit --runs {w}/none.parquet --law supervised", r"none.parquet: no such runs table"),
     Case("fit-missing-column", "fit --runs {w}/r.csv --law supervised", r"r.csv: missing column 'params'",

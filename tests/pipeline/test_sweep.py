@@ -75,7 +75,7 @@ def test_sweep_runs_the_grid_skips_finished_and_isolates_failures(
     (tmp_path / "runs.parquet").unlink()
     assert main(["sweep", "--config", str(sweep), "--json"]) == 1
     healed = json.loads(capsys.readouterr().out)
-    assert healed["skipped"] == 0 and healed["done"] == 6 and list(healed["failed"]) == ["broken"]
+    assert healed["skipped"] == 0 and healed["done"] == 6 and list(healed["failed"]) == ["broken"], healed
     assert sorted(r["run_id"] for r in pq.read_table(tmp_path / "runs.parquet").to_pylist()) == sorted(
         r["run_id"] for r in rows)
     assert weights == {p: p.stat().st_mtime_ns for p in (tmp_path / "students").rglob("model.safetensors")}
@@ -84,7 +84,8 @@ def test_sweep_runs_the_grid_skips_finished_and_isolates_failures(
 def test_expand_names_runs_and_refuses_bad_settings(token_data: Path, tmp_path: Path) -> None:
     base = {"data": str(token_data), "runs": "r.parquet", "out": str(tmp_path)}
     jobs = expand(SweepConfig(**base, grid=[{"layers": [1, 2], "tokens": [100, 200]}]))
-    assert len({j.run_id for j in jobs}) == 4 and all(j.run_id.startswith("supervised-L") for j in jobs)
+    ids = [j.runtime.run_id for j in jobs]
+    assert len(set(ids)) == 4 and all(i is not None and i.startswith("supervised-L") for i in ids)
     assert all(Path(j.out).parent == tmp_path for j in jobs)
     with pytest.raises(PipelineError, match="unknown train setting 'layer'"):
         expand(SweepConfig(**base, grid=[{"layer": 1}]))
@@ -100,7 +101,7 @@ def test_expand_refuses_settings_of_the_wrong_type(tmp_path: Path) -> None:
     cases = [
         ({"grid": [{"layers": 1}, {"layers": ["two", 1]}]}, "S.yaml: grid[1]: field 'layers' must be int"),
         ({"grid": [{"layers": 1, "tokens": 1.5}]}, "grid[0]: field 'tokens' must be int or null, got 1.5"),
-        ({"grid": [{"layers": True}]}, "grid[0]: field 'layers' must be int, got True"),
+        ({"grid": [{"layers": True}]}, "grid[0]: field 'layers' must be int or null, got True"),
         ({"grid": [{"layers": 1, "lambda": "half"}]}, "grid[0]: field 'lambda' must be float"),
         ({"grid": [{"layers": 1}], "defaults": {"lr": "fast"}}, "S.yaml: defaults: field 'lr' must be float"),
         ({"grid": [{"layers": 0}]}, "S.yaml: grid[0]: --layers must be >= 1"),
@@ -118,4 +119,4 @@ def test_sweep_cli_names_the_bad_grid_field(tmp_path: Path, capsys) -> None:
                                      "grid": [{"layers": ["two", 1]}]}))
     assert main(["sweep", "--config", str(sweep)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "grid[0]: field 'layers' must be int, got 'two'" in err
+    assert err.count("\n") == 1 and "grid[0]: field 'layers' must be int or null, got 'two'" in err

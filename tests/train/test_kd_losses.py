@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kdcache.train import kd_losses
+from kdcache.train import kd_losses, losses
 from kdcache.train.batches import Batch
 from kdcache.train.errors import TrainError
 from kdcache.train.kd_losses import (
@@ -26,6 +26,11 @@ from kdcache.train.losses import NextTokenLoss
 ATOL = 1e-6  # pure functions vs the numpy reference, float64
 CHUNK_ATOL = 1e-10  # chunked vs unchunked DistillLoss, float64
 TAUS = (0.5, 1.0, 2.0)
+
+
+def rows(positions: int, vocab: int) -> int:
+    """chunk_bytes for chunks of `positions` positions of float32 logits over `vocab` ids."""
+    return positions * 4 * vocab
 
 
 # ---- float64 numpy references, written from the definitions ----
@@ -272,7 +277,7 @@ def ce_z_reference(logits: np.ndarray, targets: np.ndarray) -> tuple[float, floa
 @pytest.mark.parametrize("kind", ["full", "topk", "sampled"])
 def test_lam_zero_is_cross_entropy_plus_z(kind: str) -> None:
     logits, batch = student_logits(2, 16, 61), make_batch(kind, 2, 16, 61, 1.0)
-    out = DistillLoss(kind=kind, lam=0.0, z_loss=1e-3, chunk_positions=7)(logits, batch)
+    out = DistillLoss(kind=kind, lam=0.0, z_loss=1e-3, chunk_bytes=rows(7, 61))(logits, batch)
     ce, z = ce_z_reference(logits.detach().numpy(), batch.targets.numpy())
     assert abs(out.total.item() - (ce + 1e-3 * z)) < ATOL
     assert out.tokens == 32 and abs(out.metrics["ce"] - ce) < ATOL and abs(out.metrics["z"] - z) < ATOL
@@ -281,7 +286,7 @@ def test_lam_zero_is_cross_entropy_plus_z(kind: str) -> None:
 def test_lam_zero_matches_next_token_loss_in_float32() -> None:
     logits = student_logits(2, 16, 61, torch.float32)
     batch = make_batch("full", 2, 16, 61, 1.0, torch.float32)
-    ours = DistillLoss(kind="full", lam=0.0, z_loss=1e-4, chunk_positions=5)(logits, batch)
+    ours = DistillLoss(kind="full", lam=0.0, z_loss=1e-4, chunk_bytes=rows(5, 61))(logits, batch)
     (g_ours,) = torch.autograd.grad(ours.total, logits)
     theirs = NextTokenLoss(1e-4)(logits, batch)
     (g_theirs,) = torch.autograd.grad(theirs.total, logits)
@@ -302,7 +307,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
 def test_lam_one_is_kd_plus_z(cfg: dict) -> None:
-    loss = DistillLoss(**cfg, lam=1.0, z_loss=1e-3, chunk_positions=7)
+    loss = DistillLoss(**cfg, lam=1.0, z_loss=1e-3, chunk_bytes=rows(7, 61))
     logits, batch = student_logits(2, 16, 61), make_batch(cfg["kind"], 2, 16, 61, loss.tau)
     out = loss(logits, batch)
     kd = kd_reference(loss, logits, batch).item()
@@ -318,7 +323,7 @@ def test_chunked_equals_unchunked(cfg: dict, lam: float) -> None:
     results = []
     for chunk in (7, 30):  # 30 positions: one chunk; 7 leaves a ragged last chunk
         logits = student_logits(3, 10, 61)
-        out = DistillLoss(**cfg, lam=lam, chunk_positions=chunk)(logits, batch)
+        out = DistillLoss(**cfg, lam=lam, chunk_bytes=rows(chunk, 61))(logits, batch)
         out.total.backward()
         results.append((out, logits.grad))
     (a, ga), (b, gb) = results
@@ -330,7 +335,7 @@ def test_chunked_equals_unchunked(cfg: dict, lam: float) -> None:
 def test_no_grad_and_bf16_logits() -> None:
     batch = make_batch("topk", 2, 8, 61, 1.0, torch.float32)
     logits = student_logits(2, 8, 61, torch.bfloat16)
-    loss = DistillLoss(kind="topk", lam=0.5, chunk_positions=4)
+    loss = DistillLoss(kind="topk", lam=0.5, chunk_bytes=rows(4, 61))
     out = loss(logits, batch)
     assert out.total.dtype == torch.float32
     with torch.no_grad():
@@ -384,17 +389,17 @@ def test_chunking_bounds_forward_memory(kind: str, monkeypatch: pytest.MonkeyPat
     b, t, v, chunk = 4, 64, 4096, 32
     batch = make_batch(kind, b, t, v, 1.0, torch.float32)
     logits_bytes = b * t * v * 4
-    loss = DistillLoss(kind=kind, lam=0.5, chunk_positions=chunk)
+    loss = DistillLoss(kind=kind, lam=0.5, chunk_bytes=rows(chunk, v))
     saved, largest = forward_memory(loss, student_logits(b, t, v, torch.float32), batch)
     assert saved < logits_bytes
     assert largest <= chunk * v * 4  # no intermediate bigger than one chunk's float32 logits
     # Controls: the same measurements catch a loss that is not chunked, or (for a full store,
     # whose log-softmax is [chunk, V]) not checkpointed. Top-k keeps only [chunk, k] tensors
     # at tau = 1 and is not checkpointed at all.
-    one_chunk = DistillLoss(kind=kind, lam=0.5, chunk_positions=b * t)
+    one_chunk = DistillLoss(kind=kind, lam=0.5, chunk_bytes=rows(b * t, v))
     unchunked_largest = forward_memory(one_chunk, student_logits(b, t, v, torch.float32), batch)[1]
     assert unchunked_largest >= logits_bytes if kind == "full" else unchunked_largest <= b * t * 64
-    monkeypatch.setattr(kd_losses, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
+    monkeypatch.setattr(losses, "checkpoint", lambda fn, *args, use_reentrant: fn(*args))
     unchecked = forward_memory(loss, student_logits(b, t, v, torch.float32), batch)[0]
     assert unchecked >= logits_bytes if kind == "full" else unchecked == saved
 
@@ -410,7 +415,7 @@ def test_chunking_bounds_forward_memory(kind: str, monkeypatch: pytest.MonkeyPat
         {"kind": "full", "lam": 1.5},
         {"kind": "full", "tau": 0.0},
         {"kind": "full", "z_loss": -1.0},
-        {"kind": "full", "chunk_positions": 0},
+        {"kind": "full", "chunk_bytes": 0},
     ],
 )
 def test_bad_config_is_a_train_error(cfg: dict) -> None:
@@ -422,3 +427,134 @@ def test_missing_extra_is_a_train_error() -> None:
     batch = make_batch("full", 1, 4, 9, 1.0)
     with pytest.raises(TrainError, match="'ids'"):
         DistillLoss(kind="topk")(student_logits(1, 4, 9), batch)
+
+
+# ---- distill_loss: the public function over dict batches ----
+
+
+def as_dict(batch: Batch, tau: float | None = None) -> dict[str, Tensor]:
+    """A `Batch` as the dict batches `distill_loss` takes (teacher_* keys, teacher_temperature)."""
+    names = {extra: key for key, extra in kd_losses.BATCH_KEYS.items()}
+    d = {"input_ids": batch.inputs, "labels": batch.targets,
+         **{names[extra]: val for extra, val in batch.extras.items()}}
+    if tau is not None:
+        d["teacher_temperature"] = torch.tensor(tau, dtype=torch.float32)
+    return d
+
+
+def test_batch_keys_cover_every_kind() -> None:
+    extras = {e for kind_extras in kd_losses.KIND_EXTRAS.values() for e in kind_extras}
+    assert set(kd_losses.BATCH_KEYS.values()) == extras
+    assert all(key.startswith("teacher_") for key in kd_losses.BATCH_KEYS)
+    for kind in kd_losses.KIND_EXTRAS:
+        assert kd_losses.batch_kind(as_dict(make_batch(kind, 1, 2, 9, 1.0), 1.0)) == kind
+    assert kd_losses.batch_kind({"input_ids": 0, "labels": 0}) is None
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_distill_loss_is_the_mean_of_distill_loss_sums(cfg: dict) -> None:
+    tau = cfg.get("tau", 1.0)
+    batch = make_batch(cfg["kind"], 2, 6, 61, tau)
+    opts = {"divergence": cfg.get("divergence", "kl_forward"), "tail": cfg.get("tail", "tail")}
+    logits = student_logits(2, 6, 61)
+    got = kd_losses.distill_loss(as_dict(batch, tau), logits=logits, lam=0.5, z_loss=1e-3, **opts)
+    want = DistillLoss(kind=cfg["kind"], lam=0.5, tau=tau, z_loss=1e-3, **opts)(logits, batch)
+    assert got.dim() == 0 and got.requires_grad
+    assert abs(got.item() - want.total.item() / 12) < 1e-12
+
+    # The hidden-state path gives the same loss and gradients, with a padded head cut to V.
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    from_hidden = kd_losses.distill_loss(as_dict(batch, tau), hidden=hidden, lm_head=head, vocab=61, **opts)
+    g_hidden = torch.autograd.grad(from_hidden, [hidden, head])
+    from_logits = kd_losses.distill_loss(as_dict(batch, tau), logits=hidden @ head.T, vocab=61, **opts)
+    g_logits = torch.autograd.grad(from_logits, [hidden, head])
+    assert abs(from_hidden.item() - from_logits.item()) <= 1e-10 * abs(from_logits.item())
+    for a, b in zip(g_hidden, g_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    assert not g_hidden[1][61:].any()
+
+
+def test_distill_loss_without_teacher_keys_is_supervised() -> None:
+    batch = make_batch("full", 2, 6, 61, 1.0)
+    logits = student_logits(2, 6, 61)
+    plain = {"input_ids": batch.inputs, "labels": batch.targets}
+    got = kd_losses.distill_loss(plain, logits=logits, z_loss=1e-3)
+    assert abs(got.item() - NextTokenLoss(1e-3)(logits, batch).total.item() / 12) < 1e-12
+    linear = torch.nn.Linear(8, 61, bias=False, dtype=torch.float64)  # a module works as lm_head
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64)
+    assert abs(kd_losses.distill_loss(plain, hidden=hidden, lm_head=linear).item()
+               - kd_losses.distill_loss(plain, logits=linear(hidden)).item()) < 1e-12
+
+
+def test_distill_loss_defaults_are_kdcache_trains() -> None:
+    import dataclasses
+    import inspect
+
+    from kdcache.train import job
+
+    # Every settings dataclass of `kdcache train`, however the job config nests them.
+    defaults: dict[str, set] = {}
+    for obj in vars(job).values():
+        if dataclasses.is_dataclass(obj) and isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                if f.default is not dataclasses.MISSING:
+                    defaults.setdefault(f.name, set()).add(f.default)
+    params = inspect.signature(kd_losses.distill_loss).parameters
+    for name in ("tail", "divergence", "lam", "z_loss"):
+        assert defaults[name] == {params[name].default}, name
+
+
+def test_distill_loss_reads_the_batch_temperature() -> None:
+    batch = make_batch("topk", 2, 6, 61, 0.7)
+    logits = student_logits(2, 6, 61)
+    want = DistillLoss(kind="topk", tau=0.7)(logits, batch).total.item() / 12
+    d = as_dict(batch, 0.7)  # stored as float32: 0.699999988
+    assert kd_losses.distill_loss(d, logits=logits).item() == want  # the store's own 0.7
+    assert kd_losses.distill_loss(d, logits=logits, temperature=0.7).item() == want
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        kd_losses.distill_loss(d, logits=logits, temperature=1.0)
+    no_temp = as_dict(batch)
+    assert abs(kd_losses.distill_loss(no_temp, logits=logits).item()
+               - DistillLoss(kind="topk")(logits, batch).total.item() / 12) < 1e-12
+
+
+def test_distill_loss_cuts_a_padded_student() -> None:
+    batch = make_batch("sampled", 2, 6, 61, 1.0)
+    padded = torch.cat([student_logits(2, 6, 61), torch.full((2, 6, 3), 5.0, dtype=torch.float64)], -1)
+    got = kd_losses.distill_loss(as_dict(batch), logits=padded, vocab=61)
+    assert got.item() == kd_losses.distill_loss(as_dict(batch), logits=padded[..., :61]).item()
+    assert got.item() != kd_losses.distill_loss(as_dict(batch), logits=padded).item()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "needs logits=, or hidden= and lm_head="),
+        ({"hidden": "h"}, "needs lm_head="),
+        ({"lm_head": "w"}, "needs hidden="),
+        ({"logits": "s", "hidden": "h", "lm_head": "w"}, "not both"),
+        ({"logits": "s", "tail": "uniform"}, "tail mode"),
+        ({"logits": "s", "divergence": "kl_sym"}, "divergence"),
+        ({"logits": "s", "lam": 2.0}, "lam"),
+        ({"logits": "s", "vocab": 62}, "vocab"),
+        ({"hidden": "h", "lm_head": "w", "vocab": 62}, "vocab"),
+    ],
+)
+def test_distill_loss_refuses_bad_arguments(kwargs: dict, match: str) -> None:
+    values = {"s": student_logits(1, 4, 61), "h": torch.zeros(1, 4, 8, dtype=torch.float64),
+              "w": torch.zeros(61, 8, dtype=torch.float64)}
+    kwargs = {k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for batch in (as_dict(make_batch("topk", 1, 4, 61, 1.0)), {"input_ids": ids, "labels": ids}):
+        with pytest.raises(ValueError, match=match):
+            kd_losses.distill_loss(batch, **kwargs)
+
+
+def test_distill_loss_refuses_a_batch_of_no_kind() -> None:
+    batch = as_dict(make_batch("topk", 1, 4, 61, 1.0))
+    del batch["teacher_tail_logmass"]
+    with pytest.raises(ValueError, match="match no store kind"):
+        kd_losses.distill_loss(batch, logits=student_logits(1, 4, 61))
+    with pytest.raises(ValueError, match="labels"):
+        kd_losses.distill_loss({"input_ids": batch["input_ids"]}, logits=student_logits(1, 4, 61))

@@ -81,9 +81,9 @@ def test_eval_rows_zero_refused_before_any_output(
     tiny_data_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(TrainError, match="--eval-rows must be >= 1"):
-        TrainJobConfig(data="d", out="o", layers=1, eval_rows=0)
+        TrainJobConfig.from_flat(data="d", out="o", layers=1, eval_rows=0)
     with pytest.raises(TrainError, match="--threads must be >= 1"):
-        TrainJobConfig(data="d", out="o", layers=1, threads=0)
+        TrainJobConfig.from_flat(data="d", out="o", layers=1, threads=0)
     assert main([*_argv(tiny_data_path, tmp_path / "m"), "--eval-rows", "0"]) == 1
     assert "eval-rows must be >= 1" in _one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []

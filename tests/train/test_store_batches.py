@@ -59,15 +59,81 @@ def _write(path: Path, meta: StoreMeta, shards: list[int] | None = None) -> dict
     return rows
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
+def _round_robin_windows(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                         world: int = 1, block_rows: int = 16, window_batches: int = 4) -> list[np.ndarray]:
+    """The order before batch_size became global: window w went whole to rank w % world."""
+    blocks = np.random.default_rng([seed, epoch]).permutation(-(-n_rows // block_rows))
+    seq = np.concatenate([np.arange(s, min(s + block_rows, n_rows)) for s in blocks * block_rows])
+    window_rows = window_batches * batch_size
+    out = []
+    for w in range(rank, -(-n_rows // window_rows), world):
+        rows = seq[w * window_rows : (w + 1) * window_rows]
+        rows = np.random.default_rng([seed, epoch, w]).permutation(rows)
+        usable = len(rows) // batch_size * batch_size
+        if usable:
+            out.append(rows[:usable].reshape(-1, batch_size))
+    return out
+
+
+@pytest.mark.parametrize(("n_rows", "batch_size", "seed"),
+                         [(203, 8, 3), (1000, 16, 0), (37, 5, 9), (64, 64, 1)])
+def test_one_rank_keeps_the_round_robin_order(n_rows: int, batch_size: int, seed: int) -> None:
+    """Runs on one rank see exactly the batches they saw before the order became world-independent."""
+    order = RowOrder(n_rows=n_rows, batch_size=batch_size, seed=seed)
+    for epoch in range(3):
+        old = _round_robin_windows(n_rows, batch_size, seed, epoch)
+        assert [w.shape for w in order.windows(epoch)] == [w.shape for w in old]
+        assert all(np.array_equal(a, b) for a, b in zip(order.windows(epoch), old, strict=True))
+        assert order.batches_per_epoch() == sum(len(w) for w in old)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_row_order_covers_each_row_once_per_epoch_and_splits_ranks(world: int) -> None:
     orders = [RowOrder(n_rows=203, batch_size=8, seed=3, rank=r, world=world) for r in range(world)]
     seen = np.concatenate([np.concatenate(o.windows(epoch=1)).ravel() for o in orders])
     assert len(seen) == len(set(seen.tolist()))  # disjoint across ranks, no repeats
-    assert len(seen) >= 203 - world * 8 * 4  # at most the short tail windows are dropped
-    assert sum(o.batches_per_epoch() for o in orders) * 8 == len(seen)
+    assert len(seen) == 203 // 8 * 8  # only the rows short of a last global batch drop
+    assert all(o.batches_per_epoch() == 203 // 8 and o.local_batch == 8 // world for o in orders)
     single = np.concatenate(RowOrder(n_rows=203, batch_size=8, seed=3).windows(1)).ravel()
     assert set(seen.tolist()) <= set(range(203)) and not np.array_equal(single, np.sort(single))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_take_slices_of_the_world_one_batches(world: int) -> None:
+    """The data a run sees does not depend on its world size: rank r's batch j is rows
+    [r*b, (r+1)*b) of the single-rank batch j, in every epoch, window by window."""
+    single = RowOrder(n_rows=203, batch_size=8, seed=3)
+    ranks = [RowOrder(n_rows=203, batch_size=8, seed=3, rank=r, world=world) for r in range(world)]
+    for epoch in range(4):
+        whole = single.windows(epoch)
+        parts = [o.windows(epoch) for o in ranks]
+        for w, window in enumerate(whole):
+            assert all(p[w].shape == (len(window), 8 // world) for p in parts)
+            np.testing.assert_array_equal(np.concatenate([p[w] for p in parts], axis=1), window)
+
+
+def test_refuses_a_batch_size_the_world_does_not_divide(tmp_path: Path, tiny_data: TokenData) -> None:
+    message = r"^--batch-size 6 is not divisible by the world size 4$"
+    with pytest.raises(TrainError, match=message):
+        RowOrder(n_rows=100, batch_size=6, seed=0, rank=0, world=4)
+    with pytest.raises(TrainError, match=message):
+        TokenBatches(tiny_data, "student", batch_size=6, seed=0, rank=3, world=4)
+    _write(tmp_path / "s", _meta())
+    with pytest.raises(TrainError, match=message):
+        StoreBatches(str(tmp_path / "s"), batch_size=6, seed=0, rank=2, world=4)
+    with pytest.raises(TrainError, match="rank 4 must lie in"):
+        RowOrder(n_rows=100, batch_size=8, seed=0, rank=4, world=4)
+
+
+def test_token_batches_split_each_global_batch(tiny_data: TokenData) -> None:
+    single = TokenBatches(tiny_data, "student", batch_size=8, seed=2)
+    ranks = [TokenBatches(tiny_data, "student", batch_size=8, seed=2, rank=r, world=2) for r in range(2)]
+    for _ in range(single.order.batches_per_epoch() + 5):  # into the second epoch
+        whole = single.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        assert all(p.inputs.shape == (4, tiny_data.seq_len) for p in parts)
+        assert torch.equal(torch.cat([p.inputs for p in parts]), whole.inputs)
+        assert all(r.state_dict() == single.state_dict() for r in ranks)
 
 
 def test_row_order_is_chunk_local_and_seeded() -> None:
@@ -131,15 +197,21 @@ def test_resume_mid_epoch_gives_the_same_batches(tmp_path: Path, prefetch: int) 
     a.close(), b.close()
 
 
-def test_ranks_read_disjoint_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_ranks_read_their_slices_of_each_global_batch(tmp_path: Path, prefetch: int) -> None:
     _write(tmp_path / "s", _meta())
-    seen = []
-    for rank in range(2):
-        loader = StoreBatches(str(tmp_path / "s"), batch_size=4, seed=0, rank=rank, world=2)
-        rows = [loader.next_batch().inputs[:, 0].tolist() for _ in range(loader.order.batches_per_epoch())]
-        seen.append({r for batch in rows for r in batch})
+    single = StoreBatches(str(tmp_path / "s"), batch_size=8, seed=0, prefetch=prefetch)
+    ranks = [StoreBatches(str(tmp_path / "s"), batch_size=8, seed=0, rank=r, world=2, prefetch=prefetch)
+             for r in range(2)]
+    for _ in range(single.order.batches_per_epoch() + 3):
+        whole = single.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        assert torch.equal(torch.cat([p.inputs for p in parts]), whole.inputs)
+        for name in whole.extras:
+            assert torch.equal(torch.cat([p.extras[name] for p in parts]), whole.extras[name])
+        assert all(r.state_dict() == single.state_dict() for r in ranks)
+    for loader in [single, *ranks]:
         loader.close()
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])

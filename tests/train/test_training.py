@@ -144,11 +144,11 @@ def test_training_beats_unigram_entropy(tiny_data: TokenData) -> None:
 
 def test_job_config_errors() -> None:
     with pytest.raises(TrainError, match="--split"):
-        TrainJobConfig(data="d", out="o", layers=2, split="valid")
+        TrainJobConfig.from_flat(data="d", out="o", layers=2, split="valid")
     with pytest.raises(TrainError, match="--layers"):
-        TrainJobConfig(data="d", out="o", layers=0)
+        TrainJobConfig.from_flat(data="d", out="o", layers=0)
     with pytest.raises(TrainError, match="--lr"):
-        TrainJobConfig(data="d", out="o", layers=1, lr=0.0)
+        TrainJobConfig.from_flat(data="d", out="o", layers=1, lr=0.0)
 
 
 def test_next_token_loss_matches_float64_reference() -> None:

@@ -1,0 +1,256 @@
+"""`StoreDataset`: a logit store as a PyTorch `IterableDataset` of distillation batches.
+
+Iterating yields the rest of the current epoch as dicts of tensors:
+
+- `input_ids`, `labels`: [b, T] int64, labels[:, t] the token after input_ids[:, t].
+- The store's teacher targets, by kind (`kd_losses.KIND_EXTRAS`, keyed `BATCH_KEYS`):
+  `teacher_ids` (int64), `teacher_logprobs` (float32, log-probs at the store's
+  temperature), `teacher_tail_logmass` (float32, top-k stores) and `teacher_counts`
+  (float32, sampled stores), each [b, T, k] or [b, T].
+- `teacher_temperature`: a 0-d float32 tensor, the store's temperature, so a loss cannot
+  silently soften the student at another one.
+
+Rows follow `RowOrder`: `batch_size` is the global batch and rank r of `world` (taken
+from `torch.distributed` when it is initialised) yields rows [r * b, (r + 1) * b),
+b = batch_size // world, of each global batch and reads only those, so what a run sees
+does not depend on its world size. Reads go one window at a time: this rank's rows of
+a window, one `read_rows` call, then the window's batches from memory.
+
+`kd_losses.batch_from_dict` turns a batch into the trainer's `Batch` and
+`batch_to_dict` turns one back.
+
+The position is (epoch, global batch), the same on every rank. Iterating advances it
+batch by batch and leaves it at (epoch + 1, 0) after the epoch's last batch, so
+`state_dict()` taken between batches and `load_state_dict()` on a fresh dataset give
+exactly the batches an uninterrupted iteration would have; `set_epoch(e)` moves to the
+start of epoch e. Iterate one iterator at a time: each moves the same position.
+
+Under a `DataLoader(ds, batch_size=None, num_workers=n)`, worker i yields the batches
+i, i + n, i + 2n, ... counted from the position at which iteration began, and reads only
+their rows; the loader takes one batch from each worker in turn, so it yields exactly
+the sequence in-process iteration would. The workers iterate copies, though, so this
+object's position does not move: iterate `ds.loader(num_workers=n)` instead, which
+advances it as each batch is handed out (or call `advance()` per batch yourself).
+Persistent workers keep stale copies across epochs; do not use them with this dataset.
+
+A store still being built is usable: a window whose shards are not committed yet
+waits for them (polling the ledger), so a run started during caching trains on exactly
+what a run started after it would. It gives up after `wait_timeout_s` seconds without a
+new commit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kdcache.storage import StoreMeta, StoreReader, read_meta
+from kdcache.train.batches import Batch, OrderedBatches
+from kdcache.train.errors import TrainError
+from kdcache.train.kd_losses import BATCH_KEYS, KIND_EXTRAS, TEMPERATURE_KEY
+from kdcache.train.row_order import RowOrder
+
+_DICT_KEY = {extra: key for key, extra in BATCH_KEYS.items()}
+_TORCH_DTYPE = {"ids": torch.int64, "logprobs": torch.float32, "tail_logmass": torch.float32,
+                "counts": torch.float32}
+
+
+def batch_to_dict(batch: Batch, *, temperature: float | None = None) -> dict[str, Tensor]:
+    """The trainer's `Batch` -> a batch dict; teacher targets need their `temperature`.
+
+    The inverse of `kd_losses.batch_from_dict` (which drops the temperature: the trainer's
+    loss holds it).
+    """
+    unknown = sorted(set(batch.extras) - set(_DICT_KEY))
+    if unknown:
+        raise TrainError(f"batch extras {unknown} have no batch-dict key (known: {sorted(_DICT_KEY)})")
+    out = {"input_ids": batch.inputs, "labels": batch.targets}
+    out.update({_DICT_KEY[name]: values for name, values in batch.extras.items()})
+    if temperature is not None:
+        out[TEMPERATURE_KEY] = torch.tensor(temperature, dtype=torch.float32)
+    elif batch.extras:
+        raise TrainError("a batch with teacher targets needs the temperature they were computed at")
+    return out
+
+
+def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    """Defaults from `torch.distributed` when a process group is initialised, else 0 of 1."""
+    dist = torch.distributed
+    on = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if on else 0
+    if world is None:
+        world = dist.get_world_size() if on else 1
+    return rank, world
+
+
+class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
+    """One epoch at a time of this rank's batches from the logit store at `path`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int | None = None,
+        world: int | None = None,
+        wait_timeout_s: float = 3600.0,
+    ) -> None:
+        self.path = str(path)
+        self._fields = ("tokens", *KIND_EXTRAS[read_meta(self.path).kind])
+        self._reader: StoreReader | None = StoreReader(self.path, self._fields)
+        self._reader.check_files()
+        rank, world = _rank_world(rank, world)
+        OrderedBatches.__init__(self, RowOrder(n_rows=self.meta.rows, batch_size=batch_size, seed=seed,
+                                               rank=rank, world=world))
+        self.wait_timeout_s = wait_timeout_s
+
+    @property
+    def reader(self) -> StoreReader:
+        """The store's reader, opened again in a process that received a pickled copy."""
+        if self._reader is None:
+            self._reader = StoreReader(self.path, self._fields)
+        return self._reader
+
+    @property
+    def meta(self) -> StoreMeta:
+        return self.reader.meta
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def temperature(self) -> float:
+        return self.meta.temperature
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.meta.seq_len
+
+    @property
+    def rank(self) -> int:
+        return self.order.rank
+
+    @property
+    def world(self) -> int:
+        return self.order.world
+
+    @property
+    def local_batch(self) -> int:
+        """Sequences in each batch this rank yields: batch_size // world."""
+        return self.order.local_batch
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch (from any position)."""
+        return self.order.batches_per_epoch()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Zarr handles are not sent to worker processes; each opens the store itself.
+        return {**self.__dict__, "_reader": None}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the first batch of `epoch` (each epoch has its own shuffle)."""
+        if epoch < 0:
+            raise TrainError(f"epoch {epoch} must be at least 0")
+        self.epoch, self.batch = epoch, 0
+
+    def advance(self, batches: int = 1) -> None:
+        """Move the position `batches` batches on, across epochs."""
+        per_epoch = len(self)
+        self.epoch, self.batch = divmod(self.epoch * per_epoch + self.batch + batches, per_epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self._epoch(self.epoch, self.batch, worker, workers)
+
+    def _epoch(self, epoch: int, start: int, worker: int, workers: int) -> Iterator[dict[str, Tensor]]:
+        for index, batch in self.read_batches(epoch, start, worker=worker, workers=workers):
+            # Moved before the batch is handed out: a state_dict taken while the caller
+            # holds it resumes at the next one.
+            self.epoch, self.batch = epoch, index + 1
+            if self.batch == len(self):
+                self.epoch, self.batch = epoch + 1, 0
+            yield batch
+        self.epoch, self.batch = epoch + 1, 0
+
+    def loader(self, num_workers: int = 2, **kwargs: Any) -> Iterator[dict[str, Tensor]]:
+        """The rest of the epoch through a `DataLoader(self, batch_size=None, num_workers=...,
+        **kwargs)`, advancing this object's position as each batch is handed out, as iterating
+        it in-process does; `state_dict()` stays exact however many workers read."""
+        if kwargs.get("persistent_workers"):
+            raise TrainError("persistent_workers would keep each worker's position across epochs")
+        for batch in DataLoader(self, batch_size=None, num_workers=num_workers, **kwargs):
+            if num_workers:  # in-process, iterating moved the position already
+                self.advance()
+            yield batch
+
+    def read_batches(
+        self, epoch: int, start: int = 0, *, worker: int = 0, workers: int = 1,
+        stop: threading.Event | None = None,
+    ) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """(global batch index, this rank's share of it) for batches start + worker,
+        start + worker + workers, ... of `epoch`, reading one window at a time; the position
+        is not touched. Ends without reading further once `stop` is set."""
+        first = 0
+        for window in self.order.windows(epoch):
+            index = np.arange(first, first + len(window))
+            first += len(window)
+            index = index[(index >= start) & ((index - start) % workers == worker)]
+            if not index.size:
+                continue
+            batches = window[index - (first - len(window))]
+            rows = np.unique(batches)
+            if not self._wait_for(rows, stop):
+                return
+            values = self.reader.read_rows(rows)
+            for i, batch_rows in zip(index.tolist(), batches, strict=True):
+                yield i, self._to_dict(values, np.searchsorted(rows, batch_rows))
+
+    def _to_dict(self, values: dict[str, np.ndarray], pos: np.ndarray) -> dict[str, Tensor]:
+        tokens = torch.from_numpy(values["tokens"][pos].astype(np.int64))
+        out = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+        for name in self._fields[1:]:
+            out[_DICT_KEY[name]] = torch.from_numpy(values[name][pos]).to(_TORCH_DTYPE[name])
+        out[TEMPERATURE_KEY] = torch.tensor(self.temperature, dtype=torch.float32)
+        return out
+
+    def _wait_for(self, rows: np.ndarray, stop: threading.Event | None) -> bool:
+        """Wait until the shards holding `rows` are committed; False when `stop` was set."""
+        reader = self.reader
+        shards = np.unique(rows // self.meta.shard_rows)
+        committed = set(reader.committed_shards)
+        last_progress, told = time.monotonic(), False
+        while not committed.issuperset(shards.tolist()):
+            if stop is not None and stop.is_set():
+                return False
+            before = len(committed)
+            reader.refresh()
+            committed = set(reader.committed_shards)
+            if len(committed) > before:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > self.wait_timeout_s:
+                raise TrainError(
+                    f"{self.path}: no shard committed for {self.wait_timeout_s:.0f} s while waiting for "
+                    f"shards {sorted(set(shards.tolist()) - committed)} (is the cache job running?)"
+                )
+            if not told:
+                print(f"waiting for {self.path} shards to be committed by the cache job", file=sys.stderr)
+                told = True
+            time.sleep(0.5)
+        return stop is None or not stop.is_set()

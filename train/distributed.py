@@ -1,0 +1,160 @@
+"""Data parallelism: one student over many ranks, launched by torchrun or Ray Train.
+
+`kdcache train` runs as one rank of a process group when it finds one:
+
+- `torchrun --nproc-per-node N kdcache train ...` sets RANK / WORLD_SIZE / LOCAL_RANK
+  (and MASTER_ADDR / MASTER_PORT); `World.start` joins that group, gloo on CPU and
+  NCCL on GPU, each rank on `cuda:LOCAL_RANK`.
+- `kdcache train --workers N [--ray-address ADDR]` starts N Ray Train workers
+  (`TorchTrainer`), which set up the group and the same variables, across nodes.
+
+Every rank reads only its slice of each global batch (`row_order.py`), so 1 and N ranks
+with the same flags train the same model up to floating-point reduction order.
+Gradients are averaged by DDP, or the model is sharded with FSDP2 (`fully_shard`, one
+unit per decoder layer plus the root) under `--fsdp`. Rank 0 alone writes: checkpoints,
+the MODEL directory and the runs-table row; the others wait at barriers. Rank 0's
+checkpoint is read by every rank on resume, so OUT must be on a filesystem every node
+sees (as it must for the MODEL directory anyway).
+
+Ranks started with different flags would train garbage without an error, so each rank
+hashes its settings at start and the group compares the hashes first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kdcache.train.errors import TrainError
+
+TIMEOUT = timedelta(minutes=30)
+"""How long a rank waits at a collective (rank 0 may be saving a big checkpoint)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the group: rank, world size, and the device it trains on."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1 or dist.is_initialized()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def start(device: str) -> World:
+        """Join the launcher's process group (torchrun, Ray Train), or run alone.
+
+        A group already initialised (Ray Train does it) is used as it is; otherwise the
+        environment torchrun sets starts one, gloo on CPU and NCCL on CUDA.
+        """
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if not dist.is_initialized() and size <= 1:
+            return World(device=device)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise TrainError(f"--device {device}: no CUDA device is available")
+            device = f"cuda:{local}"
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            dist.init_process_group(backend, timeout=TIMEOUT)
+        return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, device=device)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def check_same(self, settings: str) -> None:
+        """Refuse ranks started with different settings (compared as sha256 digests)."""
+        if not self.distributed:
+            return
+        digest = torch.tensor(list(hashlib.sha256(settings.encode()).digest()), dtype=torch.uint8)
+        digest = digest.to(self._collective_device())
+        gathered = [torch.empty_like(digest) for _ in range(self.size)]
+        dist.all_gather(gathered, digest)
+        differ = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
+        if differ:
+            raise TrainError(
+                f"ranks disagree on their flags: rank {differ[0]}'s settings differ from rank 0's "
+                "(start every rank with the same command)"
+            )
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over ranks (every rank gets it)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(t)
+        return float(t.item()) / self.size
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce a tensor's sum in place (a no-op alone); returns it."""
+        if self.distributed:
+            moved = t.to(self._collective_device())
+            dist.all_reduce(moved)
+            t.copy_(moved)
+        return t
+
+    def first_error(self, error: BaseException | None) -> None:
+        """Raise on every rank when any rank failed, so none waits forever at a collective."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        flag = torch.tensor([0 if error is None else 1], device=self._collective_device())
+        dist.all_reduce(flag)
+        if error is not None:
+            raise error
+        if flag.item():
+            raise TrainError("another rank failed (its error is printed above)")
+
+    def _collective_device(self) -> torch.device:
+        backend = dist.get_backend() if dist.is_initialized() else "gloo"
+        return torch.device(self.device) if backend == "nccl" else torch.device("cpu")
+
+
+def wrap(module: nn.Module, world: World, *, fsdp: bool, layers: list[nn.Module]) -> nn.Module:
+    """The module each step runs: DDP over the group, FSDP2 shards with `fsdp`, else itself."""
+    if fsdp:
+        if not world.distributed:
+            raise TrainError("--fsdp needs a distributed launch (torchrun, or --workers N)")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    if not world.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(world.device)] if world.device.startswith("cuda") else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+@contextmanager
+def main_first(world: World) -> Iterator[bool]:
+    """Rank 0 runs the block (yields True there), then every rank passes the barrier."""
+    error: BaseException | None = None
+    try:
+        yield world.main
+    except BaseException as exc:
+        error = exc
+    world.first_error(error)

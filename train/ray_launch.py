@@ -1,0 +1,93 @@
+"""`kdcache train --workers N`: the run's ranks as Ray Train workers (`TorchTrainer`).
+
+Ray Train starts N workers (on this machine's Ray, or the cluster at `--ray-address`),
+each with `--threads` CPUs (and a GPU under `--device cuda`), sets up their process
+group (gloo on CPU, NCCL on GPU) and RANK / WORLD_SIZE / LOCAL_RANK; each worker then
+runs the same rank code torchrun's processes run (`run.py`). Rank 0 writes OUT and the
+runs-table row; the driver reads the row back from OUT's kdcache.json.
+
+A worker killed mid-run makes Ray Train restart the group (up to `MAX_FAILURES` times),
+which resumes from the last checkpoint. A rank's own error (a bad input found late) is
+not retried; the driver raises it as the one line it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import KdcacheError
+from kdcache.train.errors import TrainError
+from kdcache.train.job import TrainJobConfig
+
+MAX_FAILURES = 2
+
+
+def _rank(settings: dict[str, Any]) -> None:
+    """One Ray Train worker: the group is up; run this rank."""
+    from kdcache.train.run import run_training
+
+    run_training(TrainJobConfig.from_flat(**settings))
+
+
+def run_on_ray_train(cfg: TrainJobConfig):  # -> TrainResult (imported late: run.py imports this module)
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kdcache.train.model_dir import META
+    from kdcache.train.run import TrainResult, _recorded_row
+
+    rt = cfg.runtime
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=rt.ray_address, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=not rt.quiet, configure_logging=False)
+    gpu = rt.device.startswith("cuda")
+    storage = tempfile.mkdtemp(prefix="kdcache-ray-train-")
+    try:
+        trainer = TorchTrainer(
+            _rank,
+            train_loop_config=cfg.flat(),
+            scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=gpu,
+                                         resources_per_worker={"CPU": rt.threads or 1}),
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            run_config=RunConfig(name=Path(cfg.out).name or "kdcache-train", storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=MAX_FAILURES)),
+        )
+        try:
+            trainer.fit()
+        except Exception as exc:
+            raise _rank_error(exc) from None
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+        if started:
+            ray.shutdown()
+    out = Path(cfg.out)
+    row = _recorded_row(out) if (out / META).is_file() else None
+    if row is None:
+        raise TrainError(f"{out}: the Ray Train ranks ended without writing {META}")
+    return TrainResult(out=out, row=row)
+
+
+def _rank_error(exc: BaseException) -> BaseException:
+    """The first rank's own error out of Ray Train's wrapping, else a one-line TrainError."""
+    seen: list[BaseException] = []
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, KdcacheError):
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, KdcacheError) else e
+        stack.extend(getattr(e, "worker_failures", {}).values())
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    text = [line for line in str(exc).splitlines() if line.strip()]
+    return TrainError(f"Ray Train failed: {text[-1] if text else type(exc).__name__}")
+
+
