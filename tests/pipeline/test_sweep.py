@@ -39,6 +39,7 @@ def _sweep_file(tmp_path: Path, token_data: Path, stores: list[Path]) -> Path:
             {"layers": 1},
             {"layers": 1, "distill": [str(s) for s in stores], "lambda": [1.0, 0.5]},
             {"layers": 1, "online_teacher": str(stores[0].parent / "teacher0")},
+            {"layers": 2, "workers": 2, "run_id": "two-ranks"},  # one run over 2 Ray Train ranks
             {"layers": 1, "distill": str(tmp_path / "missing-store"), "run_id": "broken"},
         ],
     }
@@ -53,29 +54,31 @@ def test_sweep_runs_the_grid_skips_finished_and_isolates_failures(
     sweep = _sweep_file(tmp_path, token_data, stores)
     assert main(["sweep", "--config", str(sweep), "--json"]) == 1  # the broken run fails
     result = json.loads(capsys.readouterr().out)
-    assert result["runs"] == 7 and result["done"] == 6 and result["skipped"] == 0
+    assert result["runs"] == 8 and result["done"] == 7 and result["skipped"] == 0
     assert list(result["failed"]) == ["broken"] and "not a kdcache store" in result["failed"]["broken"]
 
     rows = pq.read_table(tmp_path / "runs.parquet").to_pylist()
     kinds = sorted(r["kind"] for r in rows)
-    assert kinds == ["distill"] * 4 + ["online", "supervised"]
+    assert kinds == ["distill"] * 4 + ["online", "supervised", "supervised"]
     distilled = [r for r in rows if r["kind"] == "distill"]
     assert {r["store"] for r in distilled} == {str(s.resolve()) for s in stores}
     assert sorted(r["lambda"] for r in distilled) == [0.5, 0.5, 1.0, 1.0]
-    assert len({r["run_id"] for r in rows}) == 6
+    assert len({r["run_id"] for r in rows}) == 7
+    two = json.loads((tmp_path / "students" / "two-ranks" / "kdcache.json").read_text())["training"]
+    assert two["world"] == 2 and two["layers"] == 2
 
-    # Rerun: the six finished runs are skipped, nothing is appended twice.
+    # Rerun: the seven finished runs are skipped, nothing is appended twice.
     assert main(["sweep", "--config", str(sweep), "--json"]) == 1
     again = json.loads(capsys.readouterr().out)
-    assert again["skipped"] == 6 and again["done"] == 0
-    assert len(pq.read_table(tmp_path / "runs.parquet")) == 6
+    assert again["skipped"] == 7 and again["done"] == 0
+    assert len(pq.read_table(tmp_path / "runs.parquet")) == 7
 
     # The table is lost: the finished runs only append their rows again, training nothing.
     weights = {p: p.stat().st_mtime_ns for p in (tmp_path / "students").rglob("model.safetensors")}
     (tmp_path / "runs.parquet").unlink()
     assert main(["sweep", "--config", str(sweep), "--json"]) == 1
     healed = json.loads(capsys.readouterr().out)
-    assert healed["skipped"] == 0 and healed["done"] == 6 and list(healed["failed"]) == ["broken"], healed
+    assert healed["skipped"] == 0 and healed["done"] == 7 and list(healed["failed"]) == ["broken"], healed
     assert sorted(r["run_id"] for r in pq.read_table(tmp_path / "runs.parquet").to_pylist()) == sorted(
         r["run_id"] for r in rows)
     assert weights == {p: p.stat().st_mtime_ns for p in (tmp_path / "students").rglob("model.safetensors")}
