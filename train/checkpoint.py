@@ -68,7 +68,16 @@ def save_checkpoint(
 ) -> None:
     """Write the state after `step` completed steps (`full_state`'s two dicts); `info` is JSON."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
+    # Tied weights (an HF student's lm_head is its embedding) come back sharing memory, which
+    # safetensors refuses to write: each name gets its own copy.
+    seen: set[int] = set()
+    tensors: dict[str, Tensor] = {}
+    for k, v in model.items():
+        t = v.detach().cpu().contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[f"model.{k}"] = t
     for name, state in optimizer.items():
         for key, value in state.items():
             tensors[f"opt.{name}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()

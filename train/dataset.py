@@ -9,6 +9,8 @@ Iterating yields the rest of the current epoch as dicts of tensors:
   (float32, sampled stores), each [b, T, k] or [b, T].
 - `teacher_temperature`: a 0-d float32 tensor, the store's temperature, so a loss cannot
   silently soften the student at another one.
+- `vocab_size`: a 0-d int64 tensor, the tokenizer's ids, so `distill_loss` cuts a padded
+  student's logits to them.
 
 Rows follow `RowOrder`: `batch_size` is the global batch and rank r of `world` (taken
 from `torch.distributed` when it is initialised) yields rows [r * b, (r + 1) * b),
@@ -56,7 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kdcache.storage import StoreMeta, StoreReader, read_meta
 from kdcache.train.batches import Batch, OrderedBatches
 from kdcache.train.errors import TrainError
-from kdcache.train.kd_losses import BATCH_KEYS, KIND_EXTRAS, TEMPERATURE_KEY
+from kdcache.train.kd_losses import BATCH_KEYS, KIND_EXTRAS, TEMPERATURE_KEY, VOCAB_KEY
 from kdcache.train.row_order import RowOrder
 
 _DICT_KEY = {extra: key for key, extra in BATCH_KEYS.items()}
@@ -64,7 +66,9 @@ _TORCH_DTYPE = {"ids": torch.int64, "logprobs": torch.float32, "tail_logmass": t
                 "counts": torch.float32}
 
 
-def batch_to_dict(batch: Batch, *, temperature: float | None = None) -> dict[str, Tensor]:
+def batch_to_dict(
+    batch: Batch, *, temperature: float | None = None, vocab_size: int | None = None
+) -> dict[str, Tensor]:
     """The trainer's `Batch` -> a batch dict; teacher targets need their `temperature`.
 
     The inverse of `kd_losses.batch_from_dict` (which drops the temperature: the trainer's
@@ -79,6 +83,8 @@ def batch_to_dict(batch: Batch, *, temperature: float | None = None) -> dict[str
         out[TEMPERATURE_KEY] = torch.tensor(temperature, dtype=torch.float32)
     elif batch.extras:
         raise TrainError("a batch with teacher targets needs the temperature they were computed at")
+    if vocab_size is not None:
+        out[VOCAB_KEY] = torch.tensor(vocab_size, dtype=torch.int64)
     return out
 
 
@@ -228,6 +234,7 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
         for name in self._fields[1:]:
             out[_DICT_KEY[name]] = torch.from_numpy(values[name][pos]).to(_TORCH_DTYPE[name])
         out[TEMPERATURE_KEY] = torch.tensor(self.temperature, dtype=torch.float32)
+        out[VOCAB_KEY] = torch.tensor(self.vocab_size, dtype=torch.int64)
         return out
 
     def _wait_for(self, rows: np.ndarray, stop: threading.Event | None) -> bool:

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ from torch import nn
 
 from kdcache.train.errors import TrainError
 
+T = TypeVar("T")
 TIMEOUT = timedelta(minutes=30)
 """How long a rank waits at a collective (rank 0 may be saving a big checkpoint)."""
 
@@ -125,6 +126,30 @@ class World:
         if flag.item():
             raise TrainError("another rank failed (its error is printed above)")
 
+    def main_only(self, fn: Callable[[], T]) -> T | None:
+        """Run `fn` on rank 0 alone; its error is raised on every rank (the others get None).
+
+        Every rank-0-only step (the lock, a write) goes through here, so a failure there
+        stops the whole group instead of leaving the other ranks at their next collective.
+        """
+        result: T | None = None
+        error: BaseException | None = None
+        if self.main:
+            try:
+                result = fn()
+            except BaseException as exc:
+                error = exc
+        self.first_error(error)
+        return result
+
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's `flag`, on every rank (what rank 0 found decides what all of them do)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self._collective_device())
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
     def _collective_device(self) -> torch.device:
         backend = dist.get_backend() if dist.is_initialized() else "gloo"
         return torch.device(self.device) if backend == "nccl" else torch.device("cpu")
@@ -147,14 +172,3 @@ def wrap(module: nn.Module, world: World, *, fsdp: bool, layers: list[nn.Module]
 
     ids = [torch.device(world.device)] if world.device.startswith("cuda") else None
     return DistributedDataParallel(module, device_ids=ids)
-
-
-@contextmanager
-def main_first(world: World) -> Iterator[bool]:
-    """Rank 0 runs the block (yields True there), then every rank passes the barrier."""
-    error: BaseException | None = None
-    try:
-        yield world.main
-    except BaseException as exc:
-        error = exc
-    world.first_error(error)

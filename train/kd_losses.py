@@ -282,7 +282,7 @@ class DistillLoss:
 
     def _result(self, sums: Tensor, batch: Batch) -> LossSums:
         ce, kd, z = sums[1:].tolist()
-        return LossSums(total=sums[0], tokens=batch.tokens, metrics={"ce": ce, "kd": kd, "z": z})
+        return LossSums(total=sums[0].clone(), tokens=batch.tokens, metrics={"ce": ce, "kd": kd, "z": z})
 
     def _chunk_sums(self, s: Tensor, targets: Tensor, *extras: Tensor) -> Tensor:
         """[total, ce, kd, z] sums over one chunk; only `total` carries a gradient."""
@@ -335,6 +335,9 @@ BATCH_KEYS: dict[str, str] = {
 
 TEMPERATURE_KEY = "teacher_temperature"
 """Batch-dict key of the store's temperature (a 0-d float32 tensor)."""
+VOCAB_KEY = "vocab_size"
+"""Batch-dict key of the tokenizer's vocabulary size (a 0-d int64 tensor): the ids a padded
+student's logits or output layer must be cut to."""
 
 
 def batch_kind(batch: Mapping[str, Any]) -> str | None:
@@ -408,7 +411,9 @@ def distill_loss(
     Otherwise the loss is (1 - lam) * cross-entropy + lam * KD + z_loss * log(Z)^2, with
     `tail` and `divergence` as in `DistillLoss`, at the batch's `teacher_temperature`
     (an explicit `temperature` must equal it). `vocab` cuts a padded student to its first
-    `vocab` ids. The defaults are `kdcache train`'s. Bad arguments raise ValueError.
+    `vocab` ids; it defaults to the batch's `vocab_size` (a `StoreDataset` batch has it), so
+    a padded head's extra rows never take probability mass. The defaults are `kdcache
+    train`'s. Bad arguments raise ValueError.
     """
     if logits is not None and (hidden is not None or lm_head is not None):
         raise ValueError("give logits= or hidden= with lm_head=, not both")
@@ -419,6 +424,11 @@ def distill_loss(
             raise ValueError("hidden= needs lm_head= (the output layer's weight [V, d])")
         if hidden is None:
             raise ValueError("lm_head= needs hidden= (the student's final hidden states [B, T, d])")
+    if VOCAB_KEY in batch:
+        stored = int(batch[VOCAB_KEY])
+        if vocab is not None and vocab != stored:
+            raise ValueError(f"vocab={vocab} but the batch's {VOCAB_KEY} is {stored}")
+        vocab = stored
     try:
         b, kind = batch_from_dict(batch), batch_kind(batch)
         loss: NextTokenLoss | DistillLoss

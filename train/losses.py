@@ -162,4 +162,4 @@ class NextTokenLoss:
 
     def _result(self, sums: Tensor, batch: Batch) -> LossSums:
         ce, z = sums[1:].tolist()
-        return LossSums(total=sums[0], tokens=batch.tokens, metrics={"ce": ce, "z": z})
+        return LossSums(total=sums[0].clone(), tokens=batch.tokens, metrics={"ce": ce, "z": z})

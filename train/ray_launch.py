@@ -6,9 +6,11 @@ group (gloo on CPU, NCCL on GPU) and RANK / WORLD_SIZE / LOCAL_RANK; each worker
 runs the same rank code torchrun's processes run (`run.py`). Rank 0 writes OUT and the
 runs-table row; the driver reads the row back from OUT's kdcache.json.
 
-A worker killed mid-run makes Ray Train restart the group (up to `MAX_FAILURES` times),
-which resumes from the last checkpoint. A rank's own error (a bad input found late) is
-not retried; the driver raises it as the one line it is.
+A rank's error (a bad input found late, a killed worker) ends the run, and the driver
+raises it as the one line it is: Ray Train's failure policy cannot tell the two apart,
+and retrying a bad input would train again for nothing. Rerunning the same command
+resumes from the last checkpoint, so a killed worker loses at most `--checkpoint-every`
+steps.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from kdcache.errors import KdcacheError
 from kdcache.train.errors import TrainError
 from kdcache.train.job import TrainJobConfig
 
-MAX_FAILURES = 2
+MAX_FAILURES = 0
+"""Ray Train would retry a rank's own errors too (a bad input found late, a non-finite
+loss), training again each time; a killed worker's run is resumed by rerunning instead."""
 
 
 def _rank(settings: dict[str, Any]) -> None:

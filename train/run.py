@@ -33,7 +33,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,8 +119,10 @@ def build_student(cfg: TrainJobConfig, data: TokenData) -> BuiltStudent:
         return BuiltStudent(FamilyStudent(model, data.vocab_size), shape, s.rho, "")
     if s.student is not None:
         student = load_hf_student(s.student, vocab=data.vocab_size, data=str(data.path))
-        weights = sorted(Path(s.student).glob("*.safetensors")) or sorted(Path(s.student).glob("*.bin"))
-        fingerprint = "+".join(file_sha256(w) for w in weights)
+        # What it starts from: its config and its weights (every rank checks a checkpoint's).
+        files = [Path(s.student) / "config.json", *sorted(Path(s.student).glob("*.safetensors")),
+                 *sorted(Path(s.student).glob("*.bin"))]
+        fingerprint = "+".join(file_sha256(f) for f in files)
     else:
         assert s.student_config is not None
         student = new_hf_student(s.student_config, vocab=data.vocab_size, data=str(data.path),
@@ -262,15 +264,19 @@ def _add_missing_row(cfg: TrainJobConfig, out: Path) -> TrainResult:
     return TrainResult(out=out, row=row, added_row=True)
 
 
-def check_launch(cfg: TrainJobConfig, world_size: int, *, distributed: bool) -> None:
-    """Refuse, before anything is read or written, a launch that cannot train this run."""
+def check_launch(cfg: TrainJobConfig, world_size: int, *, distributed: bool, here: bool = True) -> None:
+    """Refuse, before anything is read or written, a launch that cannot train this run.
+
+    `here`: the ranks run in this process (a Ray Train driver only checks what it can:
+    its cluster's nodes have the GPUs, not necessarily this machine).
+    """
     rt = cfg.runtime
     if rt.fsdp and not distributed:
         raise TrainError("--fsdp needs a distributed launch (torchrun, or --workers N with N > 1)")
     if cfg.loop.batch_size % world_size:
         raise TrainError(f"--batch-size {cfg.loop.batch_size} is not divisible by the world size "
                          f"{world_size}")
-    if rt.device != "cpu" and not torch.cuda.is_available():
+    if here and rt.device != "cpu" and not torch.cuda.is_available():
         raise TrainError(f"--device {rt.device}: no CUDA device is available")
 
 
@@ -289,7 +295,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     if rt.workers > 1 and not launched:
         from kdcache.train.ray_launch import run_on_ray_train
 
-        check_launch(cfg, rt.workers, distributed=True)
+        check_launch(cfg, rt.workers, distributed=True, here=False)
         _check_outputs(cfg)
         if (Path(cfg.out) / META).is_file():  # finished: only a missing row to add, no ranks needed
             return _finished_out(cfg)
@@ -319,7 +325,11 @@ def _finished_out(cfg: TrainJobConfig) -> TrainResult:
 
 
 def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
-    """One rank's run (the only one alone): checks, then train under rank 0's lock."""
+    """One rank's run (the only one alone): checks, then train under rank 0's lock.
+
+    What only rank 0 does (take the lock, add a missing row, write) goes through
+    `World.main_only`, and what it finds decides for every rank (`World.decide`).
+    """
     rt, out = cfg.runtime, Path(cfg.out)
     world.check_same(json.dumps(cfg.flat(), sort_keys=True))
     error: BaseException | None = None
@@ -329,11 +339,8 @@ def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
     except BaseException as exc:
         error, finished = exc, False
     world.first_error(error)
-    if finished:
-        if world.main:
-            result = _finished_out(cfg)
-        world.barrier()
-        return result if world.main else TrainResult(out=out, row=_recorded_row(out) or {}, added_row=True)
+    if world.decide(finished):
+        return world.main_only(lambda: _finished_out(cfg)) or _follower_result(out)
     if rt.threads:
         torch.set_num_threads(rt.threads)
     tune_cpu_allocator()
@@ -352,16 +359,26 @@ def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
     try:
         world.first_error(error)
         assert objective is not None
-        if not world.main:
-            return _train(cfg, out, data, objective, built, world)
-        with _writer(out):
-            if (out / META).is_file():  # another process finished OUT while this one checked inputs
-                return _add_missing_row(cfg, out)
+        with ExitStack() as held:
+
+            def lock() -> TrainResult | None:
+                held.enter_context(_writer(out))
+                # Another process may have finished OUT while this one checked its inputs.
+                return _add_missing_row(cfg, out) if (out / META).is_file() else None
+
+            added = world.main_only(lock)
+            if world.decide(added is not None):
+                return added or _follower_result(out)
             return _train(cfg, out, data, objective, built, world)
     finally:
         close = getattr(objective.source, "close", None) if objective is not None else None
         if close is not None:
             close()
+
+
+def _follower_result(out: Path) -> TrainResult:
+    """What a rank other than 0 returns when rank 0 only added the finished OUT's row."""
+    return TrainResult(out=out, row=_recorded_row(out) or {}, added_row=True)
 
 
 def _train(
@@ -383,14 +400,10 @@ def _train(
         run_fingerprint=cfg.fingerprint(data.fingerprint, objective.teacher_fingerprint, built.fingerprint),
         progress=not rt.quiet, world=world, fsdp=rt.fsdp,
     )
-    try:
-        result = trainer.run()
-    finally:
-        close = getattr(objective.source, "close", None)
-        if close is not None:
-            close()
-    metrics = evaluate(student, data, max_rows=rt.eval_rows, batch_size=loop.batch_size, world=world,
-                       step_module=trainer.step_module)
+    result = trainer.run()
+    # Each rank evaluates at its share of the batch, the size it trained at.
+    metrics = evaluate(student, data, max_rows=rt.eval_rows, batch_size=loop.batch_size // world.size,
+                       world=world, step_module=trainer.step_module)
     flops = training_flops(n_params, result.tokens, rho=built.rho, context=data.seq_len,
                            vocab=data.vocab_size)
     row: dict[str, Any] = {
@@ -410,9 +423,7 @@ def _train(
         "seed": loop.seed,
     }
     state = trainer.full_state()  # every rank: FSDP gathers the shards
-    if world.main:
-        _save(cfg, out, data, built, state, row, steps, per_step, result)
-    world.barrier()
+    world.main_only(lambda: _save(cfg, out, data, built, state, row, steps, per_step, result))
     return TrainResult(out=out, row=row)
 
 

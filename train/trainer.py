@@ -177,9 +177,9 @@ class Trainer:
             "world": self.world.size,
         }
         model, optim = full_state(self.step_module, self.optimizer, prefix="student.lm.")  # every rank
-        if self.world.main:
-            save_checkpoint(self.checkpoint_dir, step=step, model=model, optimizer=optim, info=info)
-        self.world.barrier()
+        directory = self.checkpoint_dir
+        self.world.main_only(lambda: save_checkpoint(directory, step=step, model=model, optimizer=optim,
+                                                     info=info))
 
     def _step(self, step: int) -> tuple[float, int, StepInfo]:
         cfg = self.cfg

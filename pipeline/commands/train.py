@@ -5,6 +5,7 @@ runs-table row."""
 from __future__ import annotations
 
 import json
+import os
 
 from kdcache.train.job import TrainJobConfig as Config
 
@@ -19,6 +20,8 @@ def run(cfg: Config) -> int:
     from kdcache.train.run import run_training
 
     result = run_training(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports
+        return 0
     row = result.row
     if cfg.runtime.json:
         print(json.dumps(row, indent=2))

@@ -46,7 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _train(world: dict[str, Path], out: Path, *extra: str) -> dict:
     argv = ["train", "--data", str(world["data"]), "--out", str(out), "--tokens", str(16 * 8 * 32),
-            "--batch-size", "8", "--lr", "1e-3", "--weight-decay", "0", "--checkpoint-every", "0",
+            "--batch-size", "8", "--lr", "1e-3", "--weight-decay", "0", "--checkpoint-every", "4",
             "--quiet", "--threads", "1", "--runs", str(out.parent / "runs.parquet"), *extra]
     assert main(argv) == 0
     return json.loads((out / "kdcache.json").read_text())["training"]
@@ -104,3 +104,31 @@ def test_two_ray_train_workers_train_the_one_rank_hf_student(world: dict[str, Pa
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-3)
     rows = pq.read_table(tmp_path / "runs.parquet").to_pylist()
     assert sorted(r["run_id"] for r in rows) == ["one", "two"]
+
+
+def test_a_killed_tied_student_resumes_exactly(world: dict[str, Path], tmp_path: Path) -> None:
+    """A tied student's checkpoint (lm_head is the embedding) saves, and resumes bit-exactly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flags = ["--student-config", str(world["qwen"]), "--distill", str(world["topk"])]
+    whole = _train(world, tmp_path / "whole", *flags)
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "kdcache.pipeline.cli", "train", "--data", str(world["data"]),
+            "--out", str(out), "--tokens", str(16 * 8 * 32), "--batch-size", "8", "--lr", "1e-3",
+            "--weight-decay", "0", "--checkpoint-every", "4", "--quiet", "--threads", "1", *flags]
+    proc = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.is_file() and not (out / "kdcache.json").exists(), "ended before a checkpoint"
+    step = json.loads(state.read_text())["step"]
+    resumed = _train(world, out, *flags)
+    assert resumed["loss_history"] == whole["loss_history"][step:]
+    assert resumed["loss"] == whole["loss"]

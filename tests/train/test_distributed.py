@@ -113,6 +113,15 @@ def test_two_torchrun_ranks_train_the_one_rank_model(
 
     rows = pq.read_table(tmp_path / "runs.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["tokens"] == one_rank["tokens"]  # one row, by rank 0
+    # What rank 0 finds decides for every rank: a finished OUT is refused by all, and with its
+    # row lost, rank 0 appends it once while the other rank trains nothing.
+    again = torchrun(_flags(tiny_data, out, runs=str(tmp_path / "runs.parquet")))
+    assert again.returncode != 0 and "already holds a finished model" in again.stderr
+    (tmp_path / "runs.parquet").unlink()
+    healed = torchrun(_flags(tiny_data, out, runs=str(tmp_path / "runs.parquet")))
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    assert healed.stdout.count("added the missing runs-table row") == 1
+    assert pq.read_table(tmp_path / "runs.parquet").to_pylist() == rows
 
 
 def test_fsdp_over_two_ranks_trains_the_one_rank_model(tiny_data: TokenData, one_rank: dict,

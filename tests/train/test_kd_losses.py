@@ -525,6 +525,11 @@ def test_distill_loss_cuts_a_padded_student() -> None:
     got = kd_losses.distill_loss(as_dict(batch), logits=padded, vocab=61)
     assert got.item() == kd_losses.distill_loss(as_dict(batch), logits=padded[..., :61]).item()
     assert got.item() != kd_losses.distill_loss(as_dict(batch), logits=padded).item()
+    # A StoreDataset batch names its vocabulary: the cut is the default, a contradiction refused.
+    named = {**as_dict(batch), kd_losses.VOCAB_KEY: torch.tensor(61)}
+    assert kd_losses.distill_loss(named, logits=padded).item() == got.item()
+    with pytest.raises(ValueError, match="vocab=62 but the batch's vocab_size is 61"):
+        kd_losses.distill_loss(named, logits=torch.cat([padded[..., :62]], -1), vocab=62)
 
 
 @pytest.mark.parametrize(

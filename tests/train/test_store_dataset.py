@@ -16,7 +16,7 @@ from kdcache.storage import StoreWriter
 from kdcache.train.batches import Batch
 from kdcache.train.dataset import StoreDataset, batch_to_dict
 from kdcache.train.errors import TrainError
-from kdcache.train.kd_losses import BATCH_KEYS, TEMPERATURE_KEY, batch_from_dict
+from kdcache.train.kd_losses import BATCH_KEYS, TEMPERATURE_KEY, VOCAB_KEY, batch_from_dict
 from kdcache.train.row_order import RowOrder
 from tests.storage.conftest import make_meta, make_rows, shard_of
 
@@ -65,7 +65,7 @@ def test_batches_hold_the_store_rows_in_row_order(tmp_path: Path, kind: str) -> 
     got = list(ds)
     assert len(got) == len(expected)
     for idx, batch in zip(expected, got, strict=True):
-        assert set(batch) == {"input_ids", "labels", TEMPERATURE_KEY} | TEACHER_KEYS[kind]
+        assert set(batch) == {"input_ids", "labels", TEMPERATURE_KEY, VOCAB_KEY} | TEACHER_KEYS[kind]
         tokens = rows["tokens"][idx].astype(np.int64)
         assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
         assert batch["input_ids"].shape == batch["labels"].shape == (BATCH, 8)
@@ -80,6 +80,7 @@ def test_batches_hold_the_store_rows_in_row_order(tmp_path: Path, kind: str) -> 
             np.testing.assert_array_equal(values.numpy(), stored.astype(values.numpy().dtype))
         temp = batch[TEMPERATURE_KEY]
         assert temp.dtype == torch.float32 and temp.dim() == 0 and temp.item() == 2.0
+        assert batch[VOCAB_KEY].dtype == torch.int64 and batch[VOCAB_KEY].item() == 300
 
 
 def test_an_epoch_per_iteration_and_set_epoch(store: tuple[Path, dict]) -> None:
@@ -172,7 +173,7 @@ def test_ranks_split_each_global_batch(store: tuple[Path, dict], world: int) -> 
         parts = [list(r) for r in ranks]
         for j, batch in enumerate(whole):
             for key, values in batch.items():
-                if key == TEMPERATURE_KEY:
+                if key in (TEMPERATURE_KEY, VOCAB_KEY):
                     assert all(torch.equal(p[j][key], values) for p in parts)
                 else:
                     assert torch.equal(torch.cat([p[j][key] for p in parts]), values)
@@ -253,7 +254,7 @@ def test_batch_dicts_and_trainer_batches_convert_both_ways(tmp_path: Path, kind:
     batch = batch_from_dict(d)
     assert set(batch.extras) == {BATCH_KEYS[k] for k in TEACHER_KEYS[kind]}
     assert batch.inputs is d["input_ids"] and batch.targets is d["labels"]
-    assert _equal(batch_to_dict(batch, temperature=0.5), d)
+    assert _equal(batch_to_dict(batch, temperature=0.5, vocab_size=300), d)
     plain = Batch(d["input_ids"], d["labels"])
     assert set(batch_to_dict(plain)) == {"input_ids", "labels"}
     with pytest.raises(TrainError, match="temperature"):
