@@ -13,6 +13,7 @@ gradients of what its forward touched), so the loss is computed in `DistillStep.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from pathlib import Path
@@ -50,6 +51,18 @@ def main() -> None:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("gloo")  # "nccl" on GPUs
+    losses = train(args, distributed)
+    if not distributed or dist.get_rank() == 0:
+        print(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+                          "world": dist.get_world_size() if distributed else 1}))
+    if distributed:
+        # The DDP model is gone by now (it lived in `train`): a reducer freed after the group
+        # is destroyed can block the process's exit.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, distributed: bool) -> list[float]:
     torch.manual_seed(0)  # every rank starts from the same weights (DDP also broadcasts rank 0's)
     values = json.loads(Path(args.student_config).read_text())
     config = AutoConfig.for_model(values.pop("model_type"), **values)
@@ -76,11 +89,7 @@ def main() -> None:
             if len(losses) == args.steps:
                 break
         epoch += 1
-    if not distributed or dist.get_rank() == 0:
-        print(json.dumps({"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
-                          "world": dist.get_world_size() if distributed else 1}))
-    if distributed:
-        dist.destroy_process_group()
+    return losses
 
 
 if __name__ == "__main__":
