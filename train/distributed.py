@@ -12,7 +12,7 @@ Every rank reads only its slice of each global batch (`row_order.py`), so 1 and 
 with the same flags train the same model up to floating-point reduction order.
 Gradients are averaged by DDP, or the model is sharded with FSDP2 (`fully_shard`, one
 unit per decoder layer plus the root) under `--fsdp`. Rank 0 alone writes: checkpoints,
-the MODEL directory and the runs-table row; the others wait at barriers. Rank 0's
+the MODEL directory and the runs-table row (`main_only`: its error stops every rank). Rank 0's
 checkpoint is read by every rank on resume, so OUT must be on a filesystem every node
 sees (as it must for the MODEL directory anyway).
 
@@ -77,10 +77,6 @@ class World:
             backend = "nccl" if device.startswith("cuda") else "gloo"
             dist.init_process_group(backend, timeout=TIMEOUT)
         return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, device=device)
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
     def check_same(self, settings: str) -> None:
         """Refuse ranks started with different settings (compared as sha256 digests)."""
