@@ -4,9 +4,12 @@ Iterating yields the rest of the current epoch as dicts of tensors:
 
 - `input_ids`, `labels`: [b, T] int64, labels[:, t] the token after input_ids[:, t].
 - The store's teacher targets, by kind (`kd_losses.KIND_EXTRAS`, keyed `BATCH_KEYS`):
-  `teacher_ids` (int64), `teacher_logprobs` (float32, log-probs at the store's
+  `teacher_ids` (int64), `teacher_logprobs` (float16 as stored: log-probs at the store's
   temperature), `teacher_tail_logmass` (float32, top-k stores) and `teacher_counts`
-  (float32, sampled stores), each [b, T, k] or [b, T].
+  (float32, sampled stores), each [b, T, k] or [b, T]. The losses widen the log-probs
+  on their own device, a chunk at a time (float16 -> float32 is exact); widening them
+  here took twice the host memory and made the conversion 7-33x slower on a loaded
+  2-core machine (benchmarks/store_dataset.py), for nothing.
 - `teacher_temperature`: a 0-d float32 tensor, the store's temperature, so a loss cannot
   silently soften the student at another one.
 - `vocab_size`: a 0-d int64 tensor, the tokenizer's ids, so `distill_loss` cuts a padded
@@ -28,12 +31,18 @@ exactly the batches an uninterrupted iteration would have; `set_epoch(e)` moves 
 start of epoch e. Iterate one iterator at a time: each moves the same position.
 
 Under a `DataLoader(ds, batch_size=None, num_workers=n)`, worker i yields the batches
-i, i + n, i + 2n, ... counted from the position at which iteration began, and reads only
-their rows; the loader takes one batch from each worker in turn, so it yields exactly
-the sequence in-process iteration would. The workers iterate copies, though, so this
-object's position does not move: iterate `ds.loader(num_workers=n)` instead, which
-advances it as each batch is handed out (or call `advance()` per batch yourself).
-Persistent workers keep stale copies across epochs; do not use them with this dataset.
+i, i + n, i + 2n, ... counted from the position at which iteration began; the loader
+takes one batch from each worker in turn, so it yields exactly the sequence in-process
+iteration would. But every worker then reads (and decodes) every window's chunks for its
+share of the window's batches, n times the decoding of one process, and sends each batch
+as 7 tensors, each its own shared-memory transfer (a third of `loader`'s speed with 2
+workers on 2 cores, benchmarks/store_dataset.py). The workers also
+iterate copies, so this object's position does not move. Iterate `ds.loader(num_workers=n)`
+instead: its worker i reads whole windows i, i + n, ... (each window's chunks decoded
+once), it hands batches out in the in-process order, and it advances this object's
+position as each batch is handed out (or call `advance()` per batch yourself with a plain
+`DataLoader`). Persistent workers keep stale copies across epochs; do not use them with
+this dataset.
 
 A store still being built is usable: a window whose shards are not committed yet
 waits for them (polling the ledger), so a run started during caching trains on exactly
@@ -48,6 +57,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,8 +72,10 @@ from kdcache.train.kd_losses import BATCH_KEYS, KIND_EXTRAS, TEMPERATURE_KEY, VO
 from kdcache.train.row_order import RowOrder
 
 _DICT_KEY = {extra: key for key, extra in BATCH_KEYS.items()}
-_TORCH_DTYPE = {"ids": torch.int64, "logprobs": torch.float32, "tail_logmass": torch.float32,
-                "counts": torch.float32}
+# numpy converts, on this thread alone: torch's copies split across its intra-op threads and
+# wait for the slowest, up to 10x slower when another process holds a core.
+_BATCH_DTYPE = {"ids": np.dtype(np.int64), "logprobs": np.dtype(np.float16),
+                "tail_logmass": np.dtype(np.float32), "counts": np.dtype(np.float32)}
 
 
 def batch_to_dict(
@@ -196,15 +208,33 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
         self.epoch, self.batch = epoch + 1, 0
 
     def loader(self, num_workers: int = 2, **kwargs: Any) -> Iterator[dict[str, Tensor]]:
-        """The rest of the epoch through a `DataLoader(self, batch_size=None, num_workers=...,
-        **kwargs)`, advancing this object's position as each batch is handed out, as iterating
-        it in-process does; `state_dict()` stays exact however many workers read."""
+        """The rest of the epoch, read by `num_workers` DataLoader worker processes (`kwargs`
+        go to the `DataLoader`), in the in-process order, advancing this object's position
+        as each batch is handed out; `state_dict()` stays exact however many workers read.
+
+        Worker i reads whole windows i, i + n, ... and hands each over as its stored arrays,
+        a few tensors per window; this process cuts the window's batches. Sending batches
+        instead costs 2.5x the bytes and 7 tensors a batch, each its own shared-memory
+        transfer (benchmarks/store_dataset.py).
+        """
         if kwargs.get("persistent_workers"):
             raise TrainError("persistent_workers would keep each worker's position across epochs")
-        for batch in DataLoader(self, batch_size=None, num_workers=num_workers, **kwargs):
-            if num_workers:  # in-process, iterating moved the position already
+        if not num_workers:  # in-process, iterating moves the position itself
+            yield from DataLoader(self, batch_size=None, num_workers=0, **kwargs)
+            return
+        # The batches are cut here, so pinned here (where the DataLoader would pin them).
+        pin = bool(kwargs.pop("pin_memory", False)) and torch.accelerator.is_available()
+        shares = _WindowShares(self, self.epoch, self.batch)
+        # Windows go round-robin to the workers, which the DataLoader reads round-robin:
+        # they arrive in order.
+        for window in DataLoader(shares, batch_size=None, num_workers=num_workers, **kwargs):
+            values = {name: t.numpy() for name, t in window.values.items()}
+            for index, pos in zip(window.index, window.pos, strict=True):
+                batch = self._to_dict(values, np.asarray(pos))
+                if index != self.batch:
+                    raise TrainError(f"worker sent batch {index} where batch {self.batch} was due")
                 self.advance()
-            yield batch
+                yield {k: v.pin_memory() for k, v in batch.items()} if pin else batch
 
     def read_batches(
         self, epoch: int, start: int = 0, *, worker: int = 0, workers: int = 1,
@@ -213,26 +243,49 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
         """(global batch index, this rank's share of it) for batches start + worker,
         start + worker + workers, ... of `epoch`, reading one window at a time; the position
         is not touched. Ends without reading further once `stop` is set."""
-        first = 0
+        for index, batches in self._shares(epoch, start, worker, workers, whole_windows=False):
+            needed = np.unique(batches)
+            if not self._wait_for(needed, stop):
+                return
+            values = self.reader.read_rows(needed)
+            for i, batch_rows in zip(index.tolist(), batches, strict=True):
+                yield i, self._to_dict(values, np.searchsorted(needed, batch_rows))
+
+    def read_windows(self, epoch: int, start: int = 0, *, worker: int = 0, workers: int = 1
+                     ) -> Iterator[Window]:
+        """Windows worker, worker + workers, ... of `epoch`, counted from the one holding batch
+        `start`, each with its batches from `start` on; the position is not touched."""
+        for index, batches in self._shares(epoch, start, worker, workers, whole_windows=True):
+            needed = np.unique(batches)
+            self._wait_for(needed, None)
+            values = {name: torch.from_numpy(v) for name, v in self.reader.read_rows(needed).items()}
+            yield Window(index=index.tolist(), pos=np.searchsorted(needed, batches).tolist(), values=values)
+
+    def _shares(
+        self, epoch: int, start: int, worker: int, workers: int, whole_windows: bool
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(global batch indices, their rows [n, local_batch]) of each window this worker
+        reads: its batches of every window, or (`whole_windows`) every batch of its windows."""
+        first, ordinal = 0, 0
         for window in self.order.windows(epoch):
             index = np.arange(first, first + len(window))
+            index = index[index >= start]
+            if index.size and whole_windows:
+                ordinal += 1
+                if (ordinal - 1) % workers != worker:
+                    index = index[:0]
+            elif index.size:
+                index = index[(index - start) % workers == worker]
+            if index.size:
+                yield index, window[index - first]
             first += len(window)
-            index = index[(index >= start) & ((index - start) % workers == worker)]
-            if not index.size:
-                continue
-            batches = window[index - (first - len(window))]
-            rows = np.unique(batches)
-            if not self._wait_for(rows, stop):
-                return
-            values = self.reader.read_rows(rows)
-            for i, batch_rows in zip(index.tolist(), batches, strict=True):
-                yield i, self._to_dict(values, np.searchsorted(rows, batch_rows))
 
     def _to_dict(self, values: dict[str, np.ndarray], pos: np.ndarray) -> dict[str, Tensor]:
-        tokens = torch.from_numpy(values["tokens"][pos].astype(np.int64))
-        out = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+        tokens = values["tokens"][pos].astype(np.int64)
+        out = {"input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+               "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:]))}
         for name in self._fields[1:]:
-            out[_DICT_KEY[name]] = torch.from_numpy(values[name][pos]).to(_TORCH_DTYPE[name])
+            out[_DICT_KEY[name]] = torch.from_numpy(values[name][pos].astype(_BATCH_DTYPE[name], copy=False))
         out[TEMPERATURE_KEY] = torch.tensor(self.temperature, dtype=torch.float32)
         out[VOCAB_KEY] = torch.tensor(self.vocab_size, dtype=torch.int64)
         return out
@@ -240,6 +293,8 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
     def _wait_for(self, rows: np.ndarray, stop: threading.Event | None) -> bool:
         """Wait until the shards holding `rows` are committed; False when `stop` was set."""
         reader = self.reader
+        if reader.meta.complete:  # every shard committed: no per-window set of shard ids
+            return stop is None or not stop.is_set()
         shards = np.unique(rows // self.meta.shard_rows)
         committed = set(reader.committed_shards)
         last_progress, told = time.monotonic(), False
@@ -261,3 +316,25 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
                 told = True
             time.sleep(0.5)
         return stop is None or not stop.is_set()
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window's stored arrays as a worker hands them over: rows of `values` at `pos[j]`
+    make batch `index[j]`. Plain lists, so the DataLoader sends no tensor but `values`."""
+
+    index: list[int]
+    pos: list[list[int]]
+    values: dict[str, Tensor]
+
+
+class _WindowShares(IterableDataset[Window]):
+    """`StoreDataset.loader`'s worker side: worker i of n reads windows i, i + n, ..."""
+
+    def __init__(self, dataset: StoreDataset, epoch: int, start: int) -> None:
+        self.dataset, self.epoch, self.start = dataset, epoch, start
+
+    def __iter__(self) -> Iterator[Window]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.dataset.read_windows(self.epoch, self.start, worker=worker, workers=workers)

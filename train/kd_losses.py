@@ -412,8 +412,11 @@ def distill_loss(
     `tail` and `divergence` as in `DistillLoss`, at the batch's `teacher_temperature`
     (an explicit `temperature` must equal it). `vocab` cuts a padded student to its first
     `vocab` ids; it defaults to the batch's `vocab_size` (a `StoreDataset` batch has it), so
-    a padded head's extra rows never take probability mass. The defaults are `kdcache
-    train`'s. Bad arguments raise ValueError.
+    a padded head's extra rows never take probability mass. Teacher targets may come in
+    any dtype (a `StoreDataset` batch keeps its log-probs float16, as stored): each chunk
+    is widened on the logits' device to their precision (float32 at least), so the loss is
+    exactly that of targets widened beforehand. The defaults are `kdcache train`'s. Bad
+    arguments raise ValueError.
     """
     if logits is not None and (hidden is not None or lm_head is not None):
         raise ValueError("give logits= or hidden= with lm_head=, not both")

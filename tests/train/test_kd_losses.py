@@ -475,6 +475,39 @@ def test_distill_loss_is_the_mean_of_distill_loss_sums(cfg: dict) -> None:
     assert not g_hidden[1][61:].any()
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+@pytest.mark.parametrize("student", [torch.float64, torch.float32])
+def test_distill_loss_takes_targets_in_their_stored_dtypes(cfg: dict, student: torch.dtype) -> None:
+    """StoreDataset hands log-probs over as float16, as stored; the loss widens them itself,
+    a chunk at a time, to exactly the loss and gradients of the targets widened beforehand."""
+    tau = cfg.get("tau", 1.0)
+    batch = make_batch(cfg["kind"], 2, 6, 61, tau)
+    stored = as_dict(batch, tau)
+    stored["teacher_logprobs"] = stored["teacher_logprobs"].to(torch.float16)
+    widened = {**stored, "teacher_logprobs": stored["teacher_logprobs"].to(student)}
+    opts = {"divergence": cfg.get("divergence", "kl_forward"), "tail": cfg.get("tail", "tail")}
+    results = []
+    for d in (stored, widened):
+        logits = student_logits(2, 6, 61, student)
+        loss = kd_losses.distill_loss(d, logits=logits, lam=0.5, **opts)
+        results.append((loss, *torch.autograd.grad(loss, logits)))
+    for d in (stored, widened):  # the chunked hidden-state path, as `kdcache train` runs it
+        gen = torch.Generator().manual_seed(3)
+        hidden = torch.randn(2, 6, 8, dtype=student, generator=gen, requires_grad=True)
+        head = torch.randn(61, 8, dtype=student, generator=gen)
+        loss = kd_losses.distill_loss(d, hidden=hidden, lm_head=head, **opts)
+        results.append((loss, *torch.autograd.grad(loss, hidden)))
+    (got, g_got), (want, g_want), (h_got, gh_got), (h_want, gh_want) = results
+    assert got.item() == want.item() and torch.equal(g_got, g_want)
+    assert h_got.item() == h_want.item() and torch.equal(gh_got, gh_want)
+    if student == torch.float64:  # and the float64 reference, from the widened values
+        ref = DistillLoss(kind=cfg["kind"], lam=1.0, tau=tau, z_loss=0.0, **opts)
+        ext = {kd_losses.BATCH_KEYS[k]: v for k, v in widened.items() if k in kd_losses.BATCH_KEYS}
+        kd = kd_reference(ref, student_logits(2, 6, 61), Batch(batch.inputs, batch.targets, ext)).item()
+        assert abs(kd_losses.distill_loss(stored, logits=student_logits(2, 6, 61), lam=1.0, z_loss=0.0,
+                                          **opts).item() - kd / 12) < ATOL
+
+
 def test_distill_loss_without_teacher_keys_is_supervised() -> None:
     batch = make_batch("full", 2, 6, 61, 1.0)
     logits = student_logits(2, 6, 61)

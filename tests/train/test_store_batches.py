@@ -161,7 +161,7 @@ def test_batches_hold_the_store_rows_in_row_order(tmp_path: Path, kind: str, pre
         assert torch.equal(batch.targets, torch.from_numpy(rows["tokens"][idx, 1:].astype(np.int64)))
         for name, values in batch.extras.items():
             np.testing.assert_array_equal(values.numpy(), rows[name][idx].astype(values.numpy().dtype))
-            assert values.dtype == (torch.int64 if name == "ids" else torch.float32)
+            assert values.dtype == {"ids": torch.int64, "logprobs": torch.float16}.get(name, torch.float32)
     loader.close()
 
 

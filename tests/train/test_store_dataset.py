@@ -21,6 +21,8 @@ from kdcache.train.row_order import RowOrder
 from tests.storage.conftest import make_meta, make_rows, shard_of
 
 ROWS, BATCH = 100, 8
+BATCH_DTYPES = {"teacher_ids": torch.int64, "teacher_logprobs": torch.float16,
+                "teacher_tail_logmass": torch.float32, "teacher_counts": torch.float32}
 TEACHER_KEYS = {
     "topk": {"teacher_ids", "teacher_logprobs", "teacher_tail_logmass"},
     "full": {"teacher_logprobs"},
@@ -74,7 +76,7 @@ def test_batches_hold_the_store_rows_in_row_order(tmp_path: Path, kind: str) -> 
         assert batch["labels"].is_contiguous()  # labels.view(-1) must work
         for key in TEACHER_KEYS[kind]:
             values = batch[key]
-            assert values.dtype == (torch.int64 if key == "teacher_ids" else torch.float32)
+            assert values.dtype == BATCH_DTYPES[key]
             assert values.shape[:2] == (BATCH, 8)
             stored = rows[BATCH_KEYS[key]][idx]
             np.testing.assert_array_equal(values.numpy(), stored.astype(values.numpy().dtype))
@@ -219,6 +221,33 @@ def test_a_worker_reads_only_its_batches(store: tuple[Path, dict]) -> None:
     mine = np.concatenate(ds.order.windows(0))[[2, 4, 6, 8, 10]]
     np.testing.assert_array_equal(np.sort(np.concatenate(calls)), np.sort(mine.ravel()))
     assert ds.state_dict() == {"epoch": 0, "batch": 0}  # read_batches leaves the position alone
+
+
+def test_a_loader_worker_reads_whole_windows(store: tuple[Path, dict]) -> None:
+    """Worker w of n reads windows w, w + n, ... from the one holding `start`: one call each."""
+    ds = StoreDataset(store[0], batch_size=BATCH, seed=6)
+    calls = _record_reads(ds)
+    windows = ds.order.windows(0)  # 3 windows of 4 batches; batch 1 lies in the first
+    by_worker = [list(ds.read_windows(0, 1, worker=w, workers=2)) for w in (0, 1)]
+    assert [[w.index for w in got] for got in by_worker] == [[[1, 2, 3], [8, 9, 10, 11]], [[4, 5, 6, 7]]]
+    for rows, window in zip(calls, [windows[0][1:], windows[2], windows[1]], strict=True):
+        np.testing.assert_array_equal(rows, np.unique(window))
+    in_process = dict(ds.read_batches(0, 1))
+    for window in by_worker[0] + by_worker[1]:
+        values = {name: t.numpy() for name, t in window.values.items()}
+        for index, pos in zip(window.index, window.pos, strict=True):
+            assert _equal(ds._to_dict(values, np.asarray(pos)), in_process[index])
+
+
+@pytest.mark.parametrize(("workers", "start"), [(2, 0), (2, 5)])  # 3 windows, then 2
+def test_loader_workers_hand_out_the_in_process_order(store: tuple[Path, dict], workers: int,
+                                                      start: int) -> None:
+    ds = StoreDataset(store[0], batch_size=BATCH, seed=2)
+    ref = StoreDataset(store[0], batch_size=BATCH, seed=2)
+    for d in (ds, ref):
+        d.load_state_dict({"epoch": 1, "batch": start})
+    _same_batches(list(ds.loader(num_workers=workers)), list(ref))
+    assert ds.state_dict() == ref.state_dict() == {"epoch": 2, "batch": 0}
 
 
 def _free_port() -> int:
