@@ -1,27 +1,40 @@
 """`kdcache prepare`: text source -> tokenizer + document-disjoint token splits (Zarr).
 
-Documents are shuffled by seed and dealt to `teacher`, `student`, `valid` in proportion
-to their size, so the teacher never sees a student document. A byte-level BPE is trained
-on the teacher split only (or an existing tokenizer.json is used). Each split is packed
-into rows of seq_len + 1 tokens, documents separated by the end-of-text token. Output is
-built in a hidden temporary directory and renamed into place at the end, so a failed run
-leaves nothing that looks like valid data; same inputs and seed give identical bytes.
+Streaming: documents flow in bounded batches (read, assign to a split, tokenize, pack,
+write) and nothing holds the corpus. A document's split is a keyed hash of its name and
+the seed (`prepare_tokenize.split_of`), so the teacher never sees a student document
+and no global list is needed. A byte-level BPE is trained on at most
+`--tokenizer-sample-bytes` of teacher documents (or an existing tokenizer.json is used).
+Each split is packed in document order into rows of seq_len + 1 tokens, documents
+separated by the end-of-text token, and written as Zarr shards (`prepare_write`).
+
+`--workers 1` runs in this process; `--workers N` runs on Ray Data (`prepare_ray`) and
+writes the same bytes. Output is built in a hidden temporary directory and renamed into
+place at the end: a row's position depends on every earlier document, so an
+interrupted build cannot be resumed shard by shard; rerunning rebuilds it, byte for
+byte the same.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.prepare_tokenize import SPLITS, eos_id, load_tokenizer, split_of, train_tokenizer
+from kdcache.pipeline.prepare_write import CHUNK_TOKENS, SplitWriter
 
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 MIN_VOCAB = 257  # 256 byte tokens + the end-of-text token
-BYTES_PER_TOKEN_CAP = 8  # with --max-tokens, read at most this many bytes per wanted token
-CHUNK_TOKENS = 16384  # ~64 KB Zarr chunks: cheap random row reads
+BYTES_PER_TOKEN_CAP = 8  # with --max-tokens, the tokenizer sample is at most this many bytes per token
+BATCH_BYTES = 1 << 20  # text per tokenize call: tokenizers' encodings take ~50x the text
+SAMPLE_BYTES = 32 << 20
+
+__all__ = ["CHUNK_TOKENS", "SPLITS", "PrepareConfig", "PrepareResult", "SplitWriter", "prepare",
+           "split_of"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +45,8 @@ class PrepareConfig:
     """Output DATA directory (must not exist unless --overwrite)."""
     source: str = "stdlib"
     """'stdlib' (the Python standard library's .py files), a file, a directory, or a glob;
-    .jsonl/.parquet files give one document per record."""
+    .jsonl/.parquet/.arrow files give one document per record; a `datasets` save_to_disk
+    directory is read whole."""
     vocab_size: int | None = None
     """BPE vocabulary size to train (default 8192); with --tokenizer, checked against it."""
     seq_len: int = 256
@@ -41,16 +55,22 @@ class PrepareConfig:
     """Cap on the total tokens over all splits, for quick runs."""
     tokenizer: str | None = None
     """Use this tokenizer.json instead of training one (e.g. a Hugging Face teacher's)."""
+    tokenizer_sample_bytes: int = SAMPLE_BYTES
+    """Text of the teacher split the BPE is trained on, at most (default 32 MiB)."""
     text_column: str = "text"
-    """Column holding the text in .jsonl / .parquet sources."""
+    """Column holding the text in .jsonl / .parquet / .arrow sources."""
     teacher_frac: float = 0.45
-    """Fraction of the text (by size) for the teacher split."""
+    """Fraction of the documents for the teacher split."""
     student_frac: float = 0.45
-    """Fraction of the text for the student split."""
+    """Fraction of the documents for the student split."""
     valid_frac: float = 0.1
-    """Fraction of the text for the validation split."""
+    """Fraction of the documents for the validation split."""
     seed: int = 0
-    """Seed of the document shuffle that assigns splits."""
+    """Seed of the keyed hash that assigns documents to splits."""
+    workers: int = 1
+    """Tokenizer workers: 1 runs in this process, more run on Ray Data (same bytes)."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster (with --workers > 1); default starts a local one."""
     overwrite: bool = False
     """Replace an existing output directory."""
     quiet: bool = False
@@ -68,6 +88,9 @@ class PrepareConfig:
             raise PipelineError(f"--seq-len {self.seq_len} must be at least 2 (field 'seq_len')")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise PipelineError(f"--max-tokens {self.max_tokens} must be positive")
+        for name in ("workers", "tokenizer_sample_bytes"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"--{name.replace('_', '-')} must be >= 1 (field '{name}')")
         fracs = (self.teacher_frac, self.student_frac, self.valid_frac)
         if min(fracs) <= 0 or abs(sum(fracs) - 1.0) > 1e-6:
             raise PipelineError(f"split fractions {fracs} must be positive and sum to 1")
@@ -78,6 +101,9 @@ class PrepareConfig:
     def fractions(self) -> dict[str, float]:
         return {"teacher": self.teacher_frac, "student": self.student_frac, "valid": self.valid_frac}
 
+    def cap(self, split: str) -> int | None:
+        return None if self.max_tokens is None else int(self.max_tokens * self.fractions[split])
+
 
 @dataclass(frozen=True)
 class PrepareResult:
@@ -86,171 +112,90 @@ class PrepareResult:
     tokens: dict[str, int]
     vocab_size: int
     fingerprint: str
+    documents: int
+    input_bytes: int
+    seconds: float
 
 
-def assign_splits(
-    sizes: list[int], fractions: dict[str, float], seed: int
-) -> dict[str, list[int]]:
-    """Deal documents (by index) to splits: seeded shuffle, then each document goes to the
-    split furthest below its share of the text so far, so shares hold for any corpus size."""
-    import numpy as np
+def _tokenizer(cfg: PrepareConfig, units: list[Any]) -> Any:
+    """The given tokenizer, or a BPE trained on a bounded sample of the teacher split."""
+    from kdcache.pipeline.corpus import read_unit
+    from kdcache.pipeline.prepare_tokenize import teacher_sample
 
-    order = np.random.default_rng(seed).permutation(len(sizes))
-    names = list(fractions)
-    filled = dict.fromkeys(names, 0)
-    out: dict[str, list[int]] = {n: [] for n in names}
-    for i in order.tolist():
-        name = min(names, key=lambda n: filled[n] / fractions[n])
-        out[name].append(i)
-        filled[name] += max(sizes[i], 1)
-    return out
-
-
-def _train_tokenizer(texts: list[str], vocab_size: int, progress: bool) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_CANDIDATES[0]],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return tok
+    if cfg.tokenizer is not None:
+        return load_tokenizer(cfg.tokenizer, cfg.vocab_size)
+    cap = cfg.tokenizer_sample_bytes
+    if cfg.max_tokens is not None:
+        cap = min(cap, max(1, int(cfg.max_tokens * BYTES_PER_TOKEN_CAP * cfg.teacher_frac)))
+    batches = (b for u in units for b in read_unit(u, cfg.text_column, BATCH_BYTES))
+    sample = teacher_sample(batches, cfg.seed, list(cfg.fractions.values()), cap)
+    if not sample:
+        raise PipelineError(f"{cfg.source}: source is empty (no non-empty documents in the teacher "
+                            "split)")
+    return train_tokenizer(sample, cfg.vocab_size or 8192, not cfg.quiet)
 
 
-def _load_tokenizer(path: str, vocab_size: int | None) -> Any:
-    from tokenizers import Tokenizer
+def _serial_pieces(cfg: PrepareConfig, units: list[Any], tok: Any, eos: int | None) -> Iterator[Any]:
+    from kdcache.pipeline.corpus import read_unit
+    from kdcache.pipeline.prepare_tokenize import tokenize_batch
 
+    fractions = list(cfg.fractions.values())
+    for unit in units:
+        for names, texts, nbytes in read_unit(unit, cfg.text_column, BATCH_BYTES):
+            yield from tokenize_batch(tok, eos, names, texts, nbytes, cfg.seed, fractions).pieces()
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary directories of killed runs (their pid is gone) would never be removed."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        tok = Tokenizer.from_file(path)
-    except Exception as exc:  # tokenizers raises a bare Exception for bad JSON
-        raise PipelineError(f"{path}: not a tokenizers tokenizer.json ({exc})") from exc
-    if vocab_size is not None and tok.get_vocab_size() != vocab_size:
-        raise PipelineError(
-            f"{path}: tokenizer has {tok.get_vocab_size()} tokens but --vocab-size is {vocab_size}"
-        )
-    return tok
-
-
-def _pack(tok: Any, texts: list[str], eos: int | None, width: int, cap: int | None, bar: Any) -> Any:
-    import numpy as np
-
-    pieces, total = [], 0
-    for start in range(0, len(texts), 64):
-        for enc in tok.encode_batch(texts[start : start + 64], add_special_tokens=False):
-            ids = enc.ids + ([eos] if eos is not None else [])
-            pieces.append(np.asarray(ids, dtype=np.int32))
-            total += len(ids)
-            bar.update(len(ids))
-        if cap is not None and total >= cap:
-            break
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    if cap is not None:
-        flat = flat[:cap]
-    rows = len(flat) // width
-    return flat[: rows * width].reshape(rows, width)
-
-
-def _read_documents(cfg: PrepareConfig) -> list[str]:
-    from kdcache.pipeline.corpus import iter_documents
-
-    texts, size = [], 0
-    budget = None if cfg.max_tokens is None else cfg.max_tokens * BYTES_PER_TOKEN_CAP
-    for _name, text in iter_documents(cfg.source, text_column=cfg.text_column):
-        if not text:
-            continue
-        texts.append(text)
-        size += len(text)
-        if budget is not None and size >= budget:
-            break
-    if not texts:
-        raise PipelineError(f"{cfg.source}: source is empty (no non-empty documents)")
-    if len(texts) < 3:
-        raise PipelineError(f"{cfg.source}: needs at least 3 documents for 3 splits, got {len(texts)}")
-    return texts
-
-
-def _write_split(group: Any, name: str, rows: Any, vocab_size: int, source: str) -> dict[str, Any]:
-    """Store one split's rows as a Zarr array; returns its metadata.
-
-    Chunks carry a crc32c (after the store's compressor) so a reader detects a flipped
-    byte, and the fill value is -1 so a deleted chunk reads as ids no vocabulary has.
-    """
-    from kdcache.storage.layout import compressors
-    from kdcache.train.tokens import CHECKSUMS, sha256_parts
-
-    width = rows.shape[1]
-    if len(rows) == 0:
-        raise PipelineError(
-            f"{source}: split {name!r} has fewer than seq_len + 1 = {width} tokens "
-            "(use more data, a larger --max-tokens, or a smaller --seq-len)"
-        )
-    if int(rows.max()) >= vocab_size:
-        raise PipelineError(f"{source}: tokenizer produced id {int(rows.max())} >= its vocab size")
-    arr = group.create_array(
-        name, shape=rows.shape, chunks=(max(1, CHUNK_TOKENS // width), width), dtype="int32",
-        fill_value=-1, compressors=compressors(),
-    )
-    arr[:] = rows
-    fp = sha256_parts(str(rows.shape).encode(), rows.astype("<i4").tobytes())
-    arr.attrs["kdcache"] = {"split": name, "rows": len(rows), "fingerprint": fp}
-    return {"rows": len(rows), "tokens": int(rows.size), "fingerprint": fp, "checksums": CHECKSUMS}
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Build the DATA directory `cfg.out`; see the module docstring."""
-    import zarr
-    from tqdm import tqdm
-
-    from kdcache.train.tokens import ATTR, FORMAT, data_fingerprint, sha256_parts
+    from kdcache.pipeline.corpus import read_units
 
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise PipelineError(f"{out}: output already exists (pass --overwrite to replace it)")
-    texts = _read_documents(cfg)
-    splits = assign_splits([len(t) for t in texts], cfg.fractions, cfg.seed)
-    if cfg.tokenizer is not None:
-        tok = _load_tokenizer(cfg.tokenizer, cfg.vocab_size)
-    else:
-        teacher_texts = [texts[i] for i in splits["teacher"]]
-        tok = _train_tokenizer(teacher_texts, cfg.vocab_size or 8192, not cfg.quiet)
-    vocab, vocab_size = tok.get_vocab(), int(tok.get_vocab_size())
-    eos = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+    units = read_units(cfg.source)
+    tok = _tokenizer(cfg, units)
+    if out.parent.is_dir():
+        _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
-        meta_splits: dict[str, dict[str, Any]] = {}
-        estimate = cfg.max_tokens or sum(map(len, texts)) // 4  # ~4 characters per token
-        with tqdm(total=estimate, unit="tok", unit_scale=True, desc="tokenize", disable=cfg.quiet) as bar:
-            for name, idx in splits.items():
-                cap = None if cfg.max_tokens is None else int(cfg.max_tokens * cfg.fractions[name])
-                rows = _pack(tok, [texts[i] for i in idx], eos, cfg.seq_len + 1, cap, bar)
-                meta_splits[name] = _write_split(group, name, rows, vocab_size, cfg.source)
-        tok_json = tok.to_str().encode()
-        (tmp / "tokenizer.json").write_bytes(tok_json)
-        tok_fp = sha256_parts(tok_json)
-        split_fps = {n: m["fingerprint"] for n, m in meta_splits.items()}
-        fingerprint = data_fingerprint(tok_fp, cfg.seq_len, split_fps)
-        group.attrs[ATTR] = {
-            "format": FORMAT, "source": cfg.source, "seed": cfg.seed, "fractions": cfg.fractions,
-            "max_tokens": cfg.max_tokens, "vocab_size": vocab_size, "seq_len": cfg.seq_len,
-            "eos_token_id": eos, "tokenizer_fingerprint": tok_fp, "fingerprint": fingerprint,
-            "splits": meta_splits,
-        }
+        result = _build(cfg, units, tok, tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)  # the only moment the output appears: complete or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return PrepareResult(
-        out=out,
-        rows={n: m["rows"] for n, m in meta_splits.items()},
-        tokens={n: m["tokens"] for n, m in meta_splits.items()},
-        vocab_size=vocab_size,
-        fingerprint=fingerprint,
-    )
+    return result
+
+
+def _build(cfg: PrepareConfig, units: list[Any], tok: Any, tmp: Path) -> PrepareResult:
+    from kdcache.pipeline.prepare_build import build
+
+    if cfg.workers == 1:
+        return build(cfg, units, tok, tmp, _serial_pieces(cfg, units, tok, eos_id(tok)))
+    from kdcache.pipeline.prepare_ray import ray_pieces, ray_session
+
+    with ray_session(cfg.ray_address):
+        pieces = ray_pieces(units, tok, eos_id(tok), workers=cfg.workers, text_column=cfg.text_column,
+                            seed=cfg.seed, fractions=list(cfg.fractions.values()),
+                            batch_bytes=BATCH_BYTES)
+        return build(cfg, units, tok, tmp, pieces)
+

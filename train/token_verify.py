@@ -24,6 +24,7 @@ from kdcache.train.tokens import (
     data_fingerprint,
     open_split,
     read_token_meta,
+    split_fingerprint,
     tokenizer_problem,
 )
 
@@ -101,9 +102,7 @@ def _verify_split(
     """(problems by chunk row range, fingerprint) of one split; the fingerprint is None
     when some chunk could not be decoded.
 
-    Streams `sha256_parts(str(shape).encode(), tokens.astype('<i4').tobytes())`: that is
-    sha256(sha256(shape).digest() + sha256(all token bytes).digest()), so the token
-    bytes can be hashed chunk by chunk.
+    Streams the token bytes into `split_fingerprint`, chunk by chunk.
     """
     rows, step = arr.shape[0], arr.chunks[0]
     per_block = max(1, BLOCK_TOKENS // max(1, step * arr.shape[1])) * step
@@ -127,12 +126,14 @@ def _verify_split(
                 body.update(block.astype("<i4").tobytes())
     if not decoded:
         return problems, None
-    shape = hashlib.sha256(str(tuple(arr.shape)).encode()).digest()
-    return problems, hashlib.sha256(shape + body.digest()).hexdigest()
+    return problems, split_fingerprint(tuple(arr.shape), body.digest())
 
 
 def _chunk_file(root: Path, arr: zarr.Array, chunk: int) -> Path:
-    return root / arr.metadata.encode_chunk_key((chunk, 0))
+    """The file holding inner chunk `chunk`: its shard file, or the chunk's own file when
+    the array is not sharded (data written before shards)."""
+    per_file = (arr.shards[0] if arr.shards else arr.chunks[0]) // arr.chunks[0]
+    return root / arr.metadata.encode_chunk_key((chunk // per_file, 0))
 
 
 def _unreadable(root: Path, arr: zarr.Array, chunk: int, exc: Exception) -> str:

@@ -1,7 +1,8 @@
 """Reader for the token data that `kdcache prepare` writes (layout in the README, "Token data").
 
 A DATA directory is a Zarr v3 group with one int32 array per split (`teacher`,
-`student`, `valid`, each `[rows, seq_len + 1]`) and `tokenizer.json` beside them. The
+`student`, `valid`, each `[rows, seq_len + 1]`, stored as Zarr shard files of whole
+inner chunks) and `tokenizer.json` beside them. The
 group attribute `kdcache` records the format, source, fingerprints, vocab size and
 seq_len. Row r predicts `tokens[r, 1:]` from `tokens[r, :-1]`.
 
@@ -40,6 +41,13 @@ def sha256_parts(*parts: bytes) -> str:
     for part in parts:
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
+
+
+def split_fingerprint(shape: tuple[int, ...], body_digest: bytes) -> str:
+    """A split's fingerprint from its shape and the sha256 digest of its token bytes
+    (`<i4`, row-major): equal to `sha256_parts(str(shape).encode(), tokens_bytes)`, but the
+    token bytes can be hashed streaming, row by row, by `prepare` and by `verify` alike."""
+    return hashlib.sha256(hashlib.sha256(str(tuple(shape)).encode()).digest() + body_digest).hexdigest()
 
 
 def data_fingerprint(tokenizer_fingerprint: str, seq_len: int, splits: dict[str, str]) -> str:

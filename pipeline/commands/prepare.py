@@ -21,6 +21,10 @@ def run(cfg: Config) -> int:
         "rows": result.rows,
         "tokens": result.tokens,
         "fingerprint": result.fingerprint,
+        "documents": result.documents,
+        "input_bytes": result.input_bytes,
+        "seconds": round(result.seconds, 3),
+        "tokens_per_s": round(sum(result.tokens.values()) / result.seconds) if result.seconds > 0 else 0,
     }
     if cfg.json:
         print(json.dumps(summary, indent=2))

@@ -140,7 +140,7 @@ COST = "cost --teacher-params 1e9 --student-params 1e8 --tokens 1e10"
 CASES = [
     # prepare
     Case("prepare-empty-source", "prepare --source {w}/empty --out {w}/d2 --vocab-size 300 --quiet",
-         r"source is empty", _write("empty/.keep", "")),
+         r"source is empty", _write("empty/a.txt", "")),
     Case("prepare-vocab-too-small", "prepare --out {w}/d2 --vocab-size 100",
          r"--vocab-size 100 is too small"),
     Case("prepare-seq-len", "prepare --out {w}/d2 --seq-len 1", r"--seq-len 1 must be at least 2"),
@@ -157,6 +157,16 @@ CASES = [
          r"afile", _write("afile", "x")),
     Case("prepare-bad-flag-type", "prepare --out {w}/d2 --seq-len many",
          r"--seq-len: expected int, got many"),
+    Case("prepare-record-not-utf8", "prepare --source {w}/r.jsonl --out {w}/d2 --vocab-size 300 --quiet",
+         r"r.jsonl:2: record is not UTF-8", _write("r.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')),
+    Case("prepare-column-wrong-type", "prepare --source {w}/t.jsonl --out {w}/d2 --vocab-size 300 --quiet",
+         r"t.jsonl:1: column 'text' is list, not a string", _write("t.jsonl", '{"text": ["a"]}\n')),
+    Case("prepare-parquet-column", "prepare --source {w}/p.parquet --out {w}/d2 --vocab-size 300 --quiet",
+         r"p.parquet: column 'text' is int64, not a string column", _parquet("p.parquet", {"text": [1, 2]})),
+    Case("prepare-datasets-no-info", "prepare --source {w}/ds --out {w}/d2 --vocab-size 300 --quiet",
+         r"ds: a datasets save_to_disk directory without dataset_info.json",
+         _write("ds/state.json", '{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')),
+    Case("prepare-workers", "prepare --out {w}/d2 --workers 0", r"--workers must be >= 1"),
     # train
     Case("train-no-data", TRAIN.replace("{w}/data", "{w}/nodata") + " --out {w}/s",
          r"nodata: not a token data"),

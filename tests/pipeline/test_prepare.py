@@ -1,4 +1,4 @@
-"""`kdcache prepare`: determinism, document-disjoint splits, sources, and every bad input."""
+"""`kdcache prepare` in one process: determinism, document-disjoint splits, sources, bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from kdcache.pipeline.errors import PipelineError
-from kdcache.pipeline.prepare import PrepareConfig, assign_splits, prepare
+from kdcache.pipeline.prepare import PrepareConfig, prepare, split_of
 from kdcache.train.tokens import open_token_data
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "mu"]
@@ -66,12 +66,44 @@ def test_deterministic_and_disjoint(text_dir: Path, tmp_path: Path) -> None:
     assert open_token_data(other).fingerprint != data.fingerprint
 
 
-def test_assign_splits_follows_fractions() -> None:
-    sizes = list(np.random.default_rng(1).integers(100, 1000, 500))
-    out = assign_splits(sizes, {"teacher": 0.45, "student": 0.45, "valid": 0.1}, seed=0)
-    assert sorted(i for idx in out.values() for i in idx) == list(range(500))
-    share = sum(sizes[i] for i in out["valid"]) / sum(sizes)
-    assert abs(share - 0.1) < 0.01
+def test_split_of_is_a_keyed_hash_that_follows_fractions() -> None:
+    fracs = (0.45, 0.45, 0.1)
+    names = [f"dir/file{i}.jsonl#{i % 7}" for i in range(20_000)]
+    got = np.array([split_of(n, 0, fracs) for n in names])
+    share = np.bincount(got, minlength=3) / len(names)
+    # 4 binomial standard deviations of each share at n = 20,000 (valid: 0.0085).
+    assert np.all(np.abs(share - fracs) < 4 * np.sqrt(np.array(fracs) * (1 - np.array(fracs)) / len(names)))
+    assert [split_of(n, 0, fracs) for n in names[:50]] == got[:50].tolist()  # a pure function
+    other = np.array([split_of(n, 1, fracs) for n in names])
+    assert 0.4 < np.mean(other != got) < 0.7  # another seed is another assignment
+
+
+def _markers(data_dir: Path, split: str) -> list[int]:
+    """The documents of a split, by their marker numbers, in the order they were packed."""
+    data = open_token_data(data_dir)
+    tok = Tokenizer.from_file(str(data.tokenizer_path))
+    text = tok.decode(data.read(split, slice(None)).ravel().tolist())
+    return list(dict.fromkeys(int(w[3:6]) for w in text.split() if w.startswith("doc") and w.endswith("x")))
+
+
+def _assert_follows_rule(data_dir: Path, names: list[str]) -> None:
+    """Document i (called names[i]) lands whole in the split its name hashes to, in order;
+    only the last document of a split can be missing (cut by the row tail)."""
+    for k, split in enumerate(("teacher", "student", "valid")):
+        want = [i for i, n in enumerate(names) if split_of(n, 0, (0.45, 0.45, 0.1)) == k]
+        got = _markers(data_dir, split)
+        assert got == want[: len(got)] and len(got) >= len(want) - 1 and got
+
+
+def test_splits_follow_the_rule(text_dir: Path, tmp_path: Path) -> None:
+    prepare(_cfg(text_dir, tmp_path / "a"))
+    files = sorted(text_dir.rglob("*.txt"), key=lambda p: p.as_posix())
+    order = [int(p.stem) for p in files]
+    names = {int(p.stem): p.relative_to(text_dir).as_posix() for p in files}
+    for k, split in enumerate(("teacher", "student", "valid")):
+        want = [i for i in order if split_of(names[i], 0, (0.45, 0.45, 0.1)) == k]
+        got = _markers(tmp_path / "a", split)
+        assert got == want[: len(got)] and len(got) >= len(want) - 1 and got
 
 
 def test_attributes(text_dir: Path, tmp_path: Path) -> None:
@@ -87,14 +119,18 @@ def test_attributes(text_dir: Path, tmp_path: Path) -> None:
 def test_records_sources(tmp_path: Path) -> None:
     docs = _docs(30)
     lines = (json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs))
-    (tmp_path / "a.jsonl").write_text("".join(lines))
-    pq.write_table(pa.table({"body": docs}), tmp_path / "b.parquet")
-    prepare(_cfg(tmp_path / "a.jsonl", tmp_path / "j", text_column="body"))
-    prepare(_cfg(tmp_path / "b.parquet", tmp_path / "p", text_column="body"))
-    j, p = open_token_data(tmp_path / "j"), open_token_data(tmp_path / "p")
-    assert j.rows("student") > 0
-    # The same documents in the same order give the same tokens, whatever the file format.
-    assert j.fingerprint == p.fingerprint
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "c.jsonl").write_text("".join(lines))
+    # Three row groups are three read units; record numbers run on across them.
+    pq.write_table(pa.table({"body": docs}), tmp_path / "a" / "c.parquet")
+    pq.write_table(pa.table({"body": docs}), tmp_path / "b" / "c.parquet", row_group_size=11)
+    prepare(_cfg(tmp_path / "c.jsonl", tmp_path / "j", text_column="body"))
+    prepare(_cfg(tmp_path / "a", tmp_path / "p1", text_column="body"))
+    prepare(_cfg(tmp_path / "b", tmp_path / "p3", text_column="body"))
+    _assert_follows_rule(tmp_path / "j", [f"c.jsonl#{i}" for i in range(30)])
+    _assert_follows_rule(tmp_path / "p3", [f"c.parquet#{i}" for i in range(30)])
+    assert open_token_data(tmp_path / "p1").meta["splits"] == open_token_data(tmp_path / "p3").meta["splits"]
 
 
 def test_glob_source_and_existing_tokenizer(text_dir: Path, tmp_path: Path) -> None:
@@ -167,3 +203,39 @@ def test_stdlib_source(tmp_path: Path) -> None:
                           quiet=True))
     data = open_token_data(tmp_path / "s")
     assert data.meta["source"] == "stdlib" and min(data.rows(s) for s in ("teacher", "student", "valid")) > 0
+
+
+def test_interrupted_build_leaves_nothing_and_reruns_identically(
+    text_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after some shards were written: no output, no temporary directory; the rerun
+    writes the bytes of a build never interrupted (shards are not resumed: see prepare.py)."""
+    import kdcache.pipeline.prepare_write as write_module
+
+    monkeypatch.setattr(write_module, "CHUNK_TOKENS", 32 * 17)
+    monkeypatch.setattr(write_module, "SHARD_CHUNKS", 1)
+    prepare(_cfg(text_dir, tmp_path / "clean"))
+    emit, calls = write_module.SplitWriter._emit, []
+
+    def interrupt_at_third(self, rows):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return emit(self, rows)
+
+    monkeypatch.setattr(write_module.SplitWriter, "_emit", interrupt_at_third)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_cfg(text_dir, out))
+    _assert_nothing_written(tmp_path, out)
+    monkeypatch.setattr(write_module.SplitWriter, "_emit", emit)
+    prepare(_cfg(text_dir, out))
+    assert _tree_bytes(out) == _tree_bytes(tmp_path / "clean")
+
+
+def test_killed_runs_temporary_directory_is_removed(text_dir: Path, tmp_path: Path) -> None:
+    """A run killed with SIGKILL leaves `.OUT.tmp-PID`; the next run removes it (its pid is gone)."""
+    stale = tmp_path / ".out.tmp-4194305"  # above the largest pid_max (2**22): never alive
+    (stale / "teacher").mkdir(parents=True)
+    prepare(_cfg(text_dir, tmp_path / "out"))
+    assert not stale.exists() and (tmp_path / "out" / "zarr.json").is_file()

@@ -65,7 +65,10 @@ def _edit_meta(data: Path, edit) -> None:
 def test_writes_checksummed_chunks_with_fill_minus_one(data: Path) -> None:
     meta = json.loads((data / "student" / "zarr.json").read_text())
     assert meta["fill_value"] == -1
-    assert [c["name"] for c in meta["codecs"]][-1] == "crc32c"
+    [shard] = meta["codecs"]  # shard files of inner chunks, each inner chunk checksummed
+    assert shard["name"] == "sharding_indexed"
+    assert [c["name"] for c in shard["configuration"]["codecs"]][-1] == "crc32c"
+    assert [c["name"] for c in shard["configuration"]["index_codecs"]][-1] == "crc32c"
     assert open_token_data(data).meta["splits"]["student"]["checksums"] == "crc32c"
 
 
@@ -220,10 +223,12 @@ def test_data_written_before_checksums_still_reads(data: Path) -> None:
 
 
 def test_rows_name_the_bad_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """With 64-row chunks a bad second chunk is named as rows 64..127, by reads and by verify."""
-    import kdcache.pipeline.prepare as prepare_module
+    """With 64-row chunks, one per shard file, a bad second chunk is named as rows 64..127,
+    by reads and by verify."""
+    import kdcache.pipeline.prepare_write as write_module
 
-    monkeypatch.setattr(prepare_module, "CHUNK_TOKENS", 64 * 17)
+    monkeypatch.setattr(write_module, "CHUNK_TOKENS", 64 * 17)
+    monkeypatch.setattr(write_module, "SHARD_CHUNKS", 1)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(40):
