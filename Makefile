@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy storage fit train pipeline
+	$(VENV)/bin/mypy storage fit train pipeline kdcache
 
 test: lint
 	$(PY) -m pytest -q

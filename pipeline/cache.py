@@ -10,7 +10,6 @@ micro-batches, so the store's bytes do not depend on the number of workers.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from collections import deque
@@ -91,38 +90,34 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     """Build (or finish) the store; returns a summary with teacher_loss and throughput."""
     import ray
 
+    from kdcache.ray_session import ray_session
     from kdcache.storage import StoreWriter
 
     data = _check_paths(cfg)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False, configure_logging=False)
-    created = not Path(cfg.out).exists()
-    actors: list[Any] = []
-    groups: list[Any] = []
-    try:
-        actors = _start_actors(cfg, groups)
-        described = _get(actors[0].describe.remote())
-        meta = _store_meta(cfg, described, data)
-        writer = StoreWriter.open(cfg.out, meta)
-        pending = writer.pending_shards()
-        t0 = time.perf_counter()
-        tokens = _dispatch(cfg, actors, pending, writer.meta)
-        seconds = time.perf_counter() - t0
-        writer.finalize()
-    except BaseException:
-        _roll_back(cfg.out, created)
-        raise
-    finally:
-        # Explicitly: a failed job's traceback keeps the handles alive, and live actors
-        # would hold their CPUs/GPUs on a shared cluster.
-        for actor in actors:
-            ray.kill(actor)
-        for group in groups:
-            ray.util.remove_placement_group(group)
-        if started:
-            ray.shutdown()
+    with ray_session(cfg.ray_address):
+        created = not Path(cfg.out).exists()
+        actors: list[Any] = []
+        groups: list[Any] = []
+        try:
+            actors = _start_actors(cfg, groups)
+            described = _get(actors[0].describe.remote())
+            meta = _store_meta(cfg, described, data)
+            writer = StoreWriter.open(cfg.out, meta)
+            pending = writer.pending_shards()
+            t0 = time.perf_counter()
+            tokens = _dispatch(cfg, actors, pending, writer.meta)
+            seconds = time.perf_counter() - t0
+            writer.finalize()
+        except BaseException:
+            _roll_back(cfg.out, created)
+            raise
+        finally:
+            # Explicitly: a failed job's traceback keeps the handles alive, and live actors
+            # would hold their CPUs/GPUs on a shared cluster.
+            for actor in actors:
+                ray.kill(actor)
+            for group in groups:
+                ray.util.remove_placement_group(group)
     return {
         "store": cfg.out,
         "shards": writer.meta.num_shards,

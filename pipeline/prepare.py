@@ -191,9 +191,10 @@ def _build(cfg: PrepareConfig, units: list[Any], tok: Any, tmp: Path) -> Prepare
 
     if cfg.workers == 1:
         return build(cfg, units, tok, tmp, _serial_pieces(cfg, units, tok, eos_id(tok)))
-    from kdcache.pipeline.prepare_ray import ray_pieces, ray_session
+    from kdcache.pipeline.prepare_ray import LOCAL_OBJECT_STORE, ray_pieces
+    from kdcache.ray_session import ray_session
 
-    with ray_session(cfg.ray_address):
+    with ray_session(cfg.ray_address, object_store_memory=LOCAL_OBJECT_STORE):
         pieces = ray_pieces(units, tok, eos_id(tok), workers=cfg.workers, text_column=cfg.text_column,
                             seed=cfg.seed, fractions=list(cfg.fractions.values()),
                             batch_bytes=BATCH_BYTES)

@@ -19,7 +19,6 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -31,25 +30,6 @@ OBJECT_STORE_BUDGET = 64 << 20  # Ray Data's object store budget for blocks in f
 LOCAL_OBJECT_STORE = 512 << 20  # a local Ray's object store: bounded, whatever the host
 Piece = tuple[int, np.ndarray, int, int]  # split index, tokens, documents, input bytes
 _TOKENIZERS: dict[str, Any] = {}
-
-
-@contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """A Ray to run on: an initialised one is reused, else a local one (or the cluster at
-    `address`) is started and always shut down, also on errors: a local cluster left
-    behind makes the next `ray.init()` hang."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False, configure_logging=False,
-                 object_store_memory=None if address else LOCAL_OBJECT_STORE)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _read(table: Any, text_column: str, batch_bytes: int) -> Iterator[Any]:

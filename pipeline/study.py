@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,9 +211,8 @@ def _plans_and_costs(out: Path, p: Preset, stores: list[Path]) -> None:
 
 def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path:
     """Run (or resume) the whole pipeline into `out_dir`; returns the report's path."""
-    import ray
-
     from kdcache.pipeline.report_html import write_report
+    from kdcache.ray_session import ray_session
 
     if preset not in PRESETS:
         raise PipelineError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -222,12 +220,7 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path
     check_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     data = _prepare(out, p)
-    started = not ray.is_initialized()
-    if started:  # one Ray for every stage: the cache jobs and sweeps reuse it
-        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False,
-                 configure_logging=False)
-    try:
+    with ray_session(ray_address):  # one Ray for every stage: the cache jobs and sweeps reuse it
         _stage(f"teachers: {', '.join(p.teachers)}")
         grid = [{"layers": layers, "tokens": tokens, "split": "teacher", "run_id": name}
                 for name, (layers, tokens) in p.teachers.items()]
@@ -235,9 +228,6 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path
         stores = _caches(out, data, p)
         _stage("students: supervised, distilled from each store, online")
         _sweep(out, data, "students", _student_grid(out, p, stores), p)
-    finally:
-        if started:
-            ray.shutdown()
     _fit(out, p)
     _plans_and_costs(out, p, stores)
     return write_report(out)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import logging
 import sys
 import types
 import typing
@@ -190,15 +189,13 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     import ray
     from tqdm import tqdm
 
+    from kdcache.ray_session import ray_session
+
     jobs = expand(cfg)
     todo = [j for j in jobs if not _finished(j)]
     skipped = len(jobs) - len(todo)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False, configure_logging=False)
     failed: dict[str, str] = {}
-    try:
+    with ray_session(cfg.ray_address):
         # A killed worker's run is retried (it resumes from its checkpoint); errors are not.
         task = ray.remote(max_retries=2, retry_exceptions=False)(_train)
         # A run over several Ray Train workers asks for their CPUs itself; its driver task holds none.
@@ -216,9 +213,6 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                 bar.write(f"{run_id}: FAILED: {failed[run_id]}", file=sys.stderr)
             bar.update(1)
         bar.close()
-    finally:
-        if started:
-            ray.shutdown()
     return {"runs": len(jobs), "done": len(todo) - len(failed), "skipped": skipped, "failed": failed}
 
 

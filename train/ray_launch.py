@@ -15,7 +15,6 @@ steps.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,38 +37,33 @@ def _rank(settings: dict[str, Any]) -> None:
 
 
 def run_on_ray_train(cfg: TrainJobConfig):  # -> TrainResult (imported late: run.py imports this module)
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from kdcache.ray_session import ray_session
     from kdcache.train.model_dir import META
     from kdcache.train.run import TrainResult, _recorded_row
 
     rt = cfg.runtime
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=rt.ray_address, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=not rt.quiet, configure_logging=False)
-    gpu = rt.device.startswith("cuda")
-    storage = tempfile.mkdtemp(prefix="kdcache-ray-train-")
-    try:
-        trainer = TorchTrainer(
-            _rank,
-            train_loop_config=cfg.flat(),
-            scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=gpu,
-                                         resources_per_worker={"CPU": rt.threads or 1}),
-            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            run_config=RunConfig(name=Path(cfg.out).name or "kdcache-train", storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=MAX_FAILURES)),
-        )
+    with ray_session(rt.ray_address, log_to_driver=not rt.quiet):
+        gpu = rt.device.startswith("cuda")
+        storage = tempfile.mkdtemp(prefix="kdcache-ray-train-")
         try:
-            trainer.fit()
-        except Exception as exc:
-            raise _rank_error(exc) from None
-    finally:
-        shutil.rmtree(storage, ignore_errors=True)
-        if started:
-            ray.shutdown()
+            trainer = TorchTrainer(
+                _rank,
+                train_loop_config=cfg.flat(),
+                scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=gpu,
+                                             resources_per_worker={"CPU": rt.threads or 1}),
+                torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+                run_config=RunConfig(name=Path(cfg.out).name or "kdcache-train", storage_path=storage,
+                                     failure_config=FailureConfig(max_failures=MAX_FAILURES)),
+            )
+            try:
+                trainer.fit()
+            except Exception as exc:
+                raise _rank_error(exc) from None
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
     out = Path(cfg.out)
     row = _recorded_row(out) if (out / META).is_file() else None
     if row is None:

@@ -1,0 +1,29 @@
+"""The one way kdcache's jobs get a Ray to run on (`cache`, `prepare --workers`, `sweep`,
+`train --workers`, `run`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def ray_session(address: str | None, *, log_to_driver: bool = False,
+                object_store_memory: int | None = None) -> Iterator[None]:
+    """Reuse an initialised Ray, or start one (local, or the cluster at `address`) and
+    always shut it down, also on errors: a local cluster left behind makes the next
+    `ray.init()` on this machine hang. `object_store_memory` bounds a local Ray's
+    object store (a cluster keeps its own)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=log_to_driver, configure_logging=False,
+                 object_store_memory=None if address else object_store_memory)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
