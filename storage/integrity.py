@@ -24,7 +24,7 @@ import zarr
 
 from kdcache.storage import ledger
 from kdcache.storage.errors import StoreError
-from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs
+from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, holds_bits
 from kdcache.storage.metadata import StoreMeta
 
 # teacher_loss is nll / tokens over float64 sums; finalize computes it from the same entries.
@@ -60,7 +60,7 @@ def layout_problems(group: zarr.Group, meta: StoreMeta) -> list[Problem]:
         if array.shape != shape:
             problems.append(Problem(None, name, f"shape {array.shape} does not match the metadata's "
                                                 f"{shape} ({_shape_fields(name)})"))
-        elif array.dtype != spec.dtype:
+        elif array.dtype != spec.dtype and not holds_bits(array, spec):
             problems.append(Problem(None, name, f"dtype {array.dtype} is not {spec.dtype} "
                                                 "(field 'vocab_size' sets the id width)"))
         elif array.shards != (meta.shard_rows, *spec.row_shape):

@@ -9,13 +9,24 @@ spends a fixed ~0.5 ms of Python per inner chunk read, so chunks are sized by by
 Codecs were chosen by measurement (benchmarks/store_io.py): Blosc-zstd with byte
 shuffle beat plain zstd, bit shuffle, lz4 and rank-major transposes on realistic top-k
 ids and log-probs. A crc32c per inner chunk makes every read check its bytes.
+
+A top-k store's log-probs are sorted within each position, so their float16 bit patterns
+(all non-positive values) rise along k by a few units each. New stores keep them as those
+bit patterns (uint16, the array attribute `kdcache_bits_of` says "float16") through
+numcodecs' lossless `delta` filter, which takes a third off their size. Zarr has no codec
+that reinterprets bits, so plain zarr returns uint16 here: `.view(np.float16)` is the one
+extra step (README, "The logit store"). Stores written before keep float16 arrays, and
+every reader accepts both.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from kdcache.storage.metadata import StoreMeta
@@ -29,16 +40,27 @@ ARRAYS_BY_KIND: dict[str, tuple[str, ...]] = {
 # Unwritten rows read as obviously invalid values through plain zarr.
 _FILL = {"tokens": -1, "ids": 0, "counts": 0}
 
+BITS_ATTR = "kdcache_bits_of"
+"""Array attribute naming the dtype whose bit patterns an unsigned array holds."""
+
 
 @dataclass(frozen=True)
 class ArraySpec:
     name: str
     dtype: np.dtype
     row_shape: tuple[int, ...]  # shape of one row
+    bits: bool = False  # new stores keep it as delta-coded unsigned bit patterns of `dtype`
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        return np.dtype(f"<u{self.dtype.itemsize}") if self.bits else self.dtype
 
     @property
     def fill_value(self) -> float | int:
-        return _FILL.get(self.name, float("nan"))
+        fill = _FILL.get(self.name, float("nan"))
+        if self.bits:  # NaN's bit pattern, so a viewed unwritten row still reads as NaN
+            return int(np.array(fill, dtype=self.dtype).view(self.stored_dtype))
+        return fill
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -50,7 +72,7 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     every = {
         "tokens": ArraySpec("tokens", np.dtype(np.int32), (t + 1,)),
         "ids": ArraySpec("ids", id_dtype(meta.vocab_size), (t, k)),
-        "logprobs": ArraySpec("logprobs", np.dtype(np.float16), (t, k)),
+        "logprobs": ArraySpec("logprobs", np.dtype(np.float16), (t, k), bits=meta.kind == "topk"),
         "tail_logmass": ArraySpec("tail_logmass", np.dtype(np.float32), (t,)),
         "target_logprob": ArraySpec("target_logprob", np.dtype(np.float32), (t,)),
         "counts": ArraySpec("counts", np.dtype(np.uint8), (t, k)),
@@ -67,5 +89,29 @@ def suggest_chunk_rows(seq_len: int, k: int, shard_rows: int, value_bytes: int =
     return max(d for d in range(1, min(want, shard_rows) + 1) if shard_rows % d == 0)
 
 
+CLEVEL = 1  # zstd level: level 3 is no smaller on delta-coded log-probs and 2x slower to write
+# One Blosc block per inner chunk: Blosc's default blocks (tens of KB at level 1) cost 4%
+# in size and a quarter of the decode speed on ids and log-probs.
+BLOCK_BYTES = TARGET_CHUNK_BYTES
+
+
 def compressors() -> tuple[BloscCodec, Crc32cCodec]:
-    return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
+    return (BloscCodec(cname="zstd", clevel=CLEVEL, shuffle="shuffle", blocksize=BLOCK_BYTES),
+            Crc32cCodec())
+
+
+def filters(spec: ArraySpec) -> tuple[Any, ...]:
+    """The array-to-array codecs of a new array: the delta of bit patterns, or none."""
+    if not spec.bits:
+        return ()
+    from zarr.codecs.numcodecs import Delta
+
+    with warnings.catch_warnings():  # zarr warns that numcodecs codecs are outside the spec
+        warnings.simplefilter("ignore")
+        return (Delta(dtype=spec.stored_dtype.str),)
+
+
+def holds_bits(array: zarr.Array, spec: ArraySpec) -> bool:
+    """Whether a store's array holds `spec`'s values as bit patterns (new layout) or as is."""
+    return (spec.bits and array.dtype == spec.stored_dtype
+            and array.attrs.get(BITS_ATTR) == str(spec.dtype))

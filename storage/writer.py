@@ -3,8 +3,10 @@
 `StoreWriter.open` is an idempotent build-or-load: it creates the store (in a temporary
 sibling directory renamed into place, so a half-created store is never seen), or opens
 an existing one whose identity matches, or refuses with the fields that differ.
-`write_shard` validates a shard completely before touching any file, writes its arrays,
-then commits it through the ledger. `finalize` marks the store complete.
+`write_shard` validates a shard completely before touching any file, writes its arrays
+(one shard file each, coded by `shardio.py` on a thread pool; through zarr for codec
+chains it does not know), then commits it through the ledger. `finalize` marks the store
+complete.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import zarr
 from kdcache.storage import ledger
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
-from kdcache.storage.layout import ArraySpec, array_specs, compressors
+from kdcache.storage.layout import BITS_ATTR, ArraySpec, array_specs, compressors, filters, holds_bits
 from kdcache.storage.metadata import StoreMeta, identity_digest
+from kdcache.storage.shardio import ShardPlan, pool
 from kdcache.storage.validate import validate_shard
 
 ATTR = "kdcache"
@@ -68,11 +71,13 @@ def _create_array(group: zarr.Group, spec: ArraySpec, meta: StoreMeta) -> None:
     group.create_array(
         spec.name,
         shape=(meta.rows, *spec.row_shape),
-        dtype=spec.dtype,
+        dtype=spec.stored_dtype,
         chunks=(meta.chunk_rows, *spec.row_shape),
         shards=(meta.shard_rows, *spec.row_shape),
+        filters=filters(spec),
         compressors=compressors(),
         fill_value=spec.fill_value,
+        attributes={BITS_ATTR: str(spec.dtype)} if spec.bits else None,
     )
 
 
@@ -85,6 +90,9 @@ class StoreWriter:
         self._group = zarr.open_group(str(path), mode="r+")
         self._specs = array_specs(meta)
         self._identity = identity_digest(read_attrs(path))
+        self._zarrays = {name: cast(zarr.Array, self._group[name]) for name in self._specs}
+        # Shard files of the store's own codec chains are written directly (shardio.py).
+        self._plans = {name: ShardPlan.of(a, path / name) for name, a in self._zarrays.items()}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], meta: StoreMeta) -> StoreWriter:
@@ -140,9 +148,20 @@ class StoreWriter:
         return entry
 
     def _write_arrays(self, start: int, stop: int, data: Mapping[str, np.ndarray]) -> None:
-        coros = {name: cast(zarr.Array, self._group[name]).async_array.setitem(slice(start, stop), v)
-                 for name, v in data.items()}
-        for name, result in gather(coros).items():
+        bits = {n for n in data if holds_bits(self._zarrays[n], self._specs[n])}
+        stored = {n: v.view(self._zarrays[n].dtype) if n in bits else v for n, v in data.items()}
+        direct = {n: p for n in stored if (p := self._plans[n]) is not None}
+        jobs = {name: [pool().submit(plan.encode, c) for c in plan.split(stored[name])]
+                for name, plan in direct.items()}
+        coros = {name: self._zarrays[name].async_array.setitem(slice(start, stop), v)
+                 for name, v in stored.items() if name not in direct}
+        results: dict[str, object] = gather(coros) if coros else {}
+        for name, pieces in jobs.items():
+            try:
+                direct[name].write_pieces(start // direct[name].shard_rows, [p.result() for p in pieces])
+            except Exception as exc:  # numcodecs and the file system raise several types
+                results[name] = exc
+        for name, result in results.items():
             if isinstance(result, Exception):
                 raise StoreError(f"{self.path}: writing array '{name}' failed ({result})") from result
 

@@ -18,10 +18,16 @@ PLAIN_READER = textwrap.dedent(
     import numpy as np, zarr
     group = zarr.open_group(sys.argv[1], mode="r")
     meta = group.attrs["kdcache"]
-    arrays = {name: group[name][:] for name in group.array_keys()}
+    arrays, stored = {}, {}
+    for name in group.array_keys():
+        values = group[name][:]
+        stored[name] = str(values.dtype)
+        bits = group[name].attrs.get("kdcache_bits_of")  # the one documented extra step
+        arrays[name] = values.view(bits) if bits else values
     entries = {k: dict(v.attrs) for k, v in group["ledger"].groups()}
     np.savez(sys.argv[2], **arrays)
-    print(json.dumps({"meta": meta, "ledger": sorted(entries), "mods": sorted(sys.modules)}))
+    print(json.dumps({"meta": meta, "ledger": sorted(entries), "mods": sorted(sys.modules),
+                      "stored": stored}))
     """
 )
 
@@ -43,6 +49,9 @@ def test_plain_zarr_reads_every_array(store_path, tmp_path):
     assert report["meta"]["format"] == "kdcache.logits/1"
     assert report["meta"]["complete"] is True
     assert report["ledger"] == ["shard-000000", "shard-000001", "shard-000002"]
+    # Top-k log-probs are kept as their float16 bit patterns, delta-coded (layout.py).
+    assert report["stored"]["logprobs"] == "uint16"
+    assert report["stored"]["ids"] == "uint32"
     with np.load(out, allow_pickle=False) as plain:
         assert sorted(plain.files) == sorted(rows)
         for name, values in rows.items():

@@ -1,0 +1,255 @@
+"""Whole Zarr shard files read and written directly, for the codec chains kdcache stores use.
+
+Zarr-python spends ~0.5 ms of Python and event-loop round trips per inner chunk, which
+made it the bottleneck of every read and write (benchmarks/store_io.py: ~140k tokens/s
+read, ~100k written, where the codec alone runs at millions). A store's arrays use one of
+a few fixed chains inside the sharding codec: an optional numcodecs `delta` filter, the
+little-endian `bytes` serializer, `blosc`, then `crc32c`; the shard index (offset and
+length per inner chunk, then its own crc32c) sits at the end of the file. For those
+chains this module decodes and encodes inner chunks with numcodecs and crc32c itself, on
+a thread pool (Blosc releases the GIL), and writes each shard file whole. Any other
+chain (`ShardPlan.of` returns None) stays on zarr-python.
+
+The files are ordinary Zarr v3 shards: plain zarr reads what this writes, and this reads
+what zarr wrote (including inner chunks zarr skipped as all fill value).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import numpy as np
+import zarr
+from numcodecs import Blosc, Delta
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+from kdcache.storage.errors import StoreError
+
+_EMPTY = np.uint64(2**64 - 1)  # offset and length of an inner chunk that was never written
+_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def pool() -> ThreadPoolExecutor:
+    """This process's threads for coding chunks (numcodecs' Blosc runs unthreaded off the
+    main thread). One per process id: a forked DataLoader worker inherits its parent's
+    executor without its threads, and jobs sent to that one would never run."""
+    pid = os.getpid()
+    if pid not in _POOLS:
+        _POOLS[pid] = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                         thread_name_prefix="kdcache-shardio")
+    return _POOLS[pid]
+
+
+class ChunkError(StoreError):
+    """An inner chunk or shard index failed its checksum or could not be decoded."""
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How one array's shard files are laid out and coded."""
+
+    folder: Path
+    dtype: np.dtype  # the stored dtype
+    shape: tuple[int, ...]  # of the whole array
+    shard_rows: int
+    chunk_rows: int
+    delta: bool
+    blosc: Blosc
+    fill: Any
+    key: Any  # shard index -> file key, zarr's chunk key encoding
+
+    @classmethod
+    def of(cls, array: zarr.Array, folder: Path) -> ShardPlan | None:
+        """The plan for `array`, or None when its codecs are not a chain this module codes."""
+        meta = array.metadata
+        codecs: tuple[Any, ...] = tuple(getattr(meta, "codecs", ()))
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sharding = codecs[0]
+        inner: list[Any] = list(sharding.codecs)
+        index = sharding.index_codecs
+        if (sharding.index_location != ShardingCodecIndexLocation.end or len(index) != 2
+                or not isinstance(index[1], Crc32cCodec) or not _little(index[0])):
+            return None
+        delta = bool(inner) and getattr(inner[0], "codec_name", "") == "numcodecs.delta"
+        if delta and np.dtype(inner[0].codec_config["dtype"]) != array.dtype:
+            return None
+        inner = inner[1:] if delta else inner
+        if (len(inner) != 3 or not _little(inner[0]) or not isinstance(inner[1], BloscCodec)
+                or not isinstance(inner[2], Crc32cCodec)):
+            return None
+        shard, chunk = array.shards, sharding.chunk_shape
+        if shard is None or tuple(shard[1:]) != tuple(chunk[1:]) or tuple(shard[1:]) != array.shape[1:]:
+            return None
+        b = inner[1]
+        blosc = Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=_SHUFFLE[b.shuffle.value],
+                      blocksize=b.blocksize)
+        return cls(folder=folder, dtype=np.dtype(array.dtype), shape=tuple(array.shape),
+                   shard_rows=shard[0], chunk_rows=chunk[0], delta=delta, blosc=blosc,
+                   fill=array.fill_value,
+                   key=lambda s, n=array.ndim: meta.encode_chunk_key((s, *([0] * (n - 1)))))
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    def path(self, shard: int) -> str:
+        return os.path.join(self.folder, self.key(shard))
+
+    def _chunk_shape(self) -> tuple[int, ...]:
+        return (self.chunk_rows, *self.shape[1:])
+
+    # ---- reading -------------------------------------------------------------------
+
+    def read_index(self, shard: int) -> np.ndarray:
+        """[chunks_per_shard, 2] uint64 (offset, length) of each inner chunk, checked."""
+        size = self.chunks_per_shard * 16 + 4
+        with open(self.path(shard), "rb") as f:
+            f.seek(-size, os.SEEK_END)
+            raw = f.read(size)
+        _check(raw, f"array '{self.folder.name}' shard {shard} index")
+        return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+
+    def read_chunks(self, shard: int, index: np.ndarray, chunks: list[int]) -> list[bytes | None]:
+        """The raw bytes of the inner chunks `chunks` of a shard (None: never written)."""
+        out: list[bytes | None] = []
+        fd = os.open(self.path(shard), os.O_RDONLY)
+        try:
+            for c in chunks:
+                offset, length = index[c]
+                out.append(None if offset == _EMPTY else os.pread(fd, int(length), int(offset)))
+        finally:
+            os.close(fd)
+        return out
+
+    def decode(self, raw: bytes | None, where: str) -> np.ndarray:
+        """One inner chunk as an array of the stored dtype (fill values when never written)."""
+        if raw is None:
+            return np.full(self._chunk_shape(), self.fill, dtype=self.dtype)
+        _check(raw, where)
+        data = np.empty(self._chunk_shape(), dtype=self.dtype)  # writable, as zarr's reads are
+        try:
+            self.blosc.decode(memoryview(raw)[:-4], out=data)
+        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad frames
+            raise ChunkError(f"{where} is corrupt (cannot be decoded: {exc})") from exc
+        if self.delta:
+            flat = data.reshape(-1)
+            np.cumsum(flat, dtype=self.dtype, out=flat)  # wraps modulo 2**bits, as encoding did
+        return data
+
+    # ---- writing -------------------------------------------------------------------
+
+    def encode(self, chunk: np.ndarray) -> bytes:
+        """One inner chunk (already of chunk shape and stored dtype) as stored bytes."""
+        flat = chunk.reshape(-1)
+        if self.delta:
+            flat = Delta(dtype=self.dtype).encode(flat).view(self.dtype)
+        body = self.blosc.encode(flat)
+        return bytes(body) + _crc(body)
+
+    def split(self, data: np.ndarray) -> list[np.ndarray]:
+        """A shard's rows (`data`, stored dtype) as its inner chunks, the last padded with fill."""
+        if len(data) < self.shard_rows:
+            padded = np.full((self.shard_rows, *self.shape[1:]), self.fill, dtype=self.dtype)
+            padded[: len(data)] = data
+            data = padded
+        return np.split(data, self.chunks_per_shard)
+
+    def write_pieces(self, shard: int, pieces: list[bytes]) -> None:
+        """Assemble encoded inner chunks, C order, with their index, into the shard file."""
+        lengths = np.array([len(p) for p in pieces], dtype="<u8")
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("<u8")
+        index = np.stack([offsets, lengths], axis=1).astype("<u8").tobytes()
+        path = Path(self.path(shard))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # In place, as zarr writes: a torn file is never committed (the ledger entry comes
+        # after it) and is rewritten whole; a rename per file costs ~1.5 ms on overlay disks.
+        with open(path, "wb") as f:
+            f.write(b"".join(pieces) + index + _crc(index))
+
+
+def distinct(ascending: np.ndarray) -> np.ndarray:
+    """np.unique of a sorted array, without its sort (np.unique costs ~0.3 ms on tiny inputs)."""
+    keep = np.ones(ascending.size, dtype=bool)
+    keep[1:] = ascending[1:] != ascending[:-1]
+    return ascending[keep]
+
+
+def _little(codec: Any) -> bool:
+    return isinstance(codec, BytesCodec) and (codec.endian is None or codec.endian.value == "little")
+
+
+def _crc(data: Any) -> bytes:
+    return np.uint32(crc32c.crc32c(data)).astype("<u4").tobytes()
+
+
+def _check(raw: bytes, where: str) -> None:
+    if len(raw) < 4 or _crc(memoryview(raw)[:-4]) != raw[-4:]:
+        raise ChunkError(f"{where} is corrupt (crc32c does not match its bytes)")
+
+
+class RowSource:
+    """Reads sorted unique rows of several arrays of one store straight from their shards.
+
+    Shard indexes are cached per file and re-read when the file changes (a repaired shard
+    is rewritten by a later cache run), so a long-lived reader never pairs an old index
+    with new chunks.
+    """
+
+    def __init__(self, plans: dict[str, ShardPlan]) -> None:
+        self.plans = plans
+        self._index: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
+
+    def index(self, name: str, shard: int) -> np.ndarray:
+        plan = self.plans[name]
+        st = os.stat(plan.path(shard))
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._index.get((name, shard))
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, plan.read_index(shard))
+            self._index[(name, shard)] = hit
+        return hit[1]
+
+    def read(self, unique: np.ndarray, where: str) -> dict[str, np.ndarray]:
+        """Every array's `unique` rows (sorted, unique), in the stored dtypes."""
+        any_plan = next(iter(self.plans.values()))
+        c, per = any_plan.chunk_rows, any_plan.chunks_per_shard
+        chunks = distinct(unique // c)
+        bounds = np.searchsorted(unique, np.stack([chunks * c, (chunks + 1) * c]))
+        if chunks.size == 1 and unique.size == c:  # one whole inner chunk: no pool, no copy
+            chunk = int(chunks[0])
+            return {name: plan.decode(plan.read_chunks(chunk // per, self.index(name, chunk // per),
+                                                       [chunk % per])[0],
+                                      f"array '{name}' in {where}, inner chunk {chunk},")
+                    for name, plan in self.plans.items()}
+        out = {name: np.empty((unique.size, *p.shape[1:]), dtype=p.dtype) for name, p in self.plans.items()}
+        jobs = []
+        for name, plan in self.plans.items():
+            for shard in distinct(chunks // per).tolist():
+                mine = np.flatnonzero(chunks // per == shard)
+                raws = plan.read_chunks(shard, self.index(name, shard), (chunks[mine] % per).tolist())
+                for i, raw in zip(mine.tolist(), raws, strict=True):
+                    at = f"array '{name}' in {where}, inner chunk {chunks[i]},"
+                    jobs.append(pool().submit(self._fill, name, raw, int(chunks[i]), bounds[:, i],
+                                             unique, out[name], at))
+        for job in jobs:
+            job.result()
+        return out
+
+    def _fill(self, name: str, raw: bytes | None, chunk: int, bounds: np.ndarray, unique: np.ndarray,
+              out: np.ndarray, where: str) -> None:
+        plan = self.plans[name]
+        lo, hi = int(bounds[0]), int(bounds[1])
+        values = plan.decode(raw, where)
+        rows = unique[lo:hi] - chunk * plan.chunk_rows
+        if rows.size == plan.chunk_rows:
+            out[lo:hi] = values
+        else:
+            out[lo:hi] = values[rows]
