@@ -8,7 +8,30 @@ Blosc-zstd level 3 with Blosc's default blocks, written by zarr) and with today'
 prefix is recomputed in float64 from the stored values, so its bytes are representative,
 not the teacher's exact ones. Both copies are read back and compared byte for byte.
 
-    python benchmarks/store_size.py --store PATH [--ks 32 64 128] [--json]
+With --teacher (the model directory the store was made with) it also compares against
+DistillKit: the teacher is rerun in float32 over the store's `tokens` (inputs `tokens[:, :-1]`,
+log-softmax in float32, a few rows at a time) and its exact top-k log-probs are written in
+DistillKit's compressed Parquet format with the README's recommended config (see
+`distillkit_format.py`: a reimplementation from the documented format, not DistillKit's code).
+The store's ids are first checked against the teacher's top-k (equal except at near-ties).
+DistillKit's size is the Parquet file's bytes / positions. The KL reported for each format is,
+per position, in float64,
+
+    KL(P || Q) = sum_{i in S} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest)
+
+over the format's k stored ids S plus one tail category. P is the teacher: p_i = exp(l_i) / Z
+from its float32 log-softmax l, Z = sum over all V ids, p_rest the true mass of the other V - k
+ids (summed directly). Q is what the format decodes: kdcache's stored log-probs and
+`tail_logmass` (for k < the store's, the prefix tail described above); DistillKit's decoded
+log-probs and, for the rest, the mass its "symmetric_uniform" decoder implies,
+max(1 - sum_i q_i, (V - k) * 1e-8) (its "zero" mode gives the rest nothing, an infinite KL).
+Q is renormalised to sum to 1 over the k + 1 categories; the mean is over all positions.
+DistillKit's KL is given for its documented float32 fit (torch.linalg.svd, as DistillKit runs
+it) and, as `distillkit_kl_f64_fit`, for the same stored format fitted in float64; the float32
+fit is ill-conditioned at large k, and `distillkit_kl_numpy_f32_fit` (numpy's SVD) shows how much
+it depends on the routine.
+
+    python benchmarks/store_size.py --store PATH [--ks 32 64 128] [--teacher MODEL_DIR] [--json]
 """
 
 from __future__ import annotations
@@ -20,11 +43,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from kdcache.storage import StoreReader, StoreWriter, array_specs, read_meta
 from kdcache.storage.writer import ATTR
+
+try:
+    from benchmarks import distillkit_format as dk
+except ImportError:  # run as a script from benchmarks/
+    import distillkit_format as dk  # type: ignore[no-redef]
 
 
 def prefix(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
@@ -63,10 +92,11 @@ def array_bytes(path: Path, names: list[str]) -> dict[str, int]:
     return {n: sum(p.stat().st_size for p in (path / n).rglob("*") if p.is_file()) for n in names}
 
 
-def measure(store: Path, k: int, tmp: Path) -> dict:
+def measure(store: Path, k: int, tmp: Path, ref: dict[str, np.ndarray] | None = None) -> dict:
     source = StoreReader(store)
     meta = dataclasses.replace(source.meta, k=k, complete=False, teacher_loss=None, padded_mass=None)
-    data = prefix(source.read_rows(source.committed_rows()), k)
+    full = source.read_rows(source.committed_rows())
+    data = prefix(full, k)
     tokens = data["target_logprob"].size
     out = {"k": k, "vocab": meta.vocab_size, "tokens": tokens}
     for name, write in (("old", write_old), ("new", write_new)):
@@ -81,6 +111,94 @@ def measure(store: Path, k: int, tmp: Path) -> dict:
         out[f"{name}_bytes_per_token"] = {n: b / tokens for n, b in sizes.items()}
         out[f"{name}_total_bytes_per_token"] = sum(sizes.values()) / tokens
     out["id_bits_new"] = out["new_bytes_per_token"]["ids"] * 8 / k
+    if ref is not None:
+        out["id_check"] = check_ids(full, ref, k)
+        q = np.exp(data["logprobs"].astype(np.float64))
+        q_rest = np.exp(data["tail_logmass"].astype(np.float64))
+        out["kdcache_kl"] = kl(ref["store_p"][..., :k], ref[f"store_rest_{k}"], q, q_rest)
+        out.update(measure_distillkit(data, ref, k, meta.vocab_size, tmp))
+    return out
+
+
+def teacher_reference(model_dir: str, tokens: np.ndarray, ids: np.ndarray, ks: list[int],
+                      rows_per_step: int = 2) -> dict[str, np.ndarray]:
+    """Rerun the teacher in float32; per position: its probabilities at the store's ids, its own
+    top-K (ids, float32 log-probs, probabilities) and the true rest mass of both id sets at each k."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    top = ids.shape[-1]
+    out: dict[str, list[np.ndarray]] = {}
+
+    def add(name: str, value: torch.Tensor) -> None:
+        out.setdefault(name, []).append(value.numpy())
+
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[0], rows_per_step):
+            inputs = torch.from_numpy(tokens[start:start + rows_per_step, :-1].astype(np.int64))
+            logprobs = torch.log_softmax(model(inputs).logits.float(), dim=-1)
+            store_ids = torch.from_numpy(ids[start:start + rows_per_step].astype(np.int64))
+            values, top_ids = torch.topk(logprobs, top, dim=-1)
+            probs = logprobs.double().exp()
+            z = probs.sum(-1, keepdim=True)
+            probs /= z
+            add("store_lp", logprobs.gather(-1, store_ids))
+            add("store_p", probs.gather(-1, store_ids))
+            add("top_lp", values)
+            add("top_ids", top_ids)
+            add("top_p", probs.gather(-1, top_ids))
+            add("z", z[..., 0])
+            for k in ks:
+                for name, chosen in (("store", store_ids), ("top", top_ids)):
+                    add(f"{name}_rest_{k}", probs.scatter(-1, chosen[..., :k], 0.0).sum(-1))
+            del logprobs, probs
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def kl(p: np.ndarray, p_rest: np.ndarray, q: np.ndarray, q_rest: np.ndarray) -> float:
+    """Mean over positions of KL(P || Q) on k ids + a rest category, Q renormalised, float64."""
+    p = np.concatenate([p, p_rest[..., None]], -1).astype(np.float64)
+    q = np.concatenate([q, q_rest[..., None]], -1).astype(np.float64)
+    q = q / q.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return float(terms.sum(-1).mean())
+
+
+def check_ids(data: dict[str, np.ndarray], ref: dict[str, np.ndarray], k: int) -> dict:
+    """The store's first k ids against the teacher's top-k: positions whose sets differ, and the
+    largest log-prob gap that explains it (the k-th best value minus the worst stored one)."""
+    same = np.sort(data["ids"][..., :k], -1) == np.sort(ref["top_ids"][..., :k], -1)
+    differ = ~same.all(-1)
+    gap = ref["top_lp"][..., k - 1] - ref["store_lp"][..., :k].min(-1)
+    return {"positions_differ": int(differ.sum()),
+            "max_gap_where_differ": float(gap[differ].max()) if differ.any() else 0.0,
+            "max_abs_stored_minus_teacher_logprob": float(
+                np.abs(data["logprobs"][..., :k].astype(np.float32) - ref["store_lp"][..., :k]).max())}
+
+
+def measure_distillkit(data: dict[str, np.ndarray], ref: dict[str, np.ndarray], k: int, vocab: int,
+                       tmp: Path) -> dict:
+    cfg = dk.Config(k=k, d=vocab)
+    tokens = data["target_logprob"].size
+    ids, values = ref["top_ids"][..., :k], ref["top_lp"][..., :k]
+    out: dict = {"distillkit_id_bits": cfg.id_bits,
+                 "distillkit_raw_bytes_per_token": cfg.logprob_bytes + cfg.id_bytes}
+    for solve, suffix in (("torch-float32", ""), ("float32", "_numpy_f32_fit"), ("float64", "_f64_fit")):
+        lp_bytes, id_bytes = dk.encode(ids, values, cfg, solve=solve)
+        path = tmp / f"distillkit-{k}{suffix}.parquet"
+        size = dk.write_parquet(path, data["tokens"], lp_bytes, id_bytes)
+        got_tokens, got_lp, got_ids = dk.read_parquet(path, cfg)
+        assert (got_tokens == data["tokens"]).all()
+        assert (got_lp == lp_bytes).all() and (got_ids == id_bytes).all()
+        dec_ids, dec_lp = dk.decode(got_lp, got_ids, cfg)
+        assert (dec_ids == ids).all()
+        q = np.exp(dec_lp.astype(np.float64))
+        out[f"distillkit{suffix}_bytes_per_token"] = size / tokens
+        out[f"distillkit_kl{suffix}"] = kl(ref["top_p"][..., :k], ref[f"top_rest_{k}"], q,
+                                           dk.tail_mass(dec_lp, cfg))
+        out[f"distillkit{suffix}_positions_mass_over_1"] = int((q.sum(-1) > 1).sum())
+        out[f"distillkit{suffix}_max_abs_logprob_error"] = float(np.abs(dec_lp - values).max())
     return out
 
 
@@ -88,23 +206,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True, help="a top-k store made by a real teacher")
     parser.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--teacher", help="the store's teacher (model directory): adds the DistillKit "
+                        "comparison and the KL to the teacher")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     top = read_meta(args.store).k
+    ks = [k for k in args.ks if k <= top]
+    ref = None
+    if args.teacher:
+        source = StoreReader(args.store)
+        rows = source.read_rows(source.committed_rows())
+        ref = teacher_reference(args.teacher, rows["tokens"], rows["ids"], ks)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [measure(Path(args.store), k, Path(tmp)) for k in args.ks if k <= top]
+        results = [measure(Path(args.store), k, Path(tmp), ref) for k in ks]
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print("| k | tokens | before B/token | after B/token | ids before | ids after | log-probs before "
-          "| log-probs after |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = ref is not None
+    head = ["k", "tokens", "before B/token", "after B/token", "ids before", "ids after", "log-probs before",
+            "log-probs after"]
+    if extra:
+        head += ["DistillKit B/token", "kdcache mean KL", "DistillKit mean KL (f32 fit)",
+                 "DistillKit mean KL (f64 fit)", "ids differ (max gap)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for r in results:
         old, new = r["old_bytes_per_token"], r["new_bytes_per_token"]
-        print(f"| {r['k']} | {r['tokens']} | {r['old_total_bytes_per_token']:.1f} "
-              f"| {r['new_total_bytes_per_token']:.1f} | {old['ids']:.1f} | {new['ids']:.1f} "
-              f"| {old['logprobs']:.1f} | {new['logprobs']:.1f} |")
-
+        cells = [str(r["k"]), str(r["tokens"]), f"{r['old_total_bytes_per_token']:.1f}",
+                 f"{r['new_total_bytes_per_token']:.1f}", f"{old['ids']:.1f}", f"{new['ids']:.1f}",
+                 f"{old['logprobs']:.1f}", f"{new['logprobs']:.1f}"]
+        if extra:
+            check = r["id_check"]
+            cells += [f"{r['distillkit_bytes_per_token']:.1f}", f"{r['kdcache_kl']:.1e}",
+                      f"{r['distillkit_kl']:.1e}", f"{r['distillkit_kl_f64_fit']:.1e}",
+                      f"{check['positions_differ']} ({check['max_gap_where_differ']:.1g})"]
+        print("| " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()
