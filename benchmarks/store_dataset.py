@@ -29,7 +29,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +37,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import topk_family
+from synthetic import best_time, synthetic_meta, topk_family
 
-from kdcache.storage import DataInfo, StoreMeta, StoreWriter, TeacherInfo, suggest_chunk_rows
+from kdcache.storage import StoreWriter
 from kdcache.train.dataset import StoreDataset
 
 K, VOCAB, SHARD_ROWS = 64, 32768, 64
@@ -49,27 +49,12 @@ def build_store(path: Path, rows: int, distinct: int, seq_len: int) -> None:
     """A finished top-k store of `rows` rows: `distinct` generated rows, tiled."""
     family = topk_family(np.random.default_rng(0), distinct, seq_len, VOCAB, [K])[K]
     arrays = {name: np.resize(values, (rows, *values.shape[1:])) for name, values in family.items()}
-    meta = StoreMeta(
-        kind="topk", k=K, vocab_size=VOCAB, seq_len=seq_len, temperature=1.0,
-        teacher=TeacherInfo(name="synthetic", fingerprint="synthetic", params=0, nonembedding_params=0),
-        data=DataInfo(fingerprint="synthetic", split="student", rows=rows),
-        shard_rows=SHARD_ROWS, chunk_rows=suggest_chunk_rows(seq_len, K, SHARD_ROWS),
-    )
+    meta = synthetic_meta(rows, seq_len, VOCAB, K, SHARD_ROWS)
     writer = StoreWriter.open(path, meta)
     for shard in range(meta.num_shards):
         start, stop = meta.shard_bounds(shard)
         writer.write_shard(shard, {name: values[start:stop] for name, values in arrays.items()})
     writer.finalize()
-
-
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    """Best wall time of `repeats` calls (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _epoch(ds: StoreDataset) -> None:
@@ -102,7 +87,7 @@ def measure(path: Path, batch_size: int, repeats: int) -> dict:
     tokens = len(ds) * ds.local_batch * meta.seq_len
     loader_start_s, loader_rate = _workers(ds, False, repeats)
     dataloader_start_s, dataloader_rate = _workers(ds, True, repeats)
-    reader_s = _best(lambda: [reader.read_rows(w) for w in windows], repeats)
+    reader_s = best_time(lambda: [reader.read_rows(w) for w in windows], repeats)
     # The conversion alone: the windows read once, then turned into batch dicts.
     read = [reader.read_rows(w) for w in windows]
 
@@ -116,9 +101,9 @@ def measure(path: Path, batch_size: int, repeats: int) -> dict:
             for batch in window:
                 ds._to_dict(values, np.searchsorted(rows, batch))["teacher_logprobs"].float()
 
-    convert_s = _best(convert, repeats)
-    widened_s = _best(convert_widened, repeats)
-    dataset_s = _best(lambda: _epoch(ds), repeats)
+    convert_s = best_time(convert, repeats)
+    widened_s = best_time(convert_widened, repeats)
+    dataset_s = best_time(lambda: _epoch(ds), repeats)
     rate = {name: tokens / s for name, s in [
         ("reader", reader_s), ("to_tensor", convert_s), ("to_tensor_widened", widened_s),
         ("dataset", dataset_s)]}

@@ -34,15 +34,11 @@ import zarr
 from numcodecs import Zstd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import topk_family
+from synthetic import best_time, synthetic_meta, topk_family
 
 from kdcache.storage import (
-    DataInfo,
-    StoreMeta,
     StoreReader,
     StoreWriter,
-    TeacherInfo,
-    suggest_chunk_rows,
 )
 from kdcache.storage.shardio import ShardPlan
 
@@ -52,28 +48,9 @@ RANDOM_ROWS = 8
 SHARD_ROWS = 64  # the cache job's default --shard-rows
 
 
-def _meta(rows: int, seq_len: int, vocab: int, k: int, shard_rows: int) -> StoreMeta:
-    return StoreMeta(
-        kind="topk", k=k, vocab_size=vocab, seq_len=seq_len, temperature=1.0,
-        teacher=TeacherInfo(name="synthetic", fingerprint="synthetic", params=0, nonembedding_params=0),
-        data=DataInfo(fingerprint="synthetic", split="student", rows=rows),
-        shard_rows=shard_rows, chunk_rows=suggest_chunk_rows(seq_len, k, shard_rows),
-    )
-
-
-def _best(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def measure(arrays: dict[str, np.ndarray], vocab: int, k: int, repeats: int, tmp: Path) -> dict:
     rows, seq_len = arrays["target_logprob"].shape
-    meta = _meta(rows, seq_len, vocab, k, min(SHARD_ROWS, rows))
+    meta = synthetic_meta(rows, seq_len, vocab, k, min(SHARD_ROWS, rows))
     tokens = rows * seq_len
     counter = iter(range(10**6))
 
@@ -97,8 +74,8 @@ def measure(arrays: dict[str, np.ndarray], vocab: int, k: int, repeats: int, tmp
     chunks = [np.arange(s, s + c) for s in rng.permutation(np.arange(0, rows, c))]
     randoms = [rng.choice(rows, RANDOM_ROWS, replace=False) for _ in range(rows // RANDOM_ROWS)]
     reader = StoreReader(path)
-    read_s = _best(lambda: [reader.read_rows(b) for b in chunks], repeats)
-    random_s = _best(lambda: [reader.read_rows(b) for b in randoms], repeats)
+    read_s = best_time(lambda: [reader.read_rows(b) for b in chunks], repeats)
+    random_s = best_time(lambda: [reader.read_rows(b) for b in randoms], repeats)
     maps = {}
     for name, values in arrays.items():
         mm = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=values.dtype,
@@ -106,7 +83,7 @@ def measure(arrays: dict[str, np.ndarray], vocab: int, k: int, repeats: int, tmp
         mm[:] = values
         mm.flush()
         maps[name] = np.load(tmp / f"{name}.npy", mmap_mode="r")
-    raw_s = _best(lambda: [{n: np.array(m[b[0]:b[-1] + 1]) for n, m in maps.items()}
+    raw_s = best_time(lambda: [{n: np.array(m[b[0]:b[-1] + 1]) for n, m in maps.items()}
                            for b in chunks], repeats)
     floor = decode_split(path, list(arrays), meta.num_shards, tokens)
     return {
@@ -131,7 +108,7 @@ def zstd_rate(arrays: dict[str, np.ndarray], tokens: int) -> dict:
     raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
     codec = Zstd(level=1)
     frame = codec.encode(raw)
-    seconds = _best(lambda: codec.decode(frame), 3)
+    seconds = best_time(lambda: codec.decode(frame), 3)
     return {"zstd_decode_mb_per_s": len(raw) / seconds / 1e6, "zstd_decode_tokens_per_s": tokens / seconds}
 
 

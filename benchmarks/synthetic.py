@@ -69,3 +69,27 @@ def topk_family(
             "target_logprob": target.reshape(rows, seq_len).astype(np.float32),
         }
     return out
+
+
+def synthetic_meta(rows: int, seq_len: int, vocab: int, k: int, shard_rows: int):
+    """StoreMeta of a top-k store of synthetic targets (what the store benchmarks write)."""
+    from kdcache.storage import DataInfo, StoreMeta, TeacherInfo, suggest_chunk_rows
+
+    return StoreMeta(
+        kind="topk", k=k, vocab_size=vocab, seq_len=seq_len, temperature=1.0,
+        teacher=TeacherInfo(name="synthetic", fingerprint="synthetic", params=0, nonembedding_params=0),
+        data=DataInfo(fingerprint="synthetic", split="student", rows=rows),
+        shard_rows=shard_rows, chunk_rows=suggest_chunk_rows(seq_len, k, shard_rows),
+    )
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls (the least disturbed by other load)."""
+    import time
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

@@ -124,9 +124,10 @@ class SplitWriter:
                 "checksums": CHECKSUMS}
 
     def _emit(self, rows: np.ndarray) -> None:
-        if int(rows.max()) >= self.vocab_size or int(rows.min()) < 0:
-            raise PipelineError(f"tokenizer produced id {int(rows.max())} outside its vocab size "
-                                f"{self.vocab_size} (split {self.name!r})")
+        bad = rows[(rows < 0) | (rows >= self.vocab_size)]
+        if bad.size:
+            raise PipelineError(f"tokenizer produced id {int(bad[0])} outside 0..{self.vocab_size - 1} "
+                                f"(split {self.name!r})")
         end = self.rows + len(rows)
         if end > self.array.shape[0]:
             self.writes.drain(self.path)  # no writer may read the metadata while it changes

@@ -3,6 +3,8 @@
 Numpy and zarr only (no torch), so any tool can read and check a store.
 """
 
+import warnings
+
 from kdcache.storage.errors import StoreError
 from kdcache.storage.integrity import Problem
 from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, id_dtype, suggest_chunk_rows
@@ -11,6 +13,10 @@ from kdcache.storage.metadata import DataInfo, StoreMeta, TeacherInfo
 from kdcache.storage.reader import StoreReader
 from kdcache.storage.verify import repair_store, summarize, verify_store
 from kdcache.storage.writer import StoreWriter, read_attrs, read_meta
+
+# Zarr warns on every open of an array using numcodecs' `delta` (top-k log-probs, see
+# layout.py) that such codecs are outside the Zarr v3 spec; the README says what that costs.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 __all__ = [
     "ARRAYS_BY_KIND",

@@ -2,8 +2,8 @@
 
 One store shard (`shard_rows` rows) is one Zarr shard file per array, so one worker
 writes it whole and no two writers ever touch the same file. Inner chunks of
-`chunk_rows` rows let a reader fetch a few rows without reading a whole shard. Zarr
-spends a fixed ~0.5 ms of Python per inner chunk read, so chunks are sized by bytes
+`chunk_rows` rows let a reader fetch a few rows without reading a whole shard; a chunk is
+the unit every read decodes and checks, so chunks are sized by bytes
 (`suggest_chunk_rows`, ~256 KB of targets), not one row each.
 
 Codecs were chosen by measurement (benchmarks/store_io.py): Blosc-zstd with byte
@@ -21,7 +21,6 @@ every reader accepts both.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +105,7 @@ def filters(spec: ArraySpec) -> tuple[Any, ...]:
         return ()
     from zarr.codecs.numcodecs import Delta
 
-    with warnings.catch_warnings():  # zarr warns that numcodecs codecs are outside the spec
-        warnings.simplefilter("ignore")
-        return (Delta(dtype=spec.stored_dtype.str),)
+    return (Delta(dtype=spec.stored_dtype.str),)
 
 
 def holds_bits(array: zarr.Array, spec: ArraySpec) -> bool:

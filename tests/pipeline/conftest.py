@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdcache.pipeline import prepare_write
 from kdcache.pipeline.prepare import PrepareConfig, prepare
 from kdcache.train.config import ModelConfig
 from kdcache.train.model import build_model
@@ -51,3 +52,17 @@ def ray_local():
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def interrupt_at_third_shard(monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C in the driver once two shards are on their way to disk; returns the original."""
+    emit, calls = prepare_write.SplitWriter._emit, []
+
+    def interrupt(self, rows):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return emit(self, rows)
+
+    monkeypatch.setattr(prepare_write.SplitWriter, "_emit", interrupt)
+    return emit

@@ -15,6 +15,8 @@ from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare import PrepareConfig, prepare, split_of
 from kdcache.train.tokens import open_token_data
 
+from .conftest import interrupt_at_third_shard
+
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "mu"]
 
 
@@ -215,15 +217,7 @@ def test_interrupted_build_leaves_nothing_and_reruns_identically(
     monkeypatch.setattr(write_module, "CHUNK_TOKENS", 32 * 17)
     monkeypatch.setattr(write_module, "SHARD_CHUNKS", 1)
     prepare(_cfg(text_dir, tmp_path / "clean"))
-    emit, calls = write_module.SplitWriter._emit, []
-
-    def interrupt_at_third(self, rows):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return emit(self, rows)
-
-    monkeypatch.setattr(write_module.SplitWriter, "_emit", interrupt_at_third)
+    emit = interrupt_at_third_shard(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         prepare(_cfg(text_dir, out))

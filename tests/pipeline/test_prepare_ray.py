@@ -18,6 +18,8 @@ from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare import PrepareConfig, prepare
 from kdcache.train.token_verify import verify_token_data
 
+from .conftest import interrupt_at_third_shard
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "mu"]
 
@@ -50,20 +52,6 @@ def _cfg(source: Path | str, out: Path, **kw) -> PrepareConfig:
                             "quiet": True, **kw})
 
 
-def _interrupt_at_third_shard(monkeypatch: pytest.MonkeyPatch):
-    """Ctrl-C in the driver once two shards are on their way to disk; returns the original."""
-    emit, calls = write_module.SplitWriter._emit, []
-
-    def interrupt(self, rows):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return emit(self, rows)
-
-    monkeypatch.setattr(write_module.SplitWriter, "_emit", interrupt)
-    return emit
-
-
 def test_two_workers_write_the_bytes_of_one(mixed: Path, tmp_path: Path, ray_local,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # Small batches and shards: many Ray blocks, many shards, several array resizes.
@@ -77,7 +65,7 @@ def test_two_workers_write_the_bytes_of_one(mixed: Path, tmp_path: Path, ray_loc
     assert _tree(tmp_path / "one") == _tree(tmp_path / "two")
     assert len(list((tmp_path / "two" / "student" / "c").iterdir())) > 3  # several shard files
     assert verify_token_data(tmp_path / "two") == []
-    emit = _interrupt_at_third_shard(monkeypatch)
+    emit = interrupt_at_third_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prepare(_cfg(every, tmp_path / "again", workers=2))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".again", "again"))]
