@@ -24,6 +24,9 @@ from kdcache.pipeline.placement import check_tensor_parallel, replica_options
 from kdcache.pipeline.vocab import check_teacher_vocab
 
 Backend = Literal["native", "hf", "vllm"]
+RECORDED_RTOL = 1e-4
+"""A teacher's recorded validation loss against the cache job's own measurement: float32
+forwards in other batch shapes agree to ~1e-6; wrong weights differ by far more."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +66,9 @@ class CacheConfig:
     """GPUs per teacher replica (vllm), held as one placement group on one node."""
     max_rows: int | None = None
     """Cache only the first N rows of the split (quick runs)."""
+    valid_rows: int | None = None
+    """Rows of the `valid` split the teacher loss L_T is measured on (default: all, the rows
+    students are scored on; match the students' --eval-rows if they use fewer)."""
     seed: int = 0
     """Seed of the sampled kind's draws."""
     json: bool = False
@@ -74,8 +80,9 @@ class CacheConfig:
         for name in ("k", "draws", "workers", "shard_rows", "batch_rows", "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"cache config: field '{name}' must be >= 1")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise PipelineError("cache config: field 'max_rows' must be >= 1")
+        for name in ("max_rows", "valid_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PipelineError(f"cache config: field '{name}' must be >= 1")
         if not self.temperature > 0:
             raise PipelineError("cache config: field 'temperature' must be > 0")
         if self.kind == "sampled" and self.draws > 255:
@@ -91,9 +98,10 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     import ray
 
     from kdcache.ray_session import ray_session
-    from kdcache.storage import StoreWriter
+    from kdcache.storage import CacheJob, StoreWriter, append_job
 
     data = _check_paths(cfg)
+    started = time.perf_counter()
     with ray_session(cfg.ray_address):
         created = not Path(cfg.out).exists()
         actors: list[Any] = []
@@ -104,10 +112,16 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
             meta = _store_meta(cfg, described, data)
             writer = StoreWriter.open(cfg.out, meta)
             pending = writer.pending_shards()
+            # L_T first: a teacher that disagrees with its own record fails in seconds, not at the end.
+            valid = _valid_loss(cfg, actors, data) if pending or writer.meta.valid_loss is None else None
             t0 = time.perf_counter()
             tokens = _dispatch(cfg, actors, pending, writer.meta)
             seconds = time.perf_counter() - t0
-            writer.finalize()
+            writer.finalize(valid=valid)
+            if pending:
+                append_job(cfg.out, CacheJob(seconds=seconds, tokens=tokens, shards=len(pending),
+                                             workers=cfg.workers, backend=cfg.backend,
+                                             startup_seconds=t0 - started))
         except BaseException:
             _roll_back(cfg.out, created)
             raise
@@ -126,8 +140,46 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         "complete": writer.meta.complete,
+        "valid_loss": writer.meta.valid_loss,
+        "valid_tokens": writer.meta.valid_tokens,
         "teacher_loss": writer.meta.teacher_loss,
     }
+
+
+def _valid_loss(cfg: CacheConfig, actors: list[Any], data: Any) -> tuple[float, int] | None:
+    """L_T: the teacher's cross-entropy on the data's valid split, in `shard_rows` pieces over
+    the actors, summed in row order (so it does not depend on the number of workers).
+
+    A kdcache teacher records the validation loss it reached in training; when that was
+    measured on the same rows it must agree, or the weights are not the ones that were scored.
+    """
+    rows = int(data.rows("valid")) if "valid" in data.meta["splits"] else 0
+    rows = min(rows, cfg.valid_rows) if cfg.valid_rows else rows
+    if rows == 0:
+        return None
+    refs = [actors[i % len(actors)].valid_nll.remote(start, min(start + cfg.shard_rows, rows))
+            for i, start in enumerate(range(0, rows, cfg.shard_rows))]
+    sums = [_get(ref) for ref in refs]
+    nll, tokens = sum(s["nll_sum"] for s in sums), sum(s["tokens"] for s in sums)
+    _check_recorded_loss(cfg.teacher, data, nll / tokens, tokens)
+    return nll / tokens, tokens
+
+
+def _check_recorded_loss(teacher: str, data: Any, loss: float, tokens: int) -> None:
+    import json
+    import math
+
+    try:
+        meta = json.loads((Path(teacher) / "kdcache.json").read_text())
+    except (OSError, ValueError):
+        return  # not a kdcache teacher (a Hugging Face one): nothing recorded to compare
+    training, trained_on = meta.get("training") or {}, meta.get("data") or {}
+    recorded = training.get("loss")
+    same_rows = trained_on.get("fingerprint") == data.fingerprint and training.get("eval_tokens") == tokens
+    if same_rows and isinstance(recorded, float) and not math.isclose(recorded, loss, rel_tol=RECORDED_RTOL):
+        raise PipelineError(
+            f"{teacher}/kdcache.json: field 'training.loss' is {recorded:.6f} but the teacher measures "
+            f"{loss:.6f} on the same {tokens:,} valid tokens: these are not the weights that were scored")
 
 
 def _roll_back(out: str, created: bool) -> None:

@@ -56,6 +56,18 @@ class CacheWorker:
             "tokenizer": token_ids(tok) if tok is not None else None,
         }
 
+    def valid_nll(self, start: int, stop: int) -> dict[str, Any]:
+        """The teacher's NLL sum and token count over rows [start, stop) of the valid split."""
+        import numpy as np
+
+        from kdcache.pipeline.targets import TargetSpec
+
+        teacher = self._load()
+        rows = np.asarray(self._data.read("valid", slice(start, stop)), dtype=np.int32)
+        spec = TargetSpec(kind="topk", k=1, temperature=1.0, vocab=self._data.vocab_size, draws=0, seed=0)
+        logprob = np.asarray(teacher.targets(rows, spec, start)["target_logprob"], dtype=np.float64)
+        return {"nll_sum": float(-logprob.sum()), "tokens": int(logprob.size)}
+
     def process(self, shard: int, meta_json: dict[str, Any]) -> dict[str, Any]:
         from kdcache.pipeline.cache_shard import cache_shard
         from kdcache.storage import StoreMeta, StoreWriter

@@ -7,6 +7,7 @@ import warnings
 
 from kdcache.storage.errors import StoreError
 from kdcache.storage.integrity import Problem
+from kdcache.storage.joblog import JOB_LOG, CacheJob, append_job, read_jobs
 from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, id_dtype, suggest_chunk_rows
 from kdcache.storage.ledger import ShardEntry
 from kdcache.storage.metadata import DataInfo, StoreMeta, TeacherInfo
@@ -20,6 +21,8 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 
 __all__ = [
     "ARRAYS_BY_KIND",
+    "JOB_LOG",
+    "CacheJob",
     "DataInfo",
     "Problem",
     "ShardEntry",
@@ -28,9 +31,11 @@ __all__ = [
     "StoreReader",
     "StoreWriter",
     "TeacherInfo",
+    "append_job",
     "array_specs",
     "id_dtype",
     "read_attrs",
+    "read_jobs",
     "read_meta",
     "repair_store",
     "suggest_chunk_rows",

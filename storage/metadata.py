@@ -1,7 +1,7 @@
 """The store's `kdcache` group attribute: what was cached, from which teacher and data.
 
-Everything except `complete`, `teacher_loss` and `padded_mass` is the store's identity: a writer that
-reopens a store with a different identity is refused, field by field, so a cache can
+Everything except the MEASURED fields (set by the cache job, not chosen) is the store's
+identity: a writer that reopens a store with a different identity is refused, field by field, so a cache can
 never silently mix two teachers, tokenizers, k values or temperatures.
 """
 
@@ -22,7 +22,8 @@ FORMAT = "kdcache.logits/1"
 KINDS = ("topk", "full", "sampled")
 Kind = Literal["topk", "full", "sampled"]
 MAX_DRAWS = 255  # `counts` is uint8
-MEASURED = ("complete", "teacher_loss", "padded_mass")  # set on completion; not the identity
+MEASURED = ("complete", "teacher_loss", "padded_mass", "valid_loss", "valid_tokens")
+"""Set by the cache job on completion, not chosen: not the identity."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,12 @@ class StoreMeta:
     format: str = FORMAT
     complete: bool = False
     teacher_loss: float | None = None
+    """Mean teacher NLL of the true next token over the rows cached here (the cached-split NLL)."""
+    valid_loss: float | None = None
+    """L_T, the teacher loss the scaling law uses: the teacher's cross-entropy on the token data's
+    `valid` split, the rows students are scored on (None: a store made before it was recorded)."""
+    valid_tokens: int | None = None
+    """Tokens `valid_loss` was measured over."""
     padded_mass: float | None = None
     """Mean probability the teacher's padded output rows held (0 without padding; None when
     the backend cannot see it, as vLLM, which is asked for the real ids only)."""

@@ -165,8 +165,12 @@ class StoreWriter:
             if isinstance(result, Exception):
                 raise StoreError(f"{self.path}: writing array '{name}' failed ({result})") from result
 
-    def finalize(self) -> bool:
-        """Mark the store complete with its teacher loss once every shard is committed."""
+    def finalize(self, *, valid: tuple[float, int] | None = None) -> bool:
+        """Mark the store complete with its teacher losses once every shard is committed.
+
+        `valid` is (L_T, tokens): the teacher's cross-entropy on the data's valid split, which
+        the cache job measures (kept as recorded when None).
+        """
         entries = [ledger.read_entry(p) for p in ledger.committed(self.path).values()]
         if len(entries) < self.meta.num_shards:
             return False
@@ -176,6 +180,8 @@ class StoreWriter:
         mass = None if None in padded else sum(p for p in padded if p is not None) / tokens
         # The raw attribute, not a re-serialised StoreMeta: shard entries pin its digest.
         attrs = dict(read_attrs(self.path), complete=True, teacher_loss=nll / tokens, padded_mass=mass)
+        if valid is not None:
+            attrs.update(valid_loss=float(valid[0]), valid_tokens=int(valid[1]))
         self._group.attrs[ATTR] = attrs
         self.meta = StoreMeta.from_json(attrs, str(self.path))
         return True

@@ -35,8 +35,8 @@ def check_teacher_matches(teacher: LoadedModel, data: TokenData) -> None:
 class OnlineTeacherBatches:
     """Token batches plus the live teacher's log-probs under `extras["logprobs"]`.
 
-    Also accumulates the teacher's NLL of the true next tokens it saw, the online
-    counterpart of a store's `teacher_loss`.
+    The run's L_T is not taken from these batches: it is the teacher's cross-entropy on the
+    valid split, as for an offline run (`run._teacher_columns`).
     """
 
     def __init__(self, tokens: TokenBatches, teacher: torch.nn.Module, *, temperature: float,
@@ -44,26 +44,16 @@ class OnlineTeacherBatches:
         self.tokens, self.teacher, self.temperature = tokens, teacher.eval(), temperature
         self.vocab = vocab  # the data's ids; a padded teacher's extra rows are dropped
         self.device = next(teacher.parameters()).device
-        self.nll_sum, self.nll_tokens = 0.0, 0
-
-    @property
-    def teacher_loss(self) -> float:
-        return self.nll_sum / max(self.nll_tokens, 1)
 
     @torch.no_grad()
     def next_batch(self) -> Batch:
         batch = self.tokens.next_batch().to(self.device)
         logits = self.teacher(batch.inputs)[..., : self.vocab].float()
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
-                                                reduction="sum")
-        self.nll_sum += nll.item()
-        self.nll_tokens += batch.tokens
         logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
         return Batch(batch.inputs, batch.targets, {"logprobs": logprobs})
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.tokens.state_dict(), "nll_sum": self.nll_sum, "nll_tokens": self.nll_tokens}
+        return self.tokens.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tokens.load_state_dict(state)
-        self.nll_sum, self.nll_tokens = float(state["nll_sum"]), int(state["nll_tokens"])
+        self.tokens.load_state_dict(state)  # older checkpoints' NLL sums are ignored

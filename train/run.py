@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -192,19 +193,29 @@ def _online(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
                      teacher_flops_per_token=per_token)
 
 
-def _teacher_columns(cfg: TrainJobConfig, objective: Objective, world: World) -> dict[str, Any]:
-    """The row's teacher columns, read at the end: a store may have completed meanwhile."""
+def _teacher_columns(cfg: TrainJobConfig, objective: Objective, data: TokenData,
+                     world: World) -> dict[str, Any]:
+    """The row's teacher columns. `teacher_loss` is L_T, the teacher's cross-entropy on the valid
+    split students are scored on: for an online run measured here, over the same rows as the
+    student; for an offline run read from the store (at the end: it may have completed meanwhile)."""
     from kdcache.storage import read_meta
     from kdcache.train.online import OnlineTeacherBatches
 
     if objective.teacher is None:
         return {}
     source = objective.source
-    if isinstance(source, OnlineTeacherBatches):  # each rank saw its own slice of the rows
-        nll = world.sum_(torch.tensor([source.nll_sum, float(source.nll_tokens)], dtype=torch.float64))
-        return {**objective.teacher, "teacher_loss": float(nll[0] / nll[1].clamp_min(1))}
+    if isinstance(source, OnlineTeacherBatches):
+        metrics = evaluate(source.teacher, data, max_rows=cfg.runtime.eval_rows,
+                           batch_size=cfg.loop.batch_size // world.size, world=world)
+        return {**objective.teacher, "teacher_loss": metrics.loss}
     assert cfg.distillation.distill is not None
-    return {**objective.teacher, "teacher_loss": read_meta(cfg.distillation.distill).teacher_loss}
+    meta = read_meta(cfg.distillation.distill)
+    if meta.valid_loss is None:
+        world.main_only(lambda: print(
+            f"warning: {cfg.distillation.distill}: the store has no 'valid_loss' (it predates kdcache "
+            "recording the teacher's validation loss), so this row's teacher_loss is empty; rerun "
+            "`kdcache cache` with the same flags to measure it", file=sys.stderr))
+    return {**objective.teacher, "teacher_loss": meta.valid_loss}
 
 
 @contextmanager
@@ -416,7 +427,7 @@ def _train(
         "params": n_params,
         "tokens": result.tokens,
         "loss": metrics.loss,
-        **_teacher_columns(cfg, objective, world),
+        **_teacher_columns(cfg, objective, data, world),
         "ece": metrics.ece,
         "flops": flops + objective.teacher_flops_per_token * result.tokens,
         "wall_s": result.wall_s,
@@ -427,18 +438,20 @@ def _train(
         "seed": loop.seed,
     }
     state = trainer.full_state()  # every rank: FSDP gathers the shards
-    world.main_only(lambda: _save(cfg, out, data, built, state, row, steps, per_step, result))
+    world.main_only(lambda: _save(cfg, out, data, built, state, row, steps, per_step, result,
+                                  metrics.tokens))
     return TrainResult(out=out, row=row)
 
 
 def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, state: dict[str, Any],
-          row: dict[str, Any], steps: int, per_step: int, result: Any) -> None:
+          row: dict[str, Any], steps: int, per_step: int, result: Any, eval_tokens: int) -> None:
     """Rank 0: kdcache.json first, holding the row (a kill before the append is healed by a
     rerun), then the row, then the checkpoint's removal."""
     from kdcache.train.student import save_hf_student
 
     meta = {
-        "training": {**row, "train_loss": result.final_loss, "steps": steps, "split": cfg.loop.split,
+        "training": {**row, "train_loss": result.final_loss, "eval_tokens": eval_tokens, "steps": steps,
+                     "split": cfg.loop.split,
                      "batch_size": cfg.loop.batch_size, "lr": cfg.loop.lr, "tokens_per_step": per_step,
                      "world": cfg.runtime.workers if not dist.is_initialized() else dist.get_world_size(),
                      "loss_history": result.history},

@@ -18,8 +18,13 @@ def run(cfg: Config) -> int:
     if cfg.json:
         print(json.dumps(result, indent=2))
         return 0
-    loss = result["teacher_loss"]
     print(f"{result['store']}: wrote {result['shards_written']} of {result['shards']} shards, "
           f"{result['tokens_written']:,} tokens at {result['tokens_per_s']:,.0f} tokens/s")
-    print(f"teacher_loss {loss:.4f} nats/token" if loss is not None else "store not complete")
+    if result["teacher_loss"] is None:
+        print("store not complete")
+        return 0
+    lt = result["valid_loss"]
+    valid = (f"L_T {lt:.4f} nats/token (teacher CE on {result['valid_tokens']:,} valid tokens)"
+             if lt is not None else "L_T not measured (the data has no valid rows)")
+    print(f"{valid}; cached-split NLL {result['teacher_loss']:.4f}")
     return 0

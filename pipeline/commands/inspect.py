@@ -43,7 +43,9 @@ def run(cfg: Config) -> int:
         f"size         {info['bytes']:,} bytes"
         + (f", {per_token:.1f} bytes/token ({info['target_bytes_per_token']:.1f} for targets)"
            if per_token else ""),
-        f"teacher_loss {loss:.4f} nats/token" if loss is not None else "teacher_loss (not complete)",
+        f"teacher_loss {loss:.4f} nats/token (cached-split NLL)" if loss is not None
+        else "teacher_loss (not complete)",
+        f"L_T          {_valid(meta)}",
         *(f"DAMAGED      {problem}" for problem in info["damaged"]),
     ]
     print("\n".join(lines))
@@ -51,6 +53,13 @@ def run(cfg: Config) -> int:
         count = len(info["damaged"])
         print(f"{cfg.store}: damaged ({count} problem(s)); run kdcache verify", file=sys.stderr)
     return status
+
+
+def _valid(meta: dict) -> str:
+    """The teacher loss the law uses: its cross-entropy on the data's valid split."""
+    if meta.get("valid_loss") is None:
+        return "not recorded (a store made before kdcache measured it: rerun kdcache cache to add it)"
+    return f"{meta['valid_loss']:.4f} nats/token (teacher CE on {meta['valid_tokens']:,} valid tokens)"
 
 
 def _rows(rows: int | None, vocab: int, mass: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import zarr
 from kdcache.pipeline.cache import CacheConfig, run_cache
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.errors import PipelineError
-from kdcache.storage import StoreError, StoreReader, verify_store
+from kdcache.storage import JOB_LOG, StoreError, StoreReader, read_jobs, verify_store
 from kdcache.train.errors import TrainError
 from kdcache.train.model_dir import load_model_dir
 from kdcache.train.tokens import open_token_data
@@ -111,9 +112,61 @@ def test_sampled_kind(ray_local, tmp_path, teacher, token_data):
 
 
 def test_bytes_do_not_depend_on_workers(ray_local, tmp_path, teacher, token_data):
+    """Data and attributes, L_T included; only the job log (timings) differs."""
     one = cache(tmp_path, teacher, token_data, "one.zarr", workers=1)
     two = cache(tmp_path, teacher, token_data, "two.zarr", workers=2)
-    assert tree_digest(one) == tree_digest(two)
+    digests = [{k: v for k, v in tree_digest(s).items() if not k.startswith(JOB_LOG + "/")}
+               for s in (one, two)]
+    assert digests[0] == digests[1]
+    assert [j.workers for j in read_jobs(one) + read_jobs(two)] == [1, 2]
+
+
+@pytest.mark.parametrize("backend", ["native", "hf"])
+def test_valid_loss_is_the_teachers_cross_entropy_on_valid(ray_local, tmp_path, teacher, token_data, backend):
+    """L_T against a float64 transformers reference over the whole valid split, whatever
+    split or rows were cached; the cached-split NLL stays a separate figure."""
+    store = cache(tmp_path, teacher, token_data, "s.zarr", backend=backend, max_rows=20)
+    data = open_token_data(token_data)
+    rows = np.asarray(data.read("valid", slice(0, data.rows("valid"))))
+    _, logp = reference(teacher, rows)
+    expected = -np.take_along_axis(logp, rows[:, 1:, None], -1).mean()
+    meta = StoreReader(store).meta
+    assert meta.valid_loss == pytest.approx(expected, rel=1e-6)
+    assert meta.valid_tokens == rows[:, 1:].size
+    assert meta.teacher_loss != pytest.approx(expected, rel=1e-3)
+    jobs = read_jobs(store)
+    assert len(jobs) == 1 and jobs[0].tokens == 20 * data.seq_len and jobs[0].seconds > 0
+
+
+def test_store_without_valid_loss_gets_it_on_rerun(ray_local, tmp_path, teacher, token_data):
+    """A store made before L_T was recorded: training says it is missing; rerunning the
+    cache job measures it without rewriting a shard."""
+    store = cache(tmp_path, teacher, token_data, "s.zarr", max_rows=20)
+    measured = StoreReader(store).meta.valid_loss
+    group = zarr.open_group(str(store), mode="r+")
+    attrs = dict(group.attrs["kdcache"])
+    del attrs["valid_loss"], attrs["valid_tokens"]
+    group.attrs["kdcache"] = attrs
+    assert StoreReader(store).meta.valid_loss is None
+    result = run_cache(CacheConfig(teacher=str(teacher), data=str(token_data), out=str(store), k=K,
+                                   shard_rows=16, batch_rows=4, quiet=True, max_rows=20))
+    assert result["shards_written"] == 0 and result["valid_loss"] == measured
+    assert len(read_jobs(store)) == 1  # nothing was written, so nothing logged
+
+
+def test_teacher_whose_recorded_loss_disagrees(ray_local, tmp_path, teacher, token_data):
+    """A kdcache teacher records the validation loss it was scored at; other weights under
+    that record are refused before anything is kept."""
+    moved = tmp_path / "teacher"
+    shutil.copytree(teacher, moved)
+    data = open_token_data(token_data)
+    tokens = data.rows("valid") * data.seq_len
+    meta = json.loads((moved / "kdcache.json").read_text())
+    meta.update(training={"loss": 1.2345, "eval_tokens": tokens}, data={"fingerprint": data.fingerprint})
+    (moved / "kdcache.json").write_text(json.dumps(meta))
+    with pytest.raises(PipelineError, match=r"kdcache.json: field 'training.loss' is 1.234500"):
+        cache(tmp_path, moved, token_data, "s.zarr", max_rows=20)
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_rerun_skips_committed_shards(ray_local, tmp_path, teacher, token_data):

@@ -42,6 +42,10 @@ def test_inspect_text_after_completion(store, capsys):
     assert "3/3 shards" in out and "(complete)" in out and "bytes/token" in out
     expected = float(-rows["target_logprob"].astype("float64").mean())
     assert f"teacher_loss {expected:.4f}" in out
+    assert "L_T          not recorded" in out  # finalized without a measurement of the valid split
+    writer.finalize(valid=(3.25, 640))
+    assert main(["inspect", str(path)]) == 0
+    assert "L_T          3.2500 nats/token (teacher CE on 640 valid tokens)" in capsys.readouterr().out
 
 
 def test_verify_ok_then_names_bad_shard(store, capsys):
