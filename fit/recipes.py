@@ -318,3 +318,36 @@ def crossover_compute(
         if va is not None and vb is not None and va > 0 >= vb:
             return float(np.exp(brentq(strict, a, b, xtol=1e-6)))
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `kdcache plan` reports: the distillation recipe, the supervised optimum at the same
+    budget, whether distilling wins, and (when searched) where supervised catches up."""
+
+    recipe: Recipe
+    supervised_optimal: dict[str, float]
+    """{params, tokens, loss} of the compute-optimal supervised model (Eq. 1 at C = 6ND)."""
+    distill: bool
+    crossover_compute: float | None = None
+    crossover_searched: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out = {**self.recipe.to_dict(), "supervised_optimal": self.supervised_optimal,
+               "distill": self.distill}
+        if self.crossover_searched:
+            out["crossover_compute"] = self.crossover_compute
+        return out
+
+
+def plan(
+    law: DistillationLaw, student_params: float, compute: float, scenario: str = "best", *,
+    crossover: bool = True, **shape: float,
+) -> Plan:
+    """The recipe for N_S within `compute` in `scenario`, with the supervised comparison."""
+    recipe = distillation_optimal(law, student_params, compute, scenario, **shape)
+    n, d, loss = supervised_optimal(law.supervised, compute, **shape)
+    found = crossover_compute(law, student_params, scenario, **shape) if crossover else None
+    return Plan(recipe=recipe, supervised_optimal={"params": n, "tokens": d, "loss": loss},
+                distill=recipe.student_loss < recipe.supervised_loss, crossover_compute=found,
+                crossover_searched=crossover)

@@ -1,4 +1,5 @@
-"""From a runs table to a fit report (the JSON `kdcache fit` prints): fit, intervals, extrapolation.
+"""From a runs table to a fit report (`FitReport`, whose JSON `kdcache fit` prints): fit, intervals,
+extrapolation, and the runs with their predictions.
 
 Supervised fits use the `supervised` rows; distillation fits use `distill` and
 `online` rows and take the supervised law from a preset, a fit JSON, or a fit of the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,46 @@ def _threshold(loss: np.ndarray, law: str, threshold: float | None) -> float:
     return paper if 0.05 <= share <= 0.5 else uncertainty.holdout_threshold(loss, None)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FitReport:
+    """A fitted law with how far to trust it, and the runs it was fitted to."""
+
+    law: str
+    params: dict[str, float]
+    objective: float
+    delta: float
+    runs: int
+    fixed: dict[str, float]
+    extrapolation: uncertainty.Extrapolation
+    bootstrap: dict[str, Any] | None
+    """{samples, level, intervals: {name: [lo, hi]}}, or None without resamples."""
+    supervised: dict[str, float] | None
+    """Distillation: the supervised law used for Lsup_S."""
+    data: dict[str, list[float]]
+    """The fitted runs: params, tokens, loss (and teacher_loss), the full fit's `predicted` loss."""
+
+    def law_object(self) -> SupervisedLaw | DistillationLaw:
+        if self.supervised is None:
+            return SupervisedLaw.from_dict(self.params)
+        return DistillationLaw.from_dict(self.params, SupervisedLaw.from_dict(self.supervised))
+
+    def to_json(self) -> dict[str, Any]:
+        """What `kdcache fit --json` prints; `data` adds per run `held_out` and `extrapolated`
+        (the held-out fit's prediction, null for fitted runs)."""
+        ex = self.extrapolation
+        data = {**self.data, "held_out": [x < ex.threshold for x in self.data["loss"]],
+                "extrapolated": list(ex.predicted)}
+        out: dict[str, Any] = {
+            "law": self.law, "params": self.params, "objective": self.objective, "delta": self.delta,
+            "runs": self.runs, "fixed": self.fixed, "extrapolation": ex.to_json(),
+            "bootstrap": self.bootstrap,
+        }
+        if self.supervised is not None:
+            out["supervised"] = self.supervised
+        out["data"] = data
+        return out
+
+
 def fit_supervised_table(
     table: pa.Table,
     path: str | os.PathLike[str],
@@ -55,7 +97,7 @@ def fit_supervised_table(
     fixed: Mapping[str, float],
     bootstrap: int = 0,
     threshold: float | None = None,
-) -> dict[str, Any]:
+) -> FitReport:
     """Fit Eq. 1 to the supervised rows of a runs table."""
     n, d, loss = _arrays(rows(table, ("supervised",)), ("params", "tokens", "loss"), str(path))
     result = fitting.fit_supervised(n, d, loss, delta=delta, fixed=fixed)
@@ -64,12 +106,14 @@ def fit_supervised_table(
         sub = fitting.fit_supervised(n[train], d[train], loss[train], delta=delta, fixed=fixed)
         return np.asarray(SupervisedLaw.from_dict(sub.params).loss(n[test], d[test]))
 
-    out = _report(result, loss, _threshold(loss, "supervised", threshold), refit)
+    boot = None
     if bootstrap:
-        par, data = fitting.supervised_problem(n, d, loss, fixed)
-        out["bootstrap"] = _bootstrap(par, data, result, bootstrap)
-    out["data"] = {"params": n.tolist(), "tokens": d.tolist(), "loss": loss.tolist()}
-    return out
+        par, problem = fitting.supervised_problem(n, d, loss, fixed)
+        boot = _bootstrap(par, problem, result, bootstrap)
+    predicted = np.asarray(SupervisedLaw.from_dict(result.params).loss(n, d))
+    data = {"params": n.tolist(), "tokens": d.tolist(), "loss": loss.tolist(),
+            "predicted": predicted.tolist()}
+    return _report(result, loss, _threshold(loss, "supervised", threshold), refit, boot, None, data)
 
 
 def fit_distillation_table(
@@ -81,7 +125,7 @@ def fit_distillation_table(
     supervised: str | None,
     bootstrap: int = 0,
     threshold: float | None = None,
-) -> dict[str, Any]:
+) -> FitReport:
     """Fit Eq. 8 to the distill/online rows; the supervised law from `supervised` or the table."""
     sup = _supervised_law(table, path, supervised, delta)
     names = ("params", "tokens", "teacher_loss", "loss")
@@ -95,18 +139,15 @@ def fit_distillation_table(
         law = DistillationLaw.from_dict(sub.params, sup)
         return np.asarray(law.loss(n[test], d[test], lt[test]))
 
-    out = _report(result, loss, _threshold(loss, "distillation", threshold), refit)
-    out["supervised"] = sup.to_dict()
+    boot = None
     if bootstrap:
-        par, data = fitting.distillation_problem(n, d, lt, loss, sup, fixed)
-        out["bootstrap"] = _bootstrap(par, data, result, bootstrap)
-    out["data"] = {
-        "params": n.tolist(),
-        "tokens": d.tolist(),
-        "teacher_loss": lt.tolist(),
-        "loss": loss.tolist(),
-    }
-    return out
+        par, problem = fitting.distillation_problem(n, d, lt, loss, sup, fixed)
+        boot = _bootstrap(par, problem, result, bootstrap)
+    predicted = np.asarray(DistillationLaw.from_dict(result.params, sup).loss(n, d, lt))
+    data = {"params": n.tolist(), "tokens": d.tolist(), "teacher_loss": lt.tolist(), "loss": loss.tolist(),
+            "predicted": predicted.tolist()}
+    limit = _threshold(loss, "distillation", threshold)
+    return _report(result, loss, limit, refit, boot, sup.to_dict(), data)
 
 
 def _supervised_law(
@@ -124,19 +165,38 @@ def _supervised_law(
     return SupervisedLaw.from_dict(fitting.fit_supervised(n, d, loss, delta=delta).params)
 
 
-def _report(result: fitting.FitResult, loss: np.ndarray, threshold: float, refit: Any) -> dict[str, Any]:
-    return {
-        "law": result.law,
-        "params": result.params,
-        "objective": result.objective,
-        "delta": result.delta,
-        "runs": result.runs,
-        "fixed": result.fixed,
-        "extrapolation": uncertainty.extrapolation(loss, threshold, refit),
-        "bootstrap": None,
-    }
+def _report(result: fitting.FitResult, loss: np.ndarray, threshold: float, refit: Any,
+            boot: dict[str, Any] | None, supervised: dict[str, float] | None,
+            data: dict[str, list[float]]) -> FitReport:
+    return FitReport(law=result.law, params=result.params, objective=result.objective, delta=result.delta,
+                     runs=result.runs, fixed=dict(result.fixed),
+                     extrapolation=uncertainty.extrapolation(loss, threshold, refit), bootstrap=boot,
+                     supervised=supervised, data=data)
 
 
 def _bootstrap(par: Any, data: Any, result: fitting.FitResult, samples: int) -> dict[str, Any]:
     ci = uncertainty.bootstrap(par, data, result.theta, result.delta, samples)
     return {"samples": samples, "level": uncertainty.CI_LEVEL, "intervals": ci}
+
+
+def fit_runs(
+    runs: str | os.PathLike[str],
+    law: str,
+    *,
+    delta: float = 1e-4,
+    fixed: Mapping[str, float] | None = None,
+    supervised: str | None = None,
+    bootstrap: int = 0,
+    threshold: float | None = None,
+) -> FitReport:
+    """Fit `law` (supervised | distillation) to the runs table at `runs` (Parquet or CSV)."""
+    from kdcache.fit.runs import read_runs
+
+    table = read_runs(runs)
+    if law == "supervised":
+        return fit_supervised_table(table, runs, delta=delta, fixed=fixed or {}, bootstrap=bootstrap,
+                                    threshold=threshold)
+    if law == "distillation":
+        return fit_distillation_table(table, runs, delta=delta, fixed=fixed or {}, supervised=supervised,
+                                      bootstrap=bootstrap, threshold=threshold)
+    raise FitError(f"law must be supervised or distillation, got {law!r}")

@@ -9,6 +9,8 @@ paper's test (App. F).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,28 +43,44 @@ def holdout_threshold(loss: np.ndarray, threshold: float | None) -> float:
     return float(np.quantile(loss, 0.2)) if threshold is None else threshold
 
 
+@dataclass(frozen=True, kw_only=True)
+class Extrapolation:
+    """The paper's extrapolation check (App. F): fit on runs with loss >= threshold, predict the rest."""
+
+    threshold: float
+    fitted_runs: int
+    held_out_runs: int
+    mean_relative_error: float | None
+    max_relative_error: float | None
+    predicted: tuple[float | None, ...]
+    """Per run: the held-out fit's prediction for held-out runs, None for the fitted ones
+    (all None when the check did not run)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in
+                ("threshold", "fitted_runs", "held_out_runs", "mean_relative_error", "max_relative_error")}
+
+
 def extrapolation(
     loss: np.ndarray,
     threshold: float,
     fit_and_predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
-) -> dict[str, float | int | None]:
+) -> Extrapolation:
     """Fit on runs with loss >= threshold, report relative error on the rest.
 
-    `fit_and_predict(train_mask, test_mask)` fits on one subset, predicts the other.
+    `fit_and_predict(train_mask, test_mask)` fits on one subset, predicts the other. The check
+    needs 9 fitted runs (the distillation law's coefficients) and one held out.
     """
     train = loss >= threshold
     test = ~train
-    report: dict[str, float | int | None] = {
-        "threshold": threshold,
-        "fitted_runs": int(train.sum()),
-        "held_out_runs": int(test.sum()),
-        "mean_relative_error": None,
-        "max_relative_error": None,
-    }
-    if test.sum() == 0 or train.sum() < 9:
-        return report
-    pred = fit_and_predict(train, test)
-    rel = np.abs(pred - loss[test]) / loss[test]
-    report["mean_relative_error"] = float(rel.mean())
-    report["max_relative_error"] = float(rel.max())
-    return report
+    predicted: list[float | None] = [None] * len(loss)
+    mean = worst = None
+    if test.sum() and train.sum() >= 9:
+        pred = np.asarray(fit_and_predict(train, test), dtype=np.float64)
+        rel = np.abs(pred - loss[test]) / loss[test]
+        mean, worst = float(rel.mean()), float(rel.max())
+        for i, value in zip(np.flatnonzero(test), pred, strict=True):
+            predicted[i] = float(value)
+    return Extrapolation(threshold=float(threshold), fitted_runs=int(train.sum()),
+                         held_out_runs=int(test.sum()), mean_relative_error=mean,
+                         max_relative_error=worst, predicted=tuple(predicted))

@@ -55,45 +55,19 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    from kdcache.fit import report
-    from kdcache.fit.runs import read_runs
+    from kdcache.fit import plots
+    from kdcache.fit.report import fit_runs
     from kdcache.paths import check_writable
 
     if cfg.plot:
         check_writable(cfg.plot, "--plot", directory=False)
-    table = read_runs(cfg.runs)
-    fixed = parse_fixed(cfg.fix)
-    if cfg.law == "supervised":
-        out = report.fit_supervised_table(
-            table, cfg.runs, delta=cfg.delta, fixed=fixed, bootstrap=cfg.bootstrap, threshold=cfg.holdout_loss
-        )
-    else:
-        out = report.fit_distillation_table(
-            table,
-            cfg.runs,
-            delta=cfg.delta,
-            fixed=fixed,
-            supervised=cfg.supervised,
-            bootstrap=cfg.bootstrap,
-            threshold=cfg.holdout_loss,
-        )
-    data = out.pop("data")
+    report = fit_runs(cfg.runs, cfg.law, delta=cfg.delta, fixed=parse_fixed(cfg.fix),
+                      supervised=cfg.supervised, bootstrap=cfg.bootstrap, threshold=cfg.holdout_loss)
+    out = report.to_json()
     if cfg.plot:
-        _plot(out, data, cfg.plot)
+        plots.fit_vs_data(report.law_object(), report.data, report.extrapolation.threshold, cfg.plot)
     print(json.dumps(out, indent=2) if cfg.json else _text(out))
     return 0
-
-
-def _plot(out: dict[str, Any], data: dict[str, list[float]], path: str) -> None:
-    from kdcache.fit import plots
-    from kdcache.fit.laws import DistillationLaw, SupervisedLaw
-
-    law: SupervisedLaw | DistillationLaw
-    if out["law"] == "supervised":
-        law = SupervisedLaw.from_dict(out["params"])
-    else:
-        law = DistillationLaw.from_dict(out["params"], SupervisedLaw.from_dict(out["supervised"]))
-    plots.fit_vs_data(law, data, out["extrapolation"]["threshold"], path)
 
 
 def _text(out: dict[str, Any]) -> str:

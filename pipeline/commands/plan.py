@@ -53,13 +53,8 @@ def run(cfg: Config) -> int:
 
     law = load_distillation(cfg.law)
     shape = {"rho": cfg.rho, "context": cfg.context, "vocab": cfg.vocab}
-    recipe = recipes.distillation_optimal(law, cfg.student_params, cfg.compute, cfg.scenario, **shape)
-    out: dict[str, Any] = recipe.to_dict()
-    n, d, loss = recipes.supervised_optimal(law.supervised, cfg.compute, **shape)
-    out["supervised_optimal"] = {"params": n, "tokens": d, "loss": loss}
-    out["distill"] = recipe.student_loss < recipe.supervised_loss
-    if not cfg.no_crossover:
-        out["crossover_compute"] = recipes.crossover_compute(law, cfg.student_params, cfg.scenario, **shape)
+    out = recipes.plan(law, cfg.student_params, cfg.compute, cfg.scenario, crossover=not cfg.no_crossover,
+                       **shape).to_json()
     if cfg.plot:
         _plot(law, cfg, shape)
     print(json.dumps(out, indent=2) if cfg.json else _text(out))
