@@ -1,22 +1,28 @@
 """`kdcache run`: the whole pipeline end to end, from the stdlib corpus to report.html.
 
-prepare -> teachers (a sweep on the teacher split) -> caches (Ray, top-k; one full store)
--> students (a sweep: supervised baselines, distilled from every store, one online run)
--> fits of both laws -> plans and cost tables -> report.html. Every stage skips what is
-already done (finished model directories, complete stores), so rerunning the same
-command resumes an interrupted run. The output directory's layout is the report's
-contract (see `report_html.py`).
+prepare -> teachers (a sweep on the teacher split) -> caches (Ray) -> students (a sweep)
+-> fits of both laws with their extrapolation check -> the paper's findings -> plans and
+cost tables -> plots -> report.html. Every stage skips what is already done (finished
+model directories, complete stores), so rerunning the same command resumes an
+interrupted run. The output directory's layout is the report's contract (see
+`report_html.py`).
 
-Presets: `demo` runs in a few minutes on two CPU cores and is too small to fit the
-laws, so it says so and plans with the paper's coefficients; `study` spans a decade of
-student sizes and token budgets with several teachers per student, for fits that mean
-something, and runs for hours.
+The students come in two parts. The *law grid*, shaped like the paper's: supervised
+students across sizes and token budgets, and students distilled at lambda = 1 from a top-k
+store of each of several teachers (so the teacher loss L_T varies) at every budget, plus
+one online run. The *findings*: on one teacher's first `finding_rows` rows, a full
+store against a top-k one at lambda 1 and 0.7, and top-k stores at other temperatures.
+Only the law grid is fitted (`fits/runs.parquet`); the findings are compared in
+`findings.json`.
+
+Presets: `demo` fits both laws from its own runs in minutes on two CPU cores (tiny models:
+the report says how well they extrapolate); `study` has larger models, more budgets and
+four teachers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import sys
 from dataclasses import dataclass
@@ -34,13 +40,23 @@ class Preset:
     max_tokens: int
     rho: int
     teachers: dict[str, tuple[int, int]]
-    """Teacher name -> (layers, training tokens)."""
+    """Teacher name -> (layers, training tokens). The first one also serves the findings."""
     k: int
-    full_store_rows: int
-    """Rows of the first teacher's full-distribution store (0: none)."""
     student_layers: tuple[int, ...]
+    """Supervised students' sizes (family layers)."""
     student_tokens: tuple[int, ...]
-    batch_size: int = 16
+    """Token budgets of every student of the law grid."""
+    distill_layers: tuple[int, ...]
+    """Sizes distilled from every teacher's top-k store at every budget (lambda = 1)."""
+    finding_rows: int
+    """Rows of the findings' stores (full, top-k, other temperatures); 0: no findings."""
+    finding_tokens: int
+    """Budget of the findings' students (at distill_layers[0]); at most finding_rows x seq_len."""
+    valid_frac: float = 0.06
+    """Share of the corpus in the valid split: every run is scored on all of it, and L_T too."""
+    temperatures: tuple[float, ...] = (0.5, 2.0)
+    """Temperatures other than 1 the findings cache and distil at."""
+    batch_size: int = 8
     min_runs_to_fit: tuple[int, int] = (10, 15)
     """Supervised and distillation runs needed before a law is fitted, not taken from the paper."""
     bootstrap: int = 64
@@ -49,15 +65,17 @@ class Preset:
 
 PRESETS = {
     "demo": Preset(
-        vocab_size=1024, seq_len=64, max_tokens=600_000, rho=32,
-        teachers={"teacher-L3": (3, 300_000), "teacher-L4": (4, 300_000)},
-        k=32, full_store_rows=256, student_layers=(1, 2), student_tokens=(60_000,),
+        vocab_size=1024, seq_len=64, max_tokens=1_000_000, rho=32,
+        teachers={"teacher-L3": (3, 600_000), "teacher-L2": (2, 300_000), "teacher-L4": (4, 600_000)},
+        k=32, student_layers=(1, 2, 3), student_tokens=(40_000, 80_000, 160_000, 320_000),
+        distill_layers=(1, 2), finding_rows=1024, finding_tokens=40_000,
     ),
     "study": Preset(
-        vocab_size=4096, seq_len=128, max_tokens=12_000_000, rho=32,
-        teachers={f"teacher-L{n}": (n, 3_000_000) for n in (3, 4, 6, 8)},
-        k=64, full_store_rows=1024, student_layers=(1, 2, 3, 4),
-        student_tokens=(100_000, 300_000, 1_000_000, 3_000_000),
+        vocab_size=2048, seq_len=128, max_tokens=6_000_000, rho=32, valid_frac=0.04,
+        teachers={"teacher-L4": (4, 3_000_000), "teacher-L2": (2, 1_000_000), "teacher-L3": (3, 2_000_000),
+                  "teacher-L5": (5, 3_000_000)},
+        k=32, student_layers=(1, 2, 3, 4), student_tokens=(100_000, 200_000, 400_000, 800_000),
+        distill_layers=(1, 2, 3), finding_rows=1600, finding_tokens=200_000,
     ),
 }
 
@@ -66,26 +84,16 @@ def _stage(name: str) -> None:
     print(f"== {name}", file=sys.stderr, flush=True)
 
 
-def _verb_json(argv: list[str]) -> Any:
-    """Run a kdcache verb in this process with --json and return what it printed."""
-    from kdcache.pipeline.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main([*argv, "--json"])
-    if code != 0:
-        raise PipelineError(f"kdcache {' '.join(argv[:1])} failed (exit {code}); see the error above")
-    return json.loads(out.getvalue())
-
-
 def _prepare(out: Path, p: Preset) -> Path:
     from kdcache.pipeline.prepare import PrepareConfig, prepare
 
     data = out / "data"
     if not (data / "zarr.json").is_file():
         _stage("prepare: tokenizer and splits from the standard library")
+        half = (1.0 - p.valid_frac) / 2
         prepare(PrepareConfig(out=str(data), vocab_size=p.vocab_size, seq_len=p.seq_len,
-                              max_tokens=p.max_tokens))
+                              max_tokens=p.max_tokens, teacher_frac=half, student_frac=half,
+                              valid_frac=p.valid_frac))
     return data
 
 
@@ -101,55 +109,95 @@ def _sweep(out: Path, data: Path, target: str, grid: list[dict[str, Any]], p: Pr
     return result
 
 
-def _caches(out: Path, data: Path, p: Preset) -> list[Path]:
+@dataclass(frozen=True)
+class Stores:
+    grid: list[Path]
+    """One top-k store per teacher over the whole student split: the law grid's."""
+    findings: dict[str, Path]
+    """The findings' stores over the first teacher's first `finding_rows` rows: 'full', 'topk'
+    and 'tau<T>' (top-k at temperature T)."""
+
+
+def _store_jobs(out: Path, p: Preset) -> list[tuple[Path, str, dict[str, Any]]]:
+    """(store, teacher, cache settings) for every store the preset needs."""
+    jobs: list[tuple[Path, str, dict[str, Any]]] = [(out / "stores" / name, name, {"kind": "topk"})
+                                                     for name in p.teachers]
+    if p.finding_rows:
+        first = next(iter(p.teachers))
+        rows: dict[str, Any] = {"max_rows": p.finding_rows}
+        jobs.append((out / "stores" / f"{first}-full", first, {"kind": "full", **rows}))
+        jobs.append((out / "stores" / f"{first}-topk", first, {"kind": "topk", **rows}))
+        jobs += [(out / "stores" / f"{first}-tau{t:g}", first, {"kind": "topk", "temperature": t, **rows})
+                 for t in p.temperatures]
+    return jobs
+
+
+def _caches(out: Path, data: Path, p: Preset) -> Stores:
     from kdcache.pipeline.cache import CacheConfig, run_cache
     from kdcache.storage import StoreError, read_meta
 
-    jobs: list[tuple[str, str, int | None]] = [(name, "topk", None) for name in p.teachers]
-    if p.full_store_rows:
-        jobs.append((next(iter(p.teachers)), "full", p.full_store_rows))
-    stores = []
-    for name, kind, rows in jobs:
-        store = out / "stores" / (f"{name}-full" if kind == "full" else name)
-        stores.append(store)
+    jobs = _store_jobs(out, p)
+    for store, teacher, settings in jobs:
         with contextlib.suppress(StoreError):
-            if read_meta(store).complete:
+            meta = read_meta(store)
+            if meta.complete and meta.valid_loss is not None:
                 continue
-        _stage(f"cache: {name} -> {store.name} ({kind})")
-        run_cache(CacheConfig(teacher=str(out / "teachers" / name), data=str(data), out=str(store),
-                              kind=kind, k=p.k, max_rows=rows))
-    return stores
+        _stage(f"cache: {teacher} -> {store.name} ({settings['kind']})")
+        run_cache(CacheConfig(teacher=str(out / "teachers" / teacher), data=str(data), out=str(store), k=p.k,
+                              quiet=True, **settings))
+    grid = [store for store, _, _ in jobs[: len(p.teachers)]]
+    first = next(iter(p.teachers))
+    findings = {store.name.removeprefix(f"{first}-"): store for store, _, _ in jobs[len(p.teachers):]}
+    return Stores(grid=grid, findings=findings)
 
 
-def _student_grid(out: Path, p: Preset, stores: list[Path]) -> list[dict[str, Any]]:
-    """Supervised baselines; top-k students at lambda 1 and 0.7 (mixing next-token loss back
-    in recovers what truncating the teacher loses, the paper finds); full-store students;
-    one online run of the first teacher for the cost comparison."""
-    layers, tokens = list(p.student_layers), list(p.student_tokens)
-    topk, full = stores[: len(p.teachers)], stores[len(p.teachers):]
+def _student_grid(out: Path, p: Preset, stores: Stores) -> list[dict[str, Any]]:
+    """The law grid (supervised; distilled at lambda 1 from each teacher; one online run) and
+    the findings (full against top-k at lambda 1 and 0.7; other temperatures)."""
+    tokens = list(p.student_tokens)
     first_teacher = out / "teachers" / next(iter(p.teachers))
+    size = p.distill_layers[0]
     grid: list[dict[str, Any]] = [
-        {"layers": layers, "tokens": tokens},
-        {"layers": layers, "tokens": tokens, "distill": [str(s) for s in topk], "lambda": [1.0, 0.7]},
-        {"layers": layers[0], "tokens": tokens[0], "online_teacher": str(first_teacher)},
+        {"layers": list(p.student_layers), "tokens": tokens},
+        {"layers": list(p.distill_layers), "tokens": tokens, "distill": [str(s) for s in stores.grid]},
+        {"layers": size, "tokens": p.finding_tokens, "online_teacher": str(first_teacher)},
     ]
-    if full:
-        grid.insert(2, {"layers": layers, "tokens": tokens, "distill": [str(s) for s in full]})
+    if stores.findings:
+        f = stores.findings
+        grid += [
+            {"layers": size, "tokens": p.finding_tokens, "distill": [str(f["full"]), str(f["topk"])]},
+            {"layers": size, "tokens": p.finding_tokens, "distill": str(f["topk"]), "lambda": 0.7},
+            {"layers": size, "tokens": p.finding_tokens,
+             "distill": [str(path) for name, path in f.items() if name.startswith("tau")]},
+        ]
     return grid
+
+
+def _law_rows(out: Path, p: Preset) -> tuple[Any, Any]:
+    """(all runs, the law grid's runs): supervised, online, and lambda-1 runs from grid stores."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "runs.parquet")
+    grid = {str((out / "stores" / name).resolve()) for name in p.teachers}
+    rows = table.to_pylist()
+    keep = [r["kind"] in ("supervised", "online") or (r["store"] in grid and (r["lambda"] or 1.0) == 1.0)
+            for r in rows]
+    return table, table.filter(pa.array(keep))
 
 
 def _fit(out: Path, p: Preset) -> dict[str, str]:
     """Fit each law with enough runs; otherwise say so (plans then use the paper's law).
 
-    The distillation law describes pure distillation (lambda = 1), so runs that mix
-    next-token loss back in are left out of the fitted table (`fits/runs.parquet`).
+    Only the law grid is fitted (`fits/runs.parquet`): the distillation law describes pure
+    distillation (lambda = 1) at temperature 1 over the whole split; the findings' runs are not.
     """
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    table = pq.read_table(out / "runs.parquet")
-    pure = pc.or_(pc.equal(table["kind"], "supervised"), pc.equal(pc.fill_null(table["lambda"], 1.0), 1.0))
-    fitted_runs = table.filter(pure)
+    from kdcache.fit import plots
+    from kdcache.fit.report import fit_runs
+
+    table, fitted_runs = _law_rows(out, p)
     (out / "fits").mkdir(exist_ok=True)
     (out / "plots").mkdir(exist_ok=True)
     pq.write_table(fitted_runs, out / "fits" / "runs.parquet")
@@ -165,14 +213,15 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
                           "not fitted; plans use the paper's published law")
             continue
         _stage(f"fit: {law} law on {counts[law]} runs")
-        extra = ["--supervised", str(out / "fits" / "supervised.json")] if (
-            law == "distillation" and (out / "fits" / "supervised.json").is_file()) else []
-        fitted = _verb_json(["fit", "--runs", str(out / "fits" / "runs.parquet"), "--law", law,
-                             "--bootstrap", str(p.bootstrap), "--plot", str(out / "plots" / f"fit-{law}.png"),
-                             *extra])
-        path.write_text(json.dumps(fitted, indent=2))
+        sup = out / "fits" / "supervised.json"
+        report = fit_runs(out / "fits" / "runs.parquet", law, bootstrap=p.bootstrap,
+                          supervised=str(sup) if law == "distillation" and sup.is_file() else None)
+        plots.fit_vs_data(report.law_object(), report.data, report.extrapolation.threshold,
+                          out / "plots" / f"fit-{law}.png")
+        path.write_text(json.dumps(report.to_json(), indent=2))
     if len(fitted_runs) < len(table):
-        left_out = f"{len(table) - len(fitted_runs)} runs with lambda < 1 left out (the law is for lambda 1)"
+        left_out = (f"{len(table) - len(fitted_runs)} runs of the findings (full store, lambda < 1, "
+                    "other temperatures) left out of the fit")
         notes["distillation"] = "; ".join(filter(None, (notes.get("distillation"), left_out)))
     (out / "fits" / "notes.json").write_text(json.dumps(notes, indent=2))
     for note in notes.values():
@@ -180,19 +229,22 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
     return notes
 
 
-def _plans_and_costs(out: Path, p: Preset, stores: list[Path]) -> None:
+def _plans_and_costs(out: Path, p: Preset, stores: Stores) -> None:
     import pyarrow.parquet as pq
 
+    from kdcache.fit.presets import load_distillation
+
     _stage("plan and cost")
-    law = out / "fits" / "distillation.json"
-    law_arg = str(law) if law.is_file() else "paper"
-    plans = [_verb_json(["plan", "--law", law_arg, "--student-params", f"{n:g}", "--compute", f"{c:g}",
-                         "--scenario", scenario, "--no-crossover"])
-             for n, c in ((1e8, 1e20), (1e9, 1e21)) for scenario in ("best", "inference")]
+    law_file = out / "fits" / "distillation.json"
+    fitted = load_distillation(str(law_file)) if law_file.is_file() else None
+    plans = []
+    for n, c in ((1e8, 1e20), (1e9, 1e21)):
+        for scenario in ("best", "inference"):
+            plans.append(_plan(fitted, n, c, scenario))
     (out / "plans.json").write_text(json.dumps(plans, indent=2))
     rows = pq.read_table(out / "runs.parquet").to_pylist()
     costs = []
-    for store in stores[: len(p.teachers)]:
+    for store in stores.grid:
         students = [r for r in rows if r["store"] == str(store.resolve())]
         if not students:
             continue
@@ -209,8 +261,40 @@ def _plans_and_costs(out: Path, p: Preset, stores: list[Path]) -> None:
     (out / "costs.json").write_text(json.dumps(costs, indent=2))
 
 
+def _plan(fitted: Any, n: float, c: float, scenario: str) -> dict[str, Any]:
+    """The fitted law's recipe, or the paper's where there is no fit or it gives none in bounds
+    (a law fitted to tiny models extrapolated a thousandfold can leave them)."""
+    from kdcache.fit import recipes
+    from kdcache.fit.errors import FitError
+    from kdcache.fit.presets import load_distillation
+
+    if fitted is not None:
+        try:
+            return {**recipes.plan(fitted, n, c, scenario, crossover=False).to_json(), "law": "fitted"}
+        except FitError as exc:
+            why = f"paper (the fitted law gives no recipe: {exc})"
+    else:
+        why = "paper (no fitted law)"
+    return {**recipes.plan(load_distillation("paper"), n, c, scenario, crossover=False).to_json(), "law": why}
+
+
+def _verb_json(argv: list[str]) -> Any:
+    """Run a kdcache verb in this process with --json and return what it printed."""
+    import io
+
+    from kdcache.pipeline.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main([*argv, "--json"])
+    if code != 0:
+        raise PipelineError(f"kdcache {' '.join(argv[:1])} failed (exit {code}); see the error above")
+    return json.loads(buf.getvalue())
+
+
 def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path:
     """Run (or resume) the whole pipeline into `out_dir`; returns the report's path."""
+    from kdcache.pipeline.findings import write_findings
     from kdcache.pipeline.report_html import write_report
     from kdcache.ray_session import ray_session
 
@@ -226,8 +310,10 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path
                 for name, (layers, tokens) in p.teachers.items()]
         _sweep(out, data, "teachers", grid, p)
         stores = _caches(out, data, p)
-        _stage("students: supervised, distilled from each store, online")
+        _stage("students: the law grid (supervised, distilled from each teacher, online) and the findings")
         _sweep(out, data, "students", _student_grid(out, p, stores), p)
     _fit(out, p)
+    write_findings(out, {name: str(path.resolve()) for name, path in stores.findings.items()},
+                   [str(s.resolve()) for s in stores.grid])
     _plans_and_costs(out, p, stores)
     return write_report(out)

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TINY = study.Preset(
     vocab_size=384, seq_len=32, max_tokens=60_000, rho=32,
     teachers={"teacher-L2": (2, 20_000), "teacher-L3": (3, 20_000)},
-    k=8, full_store_rows=64, student_layers=(1,), student_tokens=(4_096,), batch_size=8,
+    k=8, student_layers=(1,), student_tokens=(4_096,), distill_layers=(1,), finding_rows=64,
+    finding_tokens=2_048, temperatures=(2.0,), batch_size=8,
 )
 
 
@@ -28,9 +29,18 @@ def test_run_writes_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.
 
     rows = pq.read_table(out / "runs.parquet").to_pylist()
     kinds = [r["kind"] for r in rows]
-    # 2 teachers + 1 supervised student; 2 top-k stores x 2 lambdas + 1 full store; 1 online.
-    assert kinds.count("supervised") == 3 and kinds.count("distill") == 5 and kinds.count("online") == 1
-    assert {p.name for p in (out / "stores").iterdir()} == {"teacher-L2", "teacher-L3", "teacher-L2-full"}
+    # 2 teachers + 1 supervised student; the law grid: 2 top-k stores, 1 online; the findings:
+    # full and top-k over 64 rows at lambda 1, top-k at 0.7, top-k at temperature 2.
+    assert kinds.count("supervised") == 3 and kinds.count("distill") == 6 and kinds.count("online") == 1
+    assert {p.name for p in (out / "stores").iterdir()} == {
+        "teacher-L2", "teacher-L3", "teacher-L2-full", "teacher-L2-topk", "teacher-L2-tau2"}
+    # One L_T per teacher: every store of teacher-L2 and the online run record the same value.
+    first = next(r for r in rows if r["run_id"] == "teacher-L2")
+    lt = {r["teacher_loss"] for r in rows
+          if r["kind"] != "supervised" and r["teacher_params"] == first["params"]}
+    assert len(lt) == 1 and lt != {None}, lt
+    findings = json.loads((out / "findings.json").read_text())
+    assert len(findings) == 4 and all(f["reproduced"] is not None for f in findings[2:])
     notes = json.loads((out / "fits" / "notes.json").read_text())
     assert "not fitted" in notes["supervised"] and "not fitted" in notes["distillation"]
     plans = json.loads((out / "plans.json").read_text())

@@ -17,6 +17,8 @@ FAST = replace(study.PRESETS["demo"], min_runs_to_fit=(20, 30), bootstrap=0)
 
 
 def _table(path: Path, supervised: int, distilled: int, mixed: int) -> None:
+    """Synthetic runs; the distilled ones read the preset's first grid store, as `kdcache run`'s do."""
+    store = str((path.parent / "stores" / next(iter(FAST.teachers))).resolve())
     law = load_distillation("paper")
     sup = supervised_runs(law.supervised, supervised, seed=1)
     for i in range(supervised):
@@ -28,7 +30,7 @@ def _table(path: Path, supervised: int, distilled: int, mixed: int) -> None:
         loss = float(dist["loss"][i]) * (1.0 if lam == 1.0 else 1.5)  # far off the law: must be left out
         append_run(path, {"run_id": f"d{i}", "kind": "distill", "params": int(dist["params"][i]),
                           "tokens": int(dist["tokens"][i]), "loss": loss,
-                          "teacher_loss": float(dist["teacher_loss"][i]), "lambda": lam})
+                          "teacher_loss": float(dist["teacher_loss"][i]), "lambda": lam, "store": store})
 
 
 def test_fits_lambda_one_runs_and_notes_what_it_left_out(tmp_path: Path) -> None:
@@ -37,7 +39,11 @@ def test_fits_lambda_one_runs_and_notes_what_it_left_out(tmp_path: Path) -> None
     sup = json.loads((tmp_path / "fits" / "supervised.json").read_text())
     dist = json.loads((tmp_path / "fits" / "distillation.json").read_text())
     assert sup["runs"] == 40 and dist["runs"] == 60
-    assert "5 runs with lambda < 1 left out" in notes["distillation"] and "supervised" not in notes
+    assert "5 runs of the findings" in notes["distillation"] and "supervised" not in notes
+    held_out = dist["extrapolation"]["held_out_runs"]
+    assert len(dist["data"]["loss"]) == 60 and sum(dist["data"]["held_out"]) == held_out > 0
+    held = [x for x, out in zip(dist["data"]["extrapolated"], dist["data"]["held_out"], strict=True) if out]
+    assert all(x is not None for x in held) and dist["extrapolation"]["mean_relative_error"] < 0.02
     paper = load_distillation("paper")
     assert np.isclose(sup["params"]["E"], paper.supervised.E, rtol=0.05)
     assert (tmp_path / "plots" / "fit-distillation.png").is_file()
