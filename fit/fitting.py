@@ -67,6 +67,9 @@ class FitResult:
     runs: int
     fixed: dict[str, float]
     theta: np.ndarray = dataclasses.field(repr=False)
+    at_bounds: tuple[str, ...] = ()
+    """Coefficients whose fitted coordinate sits on its search bound: the runs do not pin them
+    (a law fitted far from its irreducible loss puts E at its floor, say)."""
 
 
 def lbfgsb(theta0: np.ndarray, par: Parametrisation, d: Data, delta: float) -> np.ndarray:
@@ -222,7 +225,18 @@ def _bound_probes(par: Parametrisation, theta: np.ndarray) -> list[np.ndarray]:
 def _result(par: Parametrisation, d: Data, theta: np.ndarray, delta: float) -> FitResult:
     pred, _ = par.predict_log(theta, d)
     raw = float(huber(pred - d.target, delta).sum())
-    return FitResult(par.law, par.to_params(theta), raw, delta, len(d.x), dict(par.fixed), theta)
+    return FitResult(par.law, par.to_params(theta), raw, delta, len(d.x), dict(par.fixed), theta,
+                     _at_bounds(par, theta))
+
+
+def _at_bounds(par: Parametrisation, theta: np.ndarray) -> tuple[str, ...]:
+    """Free coefficients whose internal coordinate lies within 1e-6 (relative) of a bound."""
+    out = []
+    for name, value, free, (lo, hi) in zip(par.names, theta, par.free, _BOUNDS[par.law], strict=True):
+        near = [b for b in (lo, hi) if b is not None and abs(value - b) <= 1e-6 * max(1.0, abs(b))]
+        if free and near:
+            out.append(name)
+    return tuple(out)
 
 
 def _check_fixed(fixed: Mapping[str, float] | None, names: tuple[str, ...]) -> dict[str, float]:

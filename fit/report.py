@@ -66,6 +66,8 @@ class FitReport:
     """Distillation: the supervised law used for Lsup_S."""
     data: dict[str, list[float]]
     """The fitted runs: params, tokens, loss (and teacher_loss), the full fit's `predicted` loss."""
+    at_bounds: tuple[str, ...] = ()
+    """Coefficients left on their search bound: not determined by these runs."""
 
     def law_object(self) -> SupervisedLaw | DistillationLaw:
         if self.supervised is None:
@@ -81,7 +83,7 @@ class FitReport:
         out: dict[str, Any] = {
             "law": self.law, "params": self.params, "objective": self.objective, "delta": self.delta,
             "runs": self.runs, "fixed": self.fixed, "extrapolation": ex.to_json(),
-            "bootstrap": self.bootstrap,
+            "bootstrap": self.bootstrap, "at_bounds": list(self.at_bounds),
         }
         if self.supervised is not None:
             out["supervised"] = self.supervised
@@ -171,7 +173,7 @@ def _report(result: fitting.FitResult, loss: np.ndarray, threshold: float, refit
     return FitReport(law=result.law, params=result.params, objective=result.objective, delta=result.delta,
                      runs=result.runs, fixed=dict(result.fixed),
                      extrapolation=uncertainty.extrapolation(loss, threshold, refit), bootstrap=boot,
-                     supervised=supervised, data=data)
+                     supervised=supervised, data=data, at_bounds=result.at_bounds)
 
 
 def _bootstrap(par: Any, data: Any, result: fitting.FitResult, samples: int) -> dict[str, Any]:
