@@ -97,11 +97,13 @@ def _prepare(out: Path, p: Preset) -> Path:
     return data
 
 
-def _sweep(out: Path, data: Path, target: str, grid: list[dict[str, Any]], p: Preset) -> dict[str, Any]:
+def _sweep(out: Path, data: Path, target: str, grid: list[dict[str, Any]], p: Preset,
+           device: str = "cpu") -> dict[str, Any]:
     from kdcache.pipeline.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(data=str(data), runs=str(out / "runs.parquet"), out=str(out / target), grid=grid,
-                      defaults={"rho": p.rho, "batch_size": p.batch_size, "checkpoint_every": 100})
+                      defaults={"rho": p.rho, "batch_size": p.batch_size, "checkpoint_every": 100,
+                                "device": device})
     result = run_sweep(cfg)
     if result["failed"]:
         failed = ", ".join(f"{k}: {v}" for k, v in result["failed"].items())
@@ -292,7 +294,7 @@ def _verb_json(argv: list[str]) -> Any:
     return json.loads(buf.getvalue())
 
 
-def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path:
+def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, device: str = "cpu") -> Path:
     """Run (or resume) the whole pipeline into `out_dir`; returns the report's path."""
     from kdcache.pipeline.findings import write_findings
     from kdcache.pipeline.report_html import write_report
@@ -308,10 +310,10 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None) -> Path
         _stage(f"teachers: {', '.join(p.teachers)}")
         grid = [{"layers": layers, "tokens": tokens, "split": "teacher", "run_id": name}
                 for name, (layers, tokens) in p.teachers.items()]
-        _sweep(out, data, "teachers", grid, p)
+        _sweep(out, data, "teachers", grid, p, device)
         stores = _caches(out, data, p)
         _stage("students: the law grid (supervised, distilled from each teacher, online) and the findings")
-        _sweep(out, data, "students", _student_grid(out, p, stores), p)
+        _sweep(out, data, "students", _student_grid(out, p, stores), p, device)
     _fit(out, p)
     write_findings(out, {name: str(path.resolve()) for name, path in stores.findings.items()},
                    [str(s.resolve()) for s in stores.grid])
