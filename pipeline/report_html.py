@@ -305,20 +305,34 @@ def students_section(runs: Sequence[Row] | None, problem: str) -> str:
     return section("students", "Students: distilled versus supervised", *parts)
 
 
+LT_HEADER, NLL_HEADER = "L_T (valid CE)", "cached-split NLL"
+STORE_LOSSES = (f"{LT_HEADER}: the teacher's cross-entropy on the data's valid split, the one number "
+                f"per teacher the distillation law uses. {NLL_HEADER}: the teacher's mean NLL over "
+                "the rows this store caches.")
+
+
 def stores_section(stores: Sequence[Row] | None, problem: str) -> str:
     columns: list[Column] = [
         ("name", "store", TEXT), ("metadata.kind", "kind", TEXT), ("metadata.k", "k", INT),
         ("metadata.teacher.name", "teacher", TEXT), ("rows", "rows", INT), ("tokens", "tokens", INT),
         ("bytes", "bytes on disk", INT), ("bytes_per_token", "bytes/token", SHORT),
-        ("teacher_loss", "teacher loss", LOSS), ("metadata.complete", "complete", TEXT),
-        ("error", "problem", TEXT),
+        ("metadata.valid_loss", LT_HEADER, LOSS), ("teacher_loss", NLL_HEADER, LOSS),
+        ("metadata.complete", "complete", TEXT), ("error", "problem", TEXT),
     ]
     if stores is None:
         return section("stores", "Logit stores", problem)
     if not any(s.get("error") for s in stores):
         columns = columns[:-1]
-    body = table(stores, columns) if stores else note("stores/ holds no store yet.")
-    return section("stores", "Logit stores", body)
+    if not stores:
+        return section("stores", "Logit stores", note("stores/ holds no store yet."))
+    parts = [table(stores, columns), note(STORE_LOSSES)]
+    # valid_loss is written when a store completes: a complete store without it predates the field.
+    old = [s["name"] for s in stores
+           if _get(s, "metadata.complete") and _blank(_get(s, "metadata.valid_loss"))]
+    if old:
+        parts.append(note(f"{LT_HEADER} of {', '.join(old)}: not recorded (store predates it; "
+                          "rerun kdcache cache to add it)."))
+    return section("stores", "Logit stores", *parts)
 
 
 def fit_block(law: str, fit: Row | None, problem: str, remark: str | None) -> str:
@@ -407,14 +421,66 @@ def costs_section(out: Path) -> str:
     return section("costs", "Cache versus online distillation: cost", body)
 
 
+# The run's own data with the fitted laws over it (`study_plots.write_plots`): shown first,
+# in this order, each with what it draws; other PNGs (fit-*, cost-*) follow under their names.
+FIGURES = {
+    "loss-vs-tokens": (
+        "Loss against training tokens",
+        "Validation loss of every run of the law grid against its training tokens D (log scale), "
+        "coloured by student size N; markers: supervised student, teacher's own training run, "
+        "distilled from a store, distilled online. Left: the supervised law (Eq. 1) per size. "
+        "Right: the distillation law (Eq. 8) per size at each teacher's L_T (one line style per "
+        "teacher), with the same size's supervised curve faint.",
+    ),
+    "capacity-gap": (
+        "Student loss against teacher loss (capacity gap)",
+        "Distilled students' loss L_S against their teacher's L_T (cross-entropy on the valid split). "
+        "Per student size, the runs at its largest token budget are solid, with the distillation "
+        "law's curve at that N and D and, dotted, the same student trained supervised (the measured "
+        "run at equal N and D, else the supervised law); runs at smaller budgets are faded. The "
+        "dashed diagonal is L_S = L_T.",
+    ),
+    "predicted-vs-observed": (
+        "Predicted against observed loss",
+        "Each law's prediction against the measured loss, per run, with the line y = x. Dots: runs "
+        "the law was fitted to, at the full fit's prediction; crosses: runs held out by the "
+        "extrapolation check (loss below its threshold), at the prediction of the fit made without "
+        "them. The legend gives mean and max relative errors.",
+    ),
+    "allocations": (
+        "Compute-optimal recipes against compute",
+        "Eq. 10's recipes per scenario for one of this run's student sizes over budgets around "
+        "plans.json's: the student's tokens, the teacher's size and the student's loss against "
+        "supervised training (dashed). The law is fitted to this run's small models and "
+        "extrapolated far beyond them.",
+    ),
+}
+LAW_NOTE = "A law that was not fitted is drawn as the paper's and labelled \"paper's law (not fitted here)\"."
+
+
+def figure(data: str, alt: str, caption: str) -> str:
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
 def plots_section(out: Path) -> str:
     plots, problem = load(out, "plots", read_plots)
-    figures = "".join(
-        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(stem)}">'
-        f"<figcaption>{html.escape(stem)}</figcaption></figure>"
-        for stem, data in plots or []
-    )
-    return section("plots", "Plots", figures or problem or note("plots/ holds no PNG yet."))
+    if plots is None:
+        return section("plots", "Plots", problem)
+    skipped, broken = load_optional(out, "plots/skipped.json", read_json)
+    found = dict(plots)
+    parts = [broken]
+    for stem, (title, caption) in FIGURES.items():
+        if stem in found:
+            parts.append(figure(found.pop(stem), title, f"{title} ({stem}.png). {caption}"))
+        elif isinstance(skipped, dict) and f"{stem}.png" in skipped:
+            parts.append(note(f"Not drawn: {stem}.png ({skipped[f'{stem}.png']})."))
+        else:
+            parts.append(missing(f"plots/{stem}.png (not drawn yet)"))
+    if len(found) < len(plots):
+        parts.append(note(LAW_NOTE))
+    parts += [figure(data, stem, stem) for stem, data in found.items()]
+    return section("plots", "Plots", *parts)
 
 
 # -- the page -------------------------------------------------------------------------

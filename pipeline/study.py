@@ -196,7 +196,6 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
     """
     import pyarrow.parquet as pq
 
-    from kdcache.fit import plots
     from kdcache.fit.report import fit_runs
 
     table, fitted_runs = _law_rows(out, p)
@@ -218,8 +217,6 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
         sup = out / "fits" / "supervised.json"
         report = fit_runs(out / "fits" / "runs.parquet", law, bootstrap=p.bootstrap,
                           supervised=str(sup) if law == "distillation" and sup.is_file() else None)
-        plots.fit_vs_data(report.law_object(), report.data, report.extrapolation.threshold,
-                          out / "plots" / f"fit-{law}.png")
         path.write_text(json.dumps(report.to_json(), indent=2))
     if len(fitted_runs) < len(table):
         left_out = (f"{len(table) - len(fitted_runs)} runs of the findings (full store, lambda < 1, "
@@ -298,6 +295,7 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, devi
     """Run (or resume) the whole pipeline into `out_dir`; returns the report's path."""
     from kdcache.pipeline.findings import write_findings
     from kdcache.pipeline.report_html import write_report
+    from kdcache.pipeline.study_plots import write_plots
     from kdcache.ray_session import ray_session
 
     if preset not in PRESETS:
@@ -318,4 +316,5 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, devi
     write_findings(out, {name: str(path.resolve()) for name, path in stores.findings.items()},
                    [str(s.resolve()) for s in stores.grid])
     _plans_and_costs(out, p, stores)
+    write_plots(out)
     return write_report(out)

@@ -48,7 +48,10 @@ def test_run_writes_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.
     costs = json.loads((out / "costs.json").read_text())
     assert [c["label"] for c in costs] == ["teacher-L2", "teacher-L3"]
     html = (out / "report.html").read_text()
-    assert "teacher-L2-full" in html and html.count("data:image/png;base64,") == 2
+    figures = {p.name for p in (out / "plots").glob("*.png")}
+    drawn = {"loss-vs-tokens.png", "capacity-gap.png", "predicted-vs-observed.png", "cost-teacher-L2.png"}
+    assert drawn <= figures
+    assert "teacher-L2-full" in html and html.count("data:image/png;base64,") == len(figures)
     assert "not fitted" in html and "Missing: fits/supervised.json" not in html  # the note says why
 
     # Rerun: every training run and store is found finished; nothing is appended twice.

@@ -35,6 +35,7 @@ def test_extrapolation_report() -> None:
     assert calls == [(10, 2)]
     assert report.held_out_runs == 2 and report.to_json()["held_out_runs"] == 2
     assert abs(report.mean_relative_error - 0.01) < 1e-12  # type: ignore[operator]
-    assert report.predicted[:2] == pytest.approx(tuple(loss[:2] * 1.01)) and set(report.predicted[2:]) == {None}
+    assert report.predicted[:2] == pytest.approx(tuple(loss[:2] * 1.01))
+    assert set(report.predicted[2:]) == {None}
     empty = uncertainty.extrapolation(loss, 1.0, fit_and_predict)
     assert empty.mean_relative_error is None and set(empty.predicted) == {None}

@@ -3,8 +3,9 @@
 The full fixture is a run directory made the way `kdcache run` makes one: token data from
 `prepare`, a teacher and two students trained through the CLI, logit stores written by
 StoreWriter, a runs table, fit JSONs and plots from `kdcache fit`, recipes from `kdcache
-plan` and costs from `kdcache cost`. Chromium renders the page; the tests read the
-rendered DOM's tables and check every image decoded.
+plan`, costs from `kdcache cost` and the report's own figures from `study_plots.write_plots`.
+Chromium renders the page; the tests read the rendered DOM's tables and notes and check
+every image decoded.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from typing import Any
 
 import pytest
 
+from kdcache.fit.plots import PAPER_LABEL
 from kdcache.fit.presets import PAPER_DISTILLATION
 from kdcache.fit.runs import append_run, read_runs
 from kdcache.fit.synthetic import distillation_runs, supervised_runs
 from kdcache.fit.threads import single_threaded_blas
 from kdcache.pipeline.cli import main
-from kdcache.pipeline.report_html import write_report
+from kdcache.pipeline.report_html import FIGURES, write_report
+from kdcache.pipeline.study_plots import SKIPPED, agreement, write_plots
+from kdcache.pipeline.study_plots import read_runs as read_plot_runs
 from kdcache.storage import StoreWriter, summarize
 
 from ..storage.conftest import make_meta, make_rows, shard_of
@@ -38,6 +42,8 @@ PROBE = ('<script>addEventListener("load", () => { document.body.dataset.widths 
          '[...document.images].map(i => i.naturalWidth).join(","); });</script>')
 PAPER = "paper (Busbridge et al. 2025)"  # header of the published-values column
 DISTILL_FIX = "c0=2.549,c1=522.6,f1=0.09,d1=1.315"  # the paper's capacity-gap terms: a fast fit
+VALID_LOSS = 3.25  # L_T recorded in store topk-a
+NOT_RECORDED = "not recorded (store predates it; rerun kdcache cache to add it)"
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +56,20 @@ def chromium() -> Path:
 
 
 class Page(HTMLParser):
-    """Tables (rows of cell texts) and `class="missing"` notes, per <section id>."""
+    """Tables (rows of cell texts), `class="missing"` and `class="note"` texts, per <section id>,
+    and the images' alt texts in page order."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tables: dict[str, list[list[list[str]]]] = {}
         self.missing: dict[str, list[str]] = {}
-        self.section, self.cell, self.note, self.widths = "", None, None, ""
+        self.notes: dict[str, list[str]] = {}
+        self.section, self.widths = "", ""
+        self.cell: str | None = None  # text of the cell being read
+        self.note: str | None = None  # text of the note being read
+        self.kind = ""  # of the note being read: "missing" or "note"
         self.images = 0
+        self.alts: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -73,8 +85,9 @@ class Page(HTMLParser):
             self.cell = ""
         elif tag == "img":
             self.images += 1
-        elif "missing" in (a.get("class") or "").split():
-            self.note = ""
+            self.alts.append(a.get("alt") or "")
+        elif {"missing", "note"} & set((a.get("class") or "").split()):
+            self.note, self.kind = "", "missing" if "missing" in (a.get("class") or "").split() else "note"
 
     def handle_data(self, data: str) -> None:
         if self.cell is not None:
@@ -87,7 +100,8 @@ class Page(HTMLParser):
             self.tables[self.section][-1][-1].append(self.cell)
             self.cell = None
         elif tag in ("p", "span") and self.note is not None:
-            self.missing.setdefault(self.section, []).append(self.note)
+            found = self.missing if self.kind == "missing" else self.notes
+            found.setdefault(self.section, []).append(self.note)
             self.note = None
 
     def rows(self, section: str, index: int = 0) -> dict[str, dict[str, str]]:
@@ -148,15 +162,17 @@ def synthetic_runs(runs: Path) -> None:
 
 
 def write_stores(stores: Path) -> None:
-    """A complete top-k store of teacher `a`, and one interrupted after its first shard."""
-    for name, shards in (("topk-a", None), ("topk-a-partial", [0])):
+    """Top-k stores of teacher `a`: a complete one with its L_T, one completed before stores
+    recorded L_T (no `valid_loss`), and one interrupted after its first shard."""
+    for name, shards, valid in (("topk-a", None, (VALID_LOSS, 320)), ("topk-a-old", None, None),
+                                ("topk-a-partial", [0], None)):
         meta = make_meta("topk", rows=10, seq_len=32, vocab=384, k=4, shard_rows=4, teacher="a")
         rows = make_rows(meta, seed=1)
         writer = StoreWriter.open(stores / name, meta)
         for shard in shards if shards is not None else writer.pending_shards():
             writer.write_shard(shard, shard_of(meta, rows, shard))
         if shards is None:
-            assert writer.finalize()
+            assert writer.finalize(valid=valid)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +183,7 @@ def run_dir(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (out / "plots").mkdir()
     runs = out / "runs.parquet"
     synthetic_runs(runs)
+    shutil.copy(runs, out / "fits/runs.parquet")  # the fitted subset, as `kdcache run` writes it
     # Fit before the tiny real models join the table: the synthetic runs span the paper's
     # scale (1e8-1e10 params) and a 50k-param model would only be an outlier to them.
     sup_fit, dist_fit = out / "fits/supervised.json", out / "fits/distillation.json"
@@ -195,6 +212,7 @@ def run_dir(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "--students", "4", "--store", str(out / "stores/topk-a"), "--json",
                      "--plot", str(out / "plots/cost.png")])
     (out / "costs.json").write_text(json.dumps([{"label": "store topk-a", **cost}]))
+    assert write_plots(out) == [out / "plots" / f"{stem}.png" for stem in FIGURES]
     return out
 
 
@@ -224,7 +242,7 @@ def test_teachers_and_students_tables(full_page: Page, run_dir: Path) -> None:
     row = runs["teacher-a"]
     assert teacher["run"] == "teacher-a" and teacher["params N"] == f"{row['params']:,}"
     assert teacher["validation loss"] == f"{row['loss']:.4f}" and teacher["ECE"] == f"{row['ece']:.4f}"
-    assert teacher["stores"] == "topk-a, topk-a-partial" and teacher["model dir"] == "yes"
+    assert teacher["stores"] == "topk-a, topk-a-old, topk-a-partial" and teacher["model dir"] == "yes"
 
     students = full_page.rows("students")
     online, twin = runs["online-a"], runs["supervised-a"]
@@ -247,11 +265,17 @@ def test_stores_table(full_page: Page, run_dir: Path) -> None:
     got = stores["topk-a"]
     assert got["kind"] == "topk" and got["k"] == "4" and got["teacher"] == "a"
     assert got["rows"] == "10" and got["tokens"] == "320" and got["bytes on disk"] == f"{done['bytes']:,}"
-    assert got["bytes/token"] == f"{done['bytes_per_token']:.1f}"
-    assert got["teacher loss"] == f"{done['teacher_loss']:.4f}" and got["complete"] == "yes"
+    assert got["bytes/token"] == f"{done['bytes_per_token']:.1f}" and got["complete"] == "yes"
+    assert got["L_T (valid CE)"] == f"{VALID_LOSS:.4f}"
+    assert got["cached-split NLL"] == f"{done['teacher_loss']:.4f}"
+    got = stores["topk-a-old"]
+    assert got["L_T (valid CE)"] == "—" and got["cached-split NLL"] != "—" and got["complete"] == "yes"
     got = stores["topk-a-partial"]
-    assert got["rows"] == "4" and got["complete"] == "no" and got["teacher loss"] == "—"
-    assert got["bytes/token"] == f"{partial['bytes_per_token']:.1f}"
+    assert got["rows"] == "4" and got["complete"] == "no" and got["cached-split NLL"] == "—"
+    assert got["L_T (valid CE)"] == "—" and got["bytes/token"] == f"{partial['bytes_per_token']:.1f}"
+    # Only the complete store without L_T is said to predate it; the partial one is merely unfinished.
+    old = [n for n in full_page.notes["stores"] if NOT_RECORDED in n]
+    assert old == [f"L_T (valid CE) of topk-a-old: {NOT_RECORDED}."]
 
 
 @pytest.mark.slow
@@ -276,12 +300,18 @@ def test_plans_costs_and_plots(full_page: Page, run_dir: Path) -> None:
     assert got["inference"]["student loss"] == f"{plans[1]['student_loss']:.4f}"
     assert got["best"]["compute (FLOPs)"] == "1e+20"
     cost = json.loads((run_dir / "costs.json").read_text())[0]
-    got = full_page.rows("costs")["store topk-a"]
-    assert got["break-even M"] == str(cost["break_even_students"]) and got["students M"] == "4"
-    assert got["bytes/token"] == f"{summarize(run_dir / 'stores/topk-a')['bytes_per_token']:.1f}"
-    pngs = sorted((run_dir / "plots").glob("*.png"))
-    assert full_page.images == len(pngs) == 2
+    row = full_page.rows("costs")["store topk-a"]
+    assert row["break-even M"] == str(cost["break_even_students"]) and row["students M"] == "4"
+    assert row["bytes/token"] == f"{summarize(run_dir / 'stores/topk-a')['bytes_per_token']:.1f}"
+    # The run's own figures first, in order, named by their titles; then fit-*/cost-* by name.
+    titles = [title for title, _ in FIGURES.values()]
+    assert full_page.alts == [*titles, "cost", "fit-supervised"]
+    pngs = [run_dir / "plots" / f"{stem}.png" for stem in [*FIGURES, "cost", "fit-supervised"]]
+    assert full_page.images == len(list((run_dir / "plots").glob("*.png"))) == 6
     assert full_page.widths == ",".join(str(png_width(p)) for p in pngs)  # every image decoded
+    assert all(png_width(p) > 0 for p in pngs)
+    assert not (run_dir / "plots" / SKIPPED).exists()
+    assert any("paper's law (not fitted here)" in n for n in full_page.notes["plots"])
 
 
 def test_model_meta_name_matches_train() -> None:
@@ -314,3 +344,56 @@ def test_partial_run_says_what_is_missing(chromium: Path, tmp_path: Path) -> Non
     assert page.missing["plans"][0].startswith("Unreadable: plans.json")
     assert sum("fits/" in text for text in page.missing["fits"]) == 2
     assert "students" not in page.missing and page.images == 0
+
+
+def test_write_plots_without_inputs_draws_nothing_and_says_why(tmp_path: Path) -> None:
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "allocations.png").write_bytes(b"from an earlier run")
+    assert write_plots(tmp_path) == []
+    skipped = json.loads((tmp_path / "plots" / SKIPPED).read_text())
+    assert list(skipped) == [f"{stem}.png" for stem in FIGURES]
+    assert all("no runs table" in why for why in skipped.values())
+    assert not list((tmp_path / "plots").glob("*.png"))  # the stale figure is gone
+    page = Page()
+    page.feed(write_report(tmp_path).read_text())
+    assert [n for n in page.notes["plots"] if n.startswith("Not drawn")] == [
+        f"Not drawn: {stem}.png ({skipped[stem + '.png']})." for stem in FIGURES]
+    assert "plots" not in page.missing and page.images == 0
+
+
+def test_write_plots_from_runs_alone_uses_the_papers_law(tmp_path: Path) -> None:
+    synthetic_runs(tmp_path / "runs.parquet")
+    plots = tmp_path / "plots"
+    assert write_plots(tmp_path) == [plots / f"{stem}.png" for stem in list(FIGURES)[:3]]
+    assert json.loads((plots / SKIPPED).read_text()) == {"allocations.png": "no plans.json to take the "
+                                                                            "budgets from"}
+    # No fit: the predicted-vs-observed panels are the paper's law on the runs it generated.
+    sup = agreement(tmp_path, "supervised", "t", read_plot_runs(tmp_path), None)
+    assert PAPER_LABEL in sup.title and len(sup.observed) == 40 and not sup.held_out.any()
+    fitted_mean = sup.errors()["fitted"]
+    assert fitted_mean is not None and fitted_mean[0] < 0.006  # the runs' 0.3% noise and twins' 0.4%
+    (tmp_path / "plans.json").write_text(json.dumps([{"compute": 1e20}, {"compute": 1e21}]))
+    assert len(write_plots(tmp_path)) == 4 and not (plots / SKIPPED).exists()
+
+
+def test_write_plots_with_a_broken_fit_names_it(tmp_path: Path) -> None:
+    synthetic_runs(tmp_path / "runs.parquet")
+    (tmp_path / "fits").mkdir()
+    (tmp_path / "fits" / "supervised.json").write_text("{")
+    (tmp_path / "plans.json").write_text(json.dumps([{"compute": 1e20}]))
+    assert write_plots(tmp_path) == []
+    skipped = json.loads((tmp_path / "plots" / SKIPPED).read_text())
+    assert all("supervised.json" in why for why in skipped.values()), skipped
+
+
+@pytest.mark.slow
+def test_figures_errors_are_the_fits_extrapolation_check(run_dir: Path) -> None:
+    runs = read_plot_runs(run_dir)
+    for law in ("supervised", "distillation"):
+        fit = json.loads((run_dir / f"fits/{law}.json").read_text())
+        panel = agreement(run_dir, law, "t", runs, object())
+        ex = fit["extrapolation"]
+        assert int(panel.held_out.sum()) == ex["held_out_runs"] > 0
+        assert panel.errors()["held_out"] == pytest.approx(
+            (ex["mean_relative_error"], ex["max_relative_error"]), rel=1e-12)
+        assert panel.threshold == ex["threshold"]
