@@ -41,6 +41,7 @@ td { text-align: right; font-variant-numeric: tabular-nums; } td:first-child { t
 .missing { color: #a40; font-weight: 600; } .note { color: #555; font-style: italic; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; }
+#findings td { white-space: normal; text-align: left; max-width: 700px; }
 """
 
 
@@ -397,10 +398,22 @@ def plans_section(out: Path) -> str:
         ("flops.student_training", "FLOPs student", SCI),
         ("flops.teacher_logits", "FLOPs teacher logits", SCI),
         ("flops.teacher_training", "FLOPs teacher training", SCI),
-        ("crossover_compute", "supervised catches up at", SCI),
+        ("crossover_compute", "supervised catches up at", SCI), ("law", "law", TEXT),
     ]
     body = table(plans, columns) if plans else (problem or note("plans.json lists no recipes."))
     return section("plans", "Compute-optimal recipes", body)
+
+
+def findings_section(out: Path) -> str:
+    """The paper's findings, each reproduced or not by this run (`pipeline/findings.py`)."""
+    found, problem = load(out, "findings.json", read_list)
+    verdict = {True: "yes", False: "no", None: "not testable"}
+    rows = [{**f, "verdict": verdict.get(f.get("reproduced"), DASH)} for f in found or []]
+    columns: list[Column] = [("claim", "finding (Busbridge et al. 2025)", TEXT),
+                             ("verdict", "reproduced here", TEXT), ("numbers", "validation losses", TEXT)]
+    body = (table(rows, columns) + note("Single runs, one seed each: differences of a few hundredths "
+                                        "of a nat are within run-to-run noise.")) if rows else problem
+    return section("findings", "The paper's findings at this scale", body)
 
 
 def costs_section(out: Path) -> str:
@@ -497,6 +510,7 @@ def render(out: Path) -> str:
         students_section(runs, runs_problem),
         stores_section(stores, stores_problem),
         fits_section(out),
+        findings_section(out),
         plans_section(out),
         costs_section(out),
         plots_section(out),

@@ -122,8 +122,10 @@ class Stores:
 
 def _store_jobs(out: Path, p: Preset) -> list[tuple[Path, str, dict[str, Any]]]:
     """(store, teacher, cache settings) for every store the preset needs."""
-    jobs: list[tuple[Path, str, dict[str, Any]]] = [(out / "stores" / name, name, {"kind": "topk"})
-                                                     for name in p.teachers]
+    # The law grid's stores hold the rows the largest budget reads once, not the whole split.
+    grid_rows = -(-max(p.student_tokens) // p.seq_len)
+    jobs: list[tuple[Path, str, dict[str, Any]]] = [
+        (out / "stores" / name, name, {"kind": "topk", "max_rows": grid_rows}) for name in p.teachers]
     if p.finding_rows:
         first = next(iter(p.teachers))
         rows: dict[str, Any] = {"max_rows": p.finding_rows}

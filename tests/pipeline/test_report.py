@@ -29,6 +29,7 @@ from kdcache.fit.runs import append_run, read_runs
 from kdcache.fit.synthetic import distillation_runs, supervised_runs
 from kdcache.fit.threads import single_threaded_blas
 from kdcache.pipeline.cli import main
+from kdcache.pipeline.findings import write_findings
 from kdcache.pipeline.report_html import FIGURES, write_report
 from kdcache.pipeline.study_plots import SKIPPED, agreement, write_plots
 from kdcache.pipeline.study_plots import read_runs as read_plot_runs
@@ -213,6 +214,7 @@ def run_dir(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "--plot", str(out / "plots/cost.png")])
     (out / "costs.json").write_text(json.dumps([{"label": "store topk-a", **cost}]))
     assert write_plots(out) == [out / "plots" / f"{stem}.png" for stem in FIGURES]
+    write_findings(out, {"topk": str((out / "stores/topk-a").resolve())}, [])
     return out
 
 
@@ -231,7 +233,11 @@ def by_id(run_dir: Path) -> dict[str, dict[str, Any]]:
 @pytest.mark.slow
 def test_full_run_has_every_section_and_no_missing_notes(full_page: Page, run_dir: Path) -> None:
     assert full_page.missing == {}
-    assert list(full_page.tables) == ["teachers", "students", "stores", "fits", "plans", "costs"]
+    assert list(full_page.tables) == ["teachers", "students", "stores", "fits", "findings", "plans", "costs"]
+    findings = json.loads((run_dir / "findings.json").read_text())
+    got = full_page.rows("findings")
+    assert list(got) == [f["claim"] for f in findings]
+    assert [r["reproduced here"] for r in got.values()] == ["not testable"] * 4  # no law grid here
     assert len(full_page.tables["fits"]) == 2
 
 
