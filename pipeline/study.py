@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,9 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
 def _plans_and_costs(out: Path, p: Preset, stores: Stores) -> None:
     import pyarrow.parquet as pq
 
+    from kdcache.fit.errors import FitError
     from kdcache.fit.presets import load_distillation
+    from kdcache.pipeline.cost_inputs import CostQuery, estimate_cost, write_cost_plot
 
     _stage("plan and cost")
     law_file = out / "fits" / "distillation.json"
@@ -251,14 +253,18 @@ def _plans_and_costs(out: Path, p: Preset, stores: Stores) -> None:
             continue
         n_t, n_s = students[0]["teacher_params"], sorted({r["params"] for r in students})
         tokens = max(r["tokens"] for r in students)
-        result = _verb_json([
-            "cost", "--teacher-params", str(n_t), "--student-params", ",".join(map(str, n_s)),
-            "--tokens", str(tokens), "--store", str(store), "--runs", str(out / "runs.parquet"),
-            "--context", str(p.seq_len), "--vocab", str(p.vocab_size), "--rho", str(p.rho),
-            "--plot", str(out / "plots" / f"cost-{store.name}.png"),
-        ])
+        query = CostQuery(teacher_params=n_t, student_params=tuple(float(n) for n in n_s), tokens=tokens,
+                          store=str(store), runs=str(out / "runs.parquet"), rho=p.rho, context=p.seq_len,
+                          vocab=p.vocab_size)
+        try:
+            result = estimate_cost(query)
+        except FitError as exc:  # a runs table that cannot pin a term: say so, cost uncalibrated
+            print(f"note: {store.name}: cost not calibrated ({exc})", file=sys.stderr)
+            query = replace(query, runs=None)
+            result = estimate_cost(query)
+        write_cost_plot(query, result, str(out / "plots" / f"cost-{store.name}.png"))
         costs.append({"label": store.name, "teacher_params": n_t, "student_params": n_s, "tokens": tokens,
-                      **result})
+                      **result.to_json()})
     (out / "costs.json").write_text(json.dumps(costs, indent=2))
 
 
@@ -277,20 +283,6 @@ def _plan(fitted: Any, n: float, c: float, scenario: str) -> dict[str, Any]:
     else:
         why = "paper (no fitted law)"
     return {**recipes.plan(load_distillation("paper"), n, c, scenario, crossover=False).to_json(), "law": why}
-
-
-def _verb_json(argv: list[str]) -> Any:
-    """Run a kdcache verb in this process with --json and return what it printed."""
-    import io
-
-    from kdcache.pipeline.cli import main
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main([*argv, "--json"])
-    if code != 0:
-        raise PipelineError(f"kdcache {' '.join(argv[:1])} failed (exit {code}); see the error above")
-    return json.loads(buf.getvalue())
 
 
 def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, device: str = "cpu") -> Path:

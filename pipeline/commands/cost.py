@@ -1,4 +1,5 @@
-"""`kdcache cost`: online distillation versus cache + M offline students, in FLOPs, hours and money."""
+"""`kdcache cost`: online distillation versus cache + M offline students, in FLOPs, hours, money and
+wall time. A printer: flags -> `kdcache.pipeline.cost_inputs.estimate_cost` -> text or JSON."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class Config:
     vocab: int = 32768
     """Vocabulary size (ids are uint16 up to 65536) and F(N) vocabulary."""
     runs: str | None = None
-    """Runs table with tokens_per_s: calibrates achieved FLOP/s instead of peak x utilisation."""
+    """Runs table with wall_s: calibrates the time model (start-up, training, teacher, read and
+    cache-job rates, the cache job from the stores it names) instead of peak x utilisation."""
     peak_flops: float = 989e12
     """Accelerator peak FLOP/s (default: H100 dense bf16)."""
     utilisation: float = 0.4
@@ -71,83 +73,52 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    from kdcache.fit import cost
+    """Flags -> `estimate_cost` -> text or JSON (and the plot)."""
     from kdcache.paths import check_writable
+    from kdcache.pipeline.cost_inputs import estimate_cost, write_cost_plot
 
     if cfg.plot:
         check_writable(cfg.plot, "--plot", directory=False)
-    sizes = parse_sizes(cfg.student_params)
-    students = sizes * cfg.students if len(sizes) == 1 else sizes
-    if len(sizes) > 1 and cfg.students not in (1, len(sizes)):
-        raise FitError(f"--students {cfg.students} disagrees with {len(sizes)} listed student sizes")
-    shape = {"rho": cfg.rho, "context": cfg.context, "vocab": cfg.vocab}
-    hw = _hardware(cfg, shape)
-    out = cost.compare(
-        cfg.teacher_params, students, cfg.tokens, bytes_per_token=_bytes_per_token(cfg), hardware=hw, **shape
-    )
-    out["flops_per_s"] = hw.flops_per_s
-    out["calibrated"] = cfg.runs is not None
+    query = query_of(cfg)
+    result = estimate_cost(query)
     if cfg.plot:
-        _plot(cfg, students, hw, out["bytes_per_token"], shape)
-    print(json.dumps(out, indent=2) if cfg.json else _text(out))
+        write_cost_plot(query, result, cfg.plot, cfg.max_students)
+    print(json.dumps(result.to_json(), indent=2) if cfg.json else _text(result.to_json()))
     return 0
 
 
-def _bytes_per_token(cfg: Config) -> float:
-    from kdcache.fit.cost import topk_bytes_per_token
+def query_of(cfg: Config) -> Any:
+    """The library's `CostQuery` for these flags."""
+    from kdcache.fit.cost import Hardware
+    from kdcache.pipeline.cost_inputs import CostQuery
 
-    if cfg.store is not None and cfg.bytes_per_token is not None:
-        raise FitError("give --store or --bytes-per-token, not both")
-    if cfg.bytes_per_token is not None:
-        return cfg.bytes_per_token
-    if cfg.store is None:
-        return topk_bytes_per_token(cfg.k, cfg.vocab)
-    from kdcache.storage import summarize
-
-    summary = summarize(cfg.store)
-    if not summary.get("tokens"):
-        raise FitError(f"{cfg.store}: store has no committed tokens to measure bytes per token")
-    return float(summary["bytes_per_token"])
-
-
-def _hardware(cfg: Config, shape: dict[str, float]) -> Any:
-    from kdcache.fit import cost
-
-    peak, util = cfg.peak_flops, cfg.utilisation
-    if cfg.runs is not None:
-        from kdcache.fit.runs import column, read_runs
-
-        table = read_runs(cfg.runs, required=("params", "tokens_per_s"))
-        peak, util = (
-            cost.calibrated_flops_per_s(
-                column(table, "params", cfg.runs), column(table, "tokens_per_s", cfg.runs), **shape
-            ),
-            1.0,
-        )
-    return cost.Hardware(
-        peak_flops=peak,
-        utilisation=util,
+    sizes = parse_sizes(cfg.student_params)
+    if len(sizes) > 1 and cfg.students not in (1, len(sizes)):
+        raise FitError(f"--students {cfg.students} disagrees with {len(sizes)} listed student sizes")
+    students = sizes * cfg.students if len(sizes) == 1 else sizes
+    hardware = Hardware(
+        peak_flops=cfg.peak_flops,
+        utilisation=cfg.utilisation,
         price_per_hour=cfg.price_per_hour,
         storage_per_tb_month=cfg.storage_per_tb_month,
         read_bandwidth=cfg.read_bandwidth,
         months=cfg.months,
     )
+    return CostQuery(
+        teacher_params=cfg.teacher_params, student_params=tuple(students), tokens=cfg.tokens,
+        store=cfg.store, bytes_per_token=cfg.bytes_per_token, k=cfg.k, vocab=cfg.vocab, runs=cfg.runs,
+        rho=cfg.rho, context=cfg.context, hardware=hardware,
+    )
 
 
-def _plot(cfg: Config, students: list[float], hw: Any, bpt: float, shape: dict[str, float]) -> None:
-    from kdcache.fit import cost, plots
-
-    online, cache = [], []
-    for m in range(1, cfg.max_students + 1):
-        r = cost.compare(
-            cfg.teacher_params, (students * m)[:m], cfg.tokens, bytes_per_token=bpt, hardware=hw, **shape
-        )
-        online.append(r["online_cost"])
-        cache.append(r["cache_cost"])
-    plots.cost_vs_students(online, cache, str(cfg.plot))
+def _seconds(values: list[float]) -> str:
+    return ", ".join(f"{v:.4g}" for v in values)
 
 
 def _text(out: dict[str, Any]) -> str:
+    predicted, model = out["predicted_s"], out["time_model"]
+    basis = (f"calibrated on {model['source']} ({', '.join(model['calibrated'])})" if out["calibrated"]
+             else "from peak x utilisation and the read bandwidth")
     return "\n".join(
         [
             f"{out['students']} students, store {out['store_bytes'] / 1e9:.3g} GB "
@@ -159,5 +130,10 @@ def _text(out: dict[str, Any]) -> str:
             f"  each student reads {out['read_bandwidth_needed'] / 1e6:.4g} MB/s from the store"
             f" ({'within' if out['read_bandwidth_ok'] else 'MORE than'} the read bandwidth)",
             f"  cache pays off from {out['break_even_students']} students",
+            f"  predicted wall time per run, {basis}:",
+            f"    online student(s) {_seconds(predicted['online_student'])} s; "
+            f"offline student(s) {_seconds(predicted['offline_student'])} s; "
+            f"cache job {predicted['cache']:.4g} s",
+            *(f"  note: {note}" for note in model["notes"]),
         ]
     )

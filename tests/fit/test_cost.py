@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,56 @@ def test_bad_inputs() -> None:
         cost.compare(1e9, [], 1e10, bytes_per_token=1.0)
     with pytest.raises(FitError):
         cost.Hardware(utilisation=1.5)
+
+
+def test_predicted_times_from_the_hardware_by_hand() -> None:
+    # 5e14 FLOP/s, 1e8 B/s: online 1e10 x (6e8 + 2e9) / 5e14 = 52 s; offline 1e10 x 6e8 / 5e14
+    # = 12 s plus 1e10 x 100 / 1e8 = 1e4 s of reads; the cache 2e19 / 5e14 = 4e4 s plus 1e4 s of writes.
+    out = cost.estimate(1e9, [1e8, 4e8], 1e10, bytes_per_token=100.0, hardware=HW, **PLAIN)
+    assert out.predicted_s.online_student == pytest.approx((5.2e4, 8.8e4))  # 4e8: 4.4e19 / 5e14
+    assert out.predicted_s.offline_student == pytest.approx((1.2e4 + 1e4, 4.8e4 + 1e4))
+    assert out.predicted_s.cache == pytest.approx(4e4 + 1e4)
+    assert out.calibrated is False and out.flops_per_s == pytest.approx(5e14)
+    assert out.time_model.calibrated == () and out.time_model.startup_s == 0.0
+
+
+def test_estimate_json_keeps_the_compare_keys() -> None:
+    legacy = cost.compare(1e9, [1e8], 1e10, bytes_per_token=100.0, hardware=HW, **PLAIN)
+    out = cost.estimate(1e9, [1e8], 1e10, bytes_per_token=100.0, hardware=HW, **PLAIN).to_json()
+    assert {k: out[k] for k in legacy} == legacy
+    assert set(out["predicted_s"]) == {"online_student", "offline_student", "cache"}
+    assert out["time_model"]["source"] == "hardware"
+    import json
+
+    assert json.loads(json.dumps(out)) == out  # plain JSON types only
+
+
+def test_a_calibrated_time_model_by_hand() -> None:
+    model = cost.TimeModel(startup_s=3.0, s_per_train_flop=1e-12, s_per_teacher_flop=2e-12,
+                           s_per_read_byte=1e-9, s_per_cache_flop=5e-13, s_per_write_byte=2e-9,
+                           calibrated=("startup", "student_steps"))
+    out = cost.estimate(1e9, [1e8], 1e10, bytes_per_token=100.0, hardware=HW, time_model=model, **PLAIN)
+    # student 6e18 x 1e-12 = 6e6 s; teacher 2e19 x 2e-12 = 4e7 s; reads 1e12 x 1e-9 = 1e3 s.
+    assert out.predicted_s.online_student == pytest.approx((3.0 + 6e6 + 4e7,))
+    assert out.predicted_s.offline_student == pytest.approx((3.0 + 6e6 + 1e3,))
+    assert out.predicted_s.cache == pytest.approx(2e19 * 5e-13 + 1e12 * 2e-9)
+    # Hours count FLOPs at the calibrated training rate, 1e12 FLOP/s.
+    assert out.flops_per_s == pytest.approx(1e12) and out.calibrated is True
+    assert out.online_hours == pytest.approx(2.6e19 / 1e12 / 3600)
+    free = dataclasses.replace(model, s_per_read_byte=0.0)
+    assert free.to_json()["read_bytes_per_s"] is None  # a free term: no infinite rate in JSON
+
+
+def test_cli_json_has_predicted_times(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from kdcache.pipeline.cli import main
+
+    assert main(["cost", "--teacher-params", "1e9", "--student-params", "1e8,4e8", "--tokens", "1e10",
+                 "--peak-flops", "1e15", "--utilisation", "0.5", "--read-bandwidth", "1e8",
+                 "--bytes-per-token", "100", "--context", "0", "--vocab", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["predicted_s"]["offline_student"] == pytest.approx([2.2e4, 5.8e4])
+    assert out["predicted_s"]["cache"] == pytest.approx(5e4)
+    assert main(["cost", "--teacher-params", "1e9", "--student-params", "1e8", "--tokens", "1e10"]) == 0
+    assert "predicted wall time per run, from peak x utilisation" in capsys.readouterr().out

@@ -1,0 +1,203 @@
+"""The cost model's wall-time predictions against runs it has not seen.
+
+Prepares a small token data set (stdlib corpus), trains a teacher, caches it into a store,
+then trains ONE student size three ways (supervised, offline from the store, online from
+the teacher) at two token budgets, all into one runs table. `kdcache cost --runs` is
+calibrated on that table (through `estimate_cost`, the library function behind it) and
+predicts, before they run, a larger student's offline and online runs and a second cache
+job over another number of rows; then those run, and each prediction is set against the
+measured time: a run's `wall_s` (the training loop) and a cache job's shard-dispatch time
+(the store's job log). The calibration runs' own fit is listed too.
+
+    python benchmarks/cost_model.py [--threads 2] [--work DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=200_000, help="tokens prepared over all splits")
+    ap.add_argument("--rho", type=int, default=32, help="d_model / layers of teacher and students")
+    ap.add_argument("--teacher-layers", type=int, default=4)
+    ap.add_argument("--teacher-tokens", type=int, default=16_384)
+    ap.add_argument("--student-layers", type=int, default=2, help="the size the model is calibrated on")
+    ap.add_argument("--big-layers", type=int, default=3, help="the larger size it predicts")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[16_384, 32_768],
+                    help="token budgets of the calibration runs")
+    ap.add_argument("--eval-tokens", type=int, default=32_768, help="token budget of the predicted runs")
+    ap.add_argument("--cache-rows", type=int, default=None,
+                    help="rows of the calibration store (default: the whole student split)")
+    ap.add_argument("--second-cache-rows", type=int, default=256, help="rows of the predicted cache job")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--eval-rows", type=int, default=32,
+                    help="validation rows each run scores (outside wall_s)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=None,
+                    help="folder for the data, models and stores (default: a temp dir)")
+    ap.add_argument("--json", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _kdcache(argv: list[str]) -> None:
+    from kdcache.pipeline.cli import main
+
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"kdcache {' '.join(argv)} failed with status {rc}")
+
+
+class Bench:
+    """The benchmark's folder, flags and the kdcache calls it makes."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args, self.work = args, work
+        self.data, self.teacher = work / "data", work / "teacher"
+
+    def common(self) -> list[str]:
+        a = self.args
+        return ["--data", str(self.data), "--rho", str(a.rho), "--batch-size", str(a.batch_size),
+                "--threads", str(a.threads), "--eval-rows", str(a.eval_rows), "--checkpoint-every", "0",
+                "--quiet"]
+
+    def prepare(self) -> None:
+        from kdcache.pipeline.prepare import PrepareConfig, prepare
+
+        a = self.args
+        prepare(PrepareConfig(out=str(self.data), source="stdlib", vocab_size=a.vocab, seq_len=a.seq_len,
+                              max_tokens=a.max_tokens, quiet=True))
+
+    def train_teacher(self) -> None:
+        a = self.args
+        _kdcache(["train", *self.common(), "--out", str(self.teacher), "--layers", str(a.teacher_layers),
+                  "--tokens", str(a.teacher_tokens), "--split", "teacher"])
+
+    def cache(self, name: str, rows: int | None) -> Path:
+        out = self.work / name
+        _kdcache(["cache", "--teacher", str(self.teacher), "--data", str(self.data), "--out", str(out),
+                  "--k", str(self.args.k), "--workers", "1", "--valid-rows", str(self.args.eval_rows),
+                  "--quiet", *(["--max-rows", str(rows)] if rows else [])])
+        return out
+
+    def student(self, kind: str, layers: int, tokens: int, runs: Path, store: Path) -> str:
+        run_id = f"{kind}-L{layers}-{tokens}"
+        extra = {"supervised": [], "distill": ["--distill", str(store)],
+                 "online": ["--online-teacher", str(self.teacher)]}[kind]
+        _kdcache(["train", *self.common(), "--out", str(self.work / "students" / run_id), "--layers",
+                  str(layers), "--tokens", str(tokens), "--runs", str(runs), "--run-id", run_id, *extra])
+        return run_id
+
+
+def _cache_seconds(store: Path) -> tuple[float, int]:
+    from kdcache.storage import read_jobs
+
+    jobs = read_jobs(store)
+    return sum(j.seconds for j in jobs), sum(j.tokens for j in jobs)
+
+
+def _row(role: str, run: str, kind: str, params: float, tokens: float, predicted: float,
+         measured: float) -> dict[str, Any]:
+    return {"role": role, "run": run, "kind": kind, "params": int(params), "tokens": int(tokens),
+            "predicted_s": predicted, "measured_s": measured, "rel_error": predicted / measured - 1.0}
+
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+    import ray
+
+    from kdcache.pipeline.cost_inputs import CostQuery, calibrate, estimate_cost, read_timings
+    from kdcache.storage import read_meta
+    from kdcache.train.config import ModelConfig
+
+    bench, started = Bench(args, work), time.perf_counter()
+    ray.init(num_cpus=args.threads, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+             configure_logging=False)  # one local Ray for both cache jobs (its start-up is not measured)
+    try:
+        bench.prepare()
+        bench.train_teacher()
+        store = bench.cache("store", args.cache_rows)
+        runs = work / "runs.parquet"
+        for tokens in args.budgets:
+            for kind in ("supervised", "distill", "online"):
+                bench.student(kind, args.student_layers, tokens, runs, store)
+        shape = {"rho": args.rho, "context": args.seq_len, "vocab": args.vocab}
+        model = calibrate(str(runs), **shape)
+        rows = []
+        n_t = float(read_meta(store).teacher.nonembedding_params)
+        big = ModelConfig(layers=args.big_layers, vocab_size=args.vocab, rho=args.rho).non_embedding_params()
+        query = CostQuery(teacher_params=n_t, student_params=(float(big),), tokens=args.eval_tokens,
+                          store=str(store), runs=str(runs), rho=args.rho, context=args.seq_len,
+                          vocab=args.vocab)
+        predicted = estimate_cost(query)
+        second_tokens = args.second_cache_rows * args.seq_len
+        cache_prediction = estimate_cost(dataclasses.replace(query, tokens=second_tokens))
+        timed_runs, cache_jobs, _ = read_timings(str(runs), **shape)
+        ids = [r["run_id"] for r in pq.read_table(runs).to_pylist()]
+        for run_id, timed in zip(ids, timed_runs, strict=True):
+            rows.append(_row("fit", run_id, timed.kind, timed.params, timed.tokens, model.run_s(timed),
+                             timed.wall_s))
+        for job in cache_jobs:
+            rows.append(_row("fit", "cache " + Path(job.label).name, "cache", n_t, job.tokens,
+                             model.timing_s(job), job.seconds))
+        held_out = work / "held-out.parquet"
+        for kind in ("distill", "online"):
+            bench.student(kind, args.big_layers, args.eval_tokens, held_out, store)
+        second = bench.cache("store-2", args.second_cache_rows)
+        measured = {r["kind"]: r for r in pq.read_table(held_out).to_pylist()}
+        for kind, times in (("distill", predicted.predicted_s.offline_student),
+                            ("online", predicted.predicted_s.online_student)):
+            r = measured[kind]
+            rows.append(_row("predicted", r["run_id"], kind, r["params"], r["tokens"], times[0], r["wall_s"]))
+        seconds, tokens = _cache_seconds(second)
+        rows.append(_row("predicted", "cache store-2", "cache", n_t, tokens,
+                         cache_prediction.predicted_s.cache, seconds))
+    finally:
+        ray.shutdown()
+    errors = [abs(r["rel_error"]) for r in rows if r["role"] == "predicted"]
+    return {
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "work")},
+        "time_model": model.to_json(),
+        "runs": rows,
+        "max_abs_rel_error_predicted": max(errors),
+        "mean_abs_rel_error_predicted": sum(errors) / len(errors),
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| role | run | kind | N | tokens | predicted s | measured s | error |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['role']} | {r['run']} | {r['kind']} | {r['params']:,} | {r['tokens']:,} | "
+                     f"{r['predicted_s']:.2f} | {r['measured_s']:.2f} | {100 * r['rel_error']:+.1f}% |")
+    lines.append(f"\nheld-out max |error| {100 * result['max_abs_rel_error_predicted']:.1f}%, "
+                 f"mean {100 * result['mean_abs_rel_error_predicted']:.1f}%; "
+                 f"benchmark took {result['total_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        result = run_benchmark(args, Path(args.work))
+    else:
+        with tempfile.TemporaryDirectory(prefix="kdcache-cost-") as tmp:
+            result = run_benchmark(args, Path(tmp))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+
+
+if __name__ == "__main__":
+    main()
