@@ -187,13 +187,30 @@ def draw_predicted_vs_observed(out: Path, path: Path) -> None:
     plots.predicted_vs_observed(panels, path)
 
 
+def _plan_size(out: Path) -> float:
+    """The student size of plans.json's recipes (the first), the scale the recipes are for."""
+    from kdcache.pipeline.report_html import read_list
+
+    sizes = [float(p["student_params"]) for p in read_list(out / "plans.json")
+             if isinstance(p.get("student_params"), int | float)]
+    if not sizes:
+        raise Skip("plans.json holds no recipe with a student size")
+    return sizes[0]
+
+
 def draw_allocations(out: Path, path: Path) -> None:
+    """Recipes at the plans' scale: the fitted law where all its coefficients are pinned by the
+    runs, else the paper's (a law with coefficients on their bounds extrapolates to nonsense)."""
     from kdcache.fit import plots, recipes
     from kdcache.fit.presets import PAPER_DISTILLATION
 
-    size, budgets = _student_size(read_runs(out)), _budgets(out)
+    budgets = _budgets(out)
     fitted = laws(out)[1]
-    law, name = (fitted, "fitted distillation law") if fitted else (PAPER_DISTILLATION, plots.PAPER_LABEL)
+    size = _plan_size(out)
+    pinned = fitted is not None and not (read_fit(out, "distillation") or {}).get("at_bounds")
+    law, name = (fitted, "fitted distillation law") if pinned else (PAPER_DISTILLATION, plots.PAPER_LABEL)
+    if fitted is not None and not pinned:
+        name = "paper's law (the fitted one leaves coefficients on their bounds)"
     found = {s: [recipes.recipe_or_none(law, size, float(c), s) for c in budgets] for s in recipes.SCENARIOS}
     table = {s: [r.to_dict() for r in rs if r is not None] for s, rs in found.items()}
     table = {s: rs for s, rs in table.items() if rs}
@@ -201,7 +218,7 @@ def draw_allocations(out: Path, path: Path) -> None:
         raise Skip(f"the {name} gives no recipe within the bounds for a {size:.3g}-param student "
                    f"at {budgets[0]:.3g}-{budgets[-1]:.3g} FLOPs")
     plots.allocations(table, path, f"Compute-optimal distillation of a {size:.3g}-param student "
-                                   f"(one of this run's sizes), {name}")
+                                   f"(as in plans.json), {name}")
 
 
 DRAW: dict[str, Callable[[Path, Path], None]] = {

@@ -358,7 +358,8 @@ def test_write_plots_without_inputs_draws_nothing_and_says_why(tmp_path: Path) -
     assert write_plots(tmp_path) == []
     skipped = json.loads((tmp_path / "plots" / SKIPPED).read_text())
     assert list(skipped) == [f"{stem}.png" for stem in FIGURES]
-    assert all("no runs table" in why for why in skipped.values())
+    assert all("no runs table" in why for name, why in skipped.items() if name != "allocations.png")
+    assert "no plans.json" in skipped["allocations.png"]  # recipes are drawn at the plans' scale
     assert not list((tmp_path / "plots").glob("*.png"))  # the stale figure is gone
     page = Page()
     page.feed(write_report(tmp_path).read_text())
@@ -378,7 +379,8 @@ def test_write_plots_from_runs_alone_uses_the_papers_law(tmp_path: Path) -> None
     assert PAPER_LABEL in sup.title and len(sup.observed) == 40 and not sup.held_out.any()
     fitted_mean = sup.errors()["fitted"]
     assert fitted_mean is not None and fitted_mean[0] < 0.006  # the runs' 0.3% noise and twins' 0.4%
-    (tmp_path / "plans.json").write_text(json.dumps([{"compute": 1e20}, {"compute": 1e21}]))
+    (tmp_path / "plans.json").write_text(json.dumps([{"compute": 1e20, "student_params": 1e8},
+                                                     {"compute": 1e21, "student_params": 1e9}]))
     assert len(write_plots(tmp_path)) == 4 and not (plots / SKIPPED).exists()
 
 
@@ -386,7 +388,7 @@ def test_write_plots_with_a_broken_fit_names_it(tmp_path: Path) -> None:
     synthetic_runs(tmp_path / "runs.parquet")
     (tmp_path / "fits").mkdir()
     (tmp_path / "fits" / "supervised.json").write_text("{")
-    (tmp_path / "plans.json").write_text(json.dumps([{"compute": 1e20}]))
+    (tmp_path / "plans.json").write_text(json.dumps([{"compute": 1e20, "student_params": 1e8}]))
     assert write_plots(tmp_path) == []
     skipped = json.loads((tmp_path / "plots" / SKIPPED).read_text())
     assert all("supervised.json" in why for why in skipped.values()), skipped
