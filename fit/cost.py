@@ -6,7 +6,8 @@ are equal at M = 1; storage is what the cache pays extra, so the money break-eve
 the smallest M whose saved teacher passes cover the storage bill.
 
 Wall time is modelled per run (`TimeModel`): start-up plus tokens times the seconds each
-token costs (student steps, the teacher's forward, store reads and writes), calibrated on
+token costs (a fixed per-token overhead, student steps, the teacher's forward, store reads and
+writes), calibrated on
 measured runs (`fit_time_model`) or taken from the hardware's rates. `estimate` returns
 both as one `CostEstimate`. Torch-free; reading runs tables and stores is
 `kdcache.pipeline.cost_inputs`.
@@ -121,7 +122,8 @@ def calibrated_flops_per_s(params: np.ndarray, tokens_per_s: np.ndarray, **shape
 
 # --- Wall time: a time model per run, calibrated from measured runs --------------------------
 
-TERMS = ("startup", "student_steps", "teacher_forward", "store_read", "cache_teacher", "store_write")
+TERMS = ("startup", "token_overhead", "student_steps", "teacher_forward", "store_read", "cache_teacher",
+         "store_write")
 """The time model's terms, in the order the JSON lists those calibrated."""
 
 
@@ -172,7 +174,9 @@ def _rate(seconds_per_unit: float) -> float | None:
 class TimeModel:
     """wall_s = startup + tokens x per_token, per_token a sum of seconds-per-FLOP and -per-byte terms.
 
-    Student steps cost 3 F(N_S) FLOPs a token at the training rate; an online run adds the
+    Every trained token pays a fixed overhead that does not grow with the model (Python, the
+    optimiser's per-tensor loop, kernel launches: at small sizes it dominates a step); student steps
+    cost 3 F(N_S) FLOPs a token at the training rate; an online run adds the
     teacher's forward F(N_T) at the teacher rate, an offline run the store's bytes at the read
     rate. The cache job pays F(N_T) at its own rate (a no-grad forward in the cache worker's
     batches) plus the store write. Kept as seconds per unit so a term the fit finds free is 0,
@@ -180,6 +184,8 @@ class TimeModel:
     """
 
     startup_s: float = 0.0
+    s_per_token: float = 0.0
+    """Seconds each trained token costs whatever the student's size (0 where not calibrated)."""
     s_per_train_flop: float
     s_per_teacher_flop: float
     s_per_read_byte: float
@@ -197,7 +203,9 @@ class TimeModel:
     notes: tuple[str, ...] = ()
 
     def student_s(self, student_params: float, tokens: float, **shape: float) -> float:
-        return float(3.0 * forward_flops(student_params, **shape) * tokens * self.s_per_train_flop)
+        """The student's steps: the per-token overhead plus 3 F(N_S) FLOPs a token at the training rate."""
+        flops = 3.0 * forward_flops(student_params, **shape) * tokens * self.s_per_train_flop
+        return float(tokens * self.s_per_token + flops)
 
     def online_s(self, student_params: float, teacher_params: float, tokens: float, **shape: float) -> float:
         """Predicted wall_s of an online run: student steps plus the teacher's forward each step."""
@@ -235,6 +243,7 @@ class TimeModel:
             "source": self.source,
             "calibrated": list(self.calibrated),
             "startup_s": self.startup_s,
+            "overhead_s_per_token": self.s_per_token,
             "student_flops_per_s": _rate(self.s_per_train_flop),
             "teacher_flops_per_s": _rate(self.s_per_teacher_flop),
             "read_bytes_per_s": _rate(self.s_per_read_byte),
@@ -291,7 +300,11 @@ def fit_time_model(
     The student-step rate needs runs; the teacher-forward rate needs online runs, the read rate
     offline ones, and each must be separable from the others (a table of online runs of one
     size cannot tell the student's steps from the teacher's forward): otherwise a FitError
-    names the term. Start-up is fitted where runs of more than one size or budget pin it, else 0. Rates
+    names the term. Start-up is fitted where runs of more than one size or budget pin it, else 0.
+    The per-token overhead (seconds a trained token costs whatever the size) is fitted where the
+    runs tell it from the student's steps and start-up (students of two sizes, or a student and
+    its teacher's own training run), else 0: one size cannot tell a per-token cost that grows with
+    FLOPs from one that does not, so its FLOP rate then carries both. Rates
     without runs fall back: a teacher forward to the fitted training rate, a cache job's forward
     to the teacher rate, store I/O to the hardware's read bandwidth.
     """
@@ -326,9 +339,17 @@ def fit_time_model(
     else:
         notes.append("start-up not calibrated (the runs, of one size and budget, cannot tell it from "
                      "the per-token terms): taken as 0")
+    overhead = np.array([r.tokens for r in runs], dtype=np.float64)
+    with_overhead = {**{k: v for k, v in columns.items() if k == "startup"}, "token_overhead": overhead,
+                     **{k: v for k, v in columns.items() if k != "startup"}}
+    if _full_rank(with_overhead, wall):
+        columns = with_overhead
+    else:
+        notes.append("per-token overhead not calibrated (runs of one model size cannot tell it from the "
+                     "student's FLOPs): taken as 0, the training FLOP/s carries it")
     x, rms = _nnls_relative(columns, wall)
     train = x["student_steps"]
-    if train <= 0:
+    if train <= 0 and x.get("token_overhead", 0.0) <= 0:
         raise FitError(f"{source}: the runs give the student's steps no cost (fields 'wall_s', 'tokens')")
     teacher = x.get("teacher_forward", train)
     if "teacher_forward" not in x:
@@ -347,7 +368,8 @@ def fit_time_model(
         cache_flop, write, cache_rms, cache_terms = cache_fit
         calibrated += cache_terms
     return TimeModel(
-        startup_s=x.get("startup", 0.0), s_per_train_flop=train, s_per_teacher_flop=teacher,
+        startup_s=x.get("startup", 0.0), s_per_token=x.get("token_overhead", 0.0), s_per_train_flop=train,
+        s_per_teacher_flop=teacher,
         s_per_read_byte=read, s_per_cache_flop=cache_flop, s_per_write_byte=write,
         calibrated=tuple(t for t in TERMS if t in calibrated), source=source, runs=len(runs),
         cache_jobs=len(cache), rel_rms=rms, cache_rel_rms=cache_rms, notes=tuple(notes),
@@ -437,13 +459,14 @@ def estimate(
     **shape: float,
 ) -> CostEstimate:
     """`compare` plus predicted wall times. With a calibrated `time_model`, hours count FLOPs at
-    its training rate (as `kdcache cost --runs` always did); without one, at peak x utilisation."""
+    its training rate (as `kdcache cost --runs` always did); without one, or where the fit gave the
+    FLOPs no cost, at peak x utilisation. Predicted times include the model's per-token overhead."""
     calibrated = time_model is not None
-    if time_model is not None:
+    if time_model is None:
+        time_model = hardware_time_model(hardware)
+    elif time_model.s_per_train_flop > 0:  # 0: the fit put all the steps' time in the per-token overhead
         hardware = dataclasses.replace(hardware, peak_flops=1.0 / time_model.s_per_train_flop,
                                        utilisation=1.0)
-    else:
-        time_model = hardware_time_model(hardware)
     out = compare(teacher_params, student_params, tokens, bytes_per_token=bytes_per_token,
                   hardware=hardware, **shape)
     predicted = PredictedTimes(

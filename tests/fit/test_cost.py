@@ -118,6 +118,22 @@ def test_a_calibrated_time_model_by_hand() -> None:
     assert free.to_json()["read_bytes_per_s"] is None  # a free term: no infinite rate in JSON
 
 
+def test_the_per_token_overhead_adds_to_every_training_run_not_the_cache() -> None:
+    model = cost.TimeModel(startup_s=3.0, s_per_token=1e-4, s_per_train_flop=1e-12, s_per_teacher_flop=2e-12,
+                           s_per_read_byte=1e-9, s_per_cache_flop=5e-13, s_per_write_byte=2e-9)
+    out = cost.estimate(1e9, [1e8], 1e10, bytes_per_token=100.0, hardware=HW, time_model=model, **PLAIN)
+    # 1e10 tokens x 1e-4 s = 1e6 s on top of the by-hand times above; the cache job pays none.
+    assert out.predicted_s.online_student == pytest.approx((3.0 + 1e6 + 6e6 + 4e7,))
+    assert out.predicted_s.offline_student == pytest.approx((3.0 + 1e6 + 6e6 + 1e3,))
+    assert model.supervised_s(1e8, 1e10, **PLAIN) == pytest.approx(3.0 + 1e6 + 6e6)
+    assert out.predicted_s.cache == pytest.approx(2e19 * 5e-13 + 1e12 * 2e-9)
+    assert out.to_json()["time_model"]["overhead_s_per_token"] == 1e-4
+    # All the steps' time in the overhead: hours fall back to peak x utilisation, not 1 / 0.
+    flopless = dataclasses.replace(model, s_per_train_flop=0.0)
+    assert cost.estimate(1e9, [1e8], 1e10, bytes_per_token=100.0, hardware=HW, time_model=flopless,
+                         **PLAIN).flops_per_s == pytest.approx(HW.flops_per_s)
+
+
 def test_cli_json_has_predicted_times(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 

@@ -22,6 +22,8 @@ from tests.storage.conftest import make_meta, make_rows, shard_of
 SHAPE = {"rho": 32.0, "context": 64.0, "vocab": 1024.0}
 TRUE = cost.TimeModel(startup_s=1.5, s_per_train_flop=1 / 2e10, s_per_teacher_flop=1 / 3e10,
                       s_per_read_byte=1 / 5e6, s_per_cache_flop=1 / 4e10, s_per_write_byte=1 / 2e7)
+OVERHEAD = dataclasses.replace(TRUE, s_per_token=2e-4)
+"""TRUE plus 0.2 ms a trained token whatever the size: at 4e5 parameters about as much as the FLOPs."""
 
 
 def _runs(model: cost.TimeModel, noise: float = 0.0, seed: int = 0) -> list[cost.TimedRun]:
@@ -94,10 +96,46 @@ def test_one_size_and_budget_leaves_start_up_at_zero() -> None:
 def test_uncalibrated_terms_fall_back() -> None:
     runs = [r for r in _runs(TRUE) if r.kind == "supervised"]
     fitted = cost.fit_time_model(runs, fallback=cost.Hardware(read_bandwidth=1e9))
-    assert fitted.calibrated == ("startup", "student_steps")
+    assert fitted.calibrated == ("startup", "token_overhead", "student_steps")
+    assert fitted.s_per_token == pytest.approx(0.0, abs=1e-12)  # two sizes pin it, at its true 0
     assert fitted.s_per_teacher_flop == fitted.s_per_train_flop
     assert fitted.s_per_read_byte == pytest.approx(1e-9)
     assert len(fitted.notes) == 3  # teacher forward, store reads, cache job
+
+
+def test_recovers_a_known_overhead_and_flop_rate_from_two_sizes() -> None:
+    fitted = cost.fit_time_model(_runs(OVERHEAD), _cache(OVERHEAD))
+    assert fitted.calibrated == cost.TERMS and fitted.rel_rms == pytest.approx(0.0, abs=1e-9)
+    assert fitted.s_per_token == pytest.approx(2e-4, rel=1e-6)
+    assert fitted.s_per_train_flop == pytest.approx(TRUE.s_per_train_flop, rel=1e-6)
+    assert fitted.s_per_teacher_flop == pytest.approx(TRUE.s_per_teacher_flop, rel=1e-6)
+    assert fitted.to_json()["overhead_s_per_token"] == pytest.approx(2e-4, rel=1e-6)
+    # Through 2% noise the prediction for a 10x larger student stays within 3%.
+    noisy = cost.fit_time_model(_runs(OVERHEAD, noise=0.02, seed=1))
+    args = (4e6, 3e6, 2e5)
+    assert noisy.online_s(*args, **SHAPE) == pytest.approx(OVERHEAD.online_s(*args, **SHAPE), rel=0.03)
+
+
+def test_one_student_size_plus_its_teachers_training_run_pins_the_overhead() -> None:
+    # What `kdcache run`'s table holds: one student size three ways, and the teacher's own run.
+    student = [r for r in _runs(OVERHEAD) if r.params == 4e5]
+    teacher = cost.TimedRun(kind="supervised", params=3e6, tokens=5e4, wall_s=1.0, **SHAPE)
+    fitted = cost.fit_time_model([*student, dataclasses.replace(teacher, wall_s=OVERHEAD.run_s(teacher))])
+    assert "token_overhead" in fitted.calibrated
+    assert fitted.s_per_token == pytest.approx(2e-4, rel=1e-6)
+    assert fitted.s_per_train_flop == pytest.approx(TRUE.s_per_train_flop, rel=1e-6)
+
+
+def test_one_size_leaves_the_overhead_out_with_a_note() -> None:
+    runs = [r for r in _runs(OVERHEAD) if r.params == 4e5]  # two budgets: start-up is still pinned
+    fitted = cost.fit_time_model(runs)
+    assert "token_overhead" not in fitted.calibrated and "startup" in fitted.calibrated
+    assert fitted.s_per_token == 0.0
+    assert any("per-token overhead not calibrated" in note for note in fitted.notes)
+    assert fitted.startup_s == pytest.approx(TRUE.startup_s, rel=1e-6)
+    # The training rate carries the overhead: right at the calibrated size, too slow for a larger one.
+    assert fitted.supervised_s(4e5, 1e5, **SHAPE) == pytest.approx(OVERHEAD.supervised_s(4e5, 1e5, **SHAPE))
+    assert fitted.supervised_s(4e6, 1e5, **SHAPE) > 1.5 * OVERHEAD.supervised_s(4e6, 1e5, **SHAPE)
 
 
 def test_too_few_runs_name_the_term() -> None:
