@@ -19,7 +19,7 @@ from kdcache.pipeline.prepare import PrepareConfig, prepare
 from kdcache.storage import StoreReader, verify_store
 from kdcache.storage.ledger import committed
 
-from ..storage.conftest import tree_digest
+from ..storage.conftest import store_digest
 from .conftest import make_teacher
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -88,7 +88,7 @@ def test_driver_killed_then_resumed(big, clean_store, tmp_path, ray_local):
     result = run_cache(CacheConfig(teacher=str(teacher), data=str(data), out=str(out), **JOB))
     assert result["shards_written"] == total - done
     assert verify_store(out) == []
-    assert tree_digest(out) == tree_digest(clean_store)
+    assert store_digest(out) == store_digest(clean_store)
 
 
 NODE_LOSS = textwrap.dedent(
@@ -133,4 +133,4 @@ def test_node_removed_mid_job(big, clean_store, tmp_path):
     assert report["complete"]
     assert report["committed_at_removal"] < report["shards"], "the node went away after the job"
     assert verify_store(out) == []
-    assert tree_digest(out) == tree_digest(clean_store)
+    assert store_digest(out) == store_digest(clean_store)

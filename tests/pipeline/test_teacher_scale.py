@@ -23,7 +23,7 @@ from kdcache.pipeline.teachers import torch_teacher as torch_teacher_module
 from kdcache.storage import StoreError, StoreReader, StoreWriter, read_meta
 from kdcache.train.tokens import open_token_data
 
-from ..storage.conftest import tree_digest
+from ..storage.conftest import store_digest, tree_digest
 from .conftest import VOCAB, make_teacher
 
 ROWS_OUT = VOCAB + 64  # a padded output layer, as Qwen2.5's 151,936 rows over 151,665 ids
@@ -240,7 +240,7 @@ def test_serial_core_writes_the_bytes_the_job_writes(ray_local, padded, token_da
     for shard in writer.pending_shards():
         cache_shard(teacher, data, "student", writer, shard)
     writer.finalize()
-    assert tree_digest(serial) == tree_digest(job)
+    assert store_digest(serial) == store_digest(job)
 
 
 PLACEMENT = """

@@ -64,6 +64,15 @@ def tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def store_digest(path: Path) -> dict[str, str]:
+    """`tree_digest` of a logit store less its cache-job log: the files that must not depend on
+    workers, failures or restarts. The log (`jobs/`) records each invocation's timings, so a
+    resumed or re-sharded job's log differs by design."""
+    from kdcache.storage import JOB_LOG
+
+    return {k: v for k, v in tree_digest(path).items() if not k.startswith(JOB_LOG + "/")}
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "store.zarr"
