@@ -17,9 +17,11 @@ own fit is listed too. (b) is the one that can tell a per-token overhead from th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,18 +32,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=200_000, help="tokens prepared over all splits")
+    ap.add_argument("--max-tokens", type=int, default=600_000, help="tokens prepared over all splits")
     ap.add_argument("--rho", type=int, default=32, help="d_model / layers of teacher and students")
     ap.add_argument("--teacher-layers", type=int, default=4)
-    ap.add_argument("--teacher-tokens", type=int, default=16_384)
+    ap.add_argument("--teacher-tokens", type=int, default=65_536)
     ap.add_argument("--student-layers", type=int, default=2, help="the size the model is calibrated on")
     ap.add_argument("--big-layers", type=int, default=3, help="the larger size it predicts")
-    ap.add_argument("--budgets", type=int, nargs="+", default=[16_384, 32_768],
+    ap.add_argument("--budgets", type=int, nargs="+", default=[65_536, 131_072],
                     help="token budgets of the calibration runs")
-    ap.add_argument("--eval-tokens", type=int, default=32_768, help="token budget of the predicted runs")
+    ap.add_argument("--eval-tokens", type=int, default=131_072, help="token budget of the predicted runs")
     ap.add_argument("--cache-rows", type=int, default=None,
                     help="rows of the calibration store (default: the whole student split)")
-    ap.add_argument("--second-cache-rows", type=int, default=256, help="rows of the predicted cache job")
+    ap.add_argument("--second-cache-rows", type=int, default=1024, help="rows of the predicted cache job")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-rows", type=int, default=32,
@@ -56,7 +58,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def _kdcache(argv: list[str]) -> None:
     from kdcache.pipeline.cli import main
 
-    rc = main(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # the verbs' reports would break --json
+        rc = main(argv)
     if rc:
         raise SystemExit(f"kdcache {' '.join(argv)} failed with status {rc}")
 
