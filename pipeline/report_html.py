@@ -505,15 +505,16 @@ def render(out: Path) -> str:
     stores, stores_problem = load(out, "stores", read_stores)
     title = f"kdcache run report: {out.resolve().name}"
     body = "".join([
+        # The figures and what they say first; the tables behind them after.
         overview_section(out),
+        plots_section(out),
+        findings_section(out),
+        fits_section(out),
         teachers_section(out, runs, stores or []),
         students_section(runs, runs_problem),
         stores_section(stores, stores_problem),
-        fits_section(out),
-        findings_section(out),
         plans_section(out),
         costs_section(out),
-        plots_section(out),
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"

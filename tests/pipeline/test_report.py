@@ -233,7 +233,7 @@ def by_id(run_dir: Path) -> dict[str, dict[str, Any]]:
 @pytest.mark.slow
 def test_full_run_has_every_section_and_no_missing_notes(full_page: Page, run_dir: Path) -> None:
     assert full_page.missing == {}
-    assert list(full_page.tables) == ["teachers", "students", "stores", "fits", "findings", "plans", "costs"]
+    assert list(full_page.tables) == ["findings", "fits", "teachers", "students", "stores", "plans", "costs"]
     findings = json.loads((run_dir / "findings.json").read_text())
     got = full_page.rows("findings")
     assert list(got) == [f["claim"] for f in findings]
