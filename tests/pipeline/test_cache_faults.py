@@ -16,7 +16,7 @@ import pytest
 
 from kdcache.pipeline.cache import CacheConfig, run_cache
 from kdcache.pipeline.prepare import PrepareConfig, prepare
-from kdcache.storage import StoreReader, verify_store
+from kdcache.storage import StoreReader, read_jobs, verify_store
 from kdcache.storage.ledger import committed
 
 from ..storage.conftest import store_digest
@@ -89,6 +89,8 @@ def test_driver_killed_then_resumed(big, clean_store, tmp_path, ray_local):
     assert result["shards_written"] == total - done
     assert verify_store(out) == []
     assert store_digest(out) == store_digest(clean_store)
+    # The killed driver logged nothing; the log holds the rerun, which wrote the rest.
+    assert [(j.shards, j.tokens > 0) for j in read_jobs(out)] == [(total - done, True)]
 
 
 NODE_LOSS = textwrap.dedent(
