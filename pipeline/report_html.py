@@ -505,8 +505,8 @@ def render(out: Path) -> str:
     stores, stores_problem = load(out, "stores", read_stores)
     title = f"kdcache run report: {out.resolve().name}"
     body = "".join([
-        # The figures and what they say first; the tables behind them after.
         overview_section(out),
+        # The figures and what they say first; the tables behind them after.
         plots_section(out),
         findings_section(out),
         fits_section(out),

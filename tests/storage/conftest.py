@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdcache.storage import DataInfo, StoreMeta, TeacherInfo, id_dtype
+from kdcache.storage import JOB_LOG, DataInfo, StoreMeta, TeacherInfo, id_dtype
 
 
 def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, chunk_rows=2,
@@ -68,8 +68,6 @@ def store_digest(path: Path) -> dict[str, str]:
     """`tree_digest` of a logit store less its cache-job log: the files that must not depend on
     workers, failures or restarts. The log (`jobs/`) records each invocation's timings, so a
     resumed or re-sharded job's log differs by design."""
-    from kdcache.storage import JOB_LOG
-
     return {k: v for k, v in tree_digest(path).items() if not k.startswith(JOB_LOG + "/")}
 
 
