@@ -12,8 +12,12 @@ one process unless said otherwise:
 - `to_tensor_widened`: the same, then the log-probs widened to float32 (as the loader
   delivered them before it kept float16);
 - `dataset`: iterating `StoreDataset` (reads, conversion, batch dicts);
-- `loader_2`: `StoreDataset.loader(num_workers=2)` after its first batch (start-up apart);
-- `dataloader_2`: a plain `DataLoader(ds, num_workers=2)` (each worker decodes every window).
+- `loader_2`: `StoreDataset.loader(num_workers=2)` after its first batch (start-up apart),
+  its workers started from a fork server (the default);
+- `loader_2_fork`: the same with workers forked from this process, for the start-up the
+  fork server costs;
+- `dataloader_2`: a plain `DataLoader(ds, num_workers=2)` from a fork server (each worker
+  decodes every window).
 
 Reported as tokens/s, best of `--repeats`, with dataset / reader: the share of
 the reader's speed the loader delivers.
@@ -29,7 +33,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +74,13 @@ def _steady(batches: Iterable[object], batch_tokens: int) -> tuple[float, float]
     return stamps[0], (len(stamps) - 1) * batch_tokens / (stamps[-1] - stamps[0])
 
 
-def _workers(ds: StoreDataset, plain: bool, repeats: int) -> tuple[float, float]:
-    """Best start-up and steady tokens/s of `repeats` epochs through 2 workers."""
+def _workers(ds: StoreDataset, batches: Callable[[], Iterable[object]], repeats: int
+             ) -> tuple[float, float]:
+    """Best start-up and steady tokens/s of `repeats` epochs of `batches()`."""
     runs = []
     for _ in range(repeats):
         ds.set_epoch(0)
-        batches = DataLoader(ds, batch_size=None, num_workers=2) if plain else ds.loader(num_workers=2)
-        runs.append(_steady(batches, ds.local_batch * ds.seq_len))
+        runs.append(_steady(batches(), ds.local_batch * ds.seq_len))
     return min(r[0] for r in runs), max(r[1] for r in runs)
 
 
@@ -85,8 +89,12 @@ def measure(path: Path, batch_size: int, repeats: int) -> dict:
     meta, reader = ds.meta, ds.reader
     windows = [np.unique(w) for w in ds.order.windows(0)]
     tokens = len(ds) * ds.local_batch * meta.seq_len
-    loader_start_s, loader_rate = _workers(ds, False, repeats)
-    dataloader_start_s, dataloader_rate = _workers(ds, True, repeats)
+    loader_start_s, loader_rate = _workers(ds, lambda: ds.loader(num_workers=2), repeats)
+    fork_start_s, fork_rate = _workers(
+        ds, lambda: ds.loader(num_workers=2, multiprocessing_context="fork"), repeats)
+    dataloader_start_s, dataloader_rate = _workers(
+        ds, lambda: DataLoader(ds, batch_size=None, num_workers=2,
+                               multiprocessing_context="forkserver"), repeats)
     reader_s = best_time(lambda: [reader.read_rows(w) for w in windows], repeats)
     # The conversion alone: the windows read once, then turned into batch dicts.
     read = [reader.read_rows(w) for w in windows]
@@ -107,7 +115,7 @@ def measure(path: Path, batch_size: int, repeats: int) -> dict:
     rate = {name: tokens / s for name, s in [
         ("reader", reader_s), ("to_tensor", convert_s), ("to_tensor_widened", widened_s),
         ("dataset", dataset_s)]}
-    rate.update(loader_2=loader_rate, dataloader_2=dataloader_rate)
+    rate.update(loader_2=loader_rate, loader_2_fork=fork_rate, dataloader_2=dataloader_rate)
     return {
         "store": str(path), "k": meta.k, "vocab": meta.vocab_size, "seq_len": meta.seq_len,
         "chunk_rows": meta.chunk_rows, "rows": meta.rows, "batch_size": batch_size,
@@ -116,7 +124,8 @@ def measure(path: Path, batch_size: int, repeats: int) -> dict:
         "dataset_over_reader": rate["dataset"] / rate["reader"],
         "loader_2_over_dataset": rate["loader_2"] / rate["dataset"],
         "to_tensor_share_of_dataset": convert_s / dataset_s,
-        "loader_2_first_batch_s": loader_start_s, "dataloader_2_first_batch_s": dataloader_start_s,
+        "loader_2_first_batch_s": loader_start_s, "loader_2_fork_first_batch_s": fork_start_s,
+        "dataloader_2_first_batch_s": dataloader_start_s,
     }
 
 
@@ -141,7 +150,8 @@ def main() -> None:
         return
     print("| measured | tokens/s |")
     print("|---|---|")
-    for name in ("reader", "to_tensor", "to_tensor_widened", "dataset", "loader_2", "dataloader_2"):
+    for name in ("reader", "to_tensor", "to_tensor_widened", "dataset", "loader_2", "loader_2_fork",
+                 "dataloader_2"):
         print(f"| {name} | {result[f'{name}_tokens_per_s']:,.0f} |")
     print(f"\ndataset / reader = {result['dataset_over_reader']:.3f}; to-tensor share "
           f"{result['to_tensor_share_of_dataset']:.3f}")

@@ -42,7 +42,9 @@ instead: its worker i reads whole windows i, i + n, ... (each window's chunks de
 once), it hands batches out in the in-process order, and it advances this object's
 position as each batch is handed out (or call `advance()` per batch yourself with a plain
 `DataLoader`). Persistent workers keep stale copies across epochs; do not use them with
-this dataset.
+this dataset. `loader` starts its workers from a fork server (see `_worker_context`);
+give a plain `DataLoader` `multiprocessing_context="forkserver"` too, since forking a
+process that runs zarr's, torch's or Ray's threads can kill the worker.
 
 A store still being built is usable: a window whose shards are not committed yet
 waits for them (polling the ledger), so a run started during caching trains on exactly
@@ -52,6 +54,7 @@ new commit.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import threading
@@ -224,6 +227,7 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
             return
         # The batches are cut here, so pinned here (where the DataLoader would pin them).
         pin = bool(kwargs.pop("pin_memory", False)) and torch.accelerator.is_available()
+        kwargs.setdefault("multiprocessing_context", _worker_context())
         shares = _WindowShares(self, self.epoch, self.batch)
         # Windows go round-robin to the workers, which the DataLoader reads round-robin:
         # they arrive in order.
@@ -326,6 +330,20 @@ class Window:
     index: list[int]
     pos: list[list[int]]
     values: dict[str, Tensor]
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Loader workers start from a fork server, not by forking this process: a fork copies
+    a process whose other threads (zarr's event loop, its codec pool, Ray's and torch's
+    threads) may hold locks or be mid-update, and a worker forked from a test process that
+    had run Ray died in CI with `double free or corruption`. The server imports this module
+    once when it starts (it has no threads then), so a worker starts in ~0.1 s, not the
+    ~1.2 s of importing torch and zarr afresh. As with `spawn`, each worker re-imports the
+    script that started it, so a script iterating `loader` needs a `__main__` guard; pass
+    `multiprocessing_context="fork"` to `loader` to fork anyway."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # read when the server starts, once a process
+    return context
 
 
 class _WindowShares(IterableDataset[Window]):

@@ -131,7 +131,8 @@ def test_dataloader_workers_give_the_in_process_order(store: tuple[Path, dict], 
     """Two workers, from an even and an odd position (9 batches left: the workers end unevenly)."""
     ds = StoreDataset(store[0], batch_size=BATCH, seed=2)
     ds.load_state_dict({"epoch": 1, "batch": start})
-    through_workers = list(DataLoader(ds, batch_size=None, num_workers=2))
+    through_workers = list(DataLoader(ds, batch_size=None, num_workers=2,
+                                      multiprocessing_context="forkserver"))
     assert ds.state_dict() == {"epoch": 1, "batch": start}  # the workers moved their copies
     in_process = list(ds)
     assert len(in_process) == 12 - start
