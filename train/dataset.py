@@ -339,7 +339,8 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     had run Ray died in CI with `double free or corruption`. The server imports this module
     once when it starts (it has no threads then), so a worker starts in ~0.1 s, not the
     ~1.2 s of importing torch and zarr afresh. As with `spawn`, each worker re-imports the
-    script that started it, so a script iterating `loader` needs a `__main__` guard; pass
+    script that started it, so a script iterating `loader` needs a `__main__` guard, and
+    workers see the environment variables of the server's start, not later changes. Pass
     `multiprocessing_context="fork"` to `loader` to fork anyway."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # read when the server starts, once a process

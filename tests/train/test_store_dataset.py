@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import socket
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +158,19 @@ def test_loader_keeps_the_position_exact(store: tuple[Path, dict]) -> None:
     _same_batches(got, expected)
     with pytest.raises(TrainError, match="persistent_workers"):
         next(ds.loader(num_workers=2, persistent_workers=True))
+
+
+def _record_parent(folder: Path, worker: int) -> None:
+    """A loader worker's `worker_init_fn`: write down which process started it."""
+    (folder / f"worker-{worker}").write_text(str(os.getppid()))
+
+
+def test_loader_workers_are_not_forked_from_this_process(store: tuple[Path, dict], tmp_path: Path) -> None:
+    """A fork server starts them: a fork would copy this process's threads' half-done state."""
+    ds = StoreDataset(store[0], batch_size=BATCH, seed=2)
+    assert len(list(ds.loader(num_workers=2, worker_init_fn=partial(_record_parent, tmp_path)))) == len(ds)
+    parents = {int((tmp_path / f"worker-{w}").read_text()) for w in (0, 1)}
+    assert os.getpid() not in parents and len(parents) == 1
 
 
 def test_a_pickled_copy_reopens_the_store(store: tuple[Path, dict]) -> None:
