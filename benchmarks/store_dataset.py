@@ -14,8 +14,8 @@ one process unless said otherwise:
 - `dataset`: iterating `StoreDataset` (reads, conversion, batch dicts);
 - `loader_2`: `StoreDataset.loader(num_workers=2)` after its first batch (start-up apart),
   its workers started from a fork server (the default);
-- `loader_2_fork`: the same with workers forked from this process, for the start-up the
-  fork server costs;
+- `loader_2_fork`: the same with workers forked from this process, for what the fork
+  server costs in start-up and throughput;
 - `dataloader_2`: a plain `DataLoader(ds, num_workers=2)` from a fork server (each worker
   decodes every window).
 

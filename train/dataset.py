@@ -227,7 +227,8 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
             return
         # The batches are cut here, so pinned here (where the DataLoader would pin them).
         pin = bool(kwargs.pop("pin_memory", False)) and torch.accelerator.is_available()
-        kwargs.setdefault("multiprocessing_context", _worker_context())
+        if "multiprocessing_context" not in kwargs:  # a caller's own context, fork included, wins
+            kwargs["multiprocessing_context"] = _worker_context()
         shares = _WindowShares(self, self.epoch, self.batch)
         # Windows go round-robin to the workers, which the DataLoader reads round-robin:
         # they arrive in order.
