@@ -37,15 +37,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.pipeline.cache import CacheConfig, run_cache
-from kdcache.pipeline.gguf_import import ImportConfig, import_gguf
-from kdcache.pipeline.prepare import PrepareConfig, prepare
+from kdcache.pipeline.cache.gguf import ImportConfig, import_gguf
+from kdcache.pipeline.cache.job import CacheConfig, run_cache
+from kdcache.pipeline.prepare.job import PrepareConfig, prepare
 from kdcache.storage import summarize
+from kdcache.storage.tokens.format import open_token_data
 from kdcache.train.config import ModelConfig
 from kdcache.train.model import build_model
 from kdcache.train.model_dir import load_model_dir, save_model_dir
 from kdcache.train.runtime import tune_cpu_allocator
-from kdcache.train.tokens import open_token_data
 
 MODELS = {"small": dict(layers=2, rho=64, head_dim=32), "medium": dict(layers=4, rho=64, head_dim=32)}
 BATCH_ROWS = 8
@@ -68,7 +68,7 @@ def _bare_torch(forward: Callable[[torch.Tensor], torch.Tensor], rows: np.ndarra
 
 
 def _torch_dtype(dtype: str, device: str) -> torch.dtype:
-    from kdcache.pipeline.teachers.torch_teacher import DTYPES, resolve_dtype
+    from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, resolve_dtype
 
     return DTYPES[resolve_dtype(dtype, None if dtype == "auto" else dtype, torch.device(device))]
 
@@ -81,8 +81,8 @@ def bare_loop(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str
 def bare_hf(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str) -> float:
     from transformers import AutoModelForCausalLM
 
-    from kdcache.pipeline.teachers.hf import checkpoint_dtype
-    from kdcache.pipeline.teachers.torch_teacher import DTYPES, resolve_dtype
+    from kdcache.pipeline.cache.teachers.hf import checkpoint_dtype
+    from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, resolve_dtype
 
     hf = json.loads((model_dir / "config.json").read_text())
     torch_dtype = DTYPES[resolve_dtype(dtype, checkpoint_dtype(hf), torch.device(device))]
@@ -95,9 +95,9 @@ def bare_vllm(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kdcache.pipeline.teachers.hf import checkpoint_dtype
-    from kdcache.pipeline.teachers.torch_teacher import default_device, resolve_dtype
-    from kdcache.pipeline.teachers.vllm import engine_kwargs
+    from kdcache.pipeline.cache.teachers.hf import checkpoint_dtype
+    from kdcache.pipeline.cache.teachers.torch_teacher import default_device, resolve_dtype
+    from kdcache.pipeline.cache.teachers.vllm import engine_kwargs
 
     hf = json.loads((model_dir / "config.json").read_text())
     resolved = resolve_dtype(dtype, checkpoint_dtype(hf), default_device())

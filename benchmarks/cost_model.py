@@ -78,7 +78,7 @@ class Bench:
                 "--quiet"]
 
     def prepare(self) -> None:
-        from kdcache.pipeline.prepare import PrepareConfig, prepare
+        from kdcache.pipeline.prepare.job import PrepareConfig, prepare
 
         a = self.args
         prepare(PrepareConfig(out=str(self.data), source="stdlib", vocab_size=a.vocab, seq_len=a.seq_len,
@@ -129,7 +129,7 @@ def _fit_rows(model: Any, runs: Path, n_t: float, shape: dict[str, float]) -> li
     """Each calibration run and cache job against the model fitted to them."""
     import pyarrow.parquet as pq
 
-    from kdcache.pipeline.cost_inputs import read_timings
+    from kdcache.pipeline.study.cost import read_timings
 
     timed_runs, cache_jobs, _ = read_timings(str(runs), **shape)
     ids = [r["run_id"] for r in pq.read_table(runs).to_pylist()]
@@ -144,9 +144,9 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import ray
 
-    from kdcache.fit.runs import append_run
-    from kdcache.pipeline.cost_inputs import CostQuery, calibrate, estimate_cost
+    from kdcache.pipeline.study.cost import CostQuery, calibrate, estimate_cost
     from kdcache.storage import read_meta
+    from kdcache.storage.runs import append_run
     from kdcache.train.config import ModelConfig
 
     bench, started = Bench(args, work), time.perf_counter()

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from kdcache.fit.flops import forward_flops
-from kdcache.pipeline.cache import CacheConfig, run_cache
-from kdcache.pipeline.prepare import PrepareConfig, prepare
+from kdcache.pipeline.cache.job import CacheConfig, run_cache
+from kdcache.pipeline.prepare.job import PrepareConfig, prepare
+from kdcache.storage.tokens.format import open_token_data
 from kdcache.train.batches import TokenBatches
 from kdcache.train.config import ModelConfig
 from kdcache.train.kd_losses import DistillLoss
@@ -46,7 +47,6 @@ from kdcache.train.model_dir import load_model_dir, save_model_dir
 from kdcache.train.online import OnlineTeacherBatches
 from kdcache.train.runtime import tune_cpu_allocator
 from kdcache.train.store_batches import StoreBatches
-from kdcache.train.tokens import open_token_data
 from kdcache.train.trainer import LoopConfig, Trainer
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from kdcache.pipeline.prepare_tokenize import train_tokenizer
+from kdcache.pipeline.prepare.tokenizer import train_tokenizer
 
 BATCH_BYTES = 1 << 20
 SEQ_LEN = 256

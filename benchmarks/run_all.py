@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# README order (store, cache, distillation step, training, fitting); others follow by name.
+# the docs' order (store, cache, distillation step, training, fitting); others follow by name.
 ORDER = ("store_io", "cache_throughput", "distill_step", "train_throughput", "fit_speed")
 
 

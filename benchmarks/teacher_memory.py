@@ -25,8 +25,8 @@ OUTPUT_ROWS, VOCAB, K, BATCH_ROWS = 151_936, 151_665, 64, 2
 CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
-from kdcache.pipeline.targets import TargetSpec
-from kdcache.pipeline.teachers import load_teacher, torch_teacher
+from kdcache.pipeline.cache.targets import TargetSpec
+from kdcache.pipeline.cache.teachers import load_teacher, torch_teacher
 model, mode, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(2)
 if mode == "whole":

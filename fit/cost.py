@@ -10,7 +10,7 @@ token costs (a fixed per-token overhead, student steps, the teacher's forward, s
 writes), calibrated on
 measured runs (`fit_time_model`) or taken from the hardware's rates. `estimate` returns
 both as one `CostEstimate`. Torch-free; reading runs tables and stores is
-`kdcache.pipeline.cost_inputs`.
+`kdcache.pipeline.study.cost`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Hardware:
 
 
 def topk_bytes_per_token(k: int, vocab: int) -> float:
-    """Uncompressed bytes per token of a top-k store (README, "The logit store"): ids, fp16 log-probs,
+    """Uncompressed bytes per token of a top-k store (docs/store-format.md): ids, fp16 log-probs,
     float32 tail mass and target log-prob, int32 input token."""
     id_bytes = 2 if vocab <= 65536 else 4
     return float(k * (id_bytes + 2) + 4 + 4 + 4)

@@ -20,7 +20,6 @@ from kdcache.fit import fitting, uncertainty
 from kdcache.fit.errors import FitError
 from kdcache.fit.laws import DistillationLaw, SupervisedLaw
 from kdcache.fit.presets import load_supervised
-from kdcache.fit.runs import column
 
 DEFAULT_THRESHOLDS = {"supervised": 2.2, "distillation": 2.3}  # the paper's (App. F)
 
@@ -34,10 +33,17 @@ def rows(table: pa.Table, kinds: tuple[str, ...]) -> pa.Table:
 
 
 def _arrays(table: pa.Table, names: tuple[str, ...], path: str) -> list[np.ndarray]:
+    """Columns as float64; the table's reader has already checked that they hold numbers."""
+    arrays = []
     for name in names:
         if name not in table.column_names:
             raise FitError(f"{path}: missing column '{name}'")
-    return [column(table, name, path) for name in names]
+        values = np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise FitError(f"{path}: column '{name}' has {bad} missing or non-finite values")
+        arrays.append(values)
+    return arrays
 
 
 def _threshold(loss: np.ndarray, law: str, threshold: float | None) -> float:
@@ -182,7 +188,7 @@ def _bootstrap(par: Any, data: Any, result: fitting.FitResult, samples: int) -> 
 
 
 def fit_runs(
-    runs: str | os.PathLike[str],
+    table: pa.Table,
     law: str,
     *,
     delta: float = 1e-4,
@@ -190,15 +196,14 @@ def fit_runs(
     supervised: str | None = None,
     bootstrap: int = 0,
     threshold: float | None = None,
+    source: str | os.PathLike[str] = "runs table",
 ) -> FitReport:
-    """Fit `law` (supervised | distillation) to the runs table at `runs` (Parquet or CSV)."""
-    from kdcache.fit.runs import read_runs
-
-    table = read_runs(runs)
+    """Fit `law` (supervised | distillation) to a runs table (`storage.runs.read_runs`), read
+    from `source`, which errors name."""
     if law == "supervised":
-        return fit_supervised_table(table, runs, delta=delta, fixed=fixed or {}, bootstrap=bootstrap,
+        return fit_supervised_table(table, source, delta=delta, fixed=fixed or {}, bootstrap=bootstrap,
                                     threshold=threshold)
     if law == "distillation":
-        return fit_distillation_table(table, runs, delta=delta, fixed=fixed or {}, supervised=supervised,
+        return fit_distillation_table(table, source, delta=delta, fixed=fixed or {}, supervised=supervised,
                                       bootstrap=bootstrap, threshold=threshold)
     raise FitError(f"law must be supervised or distillation, got {law!r}")

@@ -16,7 +16,7 @@ from kdcache.storage.verify import repair_store, summarize, verify_store
 from kdcache.storage.writer import StoreWriter, read_attrs, read_meta
 
 # Zarr warns on every open of an array using numcodecs' `delta` (top-k log-probs, see
-# layout.py) that such codecs are outside the Zarr v3 spec; the README says what that costs.
+# layout.py) that such codecs are outside the Zarr v3 spec; docs/store-format.md says what that costs.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 __all__ = [

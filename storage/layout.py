@@ -15,7 +15,7 @@ A top-k store's log-probs are sorted within each position, so their float16 bit 
 bit patterns (uint16, the array attribute `kdcache_bits_of` says "float16") through
 numcodecs' lossless `delta` filter, which takes a third off their size. Zarr has no codec
 that reinterprets bits, so plain zarr returns uint16 here: `.view(np.float16)` is the one
-extra step (README, "The logit store"). Stores written before keep float16 arrays, and
+extra step (docs/store-format.md). Stores written before keep float16 arrays, and
 every reader accepts both.
 """
 

@@ -52,7 +52,7 @@ class DataInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class StoreMeta:
-    """Contents of the `kdcache` attribute (README, "The logit store")."""
+    """Contents of the `kdcache` attribute (docs/store-format.md)."""
 
     kind: Kind
     k: int

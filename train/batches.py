@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdcache.storage.tokens.format import TokenData
 from kdcache.train.errors import TrainError
 from kdcache.train.row_order import RowOrder
-from kdcache.train.tokens import TokenData
 
 
 @dataclass(frozen=True)

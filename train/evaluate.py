@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kdcache.storage.tokens.format import TokenData
 from kdcache.train.batches import Batch, rows_to_batch
 from kdcache.train.distributed import World
-from kdcache.train.tokens import TokenData
 
 ECE_BINS = 21
 EVAL_CHUNK_BYTES = 64 * 2**20

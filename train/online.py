@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from kdcache.storage.tokens.format import TokenData
 from kdcache.train.batches import Batch, TokenBatches
 from kdcache.train.errors import TrainError
 from kdcache.train.model_dir import LoadedModel
-from kdcache.train.tokens import TokenData
 
 
 def check_teacher_matches(teacher: LoadedModel, data: TokenData) -> None:

@@ -45,8 +45,9 @@ import torch.distributed as dist
 from filelock import FileLock, Timeout
 
 from kdcache.fit.flops import forward_flops, training_flops
-from kdcache.fit.runs import SCHEMA, append_run, check_appendable, has_run
 from kdcache.paths import check_writable
+from kdcache.storage.runs import SCHEMA, append_run, check_appendable, has_run
+from kdcache.storage.tokens.format import TokenData, open_token_data
 from kdcache.train.batches import BatchSource, TokenBatches
 from kdcache.train.config import ModelConfig
 from kdcache.train.distributed import World
@@ -59,7 +60,6 @@ from kdcache.train.model import build_model
 from kdcache.train.model_dir import META, file_sha256, load_model_dir, save_model_dir
 from kdcache.train.runtime import tune_cpu_allocator
 from kdcache.train.student import FamilyStudent, HFStudent, Student, load_hf_student, new_hf_student
-from kdcache.train.tokens import TokenData, open_token_data
 from kdcache.train.trainer import LoopConfig, Trainer
 
 CHECKPOINT_DIR = "checkpoint"

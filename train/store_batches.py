@@ -30,11 +30,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from kdcache.storage import StoreMeta, StoreReader
+from kdcache.storage.tokens.format import TokenData
 from kdcache.train.batches import Batch, OrderedBatches
 from kdcache.train.dataset import StoreDataset
 from kdcache.train.errors import TrainError
 from kdcache.train.kd_losses import batch_from_dict
-from kdcache.train.tokens import TokenData
 
 
 def check_store_matches(path: str, meta: StoreMeta, data: TokenData) -> None:

@@ -26,11 +26,10 @@ import torch
 import yaml
 from filelock import FileLock
 
-from kdcache.fit.runs import append_run
 from kdcache.pipeline.cli import main
-
-from ..pipeline.conftest import make_teacher
-from ..storage.conftest import tree_digest
+from kdcache.storage.runs import append_run
+from tests.pipeline.conftest import make_teacher
+from tests.storage.conftest import tree_digest
 
 torch.set_num_threads(1)
 VOCAB, SEQ_LEN = 300, 16

@@ -18,6 +18,7 @@ import torch
 
 from kdcache.pipeline.cli import main
 from kdcache.storage import read_meta
+from kdcache.storage.tokens.format import open_token_data
 from kdcache.train.batches import TokenBatches
 from kdcache.train.config import ModelConfig
 from kdcache.train.kd_losses import DistillLoss
@@ -25,7 +26,6 @@ from kdcache.train.model import build_model
 from kdcache.train.model_dir import load_model_dir
 from kdcache.train.online import OnlineTeacherBatches
 from kdcache.train.store_batches import StoreBatches
-from kdcache.train.tokens import open_token_data
 
 torch.set_num_threads(1)
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

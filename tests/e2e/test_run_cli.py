@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from kdcache.pipeline import study
 from kdcache.pipeline.cli import main
+from kdcache.pipeline.study import run as study
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

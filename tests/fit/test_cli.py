@@ -11,9 +11,9 @@ import pyarrow.csv as pacsv
 import pytest
 
 from kdcache.fit.presets import PAPER_DISTILLATION
-from kdcache.fit.runs import append_run
 from kdcache.fit.synthetic import distillation_runs, supervised_runs
 from kdcache.pipeline.cli import main
+from kdcache.storage.runs import append_run
 
 SUPERVISED_KEYS = {"E", "A", "B", "alpha", "beta", "gamma"}
 DISTILLATION_KEYS = {"A", "B", "alpha", "beta", "gamma", "c0", "c1", "f1", "d1"}
@@ -334,7 +334,7 @@ def test_readers_never_see_a_half_replaced_table(tmp_path) -> None:
     """Appends from another process replace the file while this one reads it, many times."""
     import multiprocessing
 
-    from kdcache.fit.runs import append_run, check_appendable, has_run
+    from kdcache.storage.runs import append_run, check_appendable, has_run
 
     path = tmp_path / "runs.parquet"
     append_run(path, {"run_id": "r0", "kind": "supervised", "params": 1, "tokens": 1, "loss": 1.0})
@@ -351,7 +351,7 @@ def test_readers_never_see_a_half_replaced_table(tmp_path) -> None:
 
 
 def _append_many(path: str, n: int) -> None:
-    from kdcache.fit.runs import append_run
+    from kdcache.storage.runs import append_run
 
     for i in range(1, n + 1):
         append_run(path, {"run_id": f"r{i}", "kind": "supervised", "params": 1, "tokens": i, "loss": 1.0})

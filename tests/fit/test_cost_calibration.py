@@ -15,8 +15,9 @@ from kdcache import storage
 from kdcache.fit import cost
 from kdcache.fit.errors import FitError
 from kdcache.fit.flops import forward_flops
-from kdcache.fit.runs import append_run
-from kdcache.pipeline.cost_inputs import CostQuery, calibrate, estimate_cost, read_timings
+from kdcache.pipeline.study.cost import CostQuery, calibrate, estimate_cost, read_timings
+from kdcache.storage.errors import StoreError
+from kdcache.storage.runs import append_run
 from tests.storage.conftest import make_meta, make_rows, shard_of
 
 SHAPE = {"rho": 32.0, "context": 64.0, "vocab": 1024.0}
@@ -260,7 +261,7 @@ def test_bad_tables(tmp_path: Path) -> None:
                         "wall_s": 10.0})
     with pytest.raises(FitError, match=r"online.parquet: row 0 \(o\): field 'teacher_params' is empty"):
         read_timings(str(online))
-    with pytest.raises(FitError, match="nope.parquet: no such runs table"):
+    with pytest.raises(StoreError, match="nope.parquet: no such runs table"):
         read_timings(str(tmp_path / "nope.parquet"))
 
 

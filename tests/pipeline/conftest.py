@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcache.pipeline import prepare_write
-from kdcache.pipeline.prepare import PrepareConfig, prepare
+from kdcache.pipeline.prepare.job import PrepareConfig, prepare
+from kdcache.storage.tokens import writer as prepare_write
+from kdcache.storage.tokens.format import open_token_data
 from kdcache.train.config import ModelConfig
 from kdcache.train.model import build_model
 from kdcache.train.model_dir import save_model_dir
-from kdcache.train.tokens import open_token_data
 
 VOCAB, SEQ_LEN = 384, 32
 

@@ -8,8 +8,7 @@ import pytest
 
 from kdcache.pipeline.cli import main
 from kdcache.storage import StoreWriter
-
-from ..storage.conftest import make_meta, make_rows, shard_of
+from tests.storage.conftest import make_meta, make_rows, shard_of
 
 
 @pytest.fixture

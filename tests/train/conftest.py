@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcache.pipeline.prepare import PrepareConfig, prepare
+from kdcache.pipeline.prepare.job import PrepareConfig, prepare
+from kdcache.storage.tokens.format import TokenData, open_token_data
 from kdcache.train.runtime import tune_cpu_allocator
-from kdcache.train.tokens import TokenData, open_token_data
 
 torch.set_num_threads(1)
 tune_cpu_allocator()

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kdcache.storage.tokens.format import TokenData
 from kdcache.train.job import TrainJobConfig
 from kdcache.train.run import run_training
-from kdcache.train.tokens import TokenData
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from filelock import FileLock
 
-from kdcache.fit.runs import append_run, has_run
 from kdcache.pipeline.cli import main
+from kdcache.storage.runs import append_run, has_run
 from kdcache.train import run as train_run
 from kdcache.train.errors import TrainError
 from kdcache.train.job import TrainJobConfig

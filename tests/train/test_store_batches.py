@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from kdcache.storage import DataInfo, StoreError, StoreMeta, StoreReader, StoreWriter, TeacherInfo, id_dtype
+from kdcache.storage.tokens.format import TokenData
 from kdcache.train.batches import TokenBatches
 from kdcache.train.errors import TrainError
 from kdcache.train.row_order import RowOrder
 from kdcache.train.store_batches import StoreBatches, check_store_matches
-from kdcache.train.tokens import TokenData
 
 VOCAB, SEQ, K = 300, 8, 4
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.storage.tokens.format import TokenData
 from kdcache.train.batches import Batch, TokenBatches
 from kdcache.train.config import ModelConfig
 from kdcache.train.errors import TrainError
@@ -16,7 +17,6 @@ from kdcache.train.job import TrainJobConfig
 from kdcache.train.losses import NextTokenLoss, cross_entropy_sum
 from kdcache.train.model import build_model
 from kdcache.train.optim import build_optimizer, lr_factor
-from kdcache.train.tokens import TokenData
 from kdcache.train.trainer import LoopConfig, Trainer
 
 

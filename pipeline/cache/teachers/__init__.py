@@ -1,0 +1,51 @@
+"""Teacher backends behind one interface, chosen by name (`--backend native|hf|vllm`).
+
+A teacher turns rows of token ids [B, T+1] into the arrays of a logit store. `native`
+runs a kdcache MODEL directory with our own torch model; `hf` runs any local Hugging
+Face causal LM through `transformers`; `vllm` runs vLLM's offline engine with
+prompt log-probs. Backends are imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import numpy as np
+
+from kdcache.pipeline.cache.targets import TargetSpec
+from kdcache.pipeline.errors import PipelineError
+from kdcache.storage import TeacherInfo
+
+BACKENDS = {
+    "native": "kdcache.pipeline.cache.teachers.native:NativeTeacher",
+    "hf": "kdcache.pipeline.cache.teachers.hf:HFTeacher",
+    "vllm": "kdcache.pipeline.cache.teachers.vllm:VLLMTeacher",
+}
+
+
+class Teacher(Protocol):
+    info: TeacherInfo
+    output_rows: int
+    """Rows of the output layer: the tokenizer's vocabulary, or more when padded."""
+    tokenizer_json: bytes | None
+    """The teacher's tokenizer.json, when its directory has one."""
+
+    def targets(self, rows: np.ndarray, spec: TargetSpec, first_row: int) -> dict[str, np.ndarray]:
+        """Store arrays for `rows` (int32 [B, T+1]) over the real ids `spec.vocab`, plus
+        `padded_mass` [B, T] (or None when the backend cannot see it); `first_row` seeds sampling."""
+        ...
+
+
+def load_teacher(backend: str, path: str, *, batch_rows: int = 8, max_k: int = 64,
+                 max_len: int | None = None, dtype: str = "auto", tensor_parallel: int = 1,
+                 vocab: int | None = None) -> Teacher:
+    """The teacher at `path`; `max_len` is the longest row it will see (vllm sizes its engine by
+    it); `vocab` the tokenizer's size (vllm cuts its output layer there when it is padded)."""
+    if backend not in BACKENDS:
+        raise PipelineError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
+    module, name = BACKENDS[backend].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    teacher: Teacher = cls(path, batch_rows=batch_rows, max_k=max_k, max_len=max_len, dtype=dtype,
+                           tensor_parallel=tensor_parallel, vocab=vocab)
+    return teacher

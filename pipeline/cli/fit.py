@@ -1,0 +1,93 @@
+"""`kdcache fit`: fit the supervised (Eq. 1) or distillation (Eq. 8) law to a runs table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from kdcache.fit.errors import FitError
+
+HELP = "Fit the supervised or distillation scaling law to a runs table (Parquet or CSV)."
+LAWS = ("supervised", "distillation")
+
+
+def parse_fixed(spec: str | None) -> dict[str, float]:
+    """'gamma=1,c0=2.5' -> {'gamma': 1.0, 'c0': 2.5}."""
+    fixed: dict[str, float] = {}
+    for item in filter(None, (spec or "").split(",")):
+        name, sep, value = item.partition("=")
+        try:
+            fixed[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise FitError(f"--fix expects NAME=VALUE[,NAME=VALUE], got {item!r}")
+    return fixed
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    runs: str
+    """Runs table: Parquet or CSV with params, tokens, loss (and teacher_loss, kind)."""
+    law: str
+    """Which law: supervised or distillation."""
+    delta: float = 1e-4
+    """Huber delta of the log-space objective (Chinchilla/Epoch used 1e-3)."""
+    fix: str | None = None
+    """Parameters held fixed, e.g. gamma=1 (the Chinchilla form)."""
+    supervised: str | None = None
+    """Distillation: the supervised law, FIT.json or paper/chinchilla/epoch (default: fit supervised rows)."""
+    bootstrap: int = 0
+    """Bootstrap resamples for 90% intervals (0: none)."""
+    holdout_loss: float | None = None
+    """Extrapolation check: fit runs with loss >= this, test the rest (default: 2.2/2.3 or lowest 20%)."""
+    json: bool = False
+    """Print the result as JSON."""
+    plot: str | None = None
+    """Write a PNG of fit versus data (held-out region shaded)."""
+
+    def __post_init__(self) -> None:
+        if self.law not in LAWS:
+            raise FitError(f"--law must be one of {LAWS}, got {self.law!r}")
+        if self.delta <= 0 or self.bootstrap < 0:
+            raise FitError("--delta must be > 0 and --bootstrap >= 0")
+
+
+def run(cfg: Config) -> int:
+    from kdcache.fit import plots
+    from kdcache.fit.report import fit_runs
+    from kdcache.paths import check_writable
+    from kdcache.storage.runs import read_runs
+
+    if cfg.plot:
+        check_writable(cfg.plot, "--plot", directory=False)
+    report = fit_runs(read_runs(cfg.runs), cfg.law, source=cfg.runs, delta=cfg.delta,
+                      fixed=parse_fixed(cfg.fix), supervised=cfg.supervised, bootstrap=cfg.bootstrap,
+                      threshold=cfg.holdout_loss)
+    out = report.to_json()
+    if cfg.plot:
+        plots.fit_vs_data(report.law_object(), report.data, report.extrapolation.threshold, cfg.plot)
+    print(json.dumps(out, indent=2) if cfg.json else _text(out))
+    return 0
+
+
+def _text(out: dict[str, Any]) -> str:
+    lines = [
+        f"{out['law']} law fitted to {out['runs']} runs "
+        f"(Huber delta {out['delta']:g}, objective {out['objective']:.6g})"
+    ]
+    intervals = (out.get("bootstrap") or {}).get("intervals", {})
+    for name, value in out["params"].items():
+        ci = intervals.get(name)
+        fixed = " (fixed)" if name in out["fixed"] else ""
+        band = f"  90% CI [{ci[0]:.4g}, {ci[1]:.4g}]" if ci and not fixed else ""
+        lines.append(f"  {name:>6} = {value:.6g}{fixed}{band}")
+    ex = out["extrapolation"]
+    if ex["mean_relative_error"] is not None:
+        lines.append(
+            f"extrapolation: fit on {ex['fitted_runs']} runs with loss >= {ex['threshold']:.4g}, "
+            f"{ex['held_out_runs']} held out: mean rel. error {100 * ex['mean_relative_error']:.2f}%, "
+            f"max {100 * ex['max_relative_error']:.2f}%"
+        )
+    return "\n".join(lines)

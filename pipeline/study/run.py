@@ -1,0 +1,315 @@
+"""`kdcache run`: the whole pipeline end to end, from the stdlib corpus to report.html.
+
+prepare -> teachers (a sweep on the teacher split) -> caches (Ray) -> students (a sweep)
+-> fits of both laws with their extrapolation check -> the paper's findings -> plans and
+cost tables -> plots -> report.html. Every stage skips what is already done (finished
+model directories, complete stores), so rerunning the same command resumes an
+interrupted run. The output directory's layout is the report's contract (see
+`report_html.py`).
+
+The students come in two parts. The *law grid*, shaped like the paper's: supervised
+students across sizes and token budgets, and students distilled at lambda = 1 from a top-k
+store of each of several teachers (so the teacher loss L_T varies) at every budget, plus
+one online run. The *findings*: on one teacher's first `finding_rows` rows, a full
+store against a top-k one at lambda 1 and 0.7, and top-k stores at other temperatures.
+Only the law grid is fitted (`fits/runs.parquet`); the findings are compared in
+`findings.json`.
+
+Presets: `demo` fits both laws from its own runs in minutes on two CPU cores (tiny models:
+the report says how well they extrapolate); `study` has larger models, more budgets and
+four teachers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kdcache.paths import check_writable
+from kdcache.pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    vocab_size: int
+    seq_len: int
+    max_tokens: int
+    rho: int
+    teachers: dict[str, tuple[int, int]]
+    """Teacher name -> (layers, training tokens). The first one also serves the findings."""
+    k: int
+    student_layers: tuple[int, ...]
+    """Supervised students' sizes (family layers)."""
+    student_tokens: tuple[int, ...]
+    """Token budgets of every student of the law grid."""
+    distill_layers: tuple[int, ...]
+    """Sizes distilled from every teacher's top-k store at every budget (lambda = 1)."""
+    finding_rows: int
+    """Rows of the findings' stores (full, top-k, other temperatures); 0: no findings."""
+    finding_tokens: int
+    """Budget of the findings' students (at distill_layers[0]); at most finding_rows x seq_len."""
+    valid_frac: float = 0.06
+    """Share of the corpus in the valid split: every run is scored on all of it, and L_T too."""
+    temperatures: tuple[float, ...] = (0.5, 2.0)
+    """Temperatures other than 1 the findings cache and distil at."""
+    batch_size: int = 8
+    min_runs_to_fit: tuple[int, int] = (10, 15)
+    """Supervised and distillation runs needed before a law is fitted, not taken from the paper."""
+    bootstrap: int = 64
+    """Bootstrap resamples for the fits' 90% intervals."""
+
+
+PRESETS = {
+    "demo": Preset(
+        vocab_size=1024, seq_len=64, max_tokens=1_000_000, rho=32,
+        teachers={"teacher-L3": (3, 600_000), "teacher-L2": (2, 300_000), "teacher-L4": (4, 600_000)},
+        k=32, student_layers=(1, 2, 3), student_tokens=(40_000, 80_000, 160_000, 320_000),
+        distill_layers=(1, 2), finding_rows=1024, finding_tokens=40_000,
+    ),
+    "study": Preset(
+        vocab_size=2048, seq_len=128, max_tokens=6_000_000, rho=32, valid_frac=0.04,
+        teachers={"teacher-L4": (4, 3_000_000), "teacher-L2": (2, 1_000_000), "teacher-L3": (3, 2_000_000),
+                  "teacher-L5": (5, 3_000_000)},
+        k=32, student_layers=(1, 2, 3, 4), student_tokens=(100_000, 200_000, 400_000, 800_000),
+        distill_layers=(1, 2, 3), finding_rows=1600, finding_tokens=200_000,
+    ),
+}
+
+
+def _stage(name: str) -> None:
+    print(f"== {name}", file=sys.stderr, flush=True)
+
+
+def _prepare(out: Path, p: Preset) -> Path:
+    from kdcache.pipeline.prepare.job import PrepareConfig, prepare
+
+    data = out / "data"
+    if not (data / "zarr.json").is_file():
+        _stage("prepare: tokenizer and splits from the standard library")
+        half = (1.0 - p.valid_frac) / 2
+        prepare(PrepareConfig(out=str(data), vocab_size=p.vocab_size, seq_len=p.seq_len,
+                              max_tokens=p.max_tokens, teacher_frac=half, student_frac=half,
+                              valid_frac=p.valid_frac))
+    return data
+
+
+def _sweep(out: Path, data: Path, target: str, grid: list[dict[str, Any]], p: Preset,
+           device: str = "cpu") -> dict[str, Any]:
+    from kdcache.pipeline.study.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(data=str(data), runs=str(out / "runs.parquet"), out=str(out / target), grid=grid,
+                      defaults={"rho": p.rho, "batch_size": p.batch_size, "checkpoint_every": 100,
+                                "device": device})
+    result = run_sweep(cfg)
+    if result["failed"]:
+        failed = ", ".join(f"{k}: {v}" for k, v in result["failed"].items())
+        raise PipelineError(f"{target}: {len(result['failed'])} runs failed ({failed})")
+    return result
+
+
+@dataclass(frozen=True)
+class Stores:
+    grid: list[Path]
+    """One top-k store per teacher over the whole student split: the law grid's."""
+    findings: dict[str, Path]
+    """The findings' stores over the first teacher's first `finding_rows` rows: 'full', 'topk'
+    and 'tau<T>' (top-k at temperature T)."""
+
+
+def _store_jobs(out: Path, p: Preset) -> list[tuple[Path, str, dict[str, Any]]]:
+    """(store, teacher, cache settings) for every store the preset needs."""
+    # The law grid's stores hold the rows the largest budget reads once, not the whole split.
+    grid_rows = -(-max(p.student_tokens) // p.seq_len)
+    jobs: list[tuple[Path, str, dict[str, Any]]] = [
+        (out / "stores" / name, name, {"kind": "topk", "max_rows": grid_rows}) for name in p.teachers]
+    if p.finding_rows:
+        first = next(iter(p.teachers))
+        rows: dict[str, Any] = {"max_rows": p.finding_rows}
+        jobs.append((out / "stores" / f"{first}-full", first, {"kind": "full", **rows}))
+        jobs.append((out / "stores" / f"{first}-topk", first, {"kind": "topk", **rows}))
+        jobs += [(out / "stores" / f"{first}-tau{t:g}", first, {"kind": "topk", "temperature": t, **rows})
+                 for t in p.temperatures]
+    return jobs
+
+
+def _caches(out: Path, data: Path, p: Preset) -> Stores:
+    from kdcache.pipeline.cache.job import CacheConfig, run_cache
+    from kdcache.storage import StoreError, read_meta
+
+    jobs = _store_jobs(out, p)
+    for store, teacher, settings in jobs:
+        with contextlib.suppress(StoreError):
+            meta = read_meta(store)
+            if meta.complete and meta.valid_loss is not None:
+                continue
+        _stage(f"cache: {teacher} -> {store.name} ({settings['kind']})")
+        run_cache(CacheConfig(teacher=str(out / "teachers" / teacher), data=str(data), out=str(store), k=p.k,
+                              quiet=True, **settings))
+    grid = [store for store, _, _ in jobs[: len(p.teachers)]]
+    first = next(iter(p.teachers))
+    findings = {store.name.removeprefix(f"{first}-"): store for store, _, _ in jobs[len(p.teachers):]}
+    return Stores(grid=grid, findings=findings)
+
+
+def _student_grid(out: Path, p: Preset, stores: Stores) -> list[dict[str, Any]]:
+    """The law grid (supervised; distilled at lambda 1 from each teacher; one online run) and
+    the findings (full against top-k at lambda 1 and 0.7; other temperatures)."""
+    tokens = list(p.student_tokens)
+    first_teacher = out / "teachers" / next(iter(p.teachers))
+    size = p.distill_layers[0]
+    grid: list[dict[str, Any]] = [
+        {"layers": list(p.student_layers), "tokens": tokens},
+        {"layers": list(p.distill_layers), "tokens": tokens, "distill": [str(s) for s in stores.grid]},
+        {"layers": size, "tokens": p.finding_tokens, "online_teacher": str(first_teacher)},
+    ]
+    if stores.findings:
+        f = stores.findings
+        grid += [
+            {"layers": size, "tokens": p.finding_tokens, "distill": [str(f["full"]), str(f["topk"])]},
+            {"layers": size, "tokens": p.finding_tokens, "distill": str(f["topk"]), "lambda": 0.7},
+            {"layers": size, "tokens": p.finding_tokens,
+             "distill": [str(path) for name, path in f.items() if name.startswith("tau")]},
+        ]
+    return grid
+
+
+def _law_rows(out: Path, p: Preset) -> tuple[Any, Any]:
+    """(all runs, the law grid's runs): supervised, online, and lambda-1 runs from grid stores."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "runs.parquet")
+    grid = {str((out / "stores" / name).resolve()) for name in p.teachers}
+    rows = table.to_pylist()
+    keep = [r["kind"] in ("supervised", "online") or (r["store"] in grid and (r["lambda"] or 1.0) == 1.0)
+            for r in rows]
+    return table, table.filter(pa.array(keep))
+
+
+def _fit(out: Path, p: Preset) -> dict[str, str]:
+    """Fit each law with enough runs; otherwise say so (plans then use the paper's law).
+
+    Only the law grid is fitted (`fits/runs.parquet`): the distillation law describes pure
+    distillation (lambda = 1) at temperature 1 over the whole split; the findings' runs are not.
+    """
+    import pyarrow.parquet as pq
+
+    from kdcache.fit.report import fit_runs
+
+    table, fitted_runs = _law_rows(out, p)
+    (out / "fits").mkdir(exist_ok=True)
+    (out / "plots").mkdir(exist_ok=True)
+    pq.write_table(fitted_runs, out / "fits" / "runs.parquet")
+    kinds = fitted_runs.column("kind").to_pylist()
+    counts = {"supervised": kinds.count("supervised"),
+              "distillation": kinds.count("distill") + kinds.count("online")}
+    notes: dict[str, str] = {}
+    for law, needed in zip(("supervised", "distillation"), p.min_runs_to_fit, strict=True):
+        path = out / "fits" / f"{law}.json"
+        path.unlink(missing_ok=True)
+        if counts[law] < needed:
+            notes[law] = (f"{counts[law]} {law} runs, fewer than the {needed} this preset fits from: "
+                          "not fitted; plans use the paper's published law")
+            continue
+        _stage(f"fit: {law} law on {counts[law]} runs")
+        sup = out / "fits" / "supervised.json"
+        report = fit_runs(fitted_runs, law, source=out / "fits" / "runs.parquet",
+                          bootstrap=p.bootstrap,
+                          supervised=str(sup) if law == "distillation" and sup.is_file() else None)
+        path.write_text(json.dumps(report.to_json(), indent=2))
+    if len(fitted_runs) < len(table):
+        left_out = (f"{len(table) - len(fitted_runs)} runs of the findings (full store, lambda < 1, "
+                    "other temperatures) left out of the fit")
+        notes["distillation"] = "; ".join(filter(None, (notes.get("distillation"), left_out)))
+    (out / "fits" / "notes.json").write_text(json.dumps(notes, indent=2))
+    for note in notes.values():
+        print(f"note: {note}", file=sys.stderr)
+    return notes
+
+
+def _plans_and_costs(out: Path, p: Preset, stores: Stores) -> None:
+    import pyarrow.parquet as pq
+
+    from kdcache.fit.errors import FitError
+    from kdcache.fit.presets import load_distillation
+    from kdcache.pipeline.study.cost import CostQuery, estimate_cost, write_cost_plot
+
+    _stage("plan and cost")
+    law_file = out / "fits" / "distillation.json"
+    fitted = load_distillation(str(law_file)) if law_file.is_file() else None
+    plans = []
+    for n, c in ((1e8, 1e20), (1e9, 1e21)):
+        for scenario in ("best", "inference"):
+            plans.append(_plan(fitted, n, c, scenario))
+    (out / "plans.json").write_text(json.dumps(plans, indent=2))
+    rows = pq.read_table(out / "runs.parquet").to_pylist()
+    costs = []
+    for store in stores.grid:
+        students = [r for r in rows if r["store"] == str(store.resolve())]
+        if not students:
+            continue
+        n_t, n_s = students[0]["teacher_params"], sorted({r["params"] for r in students})
+        tokens = max(r["tokens"] for r in students)
+        query = CostQuery(teacher_params=n_t, student_params=tuple(float(n) for n in n_s), tokens=tokens,
+                          store=str(store), runs=str(out / "runs.parquet"), rho=p.rho, context=p.seq_len,
+                          vocab=p.vocab_size)
+        try:
+            result = estimate_cost(query)
+        except FitError as exc:  # a runs table that cannot pin a term: say so, cost uncalibrated
+            print(f"note: {store.name}: cost not calibrated ({exc})", file=sys.stderr)
+            query = replace(query, runs=None)
+            result = estimate_cost(query)
+        write_cost_plot(query, result, str(out / "plots" / f"cost-{store.name}.png"))
+        costs.append({"label": store.name, "teacher_params": n_t, "student_params": n_s, "tokens": tokens,
+                      **result.to_json()})
+    (out / "costs.json").write_text(json.dumps(costs, indent=2))
+
+
+def _plan(fitted: Any, n: float, c: float, scenario: str) -> dict[str, Any]:
+    """The fitted law's recipe, or the paper's where there is no fit or it gives none in bounds
+    (a law fitted to tiny models extrapolated a thousandfold can leave them)."""
+    from kdcache.fit import recipes
+    from kdcache.fit.errors import FitError
+    from kdcache.fit.presets import load_distillation
+
+    if fitted is not None:
+        try:
+            return {**recipes.plan(fitted, n, c, scenario, crossover=False).to_json(), "law": "fitted"}
+        except FitError as exc:
+            why = f"paper (the fitted law gives no recipe: {exc})"
+    else:
+        why = "paper (no fitted law)"
+    return {**recipes.plan(load_distillation("paper"), n, c, scenario, crossover=False).to_json(), "law": why}
+
+
+def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, device: str = "cpu") -> Path:
+    """Run (or resume) the whole pipeline into `out_dir`; returns the report's path."""
+    from kdcache.pipeline.study.findings import write_findings
+    from kdcache.pipeline.study.plots import write_plots
+    from kdcache.pipeline.study.report import write_report
+    from kdcache.ray_session import ray_session
+
+    if preset not in PRESETS:
+        raise PipelineError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    p, out = PRESETS[preset], Path(out_dir)
+    check_writable(out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    data = _prepare(out, p)
+    with ray_session(ray_address):  # one Ray for every stage: the cache jobs and sweeps reuse it
+        _stage(f"teachers: {', '.join(p.teachers)}")
+        grid = [{"layers": layers, "tokens": tokens, "split": "teacher", "run_id": name}
+                for name, (layers, tokens) in p.teachers.items()]
+        _sweep(out, data, "teachers", grid, p, device)
+        stores = _caches(out, data, p)
+        _stage("students: the law grid (supervised, distilled from each teacher, online) and the findings")
+        _sweep(out, data, "students", _student_grid(out, p, stores), p, device)
+    _fit(out, p)
+    write_findings(out, {name: str(path.resolve()) for name, path in stores.findings.items()},
+                   [str(s.resolve()) for s in stores.grid])
+    _plans_and_costs(out, p, stores)
+    write_plots(out)
+    return write_report(out)

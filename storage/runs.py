@@ -1,0 +1,225 @@
+"""The runs table: one row per training run, Parquet on disk, CSV accepted on input.
+
+Training appends rows (`append_run`); fitting reads them (`read_runs`). Appends from
+concurrent processes (a sweep's Ray tasks) are serialised with a lock file and land by
+an atomic rename, so a killed writer never leaves a torn table. `check_appendable`
+lets a run refuse, before it trains, a table it could not append to at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from filelock import FileLock
+
+from kdcache.paths import check_writable
+from kdcache.storage.errors import StoreError
+
+RUN_KINDS = ("supervised", "distill", "online")
+
+SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("kind", pa.string()),
+        ("params", pa.int64()),  # non-embedding parameters N
+        ("tokens", pa.int64()),  # training tokens D
+        ("loss", pa.float64()),  # validation cross-entropy, nats/token
+        ("teacher_loss", pa.float64()),  # L_T (distill/online)
+        ("teacher_params", pa.int64()),
+        ("store", pa.string()),
+        ("k", pa.int64()),
+        ("temperature", pa.float64()),
+        ("lambda", pa.float64()),
+        ("ece", pa.float64()),
+        ("flops", pa.float64()),
+        ("wall_s", pa.float64()),
+        ("tokens_per_s", pa.float64()),
+        ("layers", pa.int64()),
+        ("d_model", pa.int64()),
+        ("n_heads", pa.int64()),
+        ("vocab_size", pa.int64()),
+        ("seq_len", pa.int64()),
+        ("seed", pa.int64()),
+    ]
+)
+
+REQUIRED = ("params", "tokens", "loss")
+IDENTITY = ("run_id", "tokens", "loss")
+"""The columns that identify a run's row: all stored exactly (a string, an int, a float64)."""
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)
+
+
+def _textual(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+
+def _not_numeric(table: pa.Table, name: str, path: str | os.PathLike[str]) -> StoreError:
+    """The error for a numeric column of another type, quoting a value that is no number."""
+    values = [v for v in table.column(name).to_pylist() if v is not None]
+
+    def number(v: Any) -> bool:
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return False
+        return not isinstance(v, bool)
+
+    example = next((v for v in values if not number(v)), values[0] if values else None)
+    kind = table.schema.field(name).type
+    return StoreError(
+        f"{path}: column '{name}' must hold numbers, but holds {kind} values such as {example!r}")
+
+
+def _check_unique(table: pa.Table, path: str | os.PathLike[str]) -> None:
+    names = table.column_names
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise StoreError(f"{path}: column '{dup}' appears twice")
+
+
+def _conform(table: pa.Table, path: str | os.PathLike[str]) -> pa.Table:
+    """`table` in SCHEMA (absent columns as nulls), or a StoreError naming the first column that won't fit.
+
+    A table another tool wrote (columns in another order, int32, some left out) still takes
+    appends; a column of the wrong kind is refused rather than silently converted.
+    """
+    _check_unique(table, path)
+    names = table.column_names
+    unknown = [n for n in names if n not in SCHEMA.names]
+    if unknown:
+        known = ", ".join(SCHEMA.names)
+        raise StoreError(f"{path}: unknown runs-table column '{unknown[0]}' (known: {known})")
+    columns = []
+    for want in SCHEMA:
+        if want.name not in names:
+            columns.append(pa.nulls(len(table), want.type))
+            continue
+        have = table.schema.field(want.name).type
+        fits = _textual(have) if pa.types.is_string(want.type) else _numeric(have)
+        if not fits:
+            if not pa.types.is_string(want.type):
+                raise _not_numeric(table, want.name, path)
+            raise StoreError(f"{path}: column '{want.name}' must hold text, but holds {have} values")
+        try:
+            columns.append(table.column(want.name).cast(want.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise StoreError(f"{path}: column '{want.name}' holds {have} values that are not {want.type} "
+                           f"({exc})") from exc
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    """Read a whole table through one open file.
+
+    Appends replace the file atomically (`os.replace`), but `pq.read_table(path)` stats
+    the path and opens it separately: a replace in between gave it the new file with the
+    old one's size ("Couldn't deserialize thrift"), which is how a sweep's concurrent
+    runs once failed. An open handle pins one version of the file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return pq.read_table(fh)
+    except (pa.ArrowException, OSError) as exc:
+        raise StoreError(f"{path}: not a readable Parquet runs table ({exc})") from exc
+
+
+def check_appendable(path: str | os.PathLike[str], flag: str = "--runs") -> None:
+    """Refuse a runs table `append_run` could not extend, before a run spends hours training.
+
+    The row is a run's last act; a table that is corrupt, holds columns of the wrong kind,
+    or lies where nothing can be written would otherwise fail only after the training.
+    A table that does not exist yet is fine where it can be created (parents included).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        raise StoreError(f"{path}: {flag} tables are appended as Parquet, but a .csv one is read back as CSV "
+                       "(name it .parquet)")
+    check_writable(path, flag, directory=False)
+    if path.exists():
+        _conform(_read_parquet(path), path)
+
+
+def append_run(path: str | os.PathLike[str], row: Mapping[str, Any]) -> None:
+    """Append one run to the Parquet table at `path`, creating it if needed."""
+    unknown = set(row) - set(SCHEMA.names)
+    if unknown:
+        raise StoreError(f"{path}: unknown runs-table columns {sorted(unknown)}")
+    if row.get("kind") not in RUN_KINDS:
+        raise StoreError(f"{path}: field 'kind' must be one of {RUN_KINDS}, got {row.get('kind')!r}")
+    path = Path(path)
+    new = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names}], schema=SCHEMA)
+    with FileLock(str(path) + ".lock"):
+        table = pa.concat_tables([_conform(_read_parquet(path), path), new]) if path.exists() else new
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality, with NaN equal to NaN: a diverged run's row must still be found, not re-added."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
+def has_run(path: str | os.PathLike[str], row: Mapping[str, Any]) -> bool:
+    """Whether the table at `path` (absent: none) holds `row`, matched on IDENTITY.
+
+    Lets a rerun tell a finished model whose row was lost from one already recorded, so
+    the row is appended exactly once.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    table = _conform(_read_parquet(path), path)
+    key = [row.get(name) for name in IDENTITY]
+    stored = zip(*(table.column(name).to_pylist() for name in IDENTITY), strict=True)
+    return any(all(_same(a, b) for a, b in zip(key, other, strict=True)) for other in stored)
+
+
+def read_runs(path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) -> pa.Table:
+    """Read a runs table (Parquet, or CSV by suffix) and check the columns a caller needs.
+
+    Known numeric columns must hold numbers: a CSV with "abc" in `loss` is refused here,
+    naming the column, rather than deep in a fit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: no such runs table")
+    try:
+        table = pacsv.read_csv(path) if path.suffix.lower() == ".csv" else _read_parquet(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise StoreError(f"{path}: not a readable runs table ({exc})") from exc
+    for name in required:
+        if name not in table.column_names:
+            raise StoreError(f"{path}: missing column '{name}'")
+    _check_unique(table, path)
+    for want in SCHEMA:
+        known = want.name in table.column_names and not pa.types.is_string(want.type)
+        if known and not _numeric(table.schema.field(want.name).type):
+            raise _not_numeric(table, want.name, path)
+    return table
+
+
+def column(table: pa.Table, name: str, path: str | os.PathLike[str] = "runs table") -> np.ndarray:
+    """A numeric column as float64, refusing missing, non-numeric or non-finite values by name."""
+    if name not in table.column_names:
+        raise StoreError(f"{path}: missing column '{name}'")
+    if not _numeric(table.schema.field(name).type):
+        raise _not_numeric(table, name, path)
+    values = np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise StoreError(f"{path}: column '{name}' has {int(bad.sum())} missing or non-finite values")
+    return values

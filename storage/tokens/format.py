@@ -1,0 +1,271 @@
+"""Reader for the token data that `kdcache prepare` writes (layout in docs/token-data.md).
+
+A DATA directory is a Zarr v3 group with one int32 array per split (`teacher`,
+`student`, `valid`, each `[rows, seq_len + 1]`, stored as Zarr shard files of whole
+inner chunks) and `tokenizer.json` beside them. The
+group attribute `kdcache` records the format, source, fingerprints, vocab size and
+seq_len. Row r predicts `tokens[r, 1:]` from `tokens[r, :-1]`.
+
+Integrity: opening checks what is cheap (every split array's metadata, shape and dtype,
+and the tokenizer's hash); every read checks its chunks' crc32c and that the ids lie in
+the vocabulary, so corrupt data stops training with one line instead of silently
+changing tokens. Data written before checksums were added (no crc32c codec, fill value
+0) still opens and reads, but a flipped byte or a deleted chunk there can only be found
+by `kdcache verify`, which recomputes every split's fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from kdcache.storage.errors import StoreError
+
+FORMAT = "kdcache.tokens/1"
+ATTR = "kdcache"
+CHECKSUMS = "crc32c"  # the split metadata's "checksums" value when chunks carry a crc32c
+
+
+def sha256_parts(*parts: bytes) -> str:
+    """sha256 over the sha256 digest of each part: the one definition of every token data
+    fingerprint, shared by `prepare` (which writes them) and `verify` (which recomputes them)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()
+
+
+def split_fingerprint(shape: tuple[int, ...], body_digest: bytes) -> str:
+    """A split's fingerprint from its shape and the sha256 digest of its token bytes
+    (`<i4`, row-major): equal to `sha256_parts(str(shape).encode(), tokens_bytes)`, but the
+    token bytes can be hashed streaming, row by row, by `prepare` and by `verify` alike."""
+    return hashlib.sha256(hashlib.sha256(str(tuple(shape)).encode()).digest() + body_digest).hexdigest()
+
+
+def data_fingerprint(tokenizer_fingerprint: str, seq_len: int, splits: dict[str, str]) -> str:
+    """The overall fingerprint from its parts (split name -> split fingerprint, in order)."""
+    return sha256_parts(
+        tokenizer_fingerprint.encode(), str(seq_len).encode(),
+        *(f"{name}:{fp}".encode() for name, fp in splits.items()),
+    )
+
+
+def is_token_data(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` claims to be token data (its group attribute names our format), so
+    `kdcache verify` can tell a DATA directory from a logit store; never raises."""
+    try:
+        root = json.loads((Path(path) / "zarr.json").read_text())
+        return bool(root["attributes"][ATTR]["format"] == FORMAT)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """An opened DATA directory. Attribute access is cheap; rows are read on demand."""
+
+    path: Path
+    meta: dict[str, Any]
+    arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
+    """The split arrays, opened (and checked) once by `open_token_data`."""
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.meta["seq_len"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the tokenizer and every split's token bytes."""
+        return str(self.meta["fingerprint"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return str(self.meta["tokenizer_fingerprint"])
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.meta.get("eos_token_id")
+        return None if eos is None else int(eos)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    def split_fingerprint(self, split: str) -> str:
+        return str(self.meta["splits"][self._check(split)]["fingerprint"])
+
+    def rows(self, split: str) -> int:
+        return int(self.meta["splits"][self._check(split)]["rows"])
+
+    def array(self, split: str) -> zarr.Array:
+        """The split as a Zarr array `[rows, seq_len + 1]` (int32). Slicing it checks chunk
+        checksums but not the id range; `read` checks both."""
+        self._check(split)
+        if split not in self.arrays:
+            self.arrays[split] = open_split(self.path, self.meta, split)
+        return self.arrays[split]
+
+    def read(self, split: str, index: slice | np.ndarray) -> np.ndarray:
+        """Rows of a split as int64 numpy (a slice, or an array of row indices).
+
+        Raises StoreError naming the split and rows when a chunk fails its checksum,
+        is missing, or holds an id outside the vocabulary: training on such rows would
+        silently learn the wrong tokens or crash deep inside the model.
+        """
+        arr = self.array(split)
+        if isinstance(index, slice):
+            rows = np.arange(*index.indices(arr.shape[0]))
+            got = self._decode(split, rows, lambda: arr[index])
+            self._check_ids(split, rows, got)
+            return got.astype(np.int64)
+        rows = np.asarray(index)
+        order = np.argsort(rows, kind="stable")
+        # One orthogonal read decodes each touched chunk once; undo the sort after.
+        got = self._decode(split, rows, lambda: arr.get_orthogonal_selection((rows[order], slice(None))))
+        out = np.empty(got.shape, dtype=np.int64)
+        out[order] = got
+        self._check_ids(split, rows, out)
+        return out
+
+    def _decode(self, split: str, rows: np.ndarray, read: Any) -> np.ndarray:
+        """Run one zarr read, turning a decode failure into a StoreError naming the chunk."""
+        try:
+            return np.asarray(read())
+        except IndexError:
+            raise  # a row index out of range is the caller's bug, not corrupt data
+        except Exception as exc:  # zarr raises several types for bad chunk bytes
+            lo, hi, exc = _first_bad_chunk(self.array(split), rows, exc)
+            raise StoreError(
+                f"{self.path}: split {split!r} rows {lo}..{hi}: corrupt chunk, it fails its checksum "
+                f"or cannot be decoded ({_one_line(exc)}); run kdcache verify, then re-run kdcache prepare"
+            ) from exc
+
+    def _check_ids(self, split: str, rows: np.ndarray, got: np.ndarray) -> None:
+        """One min/max over the block; the per-row search runs only when an id is bad."""
+        if got.size == 0:
+            return
+        lo, hi = int(got.min()), int(got.max())
+        if lo < 0:
+            where = _row_span(rows, got < 0)
+            raise StoreError(
+                f"{self.path}: split {split!r} rows {where}: missing data (ids read as {lo}, the fill "
+                "value of an unwritten chunk: a chunk file was deleted); re-run kdcache prepare"
+            )
+        if hi >= self.vocab_size:
+            where = _row_span(rows, got >= self.vocab_size)
+            raise StoreError(
+                f"{self.path}: split {split!r} rows {where}: token id {hi} >= vocab_size "
+                f"{self.vocab_size} (corrupt data); re-run kdcache prepare"
+            )
+
+    def _check(self, split: str) -> str:
+        if split not in self.meta["splits"]:
+            raise StoreError(
+                f"{self.path}: no split {split!r} (has {sorted(self.meta['splits'])})"
+            )
+        return split
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def _row_span(rows: np.ndarray, bad_ids: np.ndarray) -> str:
+    """'first..last' of the rows (row numbers of the split) holding a bad id."""
+    hit = np.sort(rows[bad_ids.any(axis=1)])
+    return f"{int(hit[0])}..{int(hit[-1])}"
+
+
+def _first_bad_chunk(arr: zarr.Array, rows: np.ndarray, exc: Exception) -> tuple[int, int, Exception]:
+    """Re-read the touched chunks one by one (only after a failure) to name the bad one;
+    falls back to the whole requested range when each chunk alone reads fine."""
+    step = arr.chunks[0]
+    for chunk in np.unique(rows // step).tolist():
+        lo, hi = chunk * step, min((chunk + 1) * step, arr.shape[0])
+        try:
+            arr[lo:hi]
+        except Exception as again:  # the same failure, now pinned to one chunk
+            return lo, hi - 1, again
+    return (int(rows.min()), int(rows.max()), exc) if rows.size else (0, 0, exc)
+
+
+def read_token_meta(path: Path) -> dict[str, Any]:
+    """The group attribute, checked for the fields every reader relies on."""
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{path}: not a token data directory (no zarr.json; run kdcache prepare)")
+    try:
+        group = zarr.open_group(store=str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for a corrupt group
+        raise StoreError(f"{path}/zarr.json: unreadable token data ({_one_line(exc)})") from exc
+    meta = group.attrs.get(ATTR)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreError(f"{path}/zarr.json: attribute '{ATTR}.format' is not {FORMAT!r}")
+    for key, kind in (("vocab_size", int), ("seq_len", int), ("tokenizer_fingerprint", str),
+                      ("fingerprint", str), ("splits", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise StoreError(f"{path}/zarr.json: attribute '{ATTR}.{key}' is missing or not {kind.__name__}")
+    for split, info in meta["splits"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("rows"), int):
+            attr = f"'{ATTR}.splits.{split}.rows'"
+            raise StoreError(f"{path}/zarr.json: attribute {attr} is missing or not int")
+    return dict(meta)
+
+
+def tokenizer_problem(path: Path, meta: dict[str, Any]) -> str | None:
+    """Why tokenizer.json does not belong to this data (None when it does): an edited
+    tokenizer silently maps the same ids to other text."""
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        return f"{tok}: missing tokenizer.json"
+    if sha256_parts(tok.read_bytes()) != meta["tokenizer_fingerprint"]:
+        return (f"{tok}: sha256 does not match '{ATTR}.tokenizer_fingerprint' in {path}/zarr.json "
+                "(edited or corrupt; re-run kdcache prepare)")
+    return None
+
+
+def open_split(path: Path, meta: dict[str, Any], split: str) -> zarr.Array:
+    """Open one split array, checking its metadata against the group's: cheap, reads no chunk."""
+    where = path / split / "zarr.json"
+    if not where.is_file():
+        raise StoreError(f"{where}: missing (split {split!r} of the token data)")
+    try:
+        arr = zarr.open_array(store=str(path / split), mode="r")
+    except Exception as exc:  # zarr raises several types for corrupt array metadata
+        raise StoreError(f"{where}: unreadable array metadata ({_one_line(exc)})") from exc
+    want = (int(meta["splits"][split]["rows"]), int(meta["seq_len"]) + 1)
+    if tuple(arr.shape) != want:
+        raise StoreError(
+            f"{where}: field 'shape' is {list(arr.shape)} but {path}/zarr.json says "
+            f"[rows, seq_len + 1] = {list(want)}"
+        )
+    if arr.dtype != np.dtype(np.int32):
+        raise StoreError(f"{where}: field 'data_type' is {arr.dtype}, not int32")
+    if meta["splits"][split].get("checksums") == CHECKSUMS and not any(
+        isinstance(c, Crc32cCodec) for c in arr.compressors
+    ):
+        raise StoreError(f"{where}: field 'codecs' lacks crc32c but {path}/zarr.json says it has one")
+    return arr
+
+
+def open_token_data(path: str | os.PathLike[str]) -> TokenData:
+    """Open a DATA directory, checking it is complete token data of our format (cheap
+    checks only: metadata, shapes and the tokenizer hash; `kdcache verify` reads every chunk)."""
+    path = Path(path)
+    meta = read_token_meta(path)
+    problem = tokenizer_problem(path, meta)
+    if problem is not None:
+        raise StoreError(problem)
+    arrays = {split: open_split(path, meta, split) for split in meta["splits"]}
+    return TokenData(path=path, meta=meta, arrays=arrays)

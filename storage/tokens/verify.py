@@ -1,0 +1,163 @@
+"""`kdcache verify DATA`: decode every chunk of token data and recompute its fingerprints.
+
+Opening token data checks only what is cheap; this reads the whole corpus, so it finds
+what opening cannot: a bad chunk no training run has touched yet, a deleted chunk of
+data written before chunks carried checksums, or metadata whose fingerprints were
+edited. Memory stays bounded: chunks are read a block at a time and hashed streaming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from kdcache.storage.errors import StoreError
+from kdcache.storage.tokens.format import (
+    ATTR,
+    CHECKSUMS,
+    data_fingerprint,
+    open_split,
+    read_token_meta,
+    split_fingerprint,
+    tokenizer_problem,
+)
+
+BLOCK_TOKENS = 1 << 22  # ~16 MB of int32 per read: many chunks decoded concurrently
+
+
+@dataclass(frozen=True)
+class TokenProblem:
+    split: str  # "" when the problem is the whole directory's (tokenizer, overall fingerprint)
+    rows: tuple[int, int] | None  # first and last row of the bad chunk, None for the whole split
+    reason: str
+
+    def __str__(self) -> str:
+        where = [f"split {self.split!r}"] if self.split else []
+        if self.rows is not None:
+            where.append(f"rows {self.rows[0]}..{self.rows[1]}")
+        return ": ".join([" ".join(where), self.reason] if where else [self.reason])
+
+
+def verify_token_data(path: str | os.PathLike[str]) -> list[TokenProblem]:
+    """Every problem of the DATA directory at `path`; empty when it is intact.
+
+    Raises StoreError only when the group metadata itself is unreadable (nothing else
+    can be checked then).
+    """
+    path = Path(path)
+    meta = read_token_meta(path)
+    problems = []
+    tok = tokenizer_problem(path, meta)
+    if tok is not None:
+        problems.append(TokenProblem("", None, tok))
+    recomputed: dict[str, str] = {}
+    for split in meta["splits"]:
+        try:
+            arr = open_split(path, meta, split)
+        except StoreError as exc:
+            problems.append(TokenProblem(split, None, str(exc)))
+            continue
+        found, fp = _verify_split(path / split, arr, int(meta["vocab_size"]))
+        problems += [TokenProblem(split, rows, reason) for rows, reason in found]
+        if fp is not None:
+            recomputed[split] = fp
+        if fp is not None and not found:  # a bad chunk changes the fingerprint too: say it once
+            problems += _split_meta_problems(path, meta, split, fp)
+    if not problems and len(recomputed) == len(meta["splits"]):
+        want = data_fingerprint(meta["tokenizer_fingerprint"], int(meta["seq_len"]), recomputed)
+        if want != meta["fingerprint"]:
+            problems.append(TokenProblem("", None, (
+                f"{path}/zarr.json: '{ATTR}.fingerprint' {meta['fingerprint'][:12]}... does not match "
+                f"the data (recomputed {want[:12]}...)"
+            )))
+    return problems
+
+
+def _split_meta_problems(path: Path, meta: dict[str, Any], split: str, fp: str) -> list[TokenProblem]:
+    """Compare a split's recomputed fingerprint and token count with what zarr.json records."""
+    info, field = meta["splits"][split], f"'{ATTR}.splits.{split}"
+    out = []
+    if info.get("fingerprint") != fp:
+        legacy = "" if info.get("checksums") == CHECKSUMS else (
+            "; written before chunks had checksums, so the bad chunk cannot be named")
+        out.append(TokenProblem(split, None, (
+            f"{path}/zarr.json: {field}.fingerprint' does not match the tokens "
+            f"(recomputed {fp[:12]}...){legacy}"
+        )))
+    if info.get("tokens") != info["rows"] * (int(meta["seq_len"]) + 1):
+        why = f"{path}/zarr.json: {field}.tokens' is not rows * (seq_len + 1)"
+        out.append(TokenProblem(split, None, why))
+    return out
+
+
+def _verify_split(
+    root: Path, arr: zarr.Array, vocab_size: int
+) -> tuple[list[tuple[tuple[int, int], str]], str | None]:
+    """(problems by chunk row range, fingerprint) of one split; the fingerprint is None
+    when some chunk could not be decoded.
+
+    Streams the token bytes into `split_fingerprint`, chunk by chunk.
+    """
+    rows, step = arr.shape[0], arr.chunks[0]
+    per_block = max(1, BLOCK_TOKENS // max(1, step * arr.shape[1])) * step
+    body, problems, decoded = hashlib.sha256(), [], True
+    for start in range(0, rows, per_block):
+        stop = min(start + per_block, rows)
+        try:
+            blocks = [(start, stop, np.asarray(arr[start:stop]))]
+        except Exception:  # zarr raises several types for bad bytes: find the chunk(s)
+            blocks = []
+            for lo in range(start, stop, step):
+                hi = min(lo + step, stop)
+                try:
+                    blocks.append((lo, hi, np.asarray(arr[lo:hi])))
+                except Exception as exc:
+                    problems.append(((lo, hi - 1), _unreadable(root, arr, lo // step, exc)))
+                    decoded = False
+        for lo, hi, block in blocks:
+            problems += _id_problems(root, arr, lo, hi, block, vocab_size)
+            if decoded:
+                body.update(block.astype("<i4").tobytes())
+    if not decoded:
+        return problems, None
+    return problems, split_fingerprint(tuple(arr.shape), body.digest())
+
+
+def _chunk_file(root: Path, arr: zarr.Array, chunk: int) -> Path:
+    """The file holding inner chunk `chunk`: its shard file, or the chunk's own file when
+    the array is not sharded (data written before shards)."""
+    per_file = (arr.shards[0] if arr.shards else arr.chunks[0]) // arr.chunks[0]
+    return root / arr.metadata.encode_chunk_key((chunk // per_file, 0))
+
+
+def _unreadable(root: Path, arr: zarr.Array, chunk: int, exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return f"chunk file {_chunk_file(root, arr, chunk)} fails its checksum or cannot be decoded ({text})"
+
+
+def _id_problems(
+    root: Path, arr: zarr.Array, lo: int, hi: int, block: np.ndarray, vocab_size: int
+) -> list[tuple[tuple[int, int], str]]:
+    """Per chunk of a decoded block: a missing chunk file, or ids outside the vocabulary.
+
+    The file check also catches a deleted chunk of data written before the fill value
+    was -1 (it reads as id 0 there).
+    """
+    step, out = arr.chunks[0], []
+    for c_lo in range(lo, hi, step):
+        c_hi = min(c_lo + step, hi)
+        chunk, ids = c_lo // step, block[c_lo - lo : c_hi - lo]
+        where = (c_lo, c_hi - 1)
+        if not _chunk_file(root, arr, chunk).is_file():
+            out.append((where, f"missing data: chunk file {_chunk_file(root, arr, chunk)} does not exist"))
+        elif ids.size and int(ids.min()) < 0:
+            out.append((where, f"missing data: ids read as {int(ids.min())} (the fill value)"))
+        elif ids.size and int(ids.max()) >= vocab_size:
+            out.append((where, f"token id {int(ids.max())} >= vocab_size {vocab_size}"))
+    return out
