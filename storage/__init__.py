@@ -10,7 +10,7 @@ from kdcache.storage.integrity import Problem
 from kdcache.storage.joblog import JOB_LOG, CacheJob, append_job, read_jobs
 from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, id_dtype, suggest_chunk_rows
 from kdcache.storage.ledger import ShardEntry
-from kdcache.storage.metadata import DataInfo, StoreMeta, TeacherInfo
+from kdcache.storage.metadata import KINDS, DataInfo, Kind, StoreMeta, TeacherInfo
 from kdcache.storage.reader import StoreReader
 from kdcache.storage.verify import repair_store, summarize, verify_store
 from kdcache.storage.writer import StoreWriter, read_attrs, read_meta
@@ -22,8 +22,10 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 __all__ = [
     "ARRAYS_BY_KIND",
     "JOB_LOG",
+    "KINDS",
     "CacheJob",
     "DataInfo",
+    "Kind",
     "Problem",
     "ShardEntry",
     "StoreError",

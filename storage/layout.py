@@ -28,9 +28,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from kdcache.storage.metadata import StoreMeta
+from kdcache.storage.metadata import Kind, StoreMeta
 
-ARRAYS_BY_KIND: dict[str, tuple[str, ...]] = {
+ARRAYS_BY_KIND: dict[Kind, tuple[str, ...]] = {
     "topk": ("tokens", "ids", "logprobs", "tail_logmass", "target_logprob"),
     "full": ("tokens", "logprobs", "target_logprob"),
     "sampled": ("tokens", "ids", "logprobs", "counts", "target_logprob"),

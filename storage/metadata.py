@@ -19,8 +19,9 @@ from typing import Any, Literal
 from kdcache.storage.errors import StoreError
 
 FORMAT = "kdcache.logits/1"
-KINDS = ("topk", "full", "sampled")
 Kind = Literal["topk", "full", "sampled"]
+"""What a store keeps per position; `layout.ARRAYS_BY_KIND` says which arrays each kind holds."""
+KINDS: tuple[Kind, ...] = typing.get_args(Kind)
 MAX_DRAWS = 255  # `counts` is uint8
 MEASURED = ("complete", "teacher_loss", "padded_mass", "valid_loss", "valid_tokens")
 """Set by the cache job on completion, not chosen: not the identity."""
