@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.optimize import nnls
 
 from kdcache.fit.errors import FitError
 from kdcache.fit.flops import forward_flops
@@ -268,8 +269,6 @@ def hardware_time_model(hw: Hardware) -> TimeModel:
 def _nnls_relative(columns: dict[str, np.ndarray], measured: np.ndarray) -> tuple[dict[str, float], float]:
     """Non-negative least squares on relative residuals (A x - t) / t; columns scaled to unit norm
     first, as FLOPs (1e12) and start-up (1) differ by orders of magnitude. Returns x and the rms."""
-    from scipy.optimize import nnls
-
     a = np.column_stack([columns[name] for name in columns]) / measured[:, None]
     scale = np.linalg.norm(a, axis=0)
     x, _ = nnls(a / scale, np.ones(len(measured)))

@@ -12,11 +12,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import LinearSegmentedColormap, LogNorm
+from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator
 
 from kdcache.fit.errors import FitError
 from kdcache.fit.flops import training_flops
 from kdcache.fit.laws import DistillationLaw, SupervisedLaw
+from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
@@ -141,8 +144,6 @@ def _columns(runs: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def _or_paper(supervised: SupervisedLaw | None, distillation: DistillationLaw | None) -> tuple[
         SupervisedLaw, str, DistillationLaw, str]:
     """The laws to draw and their labels: a law not fitted is the paper's, and says so."""
-    from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS
-
     sup = (supervised, "fitted supervised law") if supervised else (SUPERVISED_PRESETS["paper"], PAPER_LABEL)
     dist = (distillation, "fitted distillation law") if distillation else (PAPER_DISTILLATION, PAPER_LABEL)
     return sup[0], sup[1], dist[0], dist[1]
@@ -169,9 +170,6 @@ def _spread(values: Sequence[float], most: int) -> list[float]:
 def _size_key(fig: Any, ax: Any, colours: dict[float, Any], drawn: Sequence[float]) -> list[Any]:
     """Legend entries naming each size, or, past MAX_SIZES sizes, a colour bar and one entry
     saying how many of them have curves."""
-    from matplotlib.colors import LinearSegmentedColormap, LogNorm
-    from matplotlib.lines import Line2D
-
     if len(colours) <= MAX_SIZES:
         return [Line2D([], [], color=c, lw=2, label=f"N = {n:.3g} params") for n, c in colours.items()]
     lo, hi = min(colours), max(colours)
@@ -210,8 +208,6 @@ def _no_data(ax: Any, text: str) -> None:
 
 
 def _kind_handles(kinds: Any) -> list[Any]:
-    from matplotlib.lines import Line2D
-
     return [Line2D([], [], ls="", marker=KIND_MARKERS[k], color="0.35", label=KIND_LABELS[k])
             for k in KIND_MARKERS if k in set(kinds)]
 
@@ -234,8 +230,6 @@ def loss_vs_tokens(
     (spread over the range; the legend says so), so runs of many sizes stay readable.
     Returns the legend entries.
     """
-    from matplotlib.lines import Line2D
-
     r = _columns(runs)
     sup, sup_label, dist, dist_label = _or_paper(supervised, distillation)
     is_sup = np.isin(r["kind"], ("supervised", "teacher"))
@@ -312,8 +306,6 @@ def capacity_gap_runs(
     law's value) as a dotted line; runs at smaller budgets are faded. Curves and lines for
     at most MAX_SIZES sizes (spread over the range). Returns the legend entries.
     """
-    from matplotlib.lines import Line2D
-
     r = _columns(runs)
     sup, sup_label, dist, dist_label = _or_paper(supervised, distillation)
     is_dist = np.isin(r["kind"], ("distill", "online")) & np.isfinite(r["teacher_loss"])

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import ray
+
 
 @contextmanager
 def ray_session(address: str | None, *, log_to_driver: bool = False,
@@ -20,8 +22,6 @@ def ray_session(address: str | None, *, log_to_driver: bool = False,
     `ray.init()` alone joins whatever Ray another job on the machine started, and a second
     `kdcache run` beside a first then ran its teachers on the first one's Ray, whose raylet
     went away with it."""
-    import ray
-
     started = not ray.is_initialized()
     if started:
         ray.init(address=address or "local", include_dashboard=False, logging_level=logging.ERROR,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs.numcodecs import Delta
 
 from kdcache.storage.metadata import Kind, StoreMeta
 
@@ -103,7 +104,6 @@ def filters(spec: ArraySpec) -> tuple[Any, ...]:
     """The array-to-array codecs of a new array: the delta of bit patterns, or none."""
     if not spec.bits:
         return ()
-    from zarr.codecs.numcodecs import Delta
 
     return (Delta(dtype=spec.stored_dtype.str),)
 

@@ -6,7 +6,11 @@ import dataclasses
 import json
 from typing import Any
 
+from kdcache.fit import plots
 from kdcache.fit.errors import FitError
+from kdcache.fit.report import fit_runs
+from kdcache.paths import check_writable
+from kdcache.storage.runs import read_runs
 
 HELP = "Fit the supervised or distillation scaling law to a runs table (Parquet or CSV)."
 LAWS = ("supervised", "distillation")
@@ -55,11 +59,6 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    from kdcache.fit import plots
-    from kdcache.fit.report import fit_runs
-    from kdcache.paths import check_writable
-    from kdcache.storage.runs import read_runs
-
     if cfg.plot:
         check_writable(cfg.plot, "--plot", directory=False)
     report = fit_runs(read_runs(cfg.runs), cfg.law, source=cfg.runs, delta=cfg.delta,

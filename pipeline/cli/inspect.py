@@ -6,6 +6,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+from kdcache.storage import summarize
+
 HELP = ("Show a logit store's metadata, committed rows/shards, bytes on disk and bytes per token; "
         "exit 1 if it is damaged.")
 
@@ -19,8 +21,6 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    from kdcache.storage import summarize
-
     info = summarize(cfg.store)
     status = 1 if info["damaged"] else 0
     if cfg.json:

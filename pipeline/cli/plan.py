@@ -9,9 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kdcache.fit import plots, recipes
 from kdcache.fit.errors import FitError
+from kdcache.fit.presets import load_distillation
 
 HELP = "Compute-optimal distillation (Eq. 10) for a student size and compute, in one of four scenarios."
 SCENARIOS = ("best", "inference", "pretraining", "pretraining+inference")
@@ -48,9 +53,6 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    from kdcache.fit import recipes
-    from kdcache.fit.presets import load_distillation
-
     law = load_distillation(cfg.law)
     shape = {"rho": cfg.rho, "context": cfg.context, "vocab": cfg.vocab}
     out = recipes.plan(law, cfg.student_params, cfg.compute, cfg.scenario, crossover=not cfg.no_crossover,
@@ -62,12 +64,6 @@ def run(cfg: Config) -> int:
 
 
 def _plot(law: Any, cfg: Config, shape: dict[str, float]) -> None:
-    from pathlib import Path
-
-    import numpy as np
-
-    from kdcache.fit import plots, recipes
-
     budgets = cfg.compute * np.logspace(-2, 2, 9)
     # Budgets whose recipe would leave the bounds are left out of the curves, not plotted.
     found = {s: [recipes.recipe_or_none(law, cfg.student_params, float(c), s, **shape) for c in budgets]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kdcache.pipeline.prepare.job import PrepareConfig as Config
+from kdcache.pipeline.prepare.config import PrepareConfig as Config
 
 HELP = "Train (or load) a tokenizer and write token splits teacher/student/valid to a DATA directory."
 

@@ -3,8 +3,13 @@ ledger, or decode every chunk of a token DATA directory and recompute its finger
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
+
+from kdcache.storage import StoreError, repair_store, summarize, verify_store
+from kdcache.storage.tokens.format import is_token_data, open_token_data
+from kdcache.storage.tokens.verify import verify_token_data
 
 HELP = ("Re-check every committed shard of a store against its ledger checksums, or every chunk "
         "and fingerprint of token data.")
@@ -21,18 +26,12 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    from kdcache.storage.tokens.format import is_token_data
-
     if is_token_data(cfg.store):
         return _run_data(cfg)
     return _run_store(cfg)
 
 
 def _run_store(cfg: Config) -> int:
-    import json
-
-    from kdcache.storage import repair_store, summarize, verify_store
-
     problems = verify_store(cfg.store)
     repaired = repair_store(cfg.store, problems) if cfg.repair else []
     bad = sorted({p.shard for p in problems if p.shard is not None})
@@ -61,14 +60,8 @@ def _run_store(cfg: Config) -> int:
 
 def _run_data(cfg: Config) -> int:
     """Token data has no second copy to repair from, so --repair is refused before any work."""
-    import json
-
-    from kdcache.storage.tokens.format import open_token_data
-    from kdcache.storage.tokens.verify import verify_token_data
-    from kdcache.train.errors import TrainError
-
     if cfg.repair:
-        raise TrainError(
+        raise StoreError(
             f"{cfg.store}: --repair works on logit stores only; token data cannot be repaired, "
             "re-run kdcache prepare"
         )

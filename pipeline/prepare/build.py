@@ -1,7 +1,7 @@
 """One `kdcache prepare` build: token pieces in document order -> packed, checked splits in
 a Zarr group, the tokenizer beside them, and the group attribute that names it all.
 
-The pieces come from this process or from Ray Data (`prepare_ray`); either way they
+The pieces come from this process or from Ray Data (`ray_data.py`); either way they
 arrive in document order, so the bytes written do not depend on where they were made.
 """
 
@@ -12,18 +12,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import zarr
+from tqdm import tqdm
+
 from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.prepare.config import PrepareConfig, PrepareResult
+from kdcache.pipeline.prepare.corpus import Unit
 from kdcache.pipeline.prepare.tokenizer import SPLITS, eos_id
+from kdcache.storage.tokens.format import ATTR, FORMAT, data_fingerprint, sha256_parts
 from kdcache.storage.tokens.writer import SplitWriter, ThreadWrites
 
 POSTFIX_EVERY_S = 0.5
 
 
-def _consume(cfg: Any, pieces: Iterator[Any], writers: list[SplitWriter], total: int) -> tuple[int, int]:
+def _consume(cfg: PrepareConfig, pieces: Iterator[Any], writers: list[SplitWriter],
+             total: int) -> tuple[int, int]:
     """Feed every piece to its split until the source ends or every split is full;
     returns (documents, tokens) seen. One bar over input bytes, with tokens/s."""
-    from tqdm import tqdm
-
     docs = tokens = 0
     t0 = last = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=cfg.quiet) as bar:
@@ -40,13 +45,8 @@ def _consume(cfg: Any, pieces: Iterator[Any], writers: list[SplitWriter], total:
     return docs, tokens
 
 
-def build(cfg: Any, units: list[Any], tok: Any, tmp: Path, pieces: Iterator[Any]) -> Any:
-    """Write the whole DATA directory into `tmp` (`cfg` is a PrepareConfig)."""
-    import zarr
-
-    from kdcache.pipeline.prepare.job import PrepareResult
-    from kdcache.storage.tokens.format import ATTR, FORMAT, data_fingerprint, sha256_parts
-
+def build(cfg: PrepareConfig, units: list[Unit], tok: Any, tmp: Path, pieces: Iterator[Any]) -> PrepareResult:
+    """Write the whole DATA directory into `tmp`."""
     t0 = time.perf_counter()
     vocab_size, eos = int(tok.get_vocab_size()), eos_id(tok)
     group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.prepare.records import parquet_groups, records
 
 RECORD_SUFFIXES = (".jsonl", ".parquet", ".arrow")
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -117,7 +118,6 @@ def _units_of_file(path: Path, name: str) -> list[Unit]:
     if path.suffix != ".parquet":
         kind = path.suffix[1:] if path.suffix in RECORD_SUFFIXES else "text"
         return [Unit(kind, (str(path),), (name,), size)]
-    from kdcache.pipeline.prepare.records import parquet_groups
 
     return [Unit("parquet", (str(path),), (name,), nbytes, group=g, first=first)
             for g, first, nbytes in parquet_groups(path)]
@@ -169,8 +169,6 @@ Batch = tuple[list[str], list[str], int]  # names, texts, input bytes they accou
 
 def read_unit(unit: Unit, text_column: str, batch_bytes: int) -> Iterator[Batch]:
     """The unit's non-empty documents as batches of about `batch_bytes` of text."""
-    from kdcache.pipeline.prepare.records import records
-
     if unit.kind in ("text", "stdlib"):
         yield from _text_batches(unit, batch_bytes)
         return

@@ -22,8 +22,16 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data import TaskPoolStrategy
+from ray.exceptions import RayError
+from tokenizers import Tokenizer
 
 from kdcache.errors import KdcacheError
+from kdcache.pipeline.prepare.corpus import Unit, read_unit
+from kdcache.pipeline.prepare.tokenizer import tokenize_batch
 
 BLOCK_BYTES = 1 << 20  # each read batch its own block, so one file feeds every worker
 OBJECT_STORE_BUDGET = 64 << 20  # Ray Data's object store budget for blocks in flight
@@ -34,10 +42,6 @@ _TOKENIZERS: dict[str, Any] = {}
 
 def _read(table: Any, text_column: str, batch_bytes: int) -> Iterator[Any]:
     """Ray Data UDF: one read unit (a one-row batch) -> tables of documents."""
-    import pyarrow as pa
-
-    from kdcache.pipeline.prepare.corpus import Unit, read_unit
-
     for row in table.to_pylist():
         for names, texts, nbytes in read_unit(Unit.from_row(row), text_column, batch_bytes):
             yield pa.table({"name": names, "text": texts,
@@ -47,11 +51,6 @@ def _read(table: Any, text_column: str, batch_bytes: int) -> Iterator[Any]:
 def _tokenize(table: Any, tokenizer: str, eos: int | None, seed: int,
               fractions: Sequence[float]) -> Any:
     """Ray Data UDF: documents -> one row of tokens per split (the worker keeps its tokenizer)."""
-    import ray
-    from tokenizers import Tokenizer
-
-    from kdcache.pipeline.prepare.tokenizer import tokenize_batch
-
     key = hashlib.sha256(tokenizer.encode()).hexdigest()
     if not _TOKENIZERS:
         # As many encoder threads as CPUs the task holds: tokenizers would otherwise start
@@ -69,9 +68,6 @@ def _tokenize(table: Any, tokenizer: str, eos: int | None, seed: int,
 def ray_pieces(units: list[Any], tok: Any, eos: int | None, *, workers: int, text_column: str,
                seed: int, fractions: Sequence[float], batch_bytes: int) -> Iterator[Piece]:
     """Token pieces in document order, computed by Ray Data (Ray must be initialised)."""
-    import ray.data
-    from ray.data import TaskPoolStrategy
-
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     # A small source has fewer blocks than workers: Ray Data's warning says nothing to a user.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
@@ -114,8 +110,6 @@ def _table_pieces(table: Any) -> Iterator[Piece]:
 def domain_error(exc: BaseException) -> BaseException:
     """The KdcacheError a Ray worker raised, as one clear line, else `exc`: Ray wraps it in
     task and Ray Data errors whose text is a traceback."""
-    from ray.exceptions import RayError
-
     seen: set[int] = set()
     todo: deque[BaseException] = deque([exc])
     while todo:

@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from kdcache.pipeline.errors import PipelineError
 
 ARROW_BATCH_ROWS = 1024
@@ -59,8 +62,6 @@ def _jsonl_text(path: Path, line_no: int, raw: bytes, column: str) -> str:
 
 def check_text_field(path: Path, schema: Any, column: str) -> None:
     """The column exists and holds strings, or one line naming the file and column."""
-    import pyarrow as pa
-
     if column not in schema.names:
         raise PipelineError(f"{path}: missing text column {column!r} (has {schema.names})")
     kind = schema.field(column).type
@@ -71,9 +72,6 @@ def check_text_field(path: Path, schema: Any, column: str) -> None:
 
 def parquet_groups(path: Path) -> list[tuple[int, int, int]]:
     """(row group, its first row, its compressed bytes) for each row group of a Parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         meta = pq.ParquetFile(path).metadata
     except (pa.ArrowInvalid, OSError) as exc:
@@ -88,9 +86,6 @@ def parquet_groups(path: Path) -> list[tuple[int, int, int]]:
 
 
 def _parquet(path: Path, group: int, first: int, nbytes: int, column: str) -> Iterator[Record]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         f = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -106,8 +101,6 @@ def _parquet(path: Path, group: int, first: int, nbytes: int, column: str) -> It
 
 
 def _arrow(path: Path, column: str) -> Iterator[Record]:
-    import pyarrow as pa
-
     number = 0
     with pa.OSFile(str(path)) as f:
         try:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kdcache.pipeline.errors import PipelineError
 
@@ -43,8 +45,6 @@ class TokenBatch:
     nbytes: int  # input bytes (for the progress bar)
 
     def to_arrow(self) -> Any:
-        import pyarrow as pa
-
         lists = [pa.ListArray.from_arrays(pa.array([0, len(t)], pa.int32()), pa.array(t, pa.int32()))
                  for t in self.tokens]
         return pa.table({
@@ -80,8 +80,6 @@ def eos_id(tok: Any) -> int | None:
 
 
 def load_tokenizer(path: str, vocab_size: int | None) -> Any:
-    from tokenizers import Tokenizer
-
     try:
         tok = Tokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises a bare Exception for bad JSON
@@ -112,8 +110,6 @@ def teacher_sample(batches: Iterator[tuple[list[str], list[str], int]], seed: in
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, progress: bool) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

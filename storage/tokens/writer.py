@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.layout import compressors
+from kdcache.storage.tokens.format import CHECKSUMS, split_fingerprint
 
 CHUNK_TOKENS = 16384  # ~64 KB inner chunks: cheap random row reads
 SHARD_CHUNKS = 16  # inner chunks per shard file: ~1 MB of int32, the unit of one write
@@ -28,8 +31,6 @@ WRITE_THREADS = 2
 
 def write_shard(path: str, start: int, rows: np.ndarray) -> int:
     """Write `rows` at row `start` of the array at `path` (a whole shard, or the last one)."""
-    import zarr
-
     zarr.open_array(store=path, mode="r+")[start : start + len(rows)] = rows
     return len(rows)
 
@@ -39,8 +40,6 @@ class ThreadWrites:
     `in_flight` at once, so encoding overlaps tokenizing and memory stays bounded."""
 
     def __init__(self, threads: int = WRITE_THREADS, in_flight: int = 2 * WRITE_THREADS) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kdcache-shard")
         self._limit = in_flight
         self._futures: deque[tuple[str, Future[int]]] = deque()
@@ -69,8 +68,6 @@ class SplitWriter:
 
     def __init__(self, group: Any, root: Path, name: str, width: int, cap: int | None,
                  vocab_size: int, writes: ThreadWrites) -> None:
-        from kdcache.storage.layout import compressors
-
         self.name, self.width, self.cap, self.vocab_size = name, width, cap, vocab_size
         chunk_rows = max(1, CHUNK_TOKENS // width)
         self.shard_rows = chunk_rows * SHARD_CHUNKS
@@ -105,8 +102,6 @@ class SplitWriter:
 
     def close(self, source: str) -> dict[str, Any]:
         """Write the last rows, cut the array to its row count; the split's metadata."""
-        from kdcache.storage.tokens.format import CHECKSUMS, split_fingerprint
-
         flat = np.concatenate(self._pending) if self._pending else np.zeros(0, np.int32)
         if len(flat) >= self.width:
             self._emit(flat[: len(flat) // self.width * self.width].reshape(-1, self.width))
