@@ -8,11 +8,14 @@ lets a run refuse, before it trains, a table it could not append to at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import typing
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -23,33 +26,74 @@ from filelock import FileLock
 from kdcache.paths import check_writable
 from kdcache.storage.errors import StoreError
 
-RUN_KINDS = ("supervised", "distill", "online")
+RunKind = Literal["supervised", "distill", "online"]
+RUN_KINDS: tuple[RunKind, ...] = typing.get_args(RunKind)
 
-SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("kind", pa.string()),
-        ("params", pa.int64()),  # non-embedding parameters N
-        ("tokens", pa.int64()),  # training tokens D
-        ("loss", pa.float64()),  # validation cross-entropy, nats/token
-        ("teacher_loss", pa.float64()),  # L_T (distill/online)
-        ("teacher_params", pa.int64()),
-        ("store", pa.string()),
-        ("k", pa.int64()),
-        ("temperature", pa.float64()),
-        ("lambda", pa.float64()),
-        ("ece", pa.float64()),
-        ("flops", pa.float64()),
-        ("wall_s", pa.float64()),
-        ("tokens_per_s", pa.float64()),
-        ("layers", pa.int64()),
-        ("d_model", pa.int64()),
-        ("n_heads", pa.int64()),
-        ("vocab_size", pa.int64()),
-        ("seq_len", pa.int64()),
-        ("seed", pa.int64()),
-    ]
-)
+
+@dataclass(frozen=True, kw_only=True)
+class RunRow:
+    """One training run, as a row of the table; the Parquet schema is derived from these fields.
+
+    Only `params`, `tokens` and `loss` (and `teacher_loss` for the distillation law) are
+    needed to fit; tables users bring from elsewhere may hold just those columns.
+    """
+
+    run_id: str
+    kind: RunKind
+    params: int
+    """Non-embedding parameters N."""
+    tokens: int
+    """Training tokens D."""
+    loss: float
+    """Validation cross-entropy, nats/token."""
+    teacher_loss: float | None = None
+    """L_T, the teacher's cross-entropy on the data's valid split (distill and online)."""
+    teacher_params: int | None = None
+    store: str | None = None
+    k: int | None = None
+    temperature: float | None = None
+    lam: float | None = field(default=None, metadata={"column": "lambda"})
+    ece: float | None = None
+    flops: float | None = None
+    wall_s: float | None = None
+    tokens_per_s: float | None = None
+    layers: int | None = None
+    d_model: int | None = None
+    n_heads: int | None = None
+    vocab_size: int | None = None
+    seq_len: int | None = None
+    seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The row keyed by column name (`lambda`, not `lam`)."""
+        return {_COLUMN[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any], where: str = "runs-table row") -> RunRow:
+        """A row from column names; other keys are ignored (kdcache.json keeps more beside the row)."""
+        kwargs = {f: values[c] for f, c in _COLUMN.items() if c in values}
+        if kwargs.get("kind") not in RUN_KINDS:
+            raise StoreError(f"{where}: field 'kind' must be one of {RUN_KINDS}, got {kwargs.get('kind')!r}")
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a required column missing
+            raise StoreError(f"{where}: not a runs-table row ({exc})") from exc
+
+
+_COLUMN = {f.name: f.metadata.get("column", f.name) for f in dataclasses.fields(RunRow)}
+_ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64()}
+
+
+def _arrow_type(hint: Any) -> pa.DataType:
+    """The column type of a field's hint: str, int, float, a Literal of strings, or one of them | None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is Literal or (args and typing.get_origin(args[0]) is Literal):
+        return pa.string()
+    return _ARROW[args[0] if args else hint]
+
+
+SCHEMA = pa.schema([(_COLUMN[name], _arrow_type(hint))
+                    for name, hint in typing.get_type_hints(RunRow).items()])
 
 REQUIRED = ("params", "tokens", "loss")
 IDENTITY = ("run_id", "tokens", "loss")
@@ -150,8 +194,9 @@ def check_appendable(path: str | os.PathLike[str], flag: str = "--runs") -> None
         _conform(_read_parquet(path), path)
 
 
-def append_run(path: str | os.PathLike[str], row: Mapping[str, Any]) -> None:
+def append_run(path: str | os.PathLike[str], row: RunRow | Mapping[str, Any]) -> None:
     """Append one run to the Parquet table at `path`, creating it if needed."""
+    row = row.to_json() if isinstance(row, RunRow) else row
     unknown = set(row) - set(SCHEMA.names)
     if unknown:
         raise StoreError(f"{path}: unknown runs-table columns {sorted(unknown)}")
@@ -173,7 +218,7 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def has_run(path: str | os.PathLike[str], row: Mapping[str, Any]) -> bool:
+def has_run(path: str | os.PathLike[str], row: RunRow | Mapping[str, Any]) -> bool:
     """Whether the table at `path` (absent: none) holds `row`, matched on IDENTITY.
 
     Lets a rerun tell a finished model whose row was lost from one already recorded, so
@@ -183,6 +228,7 @@ def has_run(path: str | os.PathLike[str], row: Mapping[str, Any]) -> bool:
     if not path.exists():
         return False
     table = _conform(_read_parquet(path), path)
+    row = row.to_json() if isinstance(row, RunRow) else row
     key = [row.get(name) for name in IDENTITY]
     stored = zip(*(table.column(name).to_pylist() for name in IDENTITY), strict=True)
     return any(all(_same(a, b) for a, b in zip(key, other, strict=True)) for other in stored)
