@@ -36,10 +36,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
-from kdcache.pipeline.cache.gguf import ImportConfig, import_gguf
-from kdcache.pipeline.cache.job import CacheConfig, run_cache
-from kdcache.pipeline.prepare.job import PrepareConfig, prepare
+from kdcache.pipeline.cache.config import CacheConfig, ImportConfig
+from kdcache.pipeline.cache.gguf import import_gguf
+from kdcache.pipeline.cache.job import run_cache
+from kdcache.pipeline.cache.teachers.hf import checkpoint_dtype
+from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, default_device, resolve_dtype
+from kdcache.pipeline.cache.teachers.vllm import engine_kwargs
+from kdcache.pipeline.prepare.config import PrepareConfig
+from kdcache.pipeline.prepare.job import prepare
 from kdcache.storage import summarize
 from kdcache.storage.tokens.format import open_token_data
 from kdcache.train.config import ModelConfig
@@ -68,8 +74,6 @@ def _bare_torch(forward: Callable[[torch.Tensor], torch.Tensor], rows: np.ndarra
 
 
 def _torch_dtype(dtype: str, device: str) -> torch.dtype:
-    from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, resolve_dtype
-
     return DTYPES[resolve_dtype(dtype, None if dtype == "auto" else dtype, torch.device(device))]
 
 
@@ -79,11 +83,6 @@ def bare_loop(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str
 
 
 def bare_hf(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str) -> float:
-    from transformers import AutoModelForCausalLM
-
-    from kdcache.pipeline.cache.teachers.hf import checkpoint_dtype
-    from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, resolve_dtype
-
     hf = json.loads((model_dir / "config.json").read_text())
     torch_dtype = DTYPES[resolve_dtype(dtype, checkpoint_dtype(hf), torch.device(device))]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
@@ -94,10 +93,6 @@ def bare_vllm(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-
-    from kdcache.pipeline.cache.teachers.hf import checkpoint_dtype
-    from kdcache.pipeline.cache.teachers.torch_teacher import default_device, resolve_dtype
-    from kdcache.pipeline.cache.teachers.vllm import engine_kwargs
 
     hf = json.loads((model_dir / "config.json").read_text())
     resolved = resolve_dtype(dtype, checkpoint_dtype(hf), default_device())
@@ -137,9 +132,9 @@ def measure(model_dir: Path, data: Path, rows: np.ndarray, out: Path, *, name: s
     return {
         "backend": backend, "model": name, "params": params, "k": k, "dtype": summarize(out)["metadata"]
         ["teacher"]["dtype"], "device": device, "seq_len": rows.shape[1] - 1,
-        "cache_tokens_per_s": result["tokens_per_s"], "bare_tokens_per_s": bare,
-        "ratio": result["tokens_per_s"] / bare,
-        "startup_s": time.perf_counter() - t0 - result["seconds"],
+        "cache_tokens_per_s": result.tokens_per_s, "bare_tokens_per_s": bare,
+        "ratio": result.tokens_per_s / bare,
+        "startup_s": time.perf_counter() - t0 - result.seconds,
         "bytes_per_token": summarize(out)["bytes_per_token"],
     }
 

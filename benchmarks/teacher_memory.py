@@ -20,13 +20,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
 OUTPUT_ROWS, VOCAB, K, BATCH_ROWS = 151_936, 151_665, 64, 2
 
 CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
-from kdcache.pipeline.cache.targets import TargetSpec
-from kdcache.pipeline.cache.teachers import load_teacher, torch_teacher
+from kdcache.pipeline.cache.teachers import TargetSpec, load_teacher, torch_teacher
 model, mode, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(2)
 if mode == "whole":
@@ -43,9 +45,6 @@ print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 
 
 def make_model(out: Path) -> Path:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     config = Qwen2Config(vocab_size=OUTPUT_ROWS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, head_dim=32,
                          max_position_embeddings=8192, tie_word_embeddings=False)

@@ -19,10 +19,17 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from kdcache.pipeline.cache.config import ImportConfig, ImportResult
+from kdcache.pipeline.cache.teachers.hf import weights_fingerprint
 from kdcache.pipeline.errors import PipelineError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -31,40 +38,6 @@ SAMPLE_TEXT = (
     "The capital city of France is Paris. It lies on the Seine, in the north of the country.\n"
     "def mean(values):\n    return sum(values) / len(values)\n"
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImportConfig:
-    """Settings of one `kdcache import-teacher` run."""
-
-    gguf: str
-    """GGUF file of the teacher (llama.cpp format; Llama architecture)."""
-    out: str
-    """MODEL directory to create (must not exist)."""
-    quiet: bool = False
-    """No progress messages."""
-    json: bool = False
-    """Print the result as JSON."""
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    out: Path
-    architecture: str
-    layers: int
-    hidden_size: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tokenizer_vocab_size: int
-    tied_embeddings: bool
-    params: int
-    nonembedding_params: int
-    max_abs_diff: float
-    fingerprint: str
-    """sha256 of the weights: the teacher's identity in a logit store (hf/vllm backends)."""
-    seconds: float
 
 
 def import_gguf(cfg: ImportConfig) -> ImportResult:
@@ -96,7 +69,7 @@ def import_gguf(cfg: ImportConfig) -> ImportResult:
 
 def read_header(path: Path) -> dict[str, Any]:
     """Validate the file before the slow load: readable, complete, a supported architecture."""
-    try:
+    try:  # the optional `gguf` extra, asked for only by this verb
         import accelerate  # noqa: F401  (transformers' GGUF loading needs it)
         from gguf import GGUFReader
     except ImportError as exc:
@@ -122,10 +95,6 @@ def read_header(path: Path) -> dict[str, Any]:
 
 def load_gguf(path: Path, *, quiet: bool = True) -> tuple[Any, Any]:
     """(model, tokenizer) as transformers loads them from the GGUF file, float32, eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     if quiet:
         hf_logging.disable_progress_bar()
     try:
@@ -140,8 +109,6 @@ def load_gguf(path: Path, *, quiet: bool = True) -> tuple[Any, Any]:
 
 def save_plain(model: Any, tokenizer: Any, out: Path) -> None:
     """Save GGUF-loaded weights as a plain (unquantised) model directory."""
-    import torch
-
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
@@ -175,10 +142,6 @@ def check_conversion(model: Any, tokenizer: Any, out: Path) -> float:
     Raises when the written tokenizer.json tokenises differently, when tied embeddings
     came back untied, or when logits differ by more than LOGITS_ATOL.
     """
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
-
     ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
     written_tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     if written_tok.encode(SAMPLE_TEXT, add_special_tokens=False).ids != ids:
@@ -199,8 +162,6 @@ def check_conversion(model: Any, tokenizer: Any, out: Path) -> float:
 
 
 def _write_provenance(out: Path, src: Path, header: dict[str, Any], diff: float) -> None:
-    from importlib.metadata import version
-
     with open(src, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
     record = {"source": src.name, "source_sha256": digest, **header,
@@ -210,8 +171,6 @@ def _write_provenance(out: Path, src: Path, header: dict[str, Any], diff: float)
 
 
 def _result(model: Any, tokenizer: Any, out: Path, diff: float, seconds: float) -> ImportResult:
-    from kdcache.pipeline.cache.teachers.hf import weights_fingerprint
-
     cfg = model.config
     inp = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight

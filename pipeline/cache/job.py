@@ -10,96 +10,44 @@ micro-batches, so the store's bytes do not depend on the number of workers.
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+import ray
+from tqdm import tqdm
 
 from kdcache.errors import KdcacheError
 from kdcache.paths import check_writable
+from kdcache.pipeline.cache.config import CacheConfig, CacheResult
 from kdcache.pipeline.cache.placement import check_tensor_parallel, replica_options
 from kdcache.pipeline.cache.vocab import check_teacher_vocab
+from kdcache.pipeline.cache.worker import CacheWorker, ReplicaSettings, TeacherDescription
 from kdcache.pipeline.errors import PipelineError
+from kdcache.ray_session import ray_session
+from kdcache.storage import (
+    CacheJob,
+    DataInfo,
+    StoreMeta,
+    StoreWriter,
+    append_job,
+    read_meta,
+    suggest_chunk_rows,
+)
+from kdcache.storage.ledger import committed
+from kdcache.storage.tokens.format import TokenData, open_token_data
 
-Backend = Literal["native", "hf", "vllm"]
 RECORDED_RTOL = 1e-4
 """A teacher's recorded validation loss against the cache job's own measurement: float32
 forwards in other batch shapes agree to ~1e-6; wrong weights differ by far more."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class CacheConfig:
-    """Run a teacher over a token split and write its targets to a logit store."""
-
-    teacher: str
-    """Teacher model directory (kdcache MODEL or Hugging Face causal LM)."""
-    data: str
-    """Token data directory written by `kdcache prepare`."""
-    out: str
-    """Logit store to create, or to resume if it exists with the same settings."""
-    split: str = "student"
-    """Split of the token data to run the teacher over."""
-    kind: Literal["topk", "full", "sampled"] = "topk"
-    """Targets to keep: top-k log-probs, the full distribution, or sampled ids with counts."""
-    k: int = 64
-    """Ids kept per position (topk)."""
-    draws: int = 64
-    """Samples per position (sampled; at most 255)."""
-    temperature: float = 1.0
-    """Temperature of the stored log-probs (the paper finds 1 best)."""
-    backend: Backend = "native"
-    """Teacher backend: native (kdcache model), hf (transformers), vllm."""
-    workers: int = 1
-    """Teacher replicas (Ray actors)."""
-    ray_address: str | None = None
-    """Address of an existing Ray cluster; default starts a local one."""
-    shard_rows: int = 64
-    """Rows per store shard: the unit of work, of commit and of resume."""
-    batch_rows: int = 8
-    """Rows per teacher forward pass (native/hf project their logits in chunks of 256 MB)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Teacher weights' dtype (hf, vllm; native too): auto is float32 on CPU, the checkpoint's
-    torch_dtype on GPU. Log-probs are computed in float32 whatever it is."""
-    tensor_parallel: int = 1
-    """GPUs per teacher replica (vllm), held as one placement group on one node."""
-    max_rows: int | None = None
-    """Cache only the first N rows of the split (quick runs)."""
-    valid_rows: int | None = None
-    """Rows of the `valid` split the teacher loss L_T is measured on (default: all, the rows
-    students are scored on; match the students' --eval-rows if they use fewer)."""
-    seed: int = 0
-    """Seed of the sampled kind's draws."""
-    json: bool = False
-    """Print the result as JSON."""
-    quiet: bool = False
-    """No progress bar."""
-
-    def __post_init__(self) -> None:
-        for name in ("k", "draws", "workers", "shard_rows", "batch_rows", "tensor_parallel"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"cache config: field '{name}' must be >= 1")
-        for name in ("max_rows", "valid_rows"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise PipelineError(f"cache config: field '{name}' must be >= 1")
-        if not self.temperature > 0:
-            raise PipelineError("cache config: field 'temperature' must be > 0")
-        if self.kind == "sampled" and self.draws > 255:
-            raise PipelineError("cache config: field 'draws' must be <= 255 (counts are uint8)")
-        if self.backend == "vllm" and (self.kind != "topk" or self.temperature != 1.0):
-            raise PipelineError("cache config: the vllm backend caches kind=topk at temperature 1 only")
-        if self.tensor_parallel > 1 and self.backend != "vllm":
-            raise PipelineError("cache config: field 'tensor_parallel' > 1 needs --backend vllm")
-
-
-def run_cache(cfg: CacheConfig) -> dict[str, Any]:
+def run_cache(cfg: CacheConfig) -> CacheResult:
     """Build (or finish) the store; returns a summary with teacher_loss and throughput."""
-    import ray
-
-    from kdcache.ray_session import ray_session
-    from kdcache.storage import CacheJob, StoreWriter, append_job
-
     data = _check_paths(cfg)
     started = time.perf_counter()
     with ray_session(cfg.ray_address):
@@ -113,7 +61,8 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
             writer = StoreWriter.open(cfg.out, meta)
             pending = writer.pending_shards()
             # L_T first: a teacher that disagrees with its own record fails in seconds, not at the end.
-            valid = _valid_loss(cfg, actors, data) if pending or writer.meta.valid_loss is None else None
+            measure = bool(pending) or writer.meta.valid_loss is None
+            valid = _valid_loss(cfg, actors, data, writer.meta) if measure else None
             t0 = time.perf_counter()
             tokens = _dispatch(cfg, actors, pending, writer.meta)
             seconds = time.perf_counter() - t0
@@ -132,21 +81,16 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
                 ray.kill(actor)
             for group in groups:
                 ray.util.remove_placement_group(group)
-    return {
-        "store": cfg.out,
-        "shards": writer.meta.num_shards,
-        "shards_written": len(pending),
-        "tokens_written": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-        "complete": writer.meta.complete,
-        "valid_loss": writer.meta.valid_loss,
-        "valid_tokens": writer.meta.valid_tokens,
-        "teacher_loss": writer.meta.teacher_loss,
-    }
+    return CacheResult(
+        store=cfg.out, shards=writer.meta.num_shards, shards_written=len(pending), tokens_written=tokens,
+        seconds=seconds, tokens_per_s=tokens / seconds if seconds > 0 else 0.0, complete=writer.meta.complete,
+        valid_loss=writer.meta.valid_loss, valid_tokens=writer.meta.valid_tokens,
+        teacher_loss=writer.meta.teacher_loss,
+    )
 
 
-def _valid_loss(cfg: CacheConfig, actors: list[Any], data: Any) -> tuple[float, int] | None:
+def _valid_loss(cfg: CacheConfig, actors: list[Any], data: TokenData,
+                meta: StoreMeta) -> tuple[float, int] | None:
     """L_T: the teacher's cross-entropy on the data's valid split, in `shard_rows` pieces over
     the actors, summed in row order (so it does not depend on the number of workers).
 
@@ -157,18 +101,15 @@ def _valid_loss(cfg: CacheConfig, actors: list[Any], data: Any) -> tuple[float, 
     rows = min(rows, cfg.valid_rows) if cfg.valid_rows else rows
     if rows == 0:
         return None
-    refs = [actors[i % len(actors)].valid_nll.remote(start, min(start + cfg.shard_rows, rows))
+    refs = [actors[i % len(actors)].valid_nll.remote(start, min(start + cfg.shard_rows, rows), meta)
             for i, start in enumerate(range(0, rows, cfg.shard_rows))]
-    sums = [_get(ref) for ref in refs]
-    nll, tokens = sum(s["nll_sum"] for s in sums), sum(s["tokens"] for s in sums)
+    sums: list[tuple[float, int]] = [_get(ref) for ref in refs]
+    nll, tokens = sum(s[0] for s in sums), sum(s[1] for s in sums)
     _check_recorded_loss(cfg.teacher, data, nll / tokens, tokens)
     return nll / tokens, tokens
 
 
-def _check_recorded_loss(teacher: str, data: Any, loss: float, tokens: int) -> None:
-    import json
-    import math
-
+def _check_recorded_loss(teacher: str, data: TokenData, loss: float, tokens: int) -> None:
     try:
         meta = json.loads((Path(teacher) / "kdcache.json").read_text())
     except (OSError, ValueError):
@@ -184,19 +125,14 @@ def _check_recorded_loss(teacher: str, data: Any, loss: float, tokens: int) -> N
 
 def _roll_back(out: str, created: bool) -> None:
     """A store this run created and never committed to is removed: bad input changes nothing."""
-    from kdcache.storage.ledger import committed
-
     path = Path(out)
     # The ledger alone decides: a reader's integrity checks must never get committed work deleted.
     if created and path.is_dir() and not committed(path):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_paths(cfg: CacheConfig) -> Any:
+def _check_paths(cfg: CacheConfig) -> TokenData:
     """Cheap checks before any worker starts, so bad paths fail in a second; the token data."""
-    from kdcache.storage import read_meta
-    from kdcache.storage.tokens.format import open_token_data
-
     teacher = Path(cfg.teacher)
     if not (teacher / "config.json").is_file():
         raise PipelineError(f"{teacher}: missing config.json (not a model directory)")
@@ -210,23 +146,21 @@ def _check_paths(cfg: CacheConfig) -> Any:
     return data
 
 
-def _split_rows(data: Any, cfg: CacheConfig) -> int:
+def _split_rows(data: TokenData, cfg: CacheConfig) -> int:
     rows = int(data.rows(cfg.split))
     return min(rows, cfg.max_rows) if cfg.max_rows else rows
 
 
-def _store_meta(cfg: CacheConfig, described: dict[str, Any], data: Any) -> Any:
-    from kdcache.storage import DataInfo, StoreMeta, TeacherInfo, suggest_chunk_rows
-
+def _store_meta(cfg: CacheConfig, described: TeacherDescription, data: TokenData) -> StoreMeta:
     vocab = data.vocab_size  # the store's ids are the tokenizer's; padded output rows are dropped
-    check_teacher_vocab(cfg.teacher, int(described["output_rows"]), described["tokenizer"],
-                        Path(data.tokenizer_path), vocab)
+    check_teacher_vocab(cfg.teacher, described.output_rows, described.tokenizer, Path(data.tokenizer_path),
+                        vocab)
     k = {"topk": cfg.k, "full": vocab, "sampled": cfg.draws}[cfg.kind]
     if k > vocab:
         raise PipelineError(f"cache config: field 'k' ({k}) exceeds the vocabulary ({vocab})")
     return StoreMeta(
         kind=cfg.kind, k=k, vocab_size=vocab, seq_len=data.seq_len, temperature=cfg.temperature,
-        teacher=TeacherInfo(**described["info"]),
+        teacher=described.info,
         data=DataInfo(fingerprint=data.split_fingerprint(cfg.split), split=cfg.split,
                       rows=_split_rows(data, cfg), tokenizer=data.tokenizer_fingerprint),
         shard_rows=cfg.shard_rows,
@@ -238,10 +172,6 @@ def _store_meta(cfg: CacheConfig, described: dict[str, Any], data: Any) -> Any:
 
 def _start_actors(cfg: CacheConfig, groups: list[Any]) -> list[Any]:
     """One actor per replica; placement groups it reserves are appended to `groups`."""
-    import ray
-
-    from kdcache.pipeline.cache.worker import CacheWorker
-
     check_tensor_parallel(cfg.tensor_parallel, ray.nodes())
     resources = ray.cluster_resources()
     cpus = max(1, int(resources.get("CPU", 1)) // cfg.workers)
@@ -252,22 +182,21 @@ def _start_actors(cfg: CacheConfig, groups: list[Any]) -> list[Any]:
             groups.append(group)
         actor = ray.remote(CacheWorker).options(**options, max_restarts=-1, max_task_retries=-1,
                                                 max_concurrency=2)
-        actors.append(actor.remote(asdict(cfg), options["num_cpus"]))
+        settings = ReplicaSettings(teacher=cfg.teacher, backend=cfg.backend, data=cfg.data, out=cfg.out,
+                                   batch_rows=cfg.batch_rows, dtype=cfg.dtype, max_k=cfg.k,
+                                   tensor_parallel=cfg.tensor_parallel, threads=options["num_cpus"])
+        actors.append(actor.remote(settings))
     return actors
 
 
-def _dispatch(cfg: CacheConfig, actors: list[Any], pending: list[int], meta: Any) -> int:
+def _dispatch(cfg: CacheConfig, actors: list[Any], pending: list[int], meta: StoreMeta) -> int:
     """Keep every actor busy with two shards until none are left; returns tokens written."""
-    import ray
-    from tqdm import tqdm
-
     queue = deque(pending)
     in_flight: dict[Any, int] = {}
-    meta_json = meta.to_json()
 
     def submit(worker: int) -> None:
         if queue:
-            in_flight[actors[worker].process.remote(queue.popleft(), meta_json)] = worker
+            in_flight[actors[worker].process.remote(queue.popleft(), meta)] = worker
 
     for worker in range(len(actors)):
         submit(worker)
@@ -278,7 +207,7 @@ def _dispatch(cfg: CacheConfig, actors: list[Any], pending: list[int], meta: Any
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             worker = in_flight.pop(done[0])
-            tokens += _get(done[0])["tokens"]
+            tokens += _get(done[0]).tokens
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}")
             submit(worker)
@@ -287,8 +216,6 @@ def _dispatch(cfg: CacheConfig, actors: list[Any], pending: list[int], meta: Any
 
 def _get(ref: Any) -> Any:
     """ray.get, turning a worker's domain error back into that error (one clear line)."""
-    import ray
-
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from kdcache.pipeline.errors import PipelineError
 
 PG_TIMEOUT_S = 600.0
@@ -33,10 +37,6 @@ def check_tensor_parallel(tensor_parallel: int, nodes: list[dict[str, Any]]) -> 
 def replica_options(tensor_parallel: int, cpus: int, gpus_available: float) -> tuple[dict[str, Any], Any]:
     """Ray actor options for one replica, and the placement group it reserved (None for one
     GPU or none); the caller removes the group when the job ends."""
-    import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     if tensor_parallel == 1:
         return {"num_cpus": cpus, "num_gpus": 1 if gpus_available >= 1 else 0,
                 "scheduling_strategy": "SPREAD"}, None

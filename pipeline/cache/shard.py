@@ -1,19 +1,18 @@
 """The serial core of the cache job: compute and commit one store shard.
 
 `cache_shard` is a plain function of a teacher, the token data and a store writer, with
-no Ray in it: the job's actors (`cache_worker.py`) call it for each shard they are
+no Ray in it: the job's actors (`worker.py`) call it for each shard they are
 given, and unit tests call it directly, so a store built shard by shard in one process
 is byte-identical to one the job builds on a cluster.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from kdcache.pipeline.cache.targets import TargetSpec
+from kdcache.pipeline.cache.teachers import TargetSpec, Teacher
 from kdcache.storage import ShardEntry, StoreMeta, StoreWriter
+from kdcache.storage.tokens.format import TokenData
 
 
 def target_spec(meta: StoreMeta, seed: int) -> TargetSpec:
@@ -22,7 +21,7 @@ def target_spec(meta: StoreMeta, seed: int) -> TargetSpec:
                       draws=meta.draws or 0, seed=seed)
 
 
-def cache_shard(teacher: Any, data: Any, split: str, writer: StoreWriter, shard: int) -> ShardEntry:
+def cache_shard(teacher: Teacher, data: TokenData, split: str, writer: StoreWriter, shard: int) -> ShardEntry:
     """Run `teacher` over the shard's rows of `data`'s `split`, then write and commit it.
 
     The reader refuses ids outside the data's vocabulary (the store's `vocab_size`), so

@@ -25,30 +25,13 @@ results move to the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import torch
 from torch import Tensor
 
+from kdcache.pipeline.cache.teachers import TargetSpec
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import id_dtype
-
-Kind = Literal["topk", "full", "sampled"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TargetSpec:
-    """What to extract from the teacher at each position."""
-
-    kind: Kind
-    k: int
-    temperature: float
-    vocab: int
-    """Token ids to keep: the tokenizer's size; output rows beyond it are padding."""
-    draws: int = 0
-    seed: int = 0
 
 
 def targets_from_logits(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
-from kdcache.pipeline.cache.gguf import ImportConfig as Config
+from kdcache.pipeline.cache.config import ImportConfig as Config
 
 HELP = ("Convert a GGUF teacher into a MODEL directory (safetensors, config, tokenizer) that the hf "
         "and vllm backends run; checks its logits against the GGUF model.")
@@ -18,7 +17,7 @@ def run(cfg: Config) -> int:
 
     r = import_gguf(cfg)
     if cfg.json:
-        print(json.dumps({**asdict(r), "out": str(r.out)}, indent=2))
+        print(json.dumps(r.to_json(), indent=2))
         return 0
     print(f"wrote {r.out}: {r.architecture}, {r.layers} layers, d_model {r.hidden_size}, "
           f"{r.heads} heads ({r.kv_heads} kv, head_dim {r.head_dim}), vocab {r.vocab_size:,}"

@@ -3,25 +3,41 @@
 A teacher turns rows of token ids [B, T+1] into the arrays of a logit store. `native`
 runs a kdcache MODEL directory with our own torch model; `hf` runs any local Hugging
 Face causal LM through `transformers`; `vllm` runs vLLM's offline engine with
-prompt log-probs. Backends are imported only when chosen.
+prompt log-probs. Backends are imported only when chosen, so this module stays light
+(the CLI's `--backend` flag is typed by `Backend`).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 
-from kdcache.pipeline.cache.targets import TargetSpec
 from kdcache.pipeline.errors import PipelineError
-from kdcache.storage import TeacherInfo
+from kdcache.storage import Kind, TeacherInfo
 
-BACKENDS = {
+Backend = Literal["native", "hf", "vllm"]
+"""A teacher backend's name; `BACKENDS` says which class runs each."""
+BACKENDS: dict[Backend, str] = {
     "native": "kdcache.pipeline.cache.teachers.native:NativeTeacher",
     "hf": "kdcache.pipeline.cache.teachers.hf:HFTeacher",
     "vllm": "kdcache.pipeline.cache.teachers.vllm:VLLMTeacher",
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSpec:
+    """What to extract from the teacher at each position."""
+
+    kind: Kind
+    k: int
+    temperature: float
+    vocab: int
+    """Token ids to keep: the tokenizer's size; output rows beyond it are padding."""
+    draws: int = 0
+    seed: int = 0
 
 
 class Teacher(Protocol):
@@ -37,11 +53,12 @@ class Teacher(Protocol):
         ...
 
 
-def load_teacher(backend: str, path: str, *, batch_rows: int = 8, max_k: int = 64,
+def load_teacher(backend: Backend, path: str, *, batch_rows: int = 8, max_k: int = 64,
                  max_len: int | None = None, dtype: str = "auto", tensor_parallel: int = 1,
                  vocab: int | None = None) -> Teacher:
     """The teacher at `path`; `max_len` is the longest row it will see (vllm sizes its engine by
-    it); `vocab` the tokenizer's size (vllm cuts its output layer there when it is padded)."""
+    it, and its log-probs by `max_k`); `vocab` the tokenizer's size (vllm cuts its output layer
+    there when it is padded)."""
     if backend not in BACKENDS:
         raise PipelineError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
     module, name = BACKENDS[backend].split(":")

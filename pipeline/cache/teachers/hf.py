@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, TorchTeacher, default_device, resolve_dtype
 from kdcache.pipeline.errors import PipelineError
@@ -44,8 +45,6 @@ def checkpoint_dtype(config: dict) -> str | None:
 class HFTeacher(TorchTeacher):
     def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64, max_len: int | None = None,
                  dtype: str = "auto", tensor_parallel: int = 1, vocab: int | None = None) -> None:
-        from transformers import AutoModelForCausalLM
-
         if tensor_parallel != 1:
             raise PipelineError("--tensor-parallel needs --backend vllm")
         root = Path(path)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdcache.pipeline.cache.targets import TargetSpec, targets_from_logits
+from kdcache.pipeline.cache.targets import targets_from_logits
+from kdcache.pipeline.cache.teachers import TargetSpec
 from kdcache.pipeline.errors import PipelineError
 
 LOGITS_BUDGET = 256 << 20  # float32 logits of one projected chunk, at most

@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors import safe_open
 
-from kdcache.pipeline.cache.targets import TargetSpec
+from kdcache.pipeline.cache.teachers import TargetSpec
 from kdcache.pipeline.cache.teachers.hf import checkpoint_dtype, weights_fingerprint
 from kdcache.pipeline.cache.teachers.torch_teacher import default_device, resolve_dtype
 from kdcache.pipeline.errors import PipelineError
@@ -153,8 +155,6 @@ def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None, *,
     `hf` is the model's config.json; `max_len` the longest prompt (default: the model's
     context length). CUDA graphs on GPU; eager on CPU, which has none.
     """
-    import torch
-
     gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
         skip_tokenizer_init=True, dtype=dtype, max_logprobs=max_k + 1,
@@ -204,8 +204,6 @@ def _param_counts(root: Path, *, tied: bool) -> tuple[int, int]:
     A tied output layer is the embedding matrix: counted once, like transformers'
     `model.parameters()`, even where a checkpoint also stores `lm_head.weight`.
     """
-    from safetensors import safe_open
-
     total = embedding = 0
     for file in sorted(root.glob("*.safetensors")):
         with safe_open(str(file), framework="np") as weights:

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
-from kdcache.pipeline.cache.job import CacheConfig, run_cache
+from kdcache.pipeline.cache.config import CacheConfig
+from kdcache.pipeline.cache.job import run_cache
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import StoreError, StoreReader, read_jobs, verify_store
@@ -40,8 +43,6 @@ def cache(tmp: Path, teacher: Path, data: Path, name: str, **kw) -> Path:
 
 def reference(teacher: Path, rows: np.ndarray, temperature: float = 1.0) -> tuple:
     """float64 log-probs at `temperature` and at 1 from transformers' own Llama."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64).eval()
     with torch.no_grad():
         logits = model(input_ids=torch.from_numpy(rows[:, :-1].astype(np.int64))).logits
@@ -146,7 +147,7 @@ def test_store_without_valid_loss_gets_it_on_rerun(ray_local, tmp_path, teacher,
     assert StoreReader(store).meta.valid_loss is None
     result = run_cache(CacheConfig(teacher=str(teacher), data=str(token_data), out=str(store), k=K,
                                    shard_rows=16, batch_rows=4, quiet=True, max_rows=20))
-    assert result["shards_written"] == 0 and result["valid_loss"] == measured
+    assert result.shards_written == 0 and result.valid_loss == measured
     assert len(read_jobs(store)) == 1  # nothing was written, so nothing logged
 
 
@@ -170,7 +171,7 @@ def test_rerun_skips_committed_shards(ray_local, tmp_path, teacher, token_data):
     before = tree_digest(store)
     result = run_cache(CacheConfig(teacher=str(teacher), data=str(token_data), out=str(store),
                                    k=K, shard_rows=16, batch_rows=4, quiet=True))
-    assert result["shards_written"] == 0 and result["complete"]
+    assert result.shards_written == 0 and result.complete
     assert tree_digest(store) == before
 
 
@@ -222,8 +223,6 @@ def test_token_ids_outside_vocabulary(ray_local, tmp_path, teacher, token_data):
 
 
 def test_non_finite_teacher_outputs(ray_local, tmp_path, teacher, token_data):
-    from safetensors.torch import load_file, save_file
-
     bad = tmp_path / "nan-teacher"
     shutil.copytree(teacher, bad)
     state = load_file(str(bad / "model.safetensors"))

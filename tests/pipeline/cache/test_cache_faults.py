@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from kdcache.pipeline.cache.job import CacheConfig, run_cache
-from kdcache.pipeline.prepare.job import PrepareConfig, prepare
+from kdcache.pipeline.cache.config import CacheConfig
+from kdcache.pipeline.cache.job import run_cache
+from kdcache.pipeline.prepare.config import PrepareConfig
+from kdcache.pipeline.prepare.job import prepare
 from kdcache.storage import StoreReader, read_jobs, verify_store
 from kdcache.storage.ledger import committed
 from tests.pipeline.conftest import make_teacher
@@ -85,7 +87,7 @@ def test_driver_killed_then_resumed(big, clean_store, tmp_path, ray_local):
     assert 0 < done < total, "the driver was not killed mid-job"
     assert verify_store(out) == []
     result = run_cache(CacheConfig(teacher=str(teacher), data=str(data), out=str(out), **JOB))
-    assert result["shards_written"] == total - done
+    assert result.shards_written == total - done
     assert verify_store(out) == []
     assert store_digest(out) == store_digest(clean_store)
     # The killed driver logged nothing; the log holds the rerun, which wrote the rest.
@@ -98,7 +100,8 @@ NODE_LOSS = textwrap.dedent(
     from pathlib import Path
     import ray
     from ray.cluster_utils import Cluster
-    from kdcache.pipeline.cache.job import CacheConfig, run_cache
+    from kdcache.pipeline.cache.config import CacheConfig
+    from kdcache.pipeline.cache.job import run_cache
     from kdcache.storage.ledger import committed
 
     teacher, data, out = sys.argv[1:4]
@@ -116,7 +119,7 @@ NODE_LOSS = textwrap.dedent(
     threading.Thread(target=remove_when_started, daemon=True).start()
     result = run_cache(CacheConfig(teacher=teacher, data=data, out=out, workers=2,
                                    k=16, shard_rows=8, batch_rows=4, quiet=True))
-    print("REPORT " + json.dumps({**seen, **result}), flush=True)
+    print("REPORT " + json.dumps({**seen, **result.to_json()}), flush=True)
     ray.shutdown()
     cluster.shutdown()
     """

@@ -15,12 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdcache.pipeline.cache import gguf as gguf_import
-from kdcache.pipeline.cache.job import CacheConfig, run_cache
+from kdcache.pipeline.cache import gguf as cache_gguf
+from kdcache.pipeline.cache.config import CacheConfig, ImportConfig
+from kdcache.pipeline.cache.job import run_cache
+from kdcache.pipeline.cache.teachers.native import NativeTeacher
+from kdcache.pipeline.cache.teachers.torch_teacher import LOGITS_BUDGET, TorchTeacher
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.errors import PipelineError
-from kdcache.pipeline.prepare.job import PrepareConfig, prepare
+from kdcache.pipeline.prepare.config import PrepareConfig
+from kdcache.pipeline.prepare.job import prepare
 from kdcache.storage import StoreReader, verify_store
 from kdcache.storage.tokens.format import open_token_data
 from tests.pipeline.cache.test_cache import F32_ABS, assert_topk_matches
@@ -50,8 +55,6 @@ def smol(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gguf_model(gguf_file: Path):
     """The GGUF file as transformers loads it (float32): what the import must reproduce."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
                                                  dtype=torch.float32)
     return model.eval()
@@ -74,13 +77,11 @@ def test_import_writes_a_plain_llama(smol):
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (smol / name).is_file()
     record = json.loads((smol / "gguf_import.json").read_text())
-    assert record["max_abs_logit_diff"] <= gguf_import.LOGITS_ATOL
+    assert record["max_abs_logit_diff"] <= cache_gguf.LOGITS_ATOL
     assert not list(smol.parent.glob(".smollm2.tmp-*"))
 
 
 def test_converted_logits_equal_the_gguf_models(smol, gguf_model, smol_data):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     converted = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval()
     assert converted.get_output_embeddings().weight is converted.get_input_embeddings().weight
     rows = open_token_data(smol_data).read("student", slice(0, 4))
@@ -89,7 +90,7 @@ def test_converted_logits_equal_the_gguf_models(smol, gguf_model, smol_data):
         diff = (converted(input_ids=ids).logits - gguf_model(input_ids=ids).logits).abs().max()
         prompt = AutoTokenizer.from_pretrained(smol)("The capital city of France is", return_tensors="pt")
         nxt = int(converted(**prompt).logits[0, -1].argmax())
-    assert float(diff) <= gguf_import.LOGITS_ATOL
+    assert float(diff) <= cache_gguf.LOGITS_ATOL
     assert AutoTokenizer.from_pretrained(smol).decode([nxt]) == " Paris"  # a trained LM, not noise
 
 
@@ -138,8 +139,6 @@ def test_cache_refuses_another_tokenizer(ray_local, tmp_path, smol, smol_data):
 
 
 def test_native_backend_refuses_it_clearly(smol):
-    from kdcache.pipeline.cache.teachers.native import NativeTeacher
-
     with pytest.raises(PipelineError, match="num_key_value_heads.*--backend hf or vllm"):
         NativeTeacher(str(smol))
 
@@ -194,21 +193,17 @@ def test_out_exists(tmp_path, capsys, gguf_file):
 
 def test_failed_check_leaves_nothing(tmp_path, monkeypatch, gguf_file, gguf_model, smol):
     """A conversion whose logits disagree is refused, and no directory (or temporary) remains."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(smol)
-    monkeypatch.setattr(gguf_import, "load_gguf", lambda path, quiet=True: (gguf_model, tokenizer))
-    monkeypatch.setattr(gguf_import, "LOGITS_ATOL", -1.0)
+    monkeypatch.setattr(cache_gguf, "load_gguf", lambda path, quiet=True: (gguf_model, tokenizer))
+    monkeypatch.setattr(cache_gguf, "LOGITS_ATOL", -1.0)
     out = tmp_path / "m"
     with pytest.raises(PipelineError, match="differ from the GGUF model's"):
-        gguf_import.import_gguf(gguf_import.ImportConfig(gguf=str(gguf_file), out=str(out), quiet=True))
+        cache_gguf.import_gguf(ImportConfig(gguf=str(gguf_file), out=str(out), quiet=True))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_large_vocab_logits_are_projected_in_chunks():
     """49k float32 logits: long rows project fewer positions per chunk, within the budget."""
-    from kdcache.pipeline.cache.teachers.torch_teacher import LOGITS_BUDGET, TorchTeacher
-
     teacher = TorchTeacher()
     teacher.output_rows = VOCAB
     assert teacher.positions_per_chunk(8) == LOGITS_BUDGET // (4 * 8 * VOCAB) == 170

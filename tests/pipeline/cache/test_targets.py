@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.pipeline.cache.targets import TargetSpec, targets_from_logits
+from kdcache.pipeline.cache.targets import targets_from_logits
+from kdcache.pipeline.cache.teachers import TargetSpec
 
 V, K, T = 1000, 8, 6
 FP16_REL = 2.0**-11

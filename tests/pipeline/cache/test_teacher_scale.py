@@ -8,22 +8,30 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from kdcache.pipeline.cache.job import CacheConfig, run_cache
+from kdcache.pipeline.cache.config import CacheConfig
+from kdcache.pipeline.cache.job import run_cache
 from kdcache.pipeline.cache.shard import cache_shard, target_spec
-from kdcache.pipeline.cache.teachers import load_teacher
+from kdcache.pipeline.cache.teachers import BACKENDS, Backend, load_teacher
 from kdcache.pipeline.cache.teachers import torch_teacher as torch_teacher_module
+from kdcache.pipeline.cache.vocab import check_teacher_vocab, token_ids
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import StoreError, StoreReader, StoreWriter, read_meta
 from kdcache.storage.tokens.format import open_token_data
+from kdcache.train.batches import TokenBatches
+from kdcache.train.errors import TrainError
+from kdcache.train.model_dir import load_model_dir
+from kdcache.train.online import OnlineTeacherBatches, check_teacher_matches
 from tests.pipeline.conftest import VOCAB, make_teacher
-from tests.storage.conftest import store_digest, tree_digest
+from tests.storage.conftest import make_meta, store_digest, tree_digest
 
 ROWS_OUT = VOCAB + 64  # a padded output layer, as Qwen2.5's 151,936 rows over 151,665 ids
 K = 8
@@ -33,8 +41,6 @@ BF16_U = 2.0**-8  # bf16 unit roundoff (8 significant bits)
 
 def qwen2_teacher(out: Path, data: Path, rows: int = ROWS_OUT) -> Path:
     """A tiny random Qwen2 whose output layer pads the data's tokenizer, as real ones do."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     config = Qwen2Config(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, head_dim=32,
                          max_position_embeddings=256, tie_word_embeddings=False)
@@ -55,8 +61,6 @@ def padded(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def reference(teacher: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float64 log-probs over the real ids, and the padded rows' mass, from transformers."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64).eval()
     with torch.no_grad():
         logits = model(input_ids=torch.from_numpy(rows[:, :-1].astype(np.int64))).logits
@@ -75,6 +79,11 @@ def assert_targets_match(got: dict[str, np.ndarray], logp: np.ndarray) -> None:
     assert np.all(np.abs(np.sort(values, -1)[..., ::-1] - top) <= FP16_REL * np.abs(top) + 2e-5)
     target = np.take_along_axis(logp, got["tokens"][:, 1:, None].astype(np.int64), -1)[..., 0]
     np.testing.assert_allclose(got["target_logprob"], target, atol=1e-4)
+
+
+def test_every_backend_has_its_teacher_class():
+    """`--backend` takes the `Backend` literal's names; `BACKENDS` runs each of them."""
+    assert tuple(BACKENDS) == typing.get_args(Backend)
 
 
 def cache(tmp: Path, teacher: Path, data: Path, name: str, **kw) -> Path:
@@ -105,10 +114,6 @@ def test_padded_output_layer_is_cut_to_the_tokenizer(backend, ray_local, padded,
 
 def test_native_padded_teacher_and_online_teacher_agree(token_data, tmp_path):
     """The native backend and the online teacher cut a padded family model the same way."""
-    from kdcache.train.batches import TokenBatches
-    from kdcache.train.model_dir import load_model_dir
-    from kdcache.train.online import OnlineTeacherBatches, check_teacher_matches
-
     path = make_teacher(tmp_path / "t", token_data, vocab=ROWS_OUT)
     data = open_token_data(token_data)
     loaded = load_model_dir(path)
@@ -133,24 +138,16 @@ def test_native_padded_teacher_and_online_teacher_agree(token_data, tmp_path):
 
 
 def _meta_like(k: int):
-    from tests.storage.conftest import make_meta
-
     return make_meta(vocab=VOCAB, k=k)
 
 
 def test_output_layer_smaller_than_the_tokenizer_is_refused(token_data, tmp_path):
-    from kdcache.train.errors import TrainError
-    from kdcache.train.model_dir import load_model_dir
-    from kdcache.train.online import check_teacher_matches
-
     small = make_teacher(tmp_path / "t", token_data, vocab=VOCAB - 1)
     with pytest.raises(TrainError, match=f"fewer output rows than the data's vocabulary {VOCAB}"):
         check_teacher_matches(load_model_dir(small), open_token_data(token_data))
 
 
 def test_tokenizer_differing_on_a_shared_id_is_refused(padded, token_data, tmp_path):
-    from kdcache.pipeline.cache.vocab import check_teacher_vocab, token_ids
-
     doc = json.loads((padded / "tokenizer.json").read_text())
     vocab = doc["model"]["vocab"]
     a, b = (tok for tok, i in vocab.items() if i in (300, 301))
@@ -190,8 +187,6 @@ def test_bf16_teacher_within_bf16_precision(padded, token_data):
     (z_i - logsumexp z) moves by at most twice the largest |dz|. Storing in fp16 adds its
     own rounding. The log-softmax itself runs in float32 (error ~1e-6, far inside this).
     """
-    from transformers import AutoModelForCausalLM
-
     data = open_token_data(token_data)
     rows = data.read("student", slice(0, 4)).astype(np.int32)
     teacher = load_teacher("hf", str(padded), batch_rows=4, dtype="bfloat16")
@@ -291,7 +286,7 @@ def test_tensor_parallel_replicas_are_packed_placement_groups(tmp_path):
 TENSOR_PARALLEL_VLLM = """
 import json, sys
 import numpy as np
-from kdcache.pipeline.cache.targets import TargetSpec
+from kdcache.pipeline.cache.teachers import TargetSpec
 from kdcache.pipeline.cache.teachers.vllm import VLLMTeacher
 
 if __name__ == "__main__":
