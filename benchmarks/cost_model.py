@@ -27,6 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+import ray
+
+from kdcache.pipeline.cli import main as kdcache_main
+from kdcache.pipeline.prepare.config import PrepareConfig
+from kdcache.pipeline.prepare.job import prepare
+from kdcache.pipeline.study.cost import CostQuery, calibrate, estimate_cost, read_timings
+from kdcache.storage import read_jobs, read_meta
+from kdcache.storage.runs import append_run
+from kdcache.train.config import ModelConfig
+
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,10 +67,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _kdcache(argv: list[str]) -> None:
-    from kdcache.pipeline.cli import main
-
     with contextlib.redirect_stdout(sys.stderr):  # the verbs' reports would break --json
-        rc = main(argv)
+        rc = kdcache_main(argv)
     if rc:
         raise SystemExit(f"kdcache {' '.join(argv)} failed with status {rc}")
 
@@ -78,8 +87,6 @@ class Bench:
                 "--quiet"]
 
     def prepare(self) -> None:
-        from kdcache.pipeline.prepare.job import PrepareConfig, prepare
-
         a = self.args
         prepare(PrepareConfig(out=str(self.data), source="stdlib", vocab_size=a.vocab, seq_len=a.seq_len,
                               max_tokens=a.max_tokens, quiet=True))
@@ -107,8 +114,6 @@ class Bench:
 
 
 def _cache_seconds(store: Path) -> tuple[float, int]:
-    from kdcache.storage import read_jobs
-
     jobs = read_jobs(store)
     return sum(j.seconds for j in jobs), sum(j.tokens for j in jobs)
 
@@ -127,10 +132,6 @@ CALIBRATIONS = {
 
 def _fit_rows(model: Any, runs: Path, n_t: float, shape: dict[str, float]) -> list[dict[str, Any]]:
     """Each calibration run and cache job against the model fitted to them."""
-    import pyarrow.parquet as pq
-
-    from kdcache.pipeline.study.cost import read_timings
-
     timed_runs, cache_jobs, _ = read_timings(str(runs), **shape)
     ids = [r["run_id"] for r in pq.read_table(runs).to_pylist()]
     rows = [_row("fit", run_id, timed.kind, timed.params, timed.tokens, model.run_s(timed), timed.wall_s)
@@ -141,14 +142,6 @@ def _fit_rows(model: Any, runs: Path, n_t: float, shape: dict[str, float]) -> li
 
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-    import ray
-
-    from kdcache.pipeline.study.cost import CostQuery, calibrate, estimate_cost
-    from kdcache.storage import read_meta
-    from kdcache.storage.runs import append_run
-    from kdcache.train.config import ModelConfig
-
     bench, started = Bench(args, work), time.perf_counter()
     tables = {"one_size": work / "runs-one-size.parquet", "with_teacher": work / "runs.parquet"}
     ray.init(num_cpus=args.threads, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from kdcache.fit.flops import forward_flops
-from kdcache.pipeline.cache.job import CacheConfig, run_cache
+from kdcache.pipeline.cache.config import CacheConfig
+from kdcache.pipeline.cache.job import run_cache
 from kdcache.pipeline.prepare.job import PrepareConfig, prepare
 from kdcache.storage.tokens.format import open_token_data
 from kdcache.train.batches import TokenBatches

@@ -7,7 +7,10 @@ import dataclasses
 import json
 from typing import Any
 
+from kdcache.fit.cost import Hardware
 from kdcache.fit.errors import FitError
+from kdcache.paths import check_writable
+from kdcache.pipeline.study.cost import CostQuery, estimate_cost, write_cost_plot
 
 HELP = "Cost of online distillation versus one cached teacher pass plus M offline students."
 
@@ -74,9 +77,6 @@ class Config:
 
 def run(cfg: Config) -> int:
     """Flags -> `estimate_cost` -> text or JSON (and the plot)."""
-    from kdcache.paths import check_writable
-    from kdcache.pipeline.study.cost import estimate_cost, write_cost_plot
-
     if cfg.plot:
         check_writable(cfg.plot, "--plot", directory=False)
     query = query_of(cfg)
@@ -87,11 +87,8 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def query_of(cfg: Config) -> Any:
+def query_of(cfg: Config) -> CostQuery:
     """The library's `CostQuery` for these flags."""
-    from kdcache.fit.cost import Hardware
-    from kdcache.pipeline.study.cost import CostQuery
-
     sizes = parse_sizes(cfg.student_params)
     if len(sizes) > 1 and cfg.students not in (1, len(sizes)):
         raise FitError(f"--students {cfg.students} disagrees with {len(sizes)} listed student sizes")

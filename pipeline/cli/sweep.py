@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kdcache.pipeline.study.sweep import SweepConfig as Config
+from kdcache.pipeline.study.config import SweepConfig as Config
 
 HELP = "Run a grid of students (supervised, distilled from stores, online) as Ray tasks; --config SWEEP.yaml."
 
@@ -16,10 +16,10 @@ def run(cfg: Config) -> int:
 
     result = run_sweep(cfg)
     if cfg.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
     else:
-        print(f"{result['runs']} runs: {result['done']} trained, {result['skipped']} already finished, "
-              f"{len(result['failed'])} failed")
-        for run_id, reason in result["failed"].items():
+        print(f"{result.runs} runs: {result.done} trained, {result.skipped} already finished, "
+              f"{len(result.failed)} failed")
+        for run_id, reason in result.failed.items():
             print(f"  {run_id}: {reason}")
-    return 1 if result["failed"] else 0
+    return 1 if result.failed else 0

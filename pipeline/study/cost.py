@@ -4,7 +4,8 @@ The cost model itself (`kdcache.fit.cost`) takes numbers; this module turns file
 A runs table gives the timed training runs (`wall_s`, the training loop's time); the stores
 its offline rows name give their bytes per token and, from the store's cache-job log, the
 measured cache job. `estimate_cost(CostQuery(...))` is the whole `kdcache cost` without the
-CLI, for the study pipeline. Torch-free: storage and fit only.
+CLI, for `kdcache run`'s cost tables. Torch-free (storage and fit only), so the CLI imports
+it at module top.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kdcache.fit import plots
 from kdcache.fit.cost import (
     CacheTiming,
     CostEstimate,
@@ -26,6 +28,7 @@ from kdcache.fit.cost import (
     topk_bytes_per_token,
 )
 from kdcache.fit.errors import FitError
+from kdcache.storage import read_jobs, read_meta, summarize
 from kdcache.storage.runs import RUN_KINDS, read_runs
 
 
@@ -64,8 +67,6 @@ def estimate_cost(query: CostQuery) -> CostEstimate:
 
 def write_cost_plot(query: CostQuery, result: CostEstimate, path: str, max_students: int = 16) -> None:
     """A PNG of online and cache money against the number of students M = 1..max_students."""
-    from kdcache.fit import plots
-
     hardware = dataclasses.replace(query.hardware, peak_flops=result.flops_per_s, utilisation=1.0)
     online, cache = cost_curve(query.teacher_params, query.student_params, query.tokens,
                                bytes_per_token=result.bytes_per_token, hardware=hardware,
@@ -85,8 +86,6 @@ def query_bytes_per_token(query: CostQuery) -> float:
 
 
 def store_bytes_per_token(store: str) -> float:
-    from kdcache.storage import summarize
-
     summary = summarize(store)
     if not summary.get("tokens"):
         raise FitError(f"{store}: store has no committed tokens to measure bytes per token")
@@ -194,8 +193,6 @@ def cache_timing(store: str, bytes_per_token: float, *, rho: float) -> CacheTimi
     The store's job log (`jobs`, `kdcache.storage.read_jobs`) is read first; a store whose
     `kdcache` attribute carries `build_seconds` / `build_tokens` is read from those.
     """
-    from kdcache.storage import read_jobs, read_meta
-
     meta = read_meta(store)
     jobs = read_jobs(store)
     seconds: float | None = sum(j.seconds for j in jobs) if jobs else getattr(meta, "build_seconds", None)

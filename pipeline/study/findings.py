@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-FINDINGS = "findings.json"
+import pyarrow.parquet as pq
+
+from kdcache.pipeline.study.layout import RunLayout
+from kdcache.pipeline.study.report import TEACHER_PREFIX
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ def _lam(row: dict[str, Any]) -> float:
 
 
 def _students(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if not str(r["run_id"]).startswith("teacher-")]
+    return [r for r in rows if not str(r["run_id"]).startswith(TEACHER_PREFIX)]
 
 
 def beats_supervised(rows: Sequence[dict[str, Any]], grid: Sequence[str]) -> Finding:
@@ -125,10 +128,9 @@ def findings(rows: Sequence[dict[str, Any]], stores: dict[str, str], grid: Seque
 
 
 def write_findings(out: Path, stores: dict[str, str], grid: Sequence[str]) -> list[Finding]:
-    """Check every finding against OUT/runs.parquet and write OUT/findings.json."""
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(out / "runs.parquet").to_pylist()
+    """Check every finding against OUT's runs table and write OUT's findings.json."""
+    layout = RunLayout(root=Path(out))
+    rows = pq.read_table(layout.runs).to_pylist()
     found = findings(rows, stores, grid)
-    (out / FINDINGS).write_text(json.dumps([f.to_json() for f in found], indent=2))
+    layout.findings.write_text(json.dumps([f.to_json() for f in found], indent=2))
     return found

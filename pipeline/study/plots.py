@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from kdcache.fit import plots, recipes
 from kdcache.fit.errors import FitError
+from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS, load_distillation, load_supervised
+from kdcache.pipeline.study.layout import RunLayout
+from kdcache.pipeline.study.report import TEACHER_PREFIX, read_list
+from kdcache.storage.runs import read_runs as read_table
 
-TEACHER_PREFIX = "teacher-"  # run_id prefix of the teachers' own supervised rows
-FIGURES = ("loss-vs-tokens.png", "capacity-gap.png", "predicted-vs-observed.png", "allocations.png")
-SKIPPED = "skipped.json"
 BUDGET_SPAN = np.logspace(-2, 2, 9)  # around the plans' compute, as `kdcache plan --plot` spans it
 
 
@@ -48,13 +50,12 @@ def read_runs(out: Path) -> dict[str, np.ndarray]:
     `fits/runs.parquet` is the fitted subset (the law grid at lambda = 1); without it the
     whole table is used, less the runs at lambda != 1 (the law describes pure distillation).
     """
-    from kdcache.storage.runs import read_runs as read_table
-
-    path = out / "fits" / "runs.parquet"
+    layout = RunLayout(root=out)
+    path = layout.fit_runs
     if not path.is_file():
-        path = out / "runs.parquet"
+        path = layout.runs
     if not path.is_file():
-        raise Skip("no runs table (fits/runs.parquet or runs.parquet)")
+        raise Skip(f"no runs table ({layout.rel(layout.fit_runs)} or {layout.rel(layout.runs)})")
     rows = read_table(path, required=("params", "tokens", "loss")).to_pylist()
     keep = []
     for r in rows:
@@ -66,7 +67,7 @@ def read_runs(out: Path) -> dict[str, np.ndarray]:
         if all(math.isfinite(row[k]) and row[k] > 0 for k in ("params", "tokens", "loss")):
             keep.append({**row, "kind": kind, "store": Path(r["store"]).name if r.get("store") else None})
     if not keep:
-        raise Skip(f"{path.relative_to(out)} has no run with finite params, tokens and loss")
+        raise Skip(f"{layout.rel(path)} has no run with finite params, tokens and loss")
     runs = {key: np.array([r[key] for r in keep], dtype=np.float64)
             for key in ("params", "tokens", "loss", "teacher_loss")}
     runs["kind"] = np.array([r["kind"] for r in keep], dtype=str)
@@ -85,23 +86,20 @@ def teachers_of(runs: dict[str, np.ndarray]) -> dict[str, float]:
     return {f"{name or 'teacher'} (L_T {lt:.3f})": lt for lt, name in found.values()}
 
 
-def read_fit(out: Path, law: str) -> dict[str, Any] | None:
-    """`fits/<law>.json` (None when the law was not fitted)."""
-    path = out / "fits" / f"{law}.json"
+def read_fit(layout: RunLayout, law: str) -> dict[str, Any] | None:
+    """The fit of `law` (None when the law was not fitted)."""
+    path = layout.fit(law)
     if not path.is_file():
         return None
     fit = json.loads(path.read_text())
     if not isinstance(fit, dict) or not isinstance(fit.get("params"), dict):
-        raise Skip(f"fits/{law}.json: no 'params' object")
+        raise Skip(f"{layout.rel(path)}: no 'params' object")
     return fit
 
 
-def laws(out: Path) -> tuple[Any, Any]:
+def laws(layout: RunLayout) -> tuple[Any, Any]:
     """(supervised, distillation) fitted laws, None for a law not fitted."""
-    from kdcache.fit.presets import load_distillation, load_supervised
-
-    sup = out / "fits" / "supervised.json"
-    dist = out / "fits" / "distillation.json"
+    sup, dist = layout.fit("supervised"), layout.fit("distillation")
     return (load_supervised(str(sup)) if sup.is_file() else None,
             load_distillation(str(dist)) if dist.is_file() else None)
 
@@ -109,17 +107,14 @@ def laws(out: Path) -> tuple[Any, Any]:
 def agreement(out: Path, law: str, title: str, runs: dict[str, np.ndarray], fitted: Any) -> Any:
     """A panel of predicted-vs-observed: the fit's own `data` when it has it, else the law's
     (the fitted one, or the paper's) predictions for the runs."""
-    from kdcache.fit.plots import PAPER_LABEL, Agreement
-    from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS
-
-    fit = read_fit(out, law)
+    fit = read_fit(RunLayout(root=out), law)
     data = (fit or {}).get("data")
     if fit is not None and isinstance(data, dict) and "predicted" in data:
         loss = np.asarray(data["loss"], dtype=np.float64)
         held = np.asarray(data.get("held_out") or [False] * len(loss), dtype=bool)
         extrapolated = np.array([_number(v) for v in data.get("extrapolated") or [None] * len(loss)])
         threshold = (fit.get("extrapolation") or {}).get("threshold")
-        return Agreement(title=f"{title}: fitted to {len(loss)} runs", observed=loss,
+        return plots.Agreement(title=f"{title}: fitted to {len(loss)} runs", observed=loss,
                          predicted=np.asarray(data["predicted"], dtype=np.float64), held_out=held,
                          extrapolated=extrapolated, threshold=threshold)
     kinds = ("supervised", "teacher") if law == "supervised" else ("distill", "online")
@@ -129,8 +124,8 @@ def agreement(out: Path, law: str, title: str, runs: dict[str, np.ndarray], fitt
     subset = {key: value[mask] for key, value in runs.items()}
     if fitted is None:
         paper = SUPERVISED_PRESETS["paper"] if law == "supervised" else PAPER_DISTILLATION
-        return Agreement.of_law(f"{title}: {PAPER_LABEL}", paper, subset)
-    return Agreement.of_law(f"{title}: fitted law (fit JSON has no per-run data)", fitted, subset)
+        return plots.Agreement.of_law(f"{title}: {plots.PAPER_LABEL}", paper, subset)
+    return plots.Agreement.of_law(f"{title}: fitted law (fit JSON has no per-run data)", fitted, subset)
 
 
 def _student_size(runs: dict[str, np.ndarray]) -> float:
@@ -143,71 +138,58 @@ def _student_size(runs: dict[str, np.ndarray]) -> float:
     raise Skip("no student runs to take a student size from")
 
 
-def _budgets(out: Path) -> np.ndarray:
-    from kdcache.pipeline.study.report import read_list
-
-    path = out / "plans.json"
+def _budgets(layout: RunLayout) -> np.ndarray:
+    path = layout.plans
     if not path.is_file():
-        raise Skip("no plans.json to take the budgets from")
+        raise Skip(f"no {layout.rel(path)} to take the budgets from")
     compute = [float(p["compute"]) for p in read_list(path) if isinstance(p.get("compute"), int | float)]
     compute = [c for c in compute if math.isfinite(c) and c > 0]
     if not compute:
-        raise Skip("plans.json holds no recipe with a compute")
+        raise Skip(f"{layout.rel(path)} holds no recipe with a compute")
     return float(np.exp(np.mean(np.log(compute)))) * BUDGET_SPAN
 
 
-def draw_loss_vs_tokens(out: Path, path: Path) -> None:
-    from kdcache.fit import plots
-
-    runs = read_runs(out)
-    sup, dist = laws(out)
+def draw_loss_vs_tokens(layout: RunLayout, path: Path) -> None:
+    runs = read_runs(layout.root)
+    sup, dist = laws(layout)
     plots.loss_vs_tokens(runs, path, supervised=sup, distillation=dist, teachers=teachers_of(runs))
 
 
-def draw_capacity_gap(out: Path, path: Path) -> None:
-    from kdcache.fit import plots
-
-    runs = read_runs(out)
+def draw_capacity_gap(layout: RunLayout, path: Path) -> None:
+    runs = read_runs(layout.root)
     if not (np.isin(runs["kind"], ("distill", "online")) & np.isfinite(runs["teacher_loss"])).any():
         raise Skip("no distilled run with a teacher loss")
-    sup, dist = laws(out)
+    sup, dist = laws(layout)
     plots.capacity_gap_runs(runs, path, supervised=sup, distillation=dist)
 
 
-def draw_predicted_vs_observed(out: Path, path: Path) -> None:
-    from kdcache.fit import plots
-
-    runs = read_runs(out)
-    sup, dist = laws(out)
-    panels = [agreement(out, "supervised", "Supervised law (Eq. 1)", runs, sup),
-              agreement(out, "distillation", "Distillation law (Eq. 8)", runs, dist)]
+def draw_predicted_vs_observed(layout: RunLayout, path: Path) -> None:
+    runs = read_runs(layout.root)
+    sup, dist = laws(layout)
+    panels = [agreement(layout.root, "supervised", "Supervised law (Eq. 1)", runs, sup),
+              agreement(layout.root, "distillation", "Distillation law (Eq. 8)", runs, dist)]
     panels = [p for p in panels if len(p.observed)]
     if not panels:
         raise Skip("no runs for either law")
     plots.predicted_vs_observed(panels, path)
 
 
-def _plan_size(out: Path) -> float:
-    """The student size of plans.json's recipes (the first), the scale the recipes are for."""
-    from kdcache.pipeline.study.report import read_list
-
-    sizes = [float(p["student_params"]) for p in read_list(out / "plans.json")
+def _plan_size(layout: RunLayout) -> float:
+    """The student size of the plans' recipes (the first), the scale the recipes are for."""
+    sizes = [float(p["student_params"]) for p in read_list(layout.plans)
              if isinstance(p.get("student_params"), int | float)]
     if not sizes:
-        raise Skip("plans.json holds no recipe with a student size")
+        raise Skip(f"{layout.rel(layout.plans)} holds no recipe with a student size")
     return sizes[0]
 
 
-def draw_allocations(out: Path, path: Path) -> None:
+def draw_allocations(layout: RunLayout, path: Path) -> None:
     """Recipes at the plans' scale: the fitted law where all its coefficients are pinned by the
     runs, else the paper's (a law with coefficients on their bounds extrapolates to nonsense)."""
-    from kdcache.fit import plots, recipes
-    from kdcache.fit.presets import PAPER_DISTILLATION
-
-    budgets = _budgets(out)
-    fitted = laws(out)[1]
-    size = _plan_size(out)
-    pinned = fitted is not None and not (read_fit(out, "distillation") or {}).get("at_bounds")
+    budgets = _budgets(layout)
+    fitted = laws(layout)[1]
+    size = _plan_size(layout)
+    pinned = fitted is not None and not (read_fit(layout, "distillation") or {}).get("at_bounds")
     law, name = (fitted, "fitted distillation law") if pinned else (PAPER_DISTILLATION, plots.PAPER_LABEL)
     if fitted is not None and not pinned:
         name = "paper's law (the fitted one leaves coefficients on their bounds)"
@@ -218,15 +200,12 @@ def draw_allocations(out: Path, path: Path) -> None:
         raise Skip(f"the {name} gives no recipe within the bounds for a {size:.3g}-param student "
                    f"at {budgets[0]:.3g}-{budgets[-1]:.3g} FLOPs")
     plots.allocations(table, path, f"Compute-optimal distillation of a {size:.3g}-param student "
-                                   f"(as in plans.json), {name}")
+                                   f"(as in {layout.rel(layout.plans)}), {name}")
 
 
-DRAW: dict[str, Callable[[Path, Path], None]] = {
-    "loss-vs-tokens.png": draw_loss_vs_tokens,
-    "capacity-gap.png": draw_capacity_gap,
-    "predicted-vs-observed.png": draw_predicted_vs_observed,
-    "allocations.png": draw_allocations,
-}
+DRAW: dict[str, Callable[[RunLayout, Path], None]] = dict(zip(RunLayout.FIGURES, (
+    draw_loss_vs_tokens, draw_capacity_gap, draw_predicted_vs_observed, draw_allocations), strict=True))
+"""Each figure's stem -> its drawing, in `RunLayout.FIGURES`' order."""
 
 
 def write_plots(out: Path) -> list[Path]:
@@ -235,15 +214,15 @@ def write_plots(out: Path) -> list[Path]:
     Never raises for a run's missing or broken files: each figure not drawn is named with
     the reason in `plots/skipped.json` and on stderr.
     """
-    out = Path(out)
-    folder = out / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(root=Path(out))
+    layout.plots.mkdir(parents=True, exist_ok=True)
     written, skipped = [], {}
-    for name in FIGURES:
-        path = folder / name
+    for stem, draw in DRAW.items():
+        path = layout.figure(stem)
+        name = path.name
         path.unlink(missing_ok=True)
         try:
-            DRAW[name](out, path)
+            draw(layout, path)
         except (Skip, FitError) as exc:  # their messages name the file and field
             skipped[name] = str(exc)
         except Exception as exc:  # a broken input must not sink the run: say which and why
@@ -253,7 +232,7 @@ def write_plots(out: Path) -> list[Path]:
             continue
         path.unlink(missing_ok=True)
         print(f"note: {name} not drawn: {skipped[name]}", file=sys.stderr)
-    (folder / SKIPPED).unlink(missing_ok=True)
+    layout.skipped.unlink(missing_ok=True)
     if skipped:
-        (folder / SKIPPED).write_text(json.dumps(skipped, indent=2))
+        layout.skipped.write_text(json.dumps(skipped, indent=2))
     return written

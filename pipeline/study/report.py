@@ -1,13 +1,10 @@
 """One self-contained HTML page summarising the output directory of `kdcache run`.
 
-`write_report(OUT)` reads what the run left in OUT (layout below), builds one page with
-a section per part, and writes `OUT/report.html`. The page has inline CSS, no scripts
-and no external resources (plots are base64 PNG data URIs), so it can be attached to a
-CI run or mailed as one file. A run interrupted early leaves parts missing: each
+`write_report(OUT)` reads what the run left in OUT (its layout: `layout.py`), builds one
+page with a section per part, and writes `OUT/report.html`. The page has inline CSS, no
+scripts and no external resources (plots are base64 PNG data URIs), so it can be attached
+to a CI run or mailed as one file. A run interrupted early leaves parts missing: each
 section shows what exists and says plainly, in a `class="missing"` note, what does not.
-
-    OUT/data/  teachers/<name>/  stores/<name>/  students/<run_id>/  runs.parquet
-    OUT/fits/{supervised,distillation,notes}.json  plans.json  costs.json  plots/*.png
 
 Readers turn files into plain dicts; section functions turn dicts into HTML strings.
 """
@@ -23,7 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-REPORT = "report.html"
+from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS
+from kdcache.pipeline.study.layout import RunLayout
+from kdcache.storage import summarize
+from kdcache.storage.runs import read_runs as read_table
+from kdcache.storage.tokens.format import open_token_data
+
 MODEL_META = "kdcache.json"  # kdcache.train.model_dir.META; that module imports torch, so not imported
 TEACHER_PREFIX = "teacher-"  # run_id prefix of the teachers' own supervised rows
 DASH = "—"
@@ -109,9 +111,9 @@ def section(anchor: str, title: str, *parts: str) -> str:
 # -- readers: one per source; each raises on unreadable input, `load` turns that into a note --
 
 
-def load(out: Path, rel: str, reader: Callable[[Path], Any]) -> tuple[Any, str]:
+def load(layout: RunLayout, path: Path, reader: Callable[[Path], Any]) -> tuple[Any, str]:
     """(value, "") or (None, a missing/unreadable note): a broken part must not sink the page."""
-    path = out / rel
+    rel = layout.rel(path)
     if not path.exists():
         return None, missing(f"{rel} (not written yet)")
     try:
@@ -120,9 +122,9 @@ def load(out: Path, rel: str, reader: Callable[[Path], Any]) -> tuple[Any, str]:
         return None, f'<p class="missing">Unreadable: {html.escape(f"{rel} ({exc})")}</p>'
 
 
-def load_optional(out: Path, rel: str, reader: Callable[[Path], Any]) -> tuple[Any, str]:
+def load_optional(layout: RunLayout, path: Path, reader: Callable[[Path], Any]) -> tuple[Any, str]:
     """`load` for optional parts (or ones reported elsewhere): absence is no news, breakage is."""
-    return load(out, rel, reader) if (out / rel).exists() else (None, "")
+    return load(layout, path, reader) if path.exists() else (None, "")
 
 
 def read_json(path: Path) -> Any:
@@ -139,8 +141,6 @@ def read_list(path: Path) -> list[dict[str, Any]]:
 
 
 def read_runs(path: Path) -> list[dict[str, Any]]:
-    from kdcache.storage.runs import read_runs as read_table
-
     return read_table(path, required=()).to_pylist()
 
 
@@ -154,8 +154,6 @@ def read_model_dirs(path: Path) -> list[dict[str, Any]]:
 
 
 def read_stores(path: Path) -> list[dict[str, Any]]:
-    from kdcache.storage import summarize
-
     stores = []
     for d in sorted(p for p in path.iterdir() if p.is_dir()):
         try:
@@ -166,47 +164,32 @@ def read_stores(path: Path) -> list[dict[str, Any]]:
 
 
 def read_data(path: Path) -> dict[str, Any]:
-    from kdcache.storage.tokens.format import open_token_data
-
     return open_token_data(path).meta
 
 
 def read_plots(path: Path) -> list[tuple[str, str]]:
-    return [(p.stem, base64.b64encode(p.read_bytes()).decode()) for p in sorted(path.glob("*.png"))]
+    pngs = sorted(path.glob(f"*{RunLayout.PNG}"))
+    return [(p.stem, base64.b64encode(p.read_bytes()).decode()) for p in pngs]
 
 
 # -- sections -------------------------------------------------------------------------
-
-
-PARTS = (  # (path in OUT, what it is, whether to count its entries)
-    ("data", "token data", False),
-    ("teachers", "teacher models", True),
-    ("stores", "logit stores", True),
-    ("students", "student models", True),
-    ("runs.parquet", "runs table", False),
-    ("fits/supervised.json", "supervised fit", False),
-    ("fits/distillation.json", "distillation fit", False),
-    ("plans.json", "recipes", False),
-    ("costs.json", "cost estimates", False),
-    ("plots", "plots", True),
-)
 
 
 def _presence(path: Path, count: bool) -> str:
     if not path.exists():
         return '<span class="missing">missing</span>'
     if count and path.is_dir():
-        return f"present ({sum(1 for p in path.iterdir() if p.is_dir() or p.suffix == '.png')})"
+        return f"present ({sum(1 for p in path.iterdir() if p.is_dir() or p.suffix == RunLayout.PNG)})"
     return "present"
 
 
-def overview_section(out: Path) -> str:
+def overview_section(layout: RunLayout) -> str:
     """Which parts exist, in one list, so an interrupted run is obvious at the top."""
     items = "".join(
-        f"<li><code>{html.escape(rel)}</code> {html.escape(what)}: {_presence(out / rel, count)}</li>"
-        for rel, what, count in PARTS
+        f"<li><code>{html.escape(layout.rel(path))}</code> {html.escape(what)}: {_presence(path, count)}</li>"
+        for path, what, count in layout.parts()
     )
-    data, problem = load_optional(out, "data", read_data)  # a missing data/ is in the list already
+    data, problem = load_optional(layout, layout.data, read_data)  # a missing data/ is in the list already
     if data:
         splits = ", ".join(f"{k} {INT(v.get('rows'))} rows" for k, v in data.get("splits", {}).items())
         problem = note(
@@ -236,8 +219,8 @@ def teacher_rows(runs: Sequence[Row], dirs: Sequence[Row], stores: Sequence[Row]
     return rows
 
 
-def teachers_section(out: Path, runs: Sequence[Row] | None, stores: Sequence[Row]) -> str:
-    dirs, problem = load(out, "teachers", read_model_dirs)
+def teachers_section(layout: RunLayout, runs: Sequence[Row] | None, stores: Sequence[Row]) -> str:
+    dirs, problem = load(layout, layout.teachers, read_model_dirs)
     rows = teacher_rows(runs or [], dirs or [], stores)
     columns: list[Column] = [
         ("name", "teacher", TEXT), ("run_id", "run", TEXT), ("params", "params N", COUNT),
@@ -245,7 +228,8 @@ def teachers_section(out: Path, runs: Sequence[Row] | None, stores: Sequence[Row
         ("layers", "layers", INT), ("d_model", "d_model", INT), ("stores", "stores", TEXT),
         ("model_dir", "model dir", TEXT),
     ]
-    body = table(rows, columns) if rows else note("No teachers found in teachers/ or the runs table.")
+    none = note(f"No teachers found in {layout.rel(layout.teachers)}/ or the runs table.")
+    body = table(rows, columns) if rows else none
     return section("teachers", "Teachers", problem, body)
 
 
@@ -312,7 +296,7 @@ STORE_LOSSES = (f"{LT_HEADER}: the teacher's cross-entropy on the data's valid s
                 "the rows this store caches.")
 
 
-def stores_section(stores: Sequence[Row] | None, problem: str) -> str:
+def stores_section(layout: RunLayout, stores: Sequence[Row] | None, problem: str) -> str:
     columns: list[Column] = [
         ("name", "store", TEXT), ("metadata.kind", "kind", TEXT), ("metadata.k", "k", INT),
         ("metadata.teacher.name", "teacher", TEXT), ("rows", "rows", INT), ("tokens", "tokens", INT),
@@ -325,7 +309,7 @@ def stores_section(stores: Sequence[Row] | None, problem: str) -> str:
     if not any(s.get("error") for s in stores):
         columns = columns[:-1]
     if not stores:
-        return section("stores", "Logit stores", note("stores/ holds no store yet."))
+        return section("stores", "Logit stores", note(f"{layout.rel(layout.stores)}/ holds no store yet."))
     parts = [table(stores, columns), note(STORE_LOSSES)]
     # valid_loss is written when a store completes: a complete store without it predates the field.
     old = [s["name"] for s in stores
@@ -338,8 +322,6 @@ def stores_section(stores: Sequence[Row] | None, problem: str) -> str:
 
 def fit_block(law: str, fit: Row | None, problem: str, remark: str | None) -> str:
     """Fitted coefficients, their bootstrap intervals and the paper's values, one row each."""
-    from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS
-
     paper = (SUPERVISED_PRESETS["paper"] if law == "supervised" else PAPER_DISTILLATION).to_dict()
     fit = fit or {}
     fitted, boot = fit.get("params", {}), fit.get("bootstrap") or {}
@@ -376,19 +358,19 @@ def _fit_summary(fit: Row) -> str:
     return text
 
 
-def fits_section(out: Path) -> str:
-    notes, problem = load_optional(out, "fits/notes.json", read_json)
+def fits_section(layout: RunLayout) -> str:
+    notes, problem = load_optional(layout, layout.notes, read_json)
     blocks = [problem]
     for law in ("supervised", "distillation"):
-        fit, missing_fit = load(out, f"fits/{law}.json", read_json)
+        fit, missing_fit = load(layout, layout.fit(law), read_json)
         remark = (notes or {}).get(law)
         # A note saying why a law was not fitted replaces the generic "not written yet".
         blocks.append(fit_block(law, fit, "" if fit is None and remark else missing_fit, remark))
     return section("fits", "Scaling-law fits", *blocks)
 
 
-def plans_section(out: Path) -> str:
-    plans, problem = load(out, "plans.json", read_list)
+def plans_section(layout: RunLayout) -> str:
+    plans, problem = load(layout, layout.plans, read_list)
     columns: list[Column] = [
         ("scenario", "scenario", TEXT), ("compute", "compute (FLOPs)", SCI),
         ("student_params", "student N_S", SCI), ("student_tokens", "student D_S", SCI),
@@ -400,13 +382,14 @@ def plans_section(out: Path) -> str:
         ("flops.teacher_training", "FLOPs teacher training", SCI),
         ("crossover_compute", "supervised catches up at", SCI), ("law", "law", TEXT),
     ]
-    body = table(plans, columns) if plans else (problem or note("plans.json lists no recipes."))
+    none = note(f"{layout.rel(layout.plans)} lists no recipes.")
+    body = table(plans, columns) if plans else (problem or none)
     return section("plans", "Compute-optimal recipes", body)
 
 
-def findings_section(out: Path) -> str:
-    """The paper's findings, each reproduced or not by this run (`pipeline/study/findings.py`)."""
-    found, problem = load(out, "findings.json", read_list)
+def findings_section(layout: RunLayout) -> str:
+    """The paper's findings, each reproduced or not by this run (`findings.py`)."""
+    found, problem = load(layout, layout.findings, read_list)
     verdict = {True: "yes", False: "no", None: "not testable"}
     rows = [{**f, "verdict": verdict.get(f.get("reproduced"), DASH)} for f in found or []]
     columns: list[Column] = [("claim", "finding (Busbridge et al. 2025)", TEXT),
@@ -416,8 +399,8 @@ def findings_section(out: Path) -> str:
     return section("findings", "The paper's findings at this scale", body)
 
 
-def costs_section(out: Path) -> str:
-    costs, problem = load(out, "costs.json", read_list)
+def costs_section(layout: RunLayout) -> str:
+    costs, problem = load(layout, layout.costs, read_list)
     # `kdcache cost --json` does not echo its inputs; show them when the writer added them.
     inputs: list[Column] = [("label", "case", TEXT), ("teacher_params", "teacher N_T", SCI),
                             ("student_params", "student N_S", TEXT), ("tokens", "tokens D", SCI)]
@@ -430,14 +413,16 @@ def costs_section(out: Path) -> str:
         ("read_bandwidth_needed", "read B/s needed", SCI), ("read_bandwidth_ok", "bandwidth ok", TEXT),
         ("break_even_students", "break-even M", INT),
     ]
-    body = table(costs, columns) if costs else (problem or note("costs.json lists no estimates."))
+    none = note(f"{layout.rel(layout.costs)} lists no estimates.")
+    body = table(costs, columns) if costs else (problem or none)
     return section("costs", "Cache versus online distillation: cost", body)
 
 
-# The run's own data with the fitted laws over it (`study_plots.write_plots`): shown first,
-# in this order, each with what it draws; other PNGs (fit-*, cost-*) follow under their names.
-FIGURES = {
-    "loss-vs-tokens": (
+# The run's own data with the fitted laws over it (`plots.write_plots`): shown first, in
+# `RunLayout.FIGURES`' order, each with what it draws; other PNGs (fit-*, cost-*) follow under
+# their names.
+FIGURES = dict(zip(RunLayout.FIGURES, (
+    (  # loss-vs-tokens
         "Loss against training tokens",
         "Validation loss of every run of the law grid against its training tokens D (log scale), "
         "coloured by student size N; markers: supervised student, teacher's own training run, "
@@ -445,7 +430,7 @@ FIGURES = {
         "Right: the distillation law (Eq. 8) per size at each teacher's L_T (one line style per "
         "teacher), with the same size's supervised curve faint.",
     ),
-    "capacity-gap": (
+    (  # capacity-gap
         "Student loss against teacher loss (capacity gap)",
         "Distilled students' loss L_S against their teacher's L_T (cross-entropy on the valid split). "
         "Per student size, the runs at its largest token budget are solid, with the distillation "
@@ -453,21 +438,21 @@ FIGURES = {
         "run at equal N and D, else the supervised law); runs at smaller budgets are faded. The "
         "dashed diagonal is L_S = L_T.",
     ),
-    "predicted-vs-observed": (
+    (  # predicted-vs-observed
         "Predicted against observed loss",
         "Each law's prediction against the measured loss, per run, with the line y = x. Dots: runs "
         "the law was fitted to, at the full fit's prediction; crosses: runs held out by the "
         "extrapolation check (loss below its threshold), at the prediction of the fit made without "
         "them. The legend gives mean and max relative errors.",
     ),
-    "allocations": (
+    (  # allocations
         "Compute-optimal recipes against compute",
         "Eq. 10's recipes per scenario for one of this run's student sizes over budgets around "
         "plans.json's: the student's tokens, the teacher's size and the student's loss against "
         "supervised training (dashed). The law is fitted to this run's small models and "
         "extrapolated far beyond them.",
     ),
-}
+), strict=True))
 LAW_NOTE = "A law that was not fitted is drawn as the paper's and labelled \"paper's law (not fitted here)\"."
 
 
@@ -476,20 +461,21 @@ def figure(data: str, alt: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def plots_section(out: Path) -> str:
-    plots, problem = load(out, "plots", read_plots)
+def plots_section(layout: RunLayout) -> str:
+    plots, problem = load(layout, layout.plots, read_plots)
     if plots is None:
         return section("plots", "Plots", problem)
-    skipped, broken = load_optional(out, "plots/skipped.json", read_json)
+    skipped, broken = load_optional(layout, layout.skipped, read_json)
     found = dict(plots)
     parts = [broken]
     for stem, (title, caption) in FIGURES.items():
+        path = layout.figure(stem)
         if stem in found:
-            parts.append(figure(found.pop(stem), title, f"{title} ({stem}.png). {caption}"))
-        elif isinstance(skipped, dict) and f"{stem}.png" in skipped:
-            parts.append(note(f"Not drawn: {stem}.png ({skipped[f'{stem}.png']})."))
+            parts.append(figure(found.pop(stem), title, f"{title} ({path.name}). {caption}"))
+        elif isinstance(skipped, dict) and path.name in skipped:
+            parts.append(note(f"Not drawn: {path.name} ({skipped[path.name]})."))
         else:
-            parts.append(missing(f"plots/{stem}.png (not drawn yet)"))
+            parts.append(missing(f"{layout.rel(path)} (not drawn yet)"))
     if len(found) < len(plots):
         parts.append(note(LAW_NOTE))
     parts += [figure(data, stem, stem) for stem, data in found.items()]
@@ -501,20 +487,21 @@ def plots_section(out: Path) -> str:
 
 def render(out: Path) -> str:
     """The whole page for run directory `out`, as a string."""
-    runs, runs_problem = load(out, "runs.parquet", read_runs)
-    stores, stores_problem = load(out, "stores", read_stores)
+    layout = RunLayout(root=out)
+    runs, runs_problem = load(layout, layout.runs, read_runs)
+    stores, stores_problem = load(layout, layout.stores, read_stores)
     title = f"kdcache run report: {out.resolve().name}"
     body = "".join([
-        overview_section(out),
+        overview_section(layout),
         # The figures and what they say first; the tables behind them after.
-        plots_section(out),
-        findings_section(out),
-        fits_section(out),
-        teachers_section(out, runs, stores or []),
+        plots_section(layout),
+        findings_section(layout),
+        fits_section(layout),
+        teachers_section(layout, runs, stores or []),
         students_section(runs, runs_problem),
-        stores_section(stores, stores_problem),
-        plans_section(out),
-        costs_section(out),
+        stores_section(layout, stores, stores_problem),
+        plans_section(layout),
+        costs_section(layout),
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
@@ -523,9 +510,8 @@ def render(out: Path) -> str:
 
 def write_report(out_dir: Path) -> Path:
     """Write `out_dir/report.html` (atomically, so a reader never sees half a page); return its path."""
-    out_dir = Path(out_dir)
-    path = out_dir / REPORT
-    tmp = path.with_name(REPORT + ".tmp")
-    tmp.write_text(render(out_dir), encoding="utf-8")
+    path = RunLayout(root=Path(out_dir)).report
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(Path(out_dir)), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -4,8 +4,7 @@ prepare -> teachers (a sweep on the teacher split) -> caches (Ray) -> students (
 -> fits of both laws with their extrapolation check -> the paper's findings -> plans and
 cost tables -> plots -> report.html. Every stage skips what is already done (finished
 model directories, complete stores), so rerunning the same command resumes an
-interrupted run. The output directory's layout is the report's contract (see
-`report_html.py`).
+interrupted run. The output directory's layout is the report's contract (`layout.py`).
 
 The students come in two parts. The *law grid*, shaped like the paper's: supervised
 students across sizes and token budgets, and students distilled at lambda = 1 from a top-k
@@ -13,7 +12,7 @@ store of each of several teachers (so the teacher loss L_T varies) at every budg
 one online run. The *findings*: on one teacher's first `finding_rows` rows, a full
 store against a top-k one at lambda 1 and 0.7, and top-k stores at other temperatures.
 Only the law grid is fitted (`fits/runs.parquet`); the findings are compared in
-`findings.json`.
+`findings.json` (`findings.py`).
 
 Presets: `demo` fits both laws from its own runs in minutes on two CPU cores (tiny models:
 the report says how well they extrapolate); `study` has larger models, more budgets and
@@ -29,8 +28,30 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdcache.fit import recipes
+from kdcache.fit.errors import FitError
+from kdcache.fit.laws import DistillationLaw
+from kdcache.fit.presets import load_distillation
+from kdcache.fit.report import fit_runs
 from kdcache.paths import check_writable
+from kdcache.pipeline.cache.config import CacheConfig
+from kdcache.pipeline.cache.job import run_cache
 from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.prepare.config import PrepareConfig
+from kdcache.pipeline.prepare.job import prepare
+from kdcache.pipeline.study.config import SweepConfig
+from kdcache.pipeline.study.cost import CostQuery, estimate_cost, write_cost_plot
+from kdcache.pipeline.study.findings import write_findings
+from kdcache.pipeline.study.layout import RunLayout
+from kdcache.pipeline.study.plots import write_plots
+from kdcache.pipeline.study.report import write_report
+from kdcache.pipeline.study.sweep import run_sweep
+from kdcache.ray_session import ray_session
+from kdcache.storage import StoreError, read_meta
+from kdcache.storage.tokens.format import is_token_data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,31 +105,24 @@ def _stage(name: str) -> None:
     print(f"== {name}", file=sys.stderr, flush=True)
 
 
-def _prepare(out: Path, p: Preset) -> Path:
-    from kdcache.pipeline.prepare.job import PrepareConfig, prepare
-
-    data = out / "data"
-    if not (data / "zarr.json").is_file():
+def _prepare(layout: RunLayout, p: Preset) -> None:
+    if not is_token_data(layout.data):  # `kdcache prepare` writes the directory whole or not at all
         _stage("prepare: tokenizer and splits from the standard library")
         half = (1.0 - p.valid_frac) / 2
-        prepare(PrepareConfig(out=str(data), vocab_size=p.vocab_size, seq_len=p.seq_len,
+        prepare(PrepareConfig(out=str(layout.data), vocab_size=p.vocab_size, seq_len=p.seq_len,
                               max_tokens=p.max_tokens, teacher_frac=half, student_frac=half,
                               valid_frac=p.valid_frac))
-    return data
 
 
-def _sweep(out: Path, data: Path, target: str, grid: list[dict[str, Any]], p: Preset,
-           device: str = "cpu") -> dict[str, Any]:
-    from kdcache.pipeline.study.sweep import SweepConfig, run_sweep
-
-    cfg = SweepConfig(data=str(data), runs=str(out / "runs.parquet"), out=str(out / target), grid=grid,
+def _sweep(layout: RunLayout, target: Path, grid: list[dict[str, Any]], p: Preset, device: str) -> None:
+    """Train the grid into `target` (teachers/ or students/); any failed run fails the stage."""
+    cfg = SweepConfig(data=str(layout.data), runs=str(layout.runs), out=str(target), grid=grid,
                       defaults={"rho": p.rho, "batch_size": p.batch_size, "checkpoint_every": 100,
                                 "device": device})
     result = run_sweep(cfg)
-    if result["failed"]:
-        failed = ", ".join(f"{k}: {v}" for k, v in result["failed"].items())
-        raise PipelineError(f"{target}: {len(result['failed'])} runs failed ({failed})")
-    return result
+    if result.failed:
+        failed = ", ".join(f"{k}: {v}" for k, v in result.failed.items())
+        raise PipelineError(f"{target.name}: {len(result.failed)} runs failed ({failed})")
 
 
 @dataclass(frozen=True)
@@ -120,46 +134,43 @@ class Stores:
     and 'tau<T>' (top-k at temperature T)."""
 
 
-def _store_jobs(out: Path, p: Preset) -> list[tuple[Path, str, dict[str, Any]]]:
+def _store_jobs(layout: RunLayout, p: Preset) -> list[tuple[Path, str, dict[str, Any]]]:
     """(store, teacher, cache settings) for every store the preset needs."""
     # The law grid's stores hold the rows the largest budget reads once, not the whole split.
     grid_rows = -(-max(p.student_tokens) // p.seq_len)
     jobs: list[tuple[Path, str, dict[str, Any]]] = [
-        (out / "stores" / name, name, {"kind": "topk", "max_rows": grid_rows}) for name in p.teachers]
+        (layout.store(name), name, {"kind": "topk", "max_rows": grid_rows}) for name in p.teachers]
     if p.finding_rows:
         first = next(iter(p.teachers))
         rows: dict[str, Any] = {"max_rows": p.finding_rows}
-        jobs.append((out / "stores" / f"{first}-full", first, {"kind": "full", **rows}))
-        jobs.append((out / "stores" / f"{first}-topk", first, {"kind": "topk", **rows}))
-        jobs += [(out / "stores" / f"{first}-tau{t:g}", first, {"kind": "topk", "temperature": t, **rows})
+        jobs.append((layout.store(f"{first}-full"), first, {"kind": "full", **rows}))
+        jobs.append((layout.store(f"{first}-topk"), first, {"kind": "topk", **rows}))
+        jobs += [(layout.store(f"{first}-tau{t:g}"), first, {"kind": "topk", "temperature": t, **rows})
                  for t in p.temperatures]
     return jobs
 
 
-def _caches(out: Path, data: Path, p: Preset) -> Stores:
-    from kdcache.pipeline.cache.job import CacheConfig, run_cache
-    from kdcache.storage import StoreError, read_meta
-
-    jobs = _store_jobs(out, p)
+def _caches(layout: RunLayout, p: Preset) -> Stores:
+    jobs = _store_jobs(layout, p)
     for store, teacher, settings in jobs:
         with contextlib.suppress(StoreError):
             meta = read_meta(store)
             if meta.complete and meta.valid_loss is not None:
                 continue
         _stage(f"cache: {teacher} -> {store.name} ({settings['kind']})")
-        run_cache(CacheConfig(teacher=str(out / "teachers" / teacher), data=str(data), out=str(store), k=p.k,
-                              quiet=True, **settings))
+        run_cache(CacheConfig(teacher=str(layout.teacher(teacher)), data=str(layout.data), out=str(store),
+                              k=p.k, quiet=True, **settings))
     grid = [store for store, _, _ in jobs[: len(p.teachers)]]
     first = next(iter(p.teachers))
     findings = {store.name.removeprefix(f"{first}-"): store for store, _, _ in jobs[len(p.teachers):]}
     return Stores(grid=grid, findings=findings)
 
 
-def _student_grid(out: Path, p: Preset, stores: Stores) -> list[dict[str, Any]]:
+def _student_grid(layout: RunLayout, p: Preset, stores: Stores) -> list[dict[str, Any]]:
     """The law grid (supervised; distilled at lambda 1 from each teacher; one online run) and
     the findings (full against top-k at lambda 1 and 0.7; other temperatures)."""
     tokens = list(p.student_tokens)
-    first_teacher = out / "teachers" / next(iter(p.teachers))
+    first_teacher = layout.teacher(next(iter(p.teachers)))
     size = p.distill_layers[0]
     grid: list[dict[str, Any]] = [
         {"layers": list(p.student_layers), "tokens": tokens},
@@ -177,13 +188,10 @@ def _student_grid(out: Path, p: Preset, stores: Stores) -> list[dict[str, Any]]:
     return grid
 
 
-def _law_rows(out: Path, p: Preset) -> tuple[Any, Any]:
+def _law_rows(layout: RunLayout, p: Preset) -> tuple[pa.Table, pa.Table]:
     """(all runs, the law grid's runs): supervised, online, and lambda-1 runs from grid stores."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(out / "runs.parquet")
-    grid = {str((out / "stores" / name).resolve()) for name in p.teachers}
+    table = pq.read_table(layout.runs)
+    grid = {str(layout.store(name).resolve()) for name in p.teachers}
     rows = table.to_pylist()
     keep = [r["kind"] in ("supervised", "online") or (r["store"] in grid and (r["lambda"] or 1.0) == 1.0)
             for r in rows]
@@ -196,28 +204,25 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
     Only the law grid is fitted (`fits/runs.parquet`): the distillation law describes pure
     distillation (lambda = 1) at temperature 1 over the whole split; the findings' runs are not.
     """
-    import pyarrow.parquet as pq
-
-    from kdcache.fit.report import fit_runs
-
-    table, fitted_runs = _law_rows(out, p)
-    (out / "fits").mkdir(exist_ok=True)
-    (out / "plots").mkdir(exist_ok=True)
-    pq.write_table(fitted_runs, out / "fits" / "runs.parquet")
+    layout = RunLayout(root=out)
+    table, fitted_runs = _law_rows(layout, p)
+    layout.fits.mkdir(exist_ok=True)
+    layout.plots.mkdir(exist_ok=True)
+    pq.write_table(fitted_runs, layout.fit_runs)
     kinds = fitted_runs.column("kind").to_pylist()
     counts = {"supervised": kinds.count("supervised"),
               "distillation": kinds.count("distill") + kinds.count("online")}
     notes: dict[str, str] = {}
     for law, needed in zip(("supervised", "distillation"), p.min_runs_to_fit, strict=True):
-        path = out / "fits" / f"{law}.json"
+        path = layout.fit(law)
         path.unlink(missing_ok=True)
         if counts[law] < needed:
             notes[law] = (f"{counts[law]} {law} runs, fewer than the {needed} this preset fits from: "
                           "not fitted; plans use the paper's published law")
             continue
         _stage(f"fit: {law} law on {counts[law]} runs")
-        sup = out / "fits" / "supervised.json"
-        report = fit_runs(fitted_runs, law, source=out / "fits" / "runs.parquet",
+        sup = layout.fit("supervised")
+        report = fit_runs(fitted_runs, law, source=layout.fit_runs,
                           bootstrap=p.bootstrap,
                           supervised=str(sup) if law == "distillation" and sup.is_file() else None)
         path.write_text(json.dumps(report.to_json(), indent=2))
@@ -225,28 +230,22 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
         left_out = (f"{len(table) - len(fitted_runs)} runs of the findings (full store, lambda < 1, "
                     "other temperatures) left out of the fit")
         notes["distillation"] = "; ".join(filter(None, (notes.get("distillation"), left_out)))
-    (out / "fits" / "notes.json").write_text(json.dumps(notes, indent=2))
+    layout.notes.write_text(json.dumps(notes, indent=2))
     for note in notes.values():
         print(f"note: {note}", file=sys.stderr)
     return notes
 
 
-def _plans_and_costs(out: Path, p: Preset, stores: Stores) -> None:
-    import pyarrow.parquet as pq
-
-    from kdcache.fit.errors import FitError
-    from kdcache.fit.presets import load_distillation
-    from kdcache.pipeline.study.cost import CostQuery, estimate_cost, write_cost_plot
-
+def _plans_and_costs(layout: RunLayout, p: Preset, stores: Stores) -> None:
     _stage("plan and cost")
-    law_file = out / "fits" / "distillation.json"
+    law_file = layout.fit("distillation")
     fitted = load_distillation(str(law_file)) if law_file.is_file() else None
     plans = []
     for n, c in ((1e8, 1e20), (1e9, 1e21)):
         for scenario in ("best", "inference"):
             plans.append(_plan(fitted, n, c, scenario))
-    (out / "plans.json").write_text(json.dumps(plans, indent=2))
-    rows = pq.read_table(out / "runs.parquet").to_pylist()
+    layout.plans.write_text(json.dumps(plans, indent=2))
+    rows = pq.read_table(layout.runs).to_pylist()
     costs = []
     for store in stores.grid:
         students = [r for r in rows if r["store"] == str(store.resolve())]
@@ -255,7 +254,7 @@ def _plans_and_costs(out: Path, p: Preset, stores: Stores) -> None:
         n_t, n_s = students[0]["teacher_params"], sorted({r["params"] for r in students})
         tokens = max(r["tokens"] for r in students)
         query = CostQuery(teacher_params=n_t, student_params=tuple(float(n) for n in n_s), tokens=tokens,
-                          store=str(store), runs=str(out / "runs.parquet"), rho=p.rho, context=p.seq_len,
+                          store=str(store), runs=str(layout.runs), rho=p.rho, context=p.seq_len,
                           vocab=p.vocab_size)
         try:
             result = estimate_cost(query)
@@ -263,19 +262,15 @@ def _plans_and_costs(out: Path, p: Preset, stores: Stores) -> None:
             print(f"note: {store.name}: cost not calibrated ({exc})", file=sys.stderr)
             query = replace(query, runs=None)
             result = estimate_cost(query)
-        write_cost_plot(query, result, str(out / "plots" / f"cost-{store.name}.png"))
+        write_cost_plot(query, result, str(layout.cost_plot(store.name)))
         costs.append({"label": store.name, "teacher_params": n_t, "student_params": n_s, "tokens": tokens,
                       **result.to_json()})
-    (out / "costs.json").write_text(json.dumps(costs, indent=2))
+    layout.costs.write_text(json.dumps(costs, indent=2))
 
 
-def _plan(fitted: Any, n: float, c: float, scenario: str) -> dict[str, Any]:
+def _plan(fitted: DistillationLaw | None, n: float, c: float, scenario: str) -> dict[str, Any]:
     """The fitted law's recipe, or the paper's where there is no fit or it gives none in bounds
     (a law fitted to tiny models extrapolated a thousandfold can leave them)."""
-    from kdcache.fit import recipes
-    from kdcache.fit.errors import FitError
-    from kdcache.fit.presets import load_distillation
-
     if fitted is not None:
         try:
             return {**recipes.plan(fitted, n, c, scenario, crossover=False).to_json(), "law": "fitted"}
@@ -288,28 +283,23 @@ def _plan(fitted: Any, n: float, c: float, scenario: str) -> dict[str, Any]:
 
 def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, device: str = "cpu") -> Path:
     """Run (or resume) the whole pipeline into `out_dir`; returns the report's path."""
-    from kdcache.pipeline.study.findings import write_findings
-    from kdcache.pipeline.study.plots import write_plots
-    from kdcache.pipeline.study.report import write_report
-    from kdcache.ray_session import ray_session
-
     if preset not in PRESETS:
         raise PipelineError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    p, out = PRESETS[preset], Path(out_dir)
-    check_writable(out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
-    data = _prepare(out, p)
+    p, layout = PRESETS[preset], RunLayout(root=Path(out_dir))
+    check_writable(layout.root, "--out")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    _prepare(layout, p)
     with ray_session(ray_address):  # one Ray for every stage: the cache jobs and sweeps reuse it
         _stage(f"teachers: {', '.join(p.teachers)}")
         grid = [{"layers": layers, "tokens": tokens, "split": "teacher", "run_id": name}
                 for name, (layers, tokens) in p.teachers.items()]
-        _sweep(out, data, "teachers", grid, p, device)
-        stores = _caches(out, data, p)
+        _sweep(layout, layout.teachers, grid, p, device)
+        stores = _caches(layout, p)
         _stage("students: the law grid (supervised, distilled from each teacher, online) and the findings")
-        _sweep(out, data, "students", _student_grid(out, p, stores), p, device)
-    _fit(out, p)
-    write_findings(out, {name: str(path.resolve()) for name, path in stores.findings.items()},
+        _sweep(layout, layout.students, _student_grid(layout, p, stores), p, device)
+    _fit(layout.root, p)
+    write_findings(layout.root, {name: str(path.resolve()) for name, path in stores.findings.items()},
                    [str(s.resolve()) for s in stores.grid])
-    _plans_and_costs(out, p, stores)
-    write_plots(out)
-    return write_report(out)
+    _plans_and_costs(layout, p, stores)
+    write_plots(layout.root)
+    return write_report(layout.root)

@@ -1,4 +1,4 @@
-"""Many training runs from one YAML file: a grid of students as Ray tasks, one runs table.
+"""`kdcache sweep`: many training runs from one YAML file, a grid of students as Ray tasks, one runs table.
 
 `kdcache sweep --config SWEEP.yaml` reads the file as the verb's flags (so `--threads 2`
 overrides it; relative paths are relative to the working directory). It holds settings
@@ -22,53 +22,52 @@ is finished and whose row is in the runs table is skipped, so rerunning the same
 resumes the sweep (an interrupted run resumes from its checkpoint; a finished one whose
 row was lost only appends it). A failed run is reported and the others go on. Every
 setting is checked against `TrainJobConfig`'s field types before anything runs.
+
+The settings (`SweepConfig`) are in `config.py`, which the command line imports; this
+module imports the trainer and Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+from tqdm import tqdm
+
+from kdcache.errors import KdcacheError
 from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.study.config import SweepConfig
+from kdcache.ray_session import ray_session
+from kdcache.storage.runs import has_run
 from kdcache.train.errors import TrainError
 from kdcache.train.job import GROUPS, TrainJobConfig
+from kdcache.train.model_dir import META
+from kdcache.train.run import run_training
 
 
-@dataclass(frozen=True, kw_only=True)
-class SweepConfig:
-    """A grid of training runs sharing data, stores and one runs table."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepResult:
+    """What a sweep did: every run of the grid is done, skipped or failed."""
 
-    data: str
-    """DATA directory every run trains and evaluates on."""
-    runs: str
-    """Runs table (Parquet) every run appends its row to."""
-    out: str
-    """Directory of the runs' MODEL directories (OUT/<run_id>)."""
-    grid: list[dict[str, Any]]
-    """Groups of `kdcache train` settings; lists expand as a Cartesian product."""
-    defaults: dict[str, Any] = field(default_factory=dict)
-    """Train settings shared by every run (a group's own values win)."""
-    threads: int = 1
-    """torch threads (and Ray CPUs) per run."""
-    ray_address: str | None = None
-    """Address of an existing Ray cluster; default starts a local one."""
-    json: bool = False
-    """Print the summary as JSON."""
+    runs: int
+    """Runs in the grid."""
+    done: int
+    """Runs trained now (or whose lost row was appended again)."""
+    skipped: int
+    """Runs found finished and recorded."""
+    failed: dict[str, str]
+    """run_id -> the reason, in one line."""
 
-    def __post_init__(self) -> None:
-        if not self.grid or not all(isinstance(g, dict) for g in self.grid):
-            raise PipelineError("field 'grid' must be a non-empty list of mappings")
-        if self.threads < 1:
-            raise PipelineError(f"field 'threads' must be >= 1, got {self.threads}")
-        if self.defaults is not None and not isinstance(self.defaults, dict):
-            raise PipelineError("field 'defaults' must be a mapping of train settings")
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def expand(cfg: SweepConfig, where: str = "") -> list[TrainJobConfig]:
@@ -154,9 +153,6 @@ def run_id_of(job: TrainJobConfig) -> str:
 
 def _finished(job: TrainJobConfig) -> bool:
     """Finished and recorded; a finished run whose row is missing runs again, only to append it."""
-    from kdcache.storage.runs import has_run
-    from kdcache.train.model_dir import META
-
     meta = Path(job.out) / META
     if not meta.is_file():
         return False
@@ -169,28 +165,19 @@ def _finished(job: TrainJobConfig) -> bool:
     return not isinstance(training, dict) or has_run(job.runtime.runs, training)
 
 
-def _train(settings: dict[str, Any]) -> dict[str, Any]:
-    """One run, in a Ray worker: settings in, runs-table row out (JSON-able both ways).
+def _train(job: TrainJobConfig) -> dict[str, Any]:
+    """One run, in a Ray worker: its config in (Ray pickles it), runs-table row out.
 
     Idempotent, as a task Ray may retry must be: an attempt whose worker died after the
     run recorded its row finds the run finished and returns that row.
     """
-    from kdcache.train.model_dir import META
-    from kdcache.train.run import run_training
-
-    job = TrainJobConfig.from_flat(**settings)
     if _finished(job):
         return json.loads((Path(job.out) / META).read_text())["training"]
     return run_training(job).row
 
 
-def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
-    """Run every unfinished run of the grid; returns {done, skipped, failed: {run_id: error}}."""
-    import ray
-    from tqdm import tqdm
-
-    from kdcache.ray_session import ray_session
-
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Run every unfinished run of the grid; failed runs are reported, not raised."""
     jobs = expand(cfg)
     todo = [j for j in jobs if not _finished(j)]
     skipped = len(jobs) - len(todo)
@@ -199,7 +186,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         # A killed worker's run is retried (it resumes from its checkpoint); errors are not.
         task = ray.remote(max_retries=2, retry_exceptions=False)(_train)
         # A run over several Ray Train workers asks for their CPUs itself; its driver task holds none.
-        refs = {task.options(num_cpus=0 if j.runtime.workers > 1 else cfg.threads).remote(j.flat()):
+        refs = {task.options(num_cpus=0 if j.runtime.workers > 1 else cfg.threads).remote(j):
                 j.runtime.run_id for j in todo}
         bar = tqdm(total=len(jobs), initial=skipped, unit="run", desc="sweep", dynamic_ncols=True)
         while refs:
@@ -213,13 +200,11 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                 bar.write(f"{run_id}: FAILED: {failed[run_id]}", file=sys.stderr)
             bar.update(1)
         bar.close()
-    return {"runs": len(jobs), "done": len(todo) - len(failed), "skipped": skipped, "failed": failed}
+    return SweepResult(runs=len(jobs), done=len(todo) - len(failed), skipped=skipped, failed=failed)
 
 
 def _reason(exc: Exception) -> str:
     """A failed run's reason in one line: kdcache's own error whole, else the last line."""
-    from kdcache.errors import KdcacheError
-
     cause = getattr(exc, "cause", None)
     if isinstance(cause, KdcacheError):  # its message may wrap a library's multi-line one
         return " ".join(str(cause).split())

@@ -3,7 +3,7 @@
 The full fixture is a run directory made the way `kdcache run` makes one: token data from
 `prepare`, a teacher and two students trained through the CLI, logit stores written by
 StoreWriter, a runs table, fit JSONs and plots from `kdcache fit`, recipes from `kdcache
-plan`, costs from `kdcache cost` and the report's own figures from `study_plots.write_plots`.
+plan`, costs from `kdcache cost` and the report's own figures from `plots.write_plots`.
 Chromium renders the page; the tests read the rendered DOM's tables and notes and check
 every image decoded.
 """
@@ -29,7 +29,7 @@ from kdcache.fit.synthetic import distillation_runs, supervised_runs
 from kdcache.fit.threads import single_threaded_blas
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.study.findings import write_findings
-from kdcache.pipeline.study.plots import SKIPPED, agreement, write_plots
+from kdcache.pipeline.study.plots import agreement, write_plots
 from kdcache.pipeline.study.plots import read_runs as read_plot_runs
 from kdcache.pipeline.study.report import FIGURES, write_report
 from kdcache.storage import StoreWriter, summarize
@@ -315,7 +315,7 @@ def test_plans_costs_and_plots(full_page: Page, run_dir: Path) -> None:
     assert full_page.images == len(list((run_dir / "plots").glob("*.png"))) == 6
     assert full_page.widths == ",".join(str(png_width(p)) for p in pngs)  # every image decoded
     assert all(png_width(p) > 0 for p in pngs)
-    assert not (run_dir / "plots" / SKIPPED).exists()
+    assert not (run_dir / "plots" / "skipped.json").exists()
     assert any("paper's law (not fitted here)" in n for n in full_page.notes["plots"])
 
 
@@ -355,7 +355,7 @@ def test_write_plots_without_inputs_draws_nothing_and_says_why(tmp_path: Path) -
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "allocations.png").write_bytes(b"from an earlier run")
     assert write_plots(tmp_path) == []
-    skipped = json.loads((tmp_path / "plots" / SKIPPED).read_text())
+    skipped = json.loads((tmp_path / "plots" / "skipped.json").read_text())
     assert list(skipped) == [f"{stem}.png" for stem in FIGURES]
     assert all("no runs table" in why for name, why in skipped.items() if name != "allocations.png")
     assert "no plans.json" in skipped["allocations.png"]  # recipes are drawn at the plans' scale
@@ -371,8 +371,8 @@ def test_write_plots_from_runs_alone_uses_the_papers_law(tmp_path: Path) -> None
     synthetic_runs(tmp_path / "runs.parquet")
     plots = tmp_path / "plots"
     assert write_plots(tmp_path) == [plots / f"{stem}.png" for stem in list(FIGURES)[:3]]
-    assert json.loads((plots / SKIPPED).read_text()) == {"allocations.png": "no plans.json to take the "
-                                                                            "budgets from"}
+    skipped = json.loads((plots / "skipped.json").read_text())
+    assert skipped == {"allocations.png": "no plans.json to take the budgets from"}
     # No fit: the predicted-vs-observed panels are the paper's law on the runs it generated.
     sup = agreement(tmp_path, "supervised", "t", read_plot_runs(tmp_path), None)
     assert PAPER_LABEL in sup.title and len(sup.observed) == 40 and not sup.held_out.any()
@@ -380,7 +380,7 @@ def test_write_plots_from_runs_alone_uses_the_papers_law(tmp_path: Path) -> None
     assert fitted_mean is not None and fitted_mean[0] < 0.006  # the runs' 0.3% noise and twins' 0.4%
     (tmp_path / "plans.json").write_text(json.dumps([{"compute": 1e20, "student_params": 1e8},
                                                      {"compute": 1e21, "student_params": 1e9}]))
-    assert len(write_plots(tmp_path)) == 4 and not (plots / SKIPPED).exists()
+    assert len(write_plots(tmp_path)) == 4 and not (plots / "skipped.json").exists()
 
 
 def test_write_plots_with_a_broken_fit_names_it(tmp_path: Path) -> None:
@@ -389,7 +389,7 @@ def test_write_plots_with_a_broken_fit_names_it(tmp_path: Path) -> None:
     (tmp_path / "fits" / "supervised.json").write_text("{")
     (tmp_path / "plans.json").write_text(json.dumps([{"compute": 1e20, "student_params": 1e8}]))
     assert write_plots(tmp_path) == []
-    skipped = json.loads((tmp_path / "plots" / SKIPPED).read_text())
+    skipped = json.loads((tmp_path / "plots" / "skipped.json").read_text())
     assert all("supervised.json" in why for why in skipped.values()), skipped
 
 

@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from kdcache.pipeline.cache.job import CacheConfig, run_cache
+from kdcache.pipeline.cache.config import CacheConfig
+from kdcache.pipeline.cache.job import run_cache
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.errors import PipelineError
-from kdcache.pipeline.study.sweep import SweepConfig, expand
+from kdcache.pipeline.study.config import SweepConfig
+from kdcache.pipeline.study.sweep import expand
 from tests.pipeline.conftest import make_teacher
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
