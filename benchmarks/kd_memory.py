@@ -41,6 +41,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kdcache.train.kd_losses import distill_loss
+from kdcache.train.losses import LOSS_CHUNK_BYTES
+
 CASES = ("hidden_distill", "logits_distill", "chunked_supervised")
 MIB = 2**20
 
@@ -66,8 +71,6 @@ def _reset_peak() -> bool:
 
 def _batch(args: argparse.Namespace, t: int, teacher: bool) -> dict[str, Any]:
     """Random tokens and a top-k teacher: k distinct ids, log-probs holding 95% of the mass."""
-    import torch
-
     gen = torch.Generator().manual_seed(0)
     b, v, k = args.batch, args.vocab, args.k
     labels = torch.randint(v, (b, t), generator=gen)
@@ -84,10 +87,6 @@ def _batch(args: argparse.Namespace, t: int, teacher: bool) -> dict[str, Any]:
 
 def run_case(args: argparse.Namespace) -> dict[str, Any]:
     """One case's step in this process; returns its memory and time."""
-    import torch
-
-    from kdcache.train.kd_losses import distill_loss
-
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(1)
     head = (torch.randn(args.vocab, args.d, generator=gen) / math.sqrt(args.d)).requires_grad_()
@@ -158,8 +157,6 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    from kdcache.train.losses import LOSS_CHUNK_BYTES
-
     print(f"one step, batch {args.batch} x {args.seq_len}, d {args.d}, top-k {args.k}, "
           f"chunks of {LOSS_CHUNK_BYTES // MIB} MiB float32 logits; MiB over the resident set "
           "before the step (absolute peak in brackets)")

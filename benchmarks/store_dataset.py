@@ -102,12 +102,12 @@ def measure(path: Path, batch_size: int, repeats: int) -> dict:
     def convert() -> None:
         for rows, values, window in zip(windows, read, ds.order.windows(0), strict=True):
             for batch in window:
-                ds._to_dict(values, np.searchsorted(rows, batch))
+                ds._as_dict(ds._to_batch(values, np.searchsorted(rows, batch)))
 
     def convert_widened() -> None:  # as the loader did before: log-probs float32 here
         for rows, values, window in zip(windows, read, ds.order.windows(0), strict=True):
             for batch in window:
-                ds._to_dict(values, np.searchsorted(rows, batch))["teacher_logprobs"].float()
+                ds._as_dict(ds._to_batch(values, np.searchsorted(rows, batch)))["teacher_logprobs"].float()
 
     convert_s = best_time(convert, repeats)
     widened_s = best_time(convert_widened, repeats)

@@ -1,12 +1,18 @@
-"""Batch sources: what the trainer pulls each step, and the supervised one over a token split.
+"""The batch type, its public dict form, and the batch sources the trainer pulls from.
+
+`Batch` is the one batch type from store to loss: a distillation source adds the
+teacher's targets under `Batch.extras`, keyed by the store arrays they come from
+(`KIND_EXTRAS`). The public API (`StoreDataset`, `distill_loss`) speaks Hugging
+Face-style dicts instead (`input_ids`, `labels`, `teacher_<array>`, ...);
+`batch_to_dict` and `batch_from_dict` convert at that edge and nowhere else.
 
 A source yields `Batch`es and can save and restore its position as a small JSON-able
-dict, so a resumed run sees exactly the batches an uninterrupted one would. Distillation
-sources (a logit store, an online teacher) add their targets under `Batch.extras`.
+dict, so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,9 +20,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdcache.storage import ARRAYS_BY_KIND, Kind
 from kdcache.storage.tokens.format import TokenData
 from kdcache.train.errors import TrainError
 from kdcache.train.row_order import RowOrder
+
+KIND_EXTRAS: dict[Kind, tuple[str, ...]] = {
+    kind: tuple(name for name in arrays if name not in ("tokens", "target_logprob"))
+    for kind, arrays in ARRAYS_BY_KIND.items()
+}
+"""Store kind -> the `Batch.extras` a distillation loss reads, in the order its functions take
+them: the store's arrays but the tokens (the batch's inputs and targets) and the teacher's
+log-prob of the true next token (the store's own record, not a target)."""
+
+BATCH_KEYS: dict[str, str] = {f"teacher_{name}": name for names in KIND_EXTRAS.values() for name in names}
+"""Key of a batch dict (`distill_loss`, `StoreDataset`) -> the `Batch.extras` key it maps to."""
+_DICT_KEY = {name: key for key, name in BATCH_KEYS.items()}
+
+TEMPERATURE_KEY = "teacher_temperature"
+"""Batch-dict key of the store's temperature (a 0-d float32 tensor)."""
+VOCAB_KEY = "vocab_size"
+"""Batch-dict key of the tokenizer's vocabulary size (a 0-d int64 tensor): the ids a padded
+student's logits or output layer must be cut to."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,36 @@ class Batch:
             return self
         extras = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}
         return Batch(self.inputs.to(device), self.targets.to(device), extras)
+
+
+def batch_to_dict(
+    batch: Batch, *, temperature: float | None = None, vocab_size: int | None = None
+) -> dict[str, Tensor]:
+    """A `Batch` as a batch dict; teacher targets need their `temperature`.
+
+    The inverse of `batch_from_dict` (which drops the temperature: the trainer's loss holds it).
+    """
+    unknown = sorted(set(batch.extras) - set(_DICT_KEY))
+    if unknown:
+        raise TrainError(f"batch extras {unknown} have no batch-dict key (known: {sorted(_DICT_KEY)})")
+    out = {"input_ids": batch.inputs, "labels": batch.targets}
+    out.update({_DICT_KEY[name]: values for name, values in batch.extras.items()})
+    if temperature is not None:
+        out[TEMPERATURE_KEY] = torch.tensor(temperature, dtype=torch.float32)
+    elif batch.extras:
+        raise TrainError("a batch with teacher targets needs the temperature they were computed at")
+    if vocab_size is not None:
+        out[VOCAB_KEY] = torch.tensor(vocab_size, dtype=torch.int64)
+    return out
+
+
+def batch_from_dict(batch: Mapping[str, Any]) -> Batch:
+    """A batch dict (input_ids, labels, teacher_* keys) as a `Batch`; bad input raises ValueError."""
+    missing = [key for key in ("input_ids", "labels") if key not in batch]
+    if missing:
+        raise ValueError(f"batch has no {' or '.join(missing)} (has {sorted(batch)})")
+    extras = {name: batch[key] for key, name in BATCH_KEYS.items() if key in batch}
+    return Batch(inputs=batch["input_ids"], targets=batch["labels"].long(), extras=extras)
 
 
 class BatchSource(Protocol):

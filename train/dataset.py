@@ -3,7 +3,7 @@
 Iterating yields the rest of the current epoch as dicts of tensors:
 
 - `input_ids`, `labels`: [b, T] int64, labels[:, t] the token after input_ids[:, t].
-- The store's teacher targets, by kind (`kd_losses.KIND_EXTRAS`, keyed `BATCH_KEYS`):
+- The store's teacher targets, by kind (`batches.KIND_EXTRAS`, keyed `BATCH_KEYS`):
   `teacher_ids` (int64), `teacher_logprobs` (float16 as stored: log-probs at the store's
   temperature), `teacher_tail_logmass` (float32, top-k stores) and `teacher_counts`
   (float32, sampled stores), each [b, T, k] or [b, T]. The losses widen the log-probs
@@ -21,8 +21,9 @@ b = batch_size // world, of each global batch and reads only those, so what a ru
 does not depend on its world size. Reads go one window at a time: this rank's rows of
 a window, one `read_rows` call, then the window's batches from memory.
 
-`kd_losses.batch_from_dict` turns a batch into the trainer's `Batch` and
-`batch_to_dict` turns one back.
+Inside, rows are read into the trainer's `Batch` (`read_batches`, which `StoreBatches`
+serves from); iterating converts each to the dict above (`batches.batch_to_dict`), and
+`batches.batch_from_dict` turns a dict back.
 
 The position is (epoch, global batch), the same on every rank. Iterating advances it
 batch by batch and leaves it at (epoch + 1, 0) after the epoch's last batch, so
@@ -69,38 +70,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcache.storage import StoreMeta, StoreReader, read_meta
-from kdcache.train.batches import Batch, OrderedBatches
+from kdcache.train.batches import KIND_EXTRAS, Batch, OrderedBatches, batch_to_dict
 from kdcache.train.errors import TrainError
-from kdcache.train.kd_losses import BATCH_KEYS, KIND_EXTRAS, TEMPERATURE_KEY, VOCAB_KEY
 from kdcache.train.row_order import RowOrder
 
-_DICT_KEY = {extra: key for key, extra in BATCH_KEYS.items()}
 # numpy converts, on this thread alone: torch's copies split across its intra-op threads and
 # wait for the slowest, up to 10x slower when another process holds a core.
 _BATCH_DTYPE = {"ids": np.dtype(np.int64), "logprobs": np.dtype(np.float16),
                 "tail_logmass": np.dtype(np.float32), "counts": np.dtype(np.float32)}
-
-
-def batch_to_dict(
-    batch: Batch, *, temperature: float | None = None, vocab_size: int | None = None
-) -> dict[str, Tensor]:
-    """The trainer's `Batch` -> a batch dict; teacher targets need their `temperature`.
-
-    The inverse of `kd_losses.batch_from_dict` (which drops the temperature: the trainer's
-    loss holds it).
-    """
-    unknown = sorted(set(batch.extras) - set(_DICT_KEY))
-    if unknown:
-        raise TrainError(f"batch extras {unknown} have no batch-dict key (known: {sorted(_DICT_KEY)})")
-    out = {"input_ids": batch.inputs, "labels": batch.targets}
-    out.update({_DICT_KEY[name]: values for name, values in batch.extras.items()})
-    if temperature is not None:
-        out[TEMPERATURE_KEY] = torch.tensor(temperature, dtype=torch.float32)
-    elif batch.extras:
-        raise TrainError("a batch with teacher targets needs the temperature they were computed at")
-    if vocab_size is not None:
-        out[VOCAB_KEY] = torch.tensor(vocab_size, dtype=torch.int64)
-    return out
 
 
 def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -207,7 +184,7 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
             self.epoch, self.batch = epoch, index + 1
             if self.batch == len(self):
                 self.epoch, self.batch = epoch + 1, 0
-            yield batch
+            yield self._as_dict(batch)
         self.epoch, self.batch = epoch + 1, 0
 
     def loader(self, num_workers: int = 2, **kwargs: Any) -> Iterator[dict[str, Tensor]]:
@@ -235,7 +212,7 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
         for window in DataLoader(shares, batch_size=None, num_workers=num_workers, **kwargs):
             values = {name: t.numpy() for name, t in window.values.items()}
             for index, pos in zip(window.index, window.pos, strict=True):
-                batch = self._to_dict(values, np.asarray(pos))
+                batch = self._as_dict(self._to_batch(values, np.asarray(pos)))
                 if index != self.batch:
                     raise TrainError(f"worker sent batch {index} where batch {self.batch} was due")
                 self.advance()
@@ -244,7 +221,7 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
     def read_batches(
         self, epoch: int, start: int = 0, *, worker: int = 0, workers: int = 1,
         stop: threading.Event | None = None,
-    ) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    ) -> Iterator[tuple[int, Batch]]:
         """(global batch index, this rank's share of it) for batches start + worker,
         start + worker + workers, ... of `epoch`, reading one window at a time; the position
         is not touched. Ends without reading further once `stop` is set."""
@@ -254,7 +231,7 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
                 return
             values = self.reader.read_rows(needed)
             for i, batch_rows in zip(index.tolist(), batches, strict=True):
-                yield i, self._to_dict(values, np.searchsorted(needed, batch_rows))
+                yield i, self._to_batch(values, np.searchsorted(needed, batch_rows))
 
     def read_windows(self, epoch: int, start: int = 0, *, worker: int = 0, workers: int = 1
                      ) -> Iterator[Window]:
@@ -285,15 +262,17 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
                 yield index, window[index - first]
             first += len(window)
 
-    def _to_dict(self, values: dict[str, np.ndarray], pos: np.ndarray) -> dict[str, Tensor]:
+    def _to_batch(self, values: dict[str, np.ndarray], pos: np.ndarray) -> Batch:
+        """Rows `pos` of a read window as a `Batch`, its extras keyed by their arrays' names."""
         tokens = values["tokens"][pos].astype(np.int64)
-        out = {"input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-               "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:]))}
-        for name in self._fields[1:]:
-            out[_DICT_KEY[name]] = torch.from_numpy(values[name][pos].astype(_BATCH_DTYPE[name], copy=False))
-        out[TEMPERATURE_KEY] = torch.tensor(self.temperature, dtype=torch.float32)
-        out[VOCAB_KEY] = torch.tensor(self.vocab_size, dtype=torch.int64)
-        return out
+        extras = {name: torch.from_numpy(values[name][pos].astype(_BATCH_DTYPE[name], copy=False))
+                  for name in self._fields[1:]}
+        return Batch(inputs=torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+                     targets=torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])), extras=extras)
+
+    def _as_dict(self, batch: Batch) -> dict[str, Tensor]:
+        """A batch of this store as the dict iterating yields (the public form)."""
+        return batch_to_dict(batch, temperature=self.temperature, vocab_size=self.vocab_size)
 
     def _wait_for(self, rows: np.ndarray, stop: threading.Event | None) -> bool:
         """Wait until the shards holding `rows` are committed; False when `stop` was set."""

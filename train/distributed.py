@@ -32,6 +32,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from kdcache.train.errors import TrainError
 
@@ -156,15 +158,11 @@ def wrap(module: nn.Module, world: World, *, fsdp: bool, layers: list[nn.Module]
     if fsdp:
         if not world.distributed:
             raise TrainError("--fsdp needs a distributed launch (torchrun, or --workers N)")
-        from torch.distributed.fsdp import fully_shard
-
         for layer in layers:
             fully_shard(layer)
         fully_shard(module)
         return module
     if not world.distributed:
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [torch.device(world.device)] if world.device.startswith("cuda") else None
     return DistributedDataParallel(module, device_ids=ids)

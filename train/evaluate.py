@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from kdcache.storage.tokens.format import TokenData
 from kdcache.train.batches import Batch, rows_to_batch
 from kdcache.train.distributed import World
+from kdcache.train.trainer import LossStep, as_student
 
 ECE_BINS = 21
 EVAL_CHUNK_BYTES = 64 * 2**20
@@ -97,8 +98,6 @@ def evaluate(
     forward, which gathers the shards. Without it, `model` (a `Student` or the family's
     `Transformer`) is run as it is.
     """
-    from kdcache.train.trainer import LossStep, as_student
-
     world = world or World()
     student = as_student(model)
     step = step_module if step_module is not None else LossStep(student)

@@ -27,7 +27,9 @@ from kdcache.train.errors import TrainError
 
 TRAIN_SPLITS = ("teacher", "student")
 DIVERGENCES = ("kl_forward", "kl_reverse")
+"""The distillation divergences (`kd_losses.DIVERGENCES` is keyed by these)."""
 TAILS = ("tail", "renormalize", "none")
+"""The top-k tail modes (`kd_losses.TAIL_MODES` is keyed by these)."""
 TOKENS_PER_PARAM = 20  # the paper's default budget D = 20 N
 
 
@@ -105,6 +107,10 @@ class LoopSettings:
             raise TrainError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_frac <= 1:
             raise TrainError(f"--warmup-frac must lie in [0, 1], got {self.warmup_frac}")
+        if not (self.grad_clip > 0 and self.weight_decay >= 0):
+            raise TrainError("lr and grad_clip must be positive, weight_decay non-negative")
+        if not 0 <= self.final_lr_frac <= 1:
+            raise TrainError(f"final_lr_frac {self.final_lr_frac} must lie in [0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)

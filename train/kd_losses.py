@@ -24,8 +24,11 @@ assumed unique (the stores write them so).
 chunks of positions, from logits or (`from_hidden`) from the final hidden states and the
 output layer, never holding more than a chunk of the logits (losses.py says why). Training
 code outside this package calls `distill_loss(batch, logits=...)` or `distill_loss(batch,
-hidden=..., lm_head=...)` on dict batches, whose teacher keys (`BATCH_KEYS`) say the store
-kind; it is the same `DistillLoss` / `NextTokenLoss` math, averaged over the batch's tokens.
+hidden=..., lm_head=...)` on dict batches, whose teacher keys (`batches.BATCH_KEYS`) say the
+store kind; it is the same `DistillLoss` / `NextTokenLoss` math, averaged over the batch's tokens.
+
+The divergences and tail modes are the ones `kdcache train` accepts (`job.DIVERGENCES`,
+`job.TAILS`, torch-free for the CLI); the registries here are checked against them.
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdcache.train.batches import Batch
+from kdcache.storage import KINDS, Kind
+from kdcache.train import job
+from kdcache.train.batches import (
+    BATCH_KEYS,
+    KIND_EXTRAS,
+    TEMPERATURE_KEY,
+    VOCAB_KEY,
+    Batch,
+    batch_from_dict,
+)
 from kdcache.train.errors import TrainError
 from kdcache.train.losses import (
     LOSS_CHUNK_BYTES,
@@ -197,12 +209,8 @@ DIVERGENCES: dict[str, Divergence] = {
     "kl_reverse": Divergence(reverse_kl_full, reverse_kl_topk, None, ("renormalize", "tail")),
 }
 
-KIND_EXTRAS: dict[str, tuple[str, ...]] = {
-    "full": ("logprobs",),
-    "topk": ("ids", "logprobs", "tail_logmass"),
-    "sampled": ("ids", "logprobs", "counts"),
-}
-"""Store kind -> the `Batch.extras` keys its loss reads, in the order the functions take them."""
+if set(DIVERGENCES) != set(job.DIVERGENCES) or set(TAIL_MODES) != set(job.TAILS):
+    raise ImportError("kd_losses' divergences and tail modes must be the ones job.py (the CLI) accepts")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,8 +221,8 @@ class DistillLoss:
     output layer's weight and never holds more than one chunk's logits (losses.py).
     """
 
-    kind: str
-    """Store kind: full | topk | sampled; says which `Batch.extras` the loss reads."""
+    kind: Kind
+    """Store kind: full | topk | sampled; says which `Batch.extras` the loss reads (`KIND_EXTRAS`)."""
     divergence: str = "kl_forward"
     """kl_forward | kl_reverse (reverse has no sampled estimator)."""
     tail: str = "tail"
@@ -229,8 +237,8 @@ class DistillLoss:
     """Bytes of float32 logits per chunk: bounds the float32 activations to about this much."""
 
     def __post_init__(self) -> None:
-        if self.kind not in KIND_EXTRAS:
-            raise TrainError(f"unknown store kind {self.kind!r}; expected one of {sorted(KIND_EXTRAS)}")
+        if self.kind not in KINDS:
+            raise TrainError(f"unknown store kind {self.kind!r}; expected one of {sorted(KINDS)}")
         if self.divergence not in DIVERGENCES:
             raise TrainError(f"unknown divergence {self.divergence!r}; expected one of {sorted(DIVERGENCES)}")
         if self.tail not in TAIL_MODES:
@@ -325,22 +333,8 @@ def _flat_extra(batch: Batch, key: str, lead: torch.Size) -> Tensor:
 
 # ---- the public function over dict batches ----
 
-BATCH_KEYS: dict[str, str] = {
-    "teacher_ids": "ids",
-    "teacher_logprobs": "logprobs",
-    "teacher_tail_logmass": "tail_logmass",
-    "teacher_counts": "counts",
-}
-"""Key of a batch dict (`distill_loss`, `StoreDataset`) -> the `Batch.extras` key it maps to."""
 
-TEMPERATURE_KEY = "teacher_temperature"
-"""Batch-dict key of the store's temperature (a 0-d float32 tensor)."""
-VOCAB_KEY = "vocab_size"
-"""Batch-dict key of the tokenizer's vocabulary size (a 0-d int64 tensor): the ids a padded
-student's logits or output layer must be cut to."""
-
-
-def batch_kind(batch: Mapping[str, Any]) -> str | None:
+def batch_kind(batch: Mapping[str, Any]) -> Kind | None:
     """The store kind a batch dict's teacher keys say; None for a batch with no teacher keys."""
     present = {BATCH_KEYS[key] for key in batch if key in BATCH_KEYS}
     if not present:
@@ -353,15 +347,6 @@ def batch_kind(batch: Mapping[str, Any]) -> str | None:
                          for kind, extras in KIND_EXTRAS.items())
     have = ", ".join(names[e] for e in sorted(present))
     raise ValueError(f"batch has teacher keys {have}, which match no store kind ({expected})")
-
-
-def batch_from_dict(batch: Mapping[str, Any]) -> Batch:
-    """A batch dict (input_ids, labels, teacher_* keys) as the trainer's `Batch`."""
-    missing = [key for key in ("input_ids", "labels") if key not in batch]
-    if missing:
-        raise ValueError(f"batch has no {' or '.join(missing)} (has {sorted(batch)})")
-    extras = {extra: batch[key] for key, extra in BATCH_KEYS.items() if key in batch}
-    return Batch(inputs=batch["input_ids"], targets=batch["labels"].long(), extras=extras)
 
 
 def _temperature(batch: Mapping[str, Any], temperature: float | None) -> float:

@@ -3,8 +3,8 @@
 Ray Train starts N workers (on this machine's Ray, or the cluster at `--ray-address`),
 each with `--threads` CPUs (and a GPU under `--device cuda`), sets up their process
 group (gloo on CPU, NCCL on GPU) and RANK / WORLD_SIZE / LOCAL_RANK; each worker then
-runs the same rank code torchrun's processes run (`run.py`). Rank 0 writes OUT and the
-runs-table row; the driver reads the row back from OUT's kdcache.json.
+runs the same rank code torchrun's processes run (`run.py`, which passes it in). Rank 0
+writes OUT and the runs-table row; the driver reads the row back from OUT's kdcache.json.
 
 A rank's error (a bad input found late, a killed worker) ends the run, and the driver
 raises it as the one line it is: Ray Train's failure policy cannot tell the two apart,
@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from kdcache.errors import KdcacheError
+from kdcache.ray_session import ray_session
 from kdcache.train.errors import TrainError
 from kdcache.train.job import TrainJobConfig
 
@@ -29,28 +34,18 @@ MAX_FAILURES = 0
 loss), training again each time; a killed worker's run is resumed by rerunning instead."""
 
 
-def _rank(settings: dict[str, Any]) -> None:
-    """One Ray Train worker: the group is up; run this rank."""
-    from kdcache.train.run import run_training
+def run_on_ray_train(cfg: TrainJobConfig, rank: Callable[[dict[str, Any]], None]) -> None:
+    """Run `rank(cfg.flat())` on each of `--workers` Ray Train workers, to the end of the run.
 
-    run_training(TrainJobConfig.from_flat(**settings))
-
-
-def run_on_ray_train(cfg: TrainJobConfig):  # -> TrainResult (imported late: run.py imports this module)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from kdcache.ray_session import ray_session
-    from kdcache.train.model_dir import META
-    from kdcache.train.run import TrainResult, _recorded_row
-
+    `rank` must be a module-level function (Ray sends it to the workers by name).
+    """
     rt = cfg.runtime
     with ray_session(rt.ray_address, log_to_driver=not rt.quiet):
         gpu = rt.device.startswith("cuda")
         storage = tempfile.mkdtemp(prefix="kdcache-ray-train-")
         try:
             trainer = TorchTrainer(
-                _rank,
+                rank,
                 train_loop_config=cfg.flat(),
                 scaling_config=ScalingConfig(num_workers=rt.workers, use_gpu=gpu,
                                              resources_per_worker={"CPU": rt.threads or 1}),
@@ -64,11 +59,6 @@ def run_on_ray_train(cfg: TrainJobConfig):  # -> TrainResult (imported late: run
                 raise _rank_error(exc) from None
         finally:
             shutil.rmtree(storage, ignore_errors=True)
-    out = Path(cfg.out)
-    row = _recorded_row(out) if (out / META).is_file() else None
-    if row is None:
-        raise TrainError(f"{out}: the Ray Train ranks ended without writing {META}")
-    return TrainResult(out=out, row=row)
 
 
 def _rank_error(exc: BaseException) -> BaseException:

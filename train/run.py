@@ -43,9 +43,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from filelock import FileLock, Timeout
+from transformers.utils import logging as hf_logging
 
 from kdcache.fit.flops import forward_flops, training_flops
 from kdcache.paths import check_writable
+from kdcache.storage import read_meta
 from kdcache.storage.runs import SCHEMA, append_run, check_appendable, has_run
 from kdcache.storage.tokens.format import TokenData, open_token_data
 from kdcache.train.batches import BatchSource, TokenBatches
@@ -58,8 +60,18 @@ from kdcache.train.kd_losses import DistillLoss
 from kdcache.train.losses import LossFn, NextTokenLoss
 from kdcache.train.model import build_model
 from kdcache.train.model_dir import META, file_sha256, load_model_dir, save_model_dir
+from kdcache.train.online import OnlineTeacherBatches, check_teacher_matches
+from kdcache.train.ray_launch import run_on_ray_train
 from kdcache.train.runtime import tune_cpu_allocator
-from kdcache.train.student import FamilyStudent, HFStudent, Student, load_hf_student, new_hf_student
+from kdcache.train.store_batches import StoreBatches, check_store_matches
+from kdcache.train.student import (
+    FamilyStudent,
+    HFStudent,
+    Student,
+    load_hf_student,
+    new_hf_student,
+    save_hf_student,
+)
 from kdcache.train.trainer import LoopConfig, Trainer
 
 CHECKPOINT_DIR = "checkpoint"
@@ -149,9 +161,6 @@ def _objective(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
 
 
 def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
-    from kdcache.storage import read_meta
-    from kdcache.train.store_batches import StoreBatches, check_store_matches
-
     d, loop = cfg.distillation, cfg.loop
     assert d.distill is not None
     meta = read_meta(d.distill)
@@ -173,8 +182,6 @@ def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
 
 
 def _online(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
-    from kdcache.train.online import OnlineTeacherBatches, check_teacher_matches
-
     d, loop = cfg.distillation, cfg.loop
     assert d.online_teacher is not None
     loaded = load_model_dir(d.online_teacher)
@@ -198,9 +205,6 @@ def _teacher_columns(cfg: TrainJobConfig, objective: Objective, data: TokenData,
     """The row's teacher columns. `teacher_loss` is L_T, the teacher's cross-entropy on the valid
     split students are scored on: for an online run measured here, over the same rows as the
     student; for an offline run read from the store (at the end: it may have completed meanwhile)."""
-    from kdcache.storage import read_meta
-    from kdcache.train.online import OnlineTeacherBatches
-
     if objective.teacher is None:
         return {}
     source = objective.source
@@ -305,13 +309,11 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     if rt.workers > 1 and torchrun:
         raise TrainError("--workers starts Ray Train ranks; under torchrun leave it at 1")
     if rt.workers > 1 and not launched:
-        from kdcache.train.ray_launch import run_on_ray_train
-
         check_launch(cfg, rt.workers, distributed=True, here=False)
         _check_outputs(cfg)
         if (Path(cfg.out) / META).is_file():  # finished: only a missing row to add, no ranks needed
             return _finished_out(cfg)
-        return run_on_ray_train(cfg)
+        return _on_ray_train(cfg)
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")), distributed=launched)
     started = not dist.is_initialized()
     world = World.start(rt.device)
@@ -323,6 +325,21 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
             # seen to block a gloo rank's exit (1 in 7 runs of the torchrun example).
             gc.collect()
             dist.destroy_process_group()
+
+
+def _ray_rank(settings: dict[str, Any]) -> None:
+    """One Ray Train worker: its process group is up; run this rank."""
+    run_training(TrainJobConfig.from_flat(**settings))
+
+
+def _on_ray_train(cfg: TrainJobConfig) -> TrainResult:
+    """The run's ranks as Ray Train workers; rank 0 wrote OUT, whose row the driver reads back."""
+    run_on_ray_train(cfg, _ray_rank)
+    out = Path(cfg.out)
+    row = _recorded_row(out) if (out / META).is_file() else None
+    if row is None:
+        raise TrainError(f"{out}: the Ray Train ranks ended without writing {META}")
+    return TrainResult(out=out, row=row)
 
 
 def _check_outputs(cfg: TrainJobConfig) -> None:
@@ -360,8 +377,6 @@ def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
         torch.set_num_threads(rt.threads)
     tune_cpu_allocator()
     if rt.quiet:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
     objective: Objective | None = None
     try:
@@ -406,11 +421,7 @@ def _train(
     student.to(world.device)
     trainer = Trainer(
         student, objective.source, objective.loss,
-        LoopConfig(
-            steps=steps, lr=loop.lr, warmup_steps=round(loop.warmup_frac * steps),
-            final_lr_frac=loop.final_lr_frac, weight_decay=loop.weight_decay,
-            grad_clip=loop.grad_clip, checkpoint_every=rt.checkpoint_every,
-        ),
+        LoopConfig(steps=steps, settings=loop, checkpoint_every=rt.checkpoint_every),
         checkpoint_dir=out / CHECKPOINT_DIR,
         run_fingerprint=cfg.fingerprint(data.fingerprint, objective.teacher_fingerprint, built.fingerprint),
         progress=not rt.quiet, world=world, fsdp=rt.fsdp,
@@ -447,8 +458,6 @@ def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, 
           row: dict[str, Any], steps: int, per_step: int, result: Any, eval_tokens: int) -> None:
     """Rank 0: kdcache.json first, holding the row (a kill before the append is healed by a
     rerun), then the row, then the checkpoint's removal."""
-    from kdcache.train.student import save_hf_student
-
     meta = {
         "training": {**row, "train_loss": result.final_loss, "eval_tokens": eval_tokens, "steps": steps,
                      "split": cfg.loop.split,

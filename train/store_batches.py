@@ -1,7 +1,7 @@
 """Stream tokens and teacher targets from a logit store into the trainer's batches.
 
-`StoreBatches` is `StoreDataset` (dataset.py) as a `BatchSource`: it iterates the
-dataset's epochs endlessly and converts each batch dict to a `Batch`. So it follows the
+`StoreBatches` is `StoreDataset` (dataset.py) as a `BatchSource`: it reads the
+dataset's epochs endlessly as `Batch`es (never as the public batch dicts). So it follows the
 same `RowOrder` as the token-split and online sources, and a student distilled from a
 store sees the rows a supervised or online run of the same seed sees. It reads one
 window of rows at a time (a few chunk reads per array, all arrays concurrently),
@@ -34,7 +34,6 @@ from kdcache.storage.tokens.format import TokenData
 from kdcache.train.batches import Batch, OrderedBatches
 from kdcache.train.dataset import StoreDataset
 from kdcache.train.errors import TrainError
-from kdcache.train.kd_losses import batch_from_dict
 
 
 def check_store_matches(path: str, meta: StoreMeta, data: TokenData) -> None:
@@ -136,8 +135,8 @@ class StoreBatches(OrderedBatches):
     def _batches(self, epoch: int, skip: int, stop: threading.Event) -> Iterator[Batch]:
         """Every batch from position (epoch, skip) on, until `stop` is set."""
         while not stop.is_set():
-            for _, item in self.dataset.read_batches(epoch, skip, stop=stop):
-                yield batch_from_dict(item)
+            for _, batch in self.dataset.read_batches(epoch, skip, stop=stop):
+                yield batch
             epoch, skip = epoch + 1, 0
 
     @staticmethod

@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from kdcache.train.errors import TrainError
+from kdcache.train.model_dir import FORMAT, META, WEIGHTS, file_sha256, write_json
 
 HF_META = "kdcache.json"
 
@@ -132,8 +134,6 @@ def hf_config_file(path: str | os.PathLike[str], flag: str) -> dict[str, Any]:
 
 def load_hf_student(directory: str, *, vocab: int, data: str) -> HFStudent:
     """`--student DIR`: a local Hugging Face causal-LM directory, loaded with its weights, float32."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise TrainError(f"{path}: --student has no config.json (not a Hugging Face model directory)")
@@ -147,8 +147,6 @@ def load_hf_student(directory: str, *, vocab: int, data: str) -> HFStudent:
 
 def new_hf_student(config_file: str, *, vocab: int, data: str, seed: int) -> HFStudent:
     """`--student-config FILE.json`: any transformers config, initialised from `seed`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     values = hf_config_file(config_file, "--student-config")
     model_type = values.pop("model_type")
     try:
@@ -183,8 +181,6 @@ def save_hf_student(
 ) -> str:
     """Write an HF student with `save_pretrained` (one safetensors file), its tokenizer, then
     kdcache.json last (its presence marks the directory finished); returns the fingerprint."""
-    from kdcache.train.model_dir import FORMAT, META, WEIGHTS, file_sha256, write_json
-
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)
     student.lm.save_pretrained(str(out), state_dict=state, safe_serialization=True,

@@ -33,6 +33,7 @@ from kdcache.train.batches import Batch, BatchSource
 from kdcache.train.checkpoint import full_state, load_checkpoint, restore, save_checkpoint
 from kdcache.train.distributed import World, wrap
 from kdcache.train.errors import TrainError
+from kdcache.train.job import LoopSettings
 from kdcache.train.losses import LossFn, LossSums
 from kdcache.train.model import Transformer
 from kdcache.train.optim import build_optimizer, lr_factor, set_lr
@@ -41,26 +42,21 @@ from kdcache.train.student import FamilyStudent, Student
 
 @dataclass(frozen=True, kw_only=True)
 class LoopConfig:
-    """Optimisation settings of one training loop."""
+    """One training loop: the run's `LoopSettings` and what follows from its budget."""
 
     steps: int
-    lr: float = 3e-3
-    warmup_steps: int = 0
-    final_lr_frac: float = 0.1
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    settings: LoopSettings = field(default_factory=LoopSettings)
+    """lr, warmup_frac, final_lr_frac, weight_decay and grad_clip (checked there) drive the loop."""
     checkpoint_every: int = 0
     """Steps between checkpoints; 0 disables them."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise TrainError(f"training needs at least one step, got steps={self.steps}")
-        if not (self.lr > 0 and self.grad_clip > 0 and self.weight_decay >= 0):
-            raise TrainError("lr and grad_clip must be positive, weight_decay non-negative")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise TrainError(f"warmup_steps {self.warmup_steps} must lie in [0, steps]")
-        if not 0 <= self.final_lr_frac <= 1:
-            raise TrainError(f"final_lr_frac {self.final_lr_frac} must lie in [0, 1]")
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.settings.warmup_frac * self.steps)
 
 
 @dataclass(frozen=True)
@@ -142,7 +138,8 @@ class Trainer:
         self.progress, self.on_step = progress and self.world.main, on_step
         self.step_module = wrap(LossStep(self.student), self.world, fsdp=fsdp,
                                 layers=decoder_layers(self.student))
-        self.optimizer = build_optimizer(self.student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(self.student, lr=cfg.settings.lr,
+                                         weight_decay=cfg.settings.weight_decay)
         self.device = next(self.student.parameters()).device  # batches follow the model
 
     def _loss(self, hidden: Tensor, head: Tensor, batch: Batch) -> LossSums:
@@ -183,7 +180,7 @@ class Trainer:
 
     def _step(self, step: int) -> tuple[float, int, StepInfo]:
         cfg = self.cfg
-        factor = lr_factor(step, total=cfg.steps, warmup=cfg.warmup_steps, final=cfg.final_lr_frac)
+        factor = lr_factor(step, total=cfg.steps, warmup=cfg.warmup_steps, final=cfg.settings.final_lr_frac)
         set_lr(self.optimizer, factor)
         batch = self.source.next_batch().to(self.device)
         sums = self.step_module(self._loss, batch)
@@ -193,7 +190,7 @@ class Trainer:
             raise TrainError(f"loss became non-finite at step {step + 1} (try a lower --lr)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.settings.grad_clip))
         self.optimizer.step()
         metrics = {k: self.world.mean(v / sums.tokens) for k, v in sums.metrics.items()}
         tokens = sums.tokens * self.world.size

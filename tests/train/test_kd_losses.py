@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kdcache.train import kd_losses, losses
+from kdcache.train import batches, kd_losses, losses
 from kdcache.train.batches import Batch
 from kdcache.train.errors import TrainError
 from kdcache.train.kd_losses import (
@@ -434,7 +434,7 @@ def test_missing_extra_is_a_train_error() -> None:
 
 def as_dict(batch: Batch, tau: float | None = None) -> dict[str, Tensor]:
     """A `Batch` as the dict batches `distill_loss` takes (teacher_* keys, teacher_temperature)."""
-    names = {extra: key for key, extra in kd_losses.BATCH_KEYS.items()}
+    names = {extra: key for key, extra in batches.BATCH_KEYS.items()}
     d = {"input_ids": batch.inputs, "labels": batch.targets,
          **{names[extra]: val for extra, val in batch.extras.items()}}
     if tau is not None:
@@ -443,10 +443,13 @@ def as_dict(batch: Batch, tau: float | None = None) -> dict[str, Tensor]:
 
 
 def test_batch_keys_cover_every_kind() -> None:
-    extras = {e for kind_extras in kd_losses.KIND_EXTRAS.values() for e in kind_extras}
-    assert set(kd_losses.BATCH_KEYS.values()) == extras
-    assert all(key.startswith("teacher_") for key in kd_losses.BATCH_KEYS)
-    for kind in kd_losses.KIND_EXTRAS:
+    # Read from the store's layout, in the order the loss functions take them.
+    assert batches.KIND_EXTRAS == {"topk": ("ids", "logprobs", "tail_logmass"), "full": ("logprobs",),
+                                   "sampled": ("ids", "logprobs", "counts")}
+    extras = {e for kind_extras in batches.KIND_EXTRAS.values() for e in kind_extras}
+    assert set(batches.BATCH_KEYS.values()) == extras
+    assert all(key.startswith("teacher_") for key in batches.BATCH_KEYS)
+    for kind in batches.KIND_EXTRAS:
         assert kd_losses.batch_kind(as_dict(make_batch(kind, 1, 2, 9, 1.0), 1.0)) == kind
     assert kd_losses.batch_kind({"input_ids": 0, "labels": 0}) is None
 
@@ -502,7 +505,7 @@ def test_distill_loss_takes_targets_in_their_stored_dtypes(cfg: dict, student: t
     assert h_got.item() == h_want.item() and torch.equal(gh_got, gh_want)
     if student == torch.float64:  # and the float64 reference, from the widened values
         ref = DistillLoss(kind=cfg["kind"], lam=1.0, tau=tau, z_loss=0.0, **opts)
-        ext = {kd_losses.BATCH_KEYS[k]: v for k, v in widened.items() if k in kd_losses.BATCH_KEYS}
+        ext = {batches.BATCH_KEYS[k]: v for k, v in widened.items() if k in batches.BATCH_KEYS}
         kd = kd_reference(ref, student_logits(2, 6, 61), Batch(batch.inputs, batch.targets, ext)).item()
         assert abs(kd_losses.distill_loss(stored, logits=student_logits(2, 6, 61), lam=1.0, z_loss=0.0,
                                           **opts).item() - kd / 12) < ATOL
@@ -559,7 +562,7 @@ def test_distill_loss_cuts_a_padded_student() -> None:
     assert got.item() == kd_losses.distill_loss(as_dict(batch), logits=padded[..., :61]).item()
     assert got.item() != kd_losses.distill_loss(as_dict(batch), logits=padded).item()
     # A StoreDataset batch names its vocabulary: the cut is the default, a contradiction refused.
-    named = {**as_dict(batch), kd_losses.VOCAB_KEY: torch.tensor(61)}
+    named = {**as_dict(batch), batches.VOCAB_KEY: torch.tensor(61)}
     assert kd_losses.distill_loss(named, logits=padded).item() == got.item()
     with pytest.raises(ValueError, match="vocab=62 but the batch's vocab_size is 61"):
         kd_losses.distill_loss(named, logits=torch.cat([padded[..., :62]], -1), vocab=62)

@@ -15,10 +15,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache.storage import StoreWriter
-from kdcache.train.batches import Batch
-from kdcache.train.dataset import StoreDataset, batch_to_dict
+from kdcache.train.batches import (
+    BATCH_KEYS,
+    TEMPERATURE_KEY,
+    VOCAB_KEY,
+    Batch,
+    batch_from_dict,
+    batch_to_dict,
+)
+from kdcache.train.dataset import StoreDataset
 from kdcache.train.errors import TrainError
-from kdcache.train.kd_losses import BATCH_KEYS, TEMPERATURE_KEY, VOCAB_KEY, batch_from_dict
 from kdcache.train.row_order import RowOrder
 from tests.storage.conftest import make_meta, make_rows, shard_of
 
@@ -252,7 +258,7 @@ def test_a_loader_worker_reads_whole_windows(store: tuple[Path, dict]) -> None:
     for window in by_worker[0] + by_worker[1]:
         values = {name: t.numpy() for name, t in window.values.items()}
         for index, pos in zip(window.index, window.pos, strict=True):
-            assert _equal(ds._to_dict(values, np.asarray(pos)), in_process[index])
+            assert _equal(ds._as_dict(ds._to_batch(values, np.asarray(pos))), ds._as_dict(in_process[index]))
 
 
 @pytest.mark.parametrize(("workers", "start"), [(2, 0), (2, 5)])  # 3 windows, then 2

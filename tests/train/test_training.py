@@ -13,7 +13,7 @@ from kdcache.train.batches import Batch, TokenBatches
 from kdcache.train.config import ModelConfig
 from kdcache.train.errors import TrainError
 from kdcache.train.evaluate import evaluate, expected_calibration_error
-from kdcache.train.job import TrainJobConfig
+from kdcache.train.job import LoopSettings, TrainJobConfig
 from kdcache.train.losses import NextTokenLoss, cross_entropy_sum
 from kdcache.train.model import build_model
 from kdcache.train.optim import build_optimizer, lr_factor
@@ -30,7 +30,7 @@ def _trainer(data: TokenData, ckpt: Path | None, steps: int = 8, on_step=None) -
         model,
         TokenBatches(data, "student", batch_size=4, seed=5),
         NextTokenLoss(1e-4),
-        LoopConfig(steps=steps, lr=3e-3, warmup_steps=2, checkpoint_every=3),
+        LoopConfig(steps=steps, settings=LoopSettings(lr=3e-3, warmup_frac=2 / steps), checkpoint_every=3),
         checkpoint_dir=ckpt,
         run_fingerprint="run-a",
         progress=False,
@@ -132,7 +132,7 @@ def test_training_beats_unigram_entropy(tiny_data: TokenData) -> None:
         model,
         TokenBatches(tiny_data, "student", batch_size=8, seed=0),
         NextTokenLoss(1e-4),
-        LoopConfig(steps=150, lr=3e-3, warmup_steps=8),
+        LoopConfig(steps=150, settings=LoopSettings(lr=3e-3, warmup_frac=8 / 150)),
         progress=False,
     ).run()
     after = evaluate(model, tiny_data)
