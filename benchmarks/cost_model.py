@@ -35,7 +35,7 @@ from kdcache.pipeline.prepare.config import PrepareConfig
 from kdcache.pipeline.prepare.job import prepare
 from kdcache.pipeline.study.cost import CostQuery, calibrate, estimate_cost, read_timings
 from kdcache.storage import read_jobs, read_meta
-from kdcache.storage.runs import append_run
+from kdcache.storage.runs import RunRow, append_run
 from kdcache.train.config import ModelConfig
 
 
@@ -154,7 +154,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for kind in ("supervised", "distill", "online"):
                 bench.student(kind, args.student_layers, tokens, tables["one_size"], store)
         for row in pq.read_table(tables["one_size"]).to_pylist():  # the teacher's row, then the students'
-            append_run(tables["with_teacher"], row)
+            append_run(tables["with_teacher"], RunRow.from_json(row))
         shape = {"rho": args.rho, "context": args.seq_len, "vocab": args.vocab}
         n_t = float(read_meta(store).teacher.nonembedding_params)
         big = ModelConfig(layers=args.big_layers, vocab_size=args.vocab, rho=args.rho).non_embedding_params()

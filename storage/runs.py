@@ -194,16 +194,10 @@ def check_appendable(path: str | os.PathLike[str], flag: str = "--runs") -> None
         _conform(_read_parquet(path), path)
 
 
-def append_run(path: str | os.PathLike[str], row: RunRow | Mapping[str, Any]) -> None:
+def append_run(path: str | os.PathLike[str], row: RunRow) -> None:
     """Append one run to the Parquet table at `path`, creating it if needed."""
-    row = row.to_json() if isinstance(row, RunRow) else row
-    unknown = set(row) - set(SCHEMA.names)
-    if unknown:
-        raise StoreError(f"{path}: unknown runs-table columns {sorted(unknown)}")
-    if row.get("kind") not in RUN_KINDS:
-        raise StoreError(f"{path}: field 'kind' must be one of {RUN_KINDS}, got {row.get('kind')!r}")
     path = Path(path)
-    new = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names}], schema=SCHEMA)
+    new = pa.Table.from_pylist([row.to_json()], schema=SCHEMA)
     with FileLock(str(path) + ".lock"):
         table = pa.concat_tables([_conform(_read_parquet(path), path), new]) if path.exists() else new
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -218,7 +212,7 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def has_run(path: str | os.PathLike[str], row: RunRow | Mapping[str, Any]) -> bool:
+def has_run(path: str | os.PathLike[str], row: RunRow) -> bool:
     """Whether the table at `path` (absent: none) holds `row`, matched on IDENTITY.
 
     Lets a rerun tell a finished model whose row was lost from one already recorded, so
@@ -228,8 +222,7 @@ def has_run(path: str | os.PathLike[str], row: RunRow | Mapping[str, Any]) -> bo
     if not path.exists():
         return False
     table = _conform(_read_parquet(path), path)
-    row = row.to_json() if isinstance(row, RunRow) else row
-    key = [row.get(name) for name in IDENTITY]
+    key = [row.to_json()[name] for name in IDENTITY]
     stored = zip(*(table.column(name).to_pylist() for name in IDENTITY), strict=True)
     return any(all(_same(a, b) for a, b in zip(key, other, strict=True)) for other in stored)
 
@@ -256,6 +249,12 @@ def read_runs(path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) 
         if known and not _numeric(table.schema.field(want.name).type):
             raise _not_numeric(table, want.name, path)
     return table
+
+
+def read_run_rows(path: str | os.PathLike[str]) -> list[RunRow]:
+    """The rows of a table kdcache wrote (every row has its run_id and kind), typed."""
+    table = read_runs(path, required=("run_id", "kind", "params", "tokens", "loss"))
+    return [RunRow.from_json(row, where=f"{path}: row {i}") for i, row in enumerate(table.to_pylist())]
 
 
 def column(table: pa.Table, name: str, path: str | os.PathLike[str] = "runs table") -> np.ndarray:

@@ -2,10 +2,10 @@
 
 A directory holds `config.json` (LlamaConfig fields; Qwen3 when QK-norm is on),
 `model.safetensors` (the state dict under transformers' names), `tokenizer.json`,
-`tokenizer_config.json`, and `kdcache.json` (our metadata: the model config, N, the
-weights' fingerprint, how it was trained). `kdcache.json` is written last, so its
-presence marks a complete directory. Plain Hugging Face Llama directories without it
-load too, when their shape fits the family.
+`tokenizer_config.json`, and `kdcache.json` (`kdcache.storage.model_record`: the model
+config, N, the weights' fingerprint, how it was trained). `kdcache.json` is written last,
+so its presence marks a complete directory. Plain Hugging Face Llama directories without
+it load too, when their shape fits the family.
 """
 
 from __future__ import annotations
@@ -14,20 +14,26 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kdcache.storage.model_record import (
+    MODEL_RECORD,
+    ModelRecord,
+    read_model_record,
+    remove_model_record,
+    write_json,
+    write_model_record,
+)
 from kdcache.train.config import ModelConfig
 from kdcache.train.errors import TrainError
 from kdcache.train.model import Transformer
 
-FORMAT = "kdcache.model/1"
 WEIGHTS = "model.safetensors"
-META = "kdcache.json"
 SUPPORTED_TYPES = ("llama", "qwen3")
 
 
@@ -40,18 +46,12 @@ class LoadedModel:
     path: Path
     fingerprint: str
     """sha256 of model.safetensors: identifies the teacher in a logit store."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """kdcache.json contents ({} for a plain Hugging Face directory)."""
+    record: ModelRecord | None = None
+    """kdcache.json (None for a plain Hugging Face directory)."""
 
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"
-
-
-def write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def file_sha256(path: Path) -> str:
@@ -65,16 +65,18 @@ def save_model_dir(
     *,
     tokenizer: str | os.PathLike[str],
     eos_token_id: int | None = None,
-    meta: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
     state: dict[str, Any] | None = None,
 ) -> str:
     """Write `model` as a Hugging Face directory at `out`; returns the weights' fingerprint.
 
-    `state` (default `model.state_dict()`) gives the weights, e.g. gathered from FSDP shards.
+    `state` (default `model.state_dict()`) gives the weights, e.g. gathered from FSDP shards;
+    `training` and `data` go into its record (`ModelRecord`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / META).unlink(missing_ok=True)  # the directory is incomplete until the end
+    remove_model_record(out)  # the directory is incomplete until the end
     cfg = model.config
     state = {k: v.detach().cpu().float().contiguous()
              for k, v in (model.state_dict() if state is None else state).items()}
@@ -91,15 +93,10 @@ def save_model_dir(
             tok_cfg["eos_token"] = names[0]
     write_json(out / "tokenizer_config.json", tok_cfg)
     fingerprint = file_sha256(out / WEIGHTS)
-    record = {
-        "format": FORMAT,
-        "model": cfg.to_dict(),
-        "nonembedding_params": cfg.non_embedding_params(),
-        "embedding_params": cfg.embedding_params(),
-        "fingerprint": fingerprint,
-        **(meta or {}),
-    }
-    write_json(out / META, record)
+    write_model_record(out, ModelRecord(
+        fingerprint=fingerprint, nonembedding_params=cfg.non_embedding_params(), model=cfg.to_dict(),
+        embedding_params=cfg.embedding_params(), training=training, data=data,
+    ))
     return fingerprint
 
 
@@ -147,13 +144,9 @@ def load_model_dir(path: str | os.PathLike[str]) -> LoadedModel:
     for name in ("config.json", WEIGHTS):
         if not (path / name).is_file():
             raise TrainError(f"{path}: missing {name} (not a model directory)")
-    meta: dict[str, Any] = {}
-    if (path / META).is_file():
-        meta = json.loads((path / META).read_text())
-        if meta.get("format") != FORMAT:
-            raise TrainError(f"{path / META}: field 'format' is {meta.get('format')!r}, not {FORMAT}")
-    if "model" in meta:
-        cfg = ModelConfig.from_dict(meta["model"], where=str(path / META))
+    record = read_model_record(path)
+    if record is not None and record.model is not None:
+        cfg = ModelConfig.from_dict(record.model, where=str(path / MODEL_RECORD))
     else:  # a plain Hugging Face directory, or a Hugging Face student kdcache trained
         cfg = _config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json")
     try:
@@ -173,5 +166,5 @@ def load_model_dir(path: str | os.PathLike[str]) -> LoadedModel:
             raise TrainError(f"{path / WEIGHTS}: tensor '{name}' has shape {tuple(tensor.shape)}")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval()
-    fingerprint = meta.get("fingerprint") or file_sha256(path / WEIGHTS)
-    return LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint, meta=meta)
+    fingerprint = record.fingerprint if record is not None else file_sha256(path / WEIGHTS)
+    return LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint, record=record)

@@ -25,7 +25,7 @@ def check_teacher_matches(teacher: LoadedModel, data: TokenData) -> None:
             f"{teacher.path}/config.json: field 'vocab_size' is {teacher.config.vocab_size}, fewer output "
             f"rows than the data's vocabulary {data.vocab_size} ({data.path})"
         )
-    trained_on = teacher.meta.get("data", {}).get("tokenizer_fingerprint")
+    trained_on = teacher.record.tokenizer_fingerprint if teacher.record is not None else None
     if trained_on is not None and trained_on != data.tokenizer_fingerprint:
         raise TrainError(
             f"{teacher.path}: the teacher was trained with another tokenizer than {data.tokenizer_path}"

@@ -48,7 +48,8 @@ from transformers.utils import logging as hf_logging
 from kdcache.fit.flops import forward_flops, training_flops
 from kdcache.paths import check_writable
 from kdcache.storage import read_meta
-from kdcache.storage.runs import SCHEMA, append_run, check_appendable, has_run
+from kdcache.storage.model_record import MODEL_RECORD, has_model_record, read_model_record
+from kdcache.storage.runs import RunRow, append_run, check_appendable, has_run
 from kdcache.storage.tokens.format import TokenData, open_token_data
 from kdcache.train.batches import BatchSource, TokenBatches
 from kdcache.train.config import ModelConfig
@@ -59,7 +60,7 @@ from kdcache.train.job import TOKENS_PER_PARAM, TrainJobConfig
 from kdcache.train.kd_losses import DistillLoss
 from kdcache.train.losses import LossFn, NextTokenLoss
 from kdcache.train.model import build_model
-from kdcache.train.model_dir import META, file_sha256, load_model_dir, save_model_dir
+from kdcache.train.model_dir import file_sha256, load_model_dir, save_model_dir
 from kdcache.train.online import OnlineTeacherBatches, check_teacher_matches
 from kdcache.train.ray_launch import run_on_ray_train
 from kdcache.train.runtime import tune_cpu_allocator
@@ -82,8 +83,9 @@ LOCK = ".kdcache-train.lock"
 @dataclass(frozen=True)
 class TrainResult:
     out: Path
-    row: dict[str, Any]
-    """The runs-table row (also returned when no table was given)."""
+    row: RunRow | None
+    """The runs-table row (also returned when no table was given; None on a rank other than 0
+    that only saw rank 0 add a missing row to a model it could not read)."""
     added_row: bool = False
     """True when OUT was finished already and the rerun only appended its missing row."""
 
@@ -96,7 +98,7 @@ class Objective:
     loss: LossFn
     teacher_fingerprint: str = ""
     teacher: dict[str, Any] | None = None
-    """Runs-table teacher columns (teacher_params, store, k, temperature, lambda)."""
+    """Runs-table teacher fields (teacher_params, store, k, temperature, lam)."""
     teacher_flops_per_token: float = 0.0
     """Teacher forward FLOPs each training token costs (online distillation only)."""
 
@@ -177,7 +179,7 @@ def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
                           world=world.size, prefetch=0 if cfg.runtime.device == "cpu" else 2)
     identity = json.dumps(meta.identity(), sort_keys=True)
     teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": str(Path(d.distill).resolve()),
-               "k": meta.k, "temperature": meta.temperature, "lambda": d.lam}
+               "k": meta.k, "temperature": meta.temperature, "lam": d.lam}
     return Objective(source, loss, teacher_fingerprint=identity, teacher=teacher)
 
 
@@ -194,7 +196,7 @@ def _online(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     loss = DistillLoss(kind="full", divergence=d.divergence, tail=d.tail, lam=d.lam,
                        tau=tau, z_loss=loop.z_loss)
     n_t = loaded.config.non_embedding_params()
-    teacher = {"teacher_params": n_t, "k": data.vocab_size, "temperature": tau, "lambda": d.lam}
+    teacher = {"teacher_params": n_t, "k": data.vocab_size, "temperature": tau, "lam": d.lam}
     per_token = float(forward_flops(n_t, rho=loaded.config.rho, context=data.seq_len, vocab=data.vocab_size))
     return Objective(source, loss, teacher_fingerprint=loaded.fingerprint, teacher=teacher,
                      teacher_flops_per_token=per_token)
@@ -249,19 +251,13 @@ def _writer(out: Path) -> Iterator[None]:
         lock.release()
 
 
-def _recorded_row(out: Path) -> dict[str, Any] | None:
+def _recorded_row(out: Path) -> RunRow | None:
     """The runs-table row a finished OUT keeps in kdcache.json, or None (e.g. a teacher made elsewhere)."""
-    try:
-        meta = json.loads((out / META).read_text())
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{out / META}: unreadable ({exc})") from exc
-    training = meta.get("training") if isinstance(meta, dict) else None
-    if not isinstance(training, dict) or "run_id" not in training:
-        return None
-    return {name: training[name] for name in SCHEMA.names if name in training}
+    record = read_model_record(out)
+    return record.run_row if record is not None else None
 
 
-def _missing_row(cfg: TrainJobConfig, out: Path) -> dict[str, Any]:
+def _missing_row(cfg: TrainJobConfig, out: Path) -> RunRow:
     """The row of the finished OUT that --runs lacks; refuses a finished OUT with nothing to add."""
     runs = cfg.runtime.runs
     if runs:
@@ -311,7 +307,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     if rt.workers > 1 and not launched:
         check_launch(cfg, rt.workers, distributed=True, here=False)
         _check_outputs(cfg)
-        if (Path(cfg.out) / META).is_file():  # finished: only a missing row to add, no ranks needed
+        if has_model_record(cfg.out):  # finished: only a missing row to add, no ranks needed
             return _finished_out(cfg)
         return _on_ray_train(cfg)
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")), distributed=launched)
@@ -336,9 +332,9 @@ def _on_ray_train(cfg: TrainJobConfig) -> TrainResult:
     """The run's ranks as Ray Train workers; rank 0 wrote OUT, whose row the driver reads back."""
     run_on_ray_train(cfg, _ray_rank)
     out = Path(cfg.out)
-    row = _recorded_row(out) if (out / META).is_file() else None
+    row = _recorded_row(out)
     if row is None:
-        raise TrainError(f"{out}: the Ray Train ranks ended without writing {META}")
+        raise TrainError(f"{out}: the Ray Train ranks ended without writing {MODEL_RECORD}")
     return TrainResult(out=out, row=row)
 
 
@@ -367,7 +363,7 @@ def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
     error: BaseException | None = None
     try:
         _check_outputs(cfg)
-        finished = (out / META).is_file()
+        finished = has_model_record(out)
     except BaseException as exc:
         error, finished = exc, False
     world.first_error(error)
@@ -394,7 +390,7 @@ def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
             def lock() -> TrainResult | None:
                 held.enter_context(_writer(out))
                 # Another process may have finished OUT while this one checked its inputs.
-                return _add_missing_row(cfg, out) if (out / META).is_file() else None
+                return _add_missing_row(cfg, out) if has_model_record(out) else None
 
             added = world.main_only(lock)
             if world.decide(added is not None):
@@ -408,7 +404,7 @@ def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
 
 def _follower_result(out: Path) -> TrainResult:
     """What a rank other than 0 returns when rank 0 only added the finished OUT's row."""
-    return TrainResult(out=out, row=_recorded_row(out) or {}, added_row=True)
+    return TrainResult(out=out, row=_recorded_row(out), added_row=True)
 
 
 def _train(
@@ -432,22 +428,22 @@ def _train(
                        world=world, step_module=trainer.step_module)
     flops = training_flops(n_params, result.tokens, rho=built.rho, context=data.seq_len,
                            vocab=data.vocab_size)
-    row: dict[str, Any] = {
-        "run_id": rt.run_id or out.name,
-        "kind": cfg.kind,
-        "params": n_params,
-        "tokens": result.tokens,
-        "loss": metrics.loss,
+    row = RunRow(
+        run_id=rt.run_id or out.name,
+        kind=cfg.kind,
+        params=n_params,
+        tokens=result.tokens,
+        loss=metrics.loss,
         **_teacher_columns(cfg, objective, data, world),
-        "ece": metrics.ece,
-        "flops": flops + objective.teacher_flops_per_token * result.tokens,
-        "wall_s": result.wall_s,
-        "tokens_per_s": result.tokens / result.wall_s,
+        ece=metrics.ece,
+        flops=flops + objective.teacher_flops_per_token * result.tokens,
+        wall_s=result.wall_s,
+        tokens_per_s=result.tokens / result.wall_s,
         **built.shape,
-        "vocab_size": data.vocab_size,
-        "seq_len": data.seq_len,
-        "seed": loop.seed,
-    }
+        vocab_size=data.vocab_size,
+        seq_len=data.seq_len,
+        seed=loop.seed,
+    )
     state = trainer.full_state()  # every rank: FSDP gathers the shards
     world.main_only(lambda: _save(cfg, out, data, built, state, row, steps, per_step, result,
                                   metrics.tokens))
@@ -455,24 +451,23 @@ def _train(
 
 
 def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, state: dict[str, Any],
-          row: dict[str, Any], steps: int, per_step: int, result: Any, eval_tokens: int) -> None:
+          row: RunRow, steps: int, per_step: int, result: Any, eval_tokens: int) -> None:
     """Rank 0: kdcache.json first, holding the row (a kill before the append is healed by a
     rerun), then the row, then the checkpoint's removal."""
-    meta = {
-        "training": {**row, "train_loss": result.final_loss, "eval_tokens": eval_tokens, "steps": steps,
-                     "split": cfg.loop.split,
-                     "batch_size": cfg.loop.batch_size, "lr": cfg.loop.lr, "tokens_per_step": per_step,
-                     "world": cfg.runtime.workers if not dist.is_initialized() else dist.get_world_size(),
-                     "loss_history": result.history},
-        "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint,
-                 "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len},
-    }
+    training = {**row.to_json(), "train_loss": result.final_loss, "eval_tokens": eval_tokens, "steps": steps,
+                "split": cfg.loop.split, "batch_size": cfg.loop.batch_size, "lr": cfg.loop.lr,
+                "tokens_per_step": per_step,
+                "world": cfg.runtime.workers if not dist.is_initialized() else dist.get_world_size(),
+                "loss_history": result.history}
+    trained_on = {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint,
+                  "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
     student = built.student
     if isinstance(student, HFStudent):
-        save_hf_student(student, state, out, tokenizer=data.tokenizer_path, meta=meta)
+        save_hf_student(student, state, out, tokenizer=data.tokenizer_path, training=training,
+                        data=trained_on)
     else:
         save_model_dir(student.lm, out, tokenizer=data.tokenizer_path, eos_token_id=data.eos_token_id,
-                       meta=meta, state=state)
+                       training=training, data=trained_on, state=state)
     if cfg.runtime.runs:
         append_run(cfg.runtime.runs, row)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

@@ -31,10 +31,9 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from kdcache.storage.model_record import ModelRecord, remove_model_record, write_json, write_model_record
 from kdcache.train.errors import TrainError
-from kdcache.train.model_dir import FORMAT, META, WEIGHTS, file_sha256, write_json
-
-HF_META = "kdcache.json"
+from kdcache.train.model_dir import WEIGHTS, file_sha256
 
 
 class Student(nn.Module):
@@ -177,22 +176,20 @@ def save_hf_student(
     out: Path,
     *,
     tokenizer: str | os.PathLike[str],
-    meta: dict[str, Any],
+    training: dict[str, Any],
+    data: dict[str, Any],
 ) -> str:
     """Write an HF student with `save_pretrained` (one safetensors file), its tokenizer, then
     kdcache.json last (its presence marks the directory finished); returns the fingerprint."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / META).unlink(missing_ok=True)
+    remove_model_record(out)
     student.lm.save_pretrained(str(out), state_dict=state, safe_serialization=True,
                                max_shard_size="1000GB")
     shutil.copyfile(tokenizer, out / "tokenizer.json")
     write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
     fingerprint = file_sha256(out / WEIGHTS)
-    write_json(out / META, {
-        "format": FORMAT,
-        "student": type(student.lm).__name__,
-        "nonembedding_params": student.non_embedding_params(),
-        "fingerprint": fingerprint,
-        **meta,
-    })
+    write_model_record(out, ModelRecord(
+        fingerprint=fingerprint, nonembedding_params=student.non_embedding_params(),
+        student=type(student.lm).__name__, training=training, data=data,
+    ))
     return fingerprint

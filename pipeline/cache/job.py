@@ -10,7 +10,6 @@ micro-batches, so the store's bytes do not depend on the number of workers.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -32,6 +31,7 @@ from kdcache.ray_session import ray_session
 from kdcache.storage import (
     CacheJob,
     DataInfo,
+    StoreError,
     StoreMeta,
     StoreWriter,
     append_job,
@@ -39,6 +39,7 @@ from kdcache.storage import (
     suggest_chunk_rows,
 )
 from kdcache.storage.ledger import committed
+from kdcache.storage.model_record import read_model_record
 from kdcache.storage.tokens.format import TokenData, open_token_data
 
 RECORDED_RTOL = 1e-4
@@ -111,10 +112,12 @@ def _valid_loss(cfg: CacheConfig, actors: list[Any], data: TokenData,
 
 def _check_recorded_loss(teacher: str, data: TokenData, loss: float, tokens: int) -> None:
     try:
-        meta = json.loads((Path(teacher) / "kdcache.json").read_text())
-    except (OSError, ValueError):
+        record = read_model_record(teacher)
+    except StoreError:
+        return  # unreadable: the native backend refuses it when loading; hf and vllm ignore it
+    if record is None:
         return  # not a kdcache teacher (a Hugging Face one): nothing recorded to compare
-    training, trained_on = meta.get("training") or {}, meta.get("data") or {}
+    training, trained_on = record.training or {}, record.data or {}
     recorded = training.get("loss")
     same_rows = trained_on.get("fingerprint") == data.fingerprint and training.get("eval_tokens") == tokens
     if same_rows and isinstance(recorded, float) and not math.isclose(recorded, loss, rel_tol=RECORDED_RTOL):

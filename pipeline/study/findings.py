@@ -23,10 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from kdcache.pipeline.study.layout import RunLayout
 from kdcache.pipeline.study.report import TEACHER_PREFIX
+from kdcache.storage.runs import RunRow, read_run_rows
 
 
 @dataclass(frozen=True)
@@ -41,22 +40,22 @@ class Finding:
         return asdict(self)
 
 
-def _lam(row: dict[str, Any]) -> float:
-    return 1.0 if row.get("lambda") is None else float(row["lambda"])
+def _lam(row: RunRow) -> float:
+    return 1.0 if row.lam is None else row.lam
 
 
-def _students(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if not str(r["run_id"]).startswith(TEACHER_PREFIX)]
+def _students(rows: Sequence[RunRow]) -> list[RunRow]:
+    return [r for r in rows if not r.run_id.startswith(TEACHER_PREFIX)]
 
 
-def beats_supervised(rows: Sequence[dict[str, Any]], grid: Sequence[str]) -> Finding:
+def beats_supervised(rows: Sequence[RunRow], grid: Sequence[str]) -> Finding:
     claim = "distillation beats supervised at small token budgets, and the gap closes as tokens grow"
-    sup = {(r["params"], r["tokens"]): r["loss"] for r in _students(rows) if r["kind"] == "supervised"}
+    sup = {(r.params, r.tokens): r.loss for r in _students(rows) if r.kind == "supervised"}
     best: dict[tuple[int, int], float] = {}
     for r in rows:
-        if r["kind"] == "distill" and r["store"] in grid and _lam(r) == 1.0:
-            key = (r["params"], r["tokens"])
-            best[key] = min(best.get(key, float("inf")), r["loss"])
+        if r.kind == "distill" and r.store in grid and _lam(r) == 1.0:
+            key = (r.params, r.tokens)
+            best[key] = min(best.get(key, float("inf")), r.loss)
     by_size: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for (n, d), loss in sorted(best.items()):
         if (n, d) in sup:
@@ -70,16 +69,16 @@ def beats_supervised(rows: Sequence[dict[str, Any]], grid: Sequence[str]) -> Fin
     return Finding(claim, ok, "; ".join(parts))
 
 
-def capacity_gap(rows: Sequence[dict[str, Any]], grid: Sequence[str]) -> Finding:
+def capacity_gap(rows: Sequence[RunRow], grid: Sequence[str]) -> Finding:
     claim = "capacity gap: a stronger teacher (lower L_T) does not always give a better student"
-    runs = [r for r in rows if r["kind"] == "distill" and r["store"] in grid and _lam(r) == 1.0]
+    runs = [r for r in rows if r.kind == "distill" and r.store in grid and _lam(r) == 1.0]
     largest: dict[int, int] = {}
     for r in runs:
-        largest[r["params"]] = max(largest.get(r["params"], 0), r["tokens"])
+        largest[r.params] = max(largest.get(r.params, 0), r.tokens)
     parts, seen = [], False
     for n in sorted(largest):
-        pairs = sorted((r["teacher_loss"], r["loss"]) for r in runs
-                       if r["params"] == n and r["tokens"] == largest[n] and r["teacher_loss"] is not None)
+        pairs = sorted((r.teacher_loss, r.loss) for r in runs
+                       if r.params == n and r.tokens == largest[n] and r.teacher_loss is not None)
         if len(pairs) < 2:
             continue
         strongest_wins = min(pairs, key=lambda p: p[1]) == pairs[0]
@@ -92,12 +91,12 @@ def capacity_gap(rows: Sequence[dict[str, Any]], grid: Sequence[str]) -> Finding
     return Finding(claim, seen, "; ".join(parts))
 
 
-def _single(rows: Sequence[dict[str, Any]], store: str | None, lam: float = 1.0) -> float | None:
-    found = [r["loss"] for r in rows if store is not None and r["store"] == store and _lam(r) == lam]
+def _single(rows: Sequence[RunRow], store: str | None, lam: float = 1.0) -> float | None:
+    found = [r.loss for r in rows if store is not None and r.store == store and _lam(r) == lam]
     return found[0] if found else None
 
 
-def topk_and_lambda(rows: Sequence[dict[str, Any]], stores: dict[str, str]) -> Finding:
+def topk_and_lambda(rows: Sequence[RunRow], stores: dict[str, str]) -> Finding:
     claim = "top-k at lambda = 1 costs loss against the full distribution, and lambda = 0.7 recovers it"
     full = _single(rows, stores.get("full"))
     topk, mixed = _single(rows, stores.get("topk")), _single(rows, stores.get("topk"), 0.7)
@@ -109,7 +108,7 @@ def topk_and_lambda(rows: Sequence[dict[str, Any]], stores: dict[str, str]) -> F
                               f"top-k lambda 0.7 {mixed:.4f} ({mixed - full:+.4f} against full)")
 
 
-def temperature_one(rows: Sequence[dict[str, Any]], stores: dict[str, str]) -> Finding:
+def temperature_one(rows: Sequence[RunRow], stores: dict[str, str]) -> Finding:
     claim = "temperature 1 is the best distillation temperature"
     losses = {1.0: _single(rows, stores.get("topk"))}
     for name, store in stores.items():
@@ -122,7 +121,7 @@ def temperature_one(rows: Sequence[dict[str, Any]], stores: dict[str, str]) -> F
     return Finding(claim, ok, ", ".join(f"tau {t:g}: {loss:.4f}" for t, loss in sorted(known.items())))
 
 
-def findings(rows: Sequence[dict[str, Any]], stores: dict[str, str], grid: Sequence[str]) -> list[Finding]:
+def findings(rows: Sequence[RunRow], stores: dict[str, str], grid: Sequence[str]) -> list[Finding]:
     return [beats_supervised(rows, grid), capacity_gap(rows, grid), topk_and_lambda(rows, stores),
             temperature_one(rows, stores)]
 
@@ -130,7 +129,7 @@ def findings(rows: Sequence[dict[str, Any]], stores: dict[str, str], grid: Seque
 def write_findings(out: Path, stores: dict[str, str], grid: Sequence[str]) -> list[Finding]:
     """Check every finding against OUT's runs table and write OUT's findings.json."""
     layout = RunLayout(root=Path(out))
-    rows = pq.read_table(layout.runs).to_pylist()
+    rows = read_run_rows(layout.runs)
     found = findings(rows, stores, grid)
     layout.findings.write_text(json.dumps([f.to_json() for f in found], indent=2))
     return found

@@ -23,10 +23,10 @@ from typing import Any
 from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS
 from kdcache.pipeline.study.layout import RunLayout
 from kdcache.storage import summarize
+from kdcache.storage.model_record import ModelRecord, read_model_record
 from kdcache.storage.runs import read_runs as read_table
 from kdcache.storage.tokens.format import open_token_data
 
-MODEL_META = "kdcache.json"  # kdcache.train.model_dir.META; that module imports torch, so not imported
 TEACHER_PREFIX = "teacher-"  # run_id prefix of the teachers' own supervised rows
 DASH = "—"
 Row = Mapping[str, Any]
@@ -144,13 +144,9 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
     return read_table(path, required=()).to_pylist()
 
 
-def read_model_dirs(path: Path) -> list[dict[str, Any]]:
-    """{name, meta} per MODEL directory; meta is {} until kdcache.json (written last) exists."""
-    dirs = sorted(p for p in path.iterdir() if p.is_dir())
-    return [
-        {"name": d.name, "meta": read_json(d / MODEL_META) if (d / MODEL_META).is_file() else {}}
-        for d in dirs
-    ]
+def read_model_dirs(path: Path) -> list[tuple[str, ModelRecord | None]]:
+    """(name, record) per MODEL directory; the record is None until kdcache.json (written last) exists."""
+    return [(d.name, read_model_record(d)) for d in sorted(p for p in path.iterdir() if p.is_dir())]
 
 
 def read_stores(path: Path) -> list[dict[str, Any]]:
@@ -199,19 +195,20 @@ def overview_section(layout: RunLayout) -> str:
     return section("overview", "Contents of the run directory", f"<ul>{items}</ul>", problem)
 
 
-def teacher_rows(runs: Sequence[Row], dirs: Sequence[Row], stores: Sequence[Row]) -> list[dict[str, Any]]:
+def teacher_rows(runs: Sequence[Row], dirs: Sequence[tuple[str, ModelRecord | None]],
+                 stores: Sequence[Row]) -> list[dict[str, Any]]:
     """Teachers from their runs rows ("teacher-*") and model dirs, matched by run_id or name."""
     by_id = {r["run_id"]: r for r in runs if str(r.get("run_id") or "").startswith(TEACHER_PREFIX)}
     used: defaultdict[str, list[str]] = defaultdict(list)
     for s in stores:
         used[str(_get(s, "metadata.teacher.name"))].append(s["name"])
     rows = []
-    for d in dirs:
-        training = d["meta"].get("training", {})
-        ids = (training.get("run_id"), TEACHER_PREFIX + d["name"], d["name"])
+    for name, record in dirs:
+        training = (record.training if record else None) or {}
+        ids = (training.get("run_id"), TEACHER_PREFIX + name, name)
         run = next((by_id.pop(i) for i in ids if i in by_id), {})
-        row = {**training, **run, "name": d["name"], "model_dir": "yes"}
-        row["params"] = row.get("params") or d["meta"].get("nonembedding_params")
+        row = {**training, **run, "name": name, "model_dir": "yes"}
+        row["params"] = row.get("params") or (record.nonembedding_params if record else None)
         rows.append(row)
     rows += [{**r, "name": i.removeprefix(TEACHER_PREFIX), "model_dir": "missing"} for i, r in by_id.items()]
     for row in rows:

@@ -46,10 +46,11 @@ from kdcache.errors import KdcacheError
 from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.study.config import SweepConfig
 from kdcache.ray_session import ray_session
-from kdcache.storage.runs import has_run
+from kdcache.storage.errors import StoreError
+from kdcache.storage.model_record import has_model_record, read_model_record
+from kdcache.storage.runs import RunRow, has_run
 from kdcache.train.errors import TrainError
 from kdcache.train.job import GROUPS, TrainJobConfig
-from kdcache.train.model_dir import META
 from kdcache.train.run import run_training
 
 
@@ -153,26 +154,30 @@ def run_id_of(job: TrainJobConfig) -> str:
 
 def _finished(job: TrainJobConfig) -> bool:
     """Finished and recorded; a finished run whose row is missing runs again, only to append it."""
-    meta = Path(job.out) / META
-    if not meta.is_file():
+    if not has_model_record(job.out):
         return False
     if not job.runtime.runs:
         return True
     try:
-        training = json.loads(meta.read_text()).get("training")
-    except (OSError, ValueError, AttributeError):
+        row = _recorded_row(job.out)
+    except StoreError:
         return False  # the run reports the unreadable file
-    return not isinstance(training, dict) or has_run(job.runtime.runs, training)
+    return row is None or has_run(job.runtime.runs, row)
 
 
-def _train(job: TrainJobConfig) -> dict[str, Any]:
+def _recorded_row(out: str) -> RunRow | None:
+    record = read_model_record(out)
+    return record.run_row if record is not None else None
+
+
+def _train(job: TrainJobConfig) -> RunRow | None:
     """One run, in a Ray worker: its config in (Ray pickles it), runs-table row out.
 
     Idempotent, as a task Ray may retry must be: an attempt whose worker died after the
     run recorded its row finds the run finished and returns that row.
     """
     if _finished(job):
-        return json.loads((Path(job.out) / META).read_text())["training"]
+        return _recorded_row(job.out)
     return run_training(job).row
 
 
@@ -194,7 +199,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             run_id = refs.pop(done[0])
             try:
                 row = ray.get(done[0])
-                bar.write(f"{run_id}: loss {row['loss']:.4f}", file=sys.stderr)
+                bar.write(f"{run_id}: loss {row.loss:.4f}" if row else f"{run_id}: done", file=sys.stderr)
             except ray.exceptions.RayError as exc:
                 failed[run_id] = _reason(exc)
                 bar.write(f"{run_id}: FAILED: {failed[run_id]}", file=sys.stderr)

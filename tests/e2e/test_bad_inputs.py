@@ -27,7 +27,7 @@ import yaml
 from filelock import FileLock
 
 from kdcache.pipeline.cli import main
-from kdcache.storage.runs import append_run
+from kdcache.storage.runs import RunRow, append_run
 from tests.pipeline.conftest import make_teacher
 from tests.storage.conftest import tree_digest
 
@@ -325,8 +325,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_teacher(w / "teacher-v256", w / "data", vocab=256)
     assert main([*CACHE.format(w=w).split(), "--out", str(w / "store.zarr")]) == 0
     for i in range(3):
-        append_run(w / "runs.parquet", {"run_id": f"r{i}", "kind": "supervised", "params": 1000 * (i + 1),
-                                        "tokens": 20000, "loss": 4.0 - i / 10})
+        append_run(w / "runs.parquet", RunRow(run_id=f"r{i}", kind="supervised", params=1000 * (i + 1),
+                                              tokens=20000, loss=4.0 - i / 10))
     return w
 
 

@@ -13,7 +13,7 @@ import pytest
 from kdcache.fit.presets import PAPER_DISTILLATION
 from kdcache.fit.synthetic import distillation_runs, supervised_runs
 from kdcache.pipeline.cli import main
-from kdcache.storage.runs import append_run
+from kdcache.storage.runs import RunRow, append_run
 
 SUPERVISED_KEYS = {"E", "A", "B", "alpha", "beta", "gamma"}
 DISTILLATION_KEYS = {"A", "B", "alpha", "beta", "gamma", "c0", "c1", "f1", "d1"}
@@ -81,25 +81,15 @@ def test_fit_distillation_json_from_parquet(tmp_path: Path, capsys: pytest.Captu
     for i in range(30):
         append_run(
             table,
-            {
-                "run_id": f"s{i}",
-                "kind": "supervised",
-                "params": int(sup["params"][i]),
-                "tokens": int(sup["tokens"][i]),
-                "loss": float(sup["loss"][i]),
-            },
+            RunRow(run_id=f"s{i}", kind="supervised", params=int(sup["params"][i]),
+                   tokens=int(sup["tokens"][i]), loss=float(sup["loss"][i])),
         )
     for i in range(40):
         append_run(
             table,
-            {
-                "run_id": f"d{i}",
-                "kind": "distill",
-                "params": int(dist["params"][i]),
-                "tokens": int(dist["tokens"][i]),
-                "loss": float(dist["loss"][i]),
-                "teacher_loss": float(dist["teacher_loss"][i]),
-            },
+            RunRow(run_id=f"d{i}", kind="distill", params=int(dist["params"][i]),
+                   tokens=int(dist["tokens"][i]), loss=float(dist["loss"][i]),
+                   teacher_loss=float(dist["teacher_loss"][i])),
         )
     # --holdout-loss 0 holds nothing out: skips the extrapolation refit, which other tests cover.
     out = _json(
@@ -269,14 +259,7 @@ def test_cost_calibrates_from_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     table = tmp_path / "runs.parquet"
     append_run(
         table,
-        {
-            "run_id": "a",
-            "kind": "supervised",
-            "params": 10**8,
-            "tokens": 10**9,
-            "loss": 3.0,
-            "tokens_per_s": 1000.0,
-        },
+        RunRow(run_id="a", kind="supervised", params=10**8, tokens=10**9, loss=3.0, tokens_per_s=1000.0),
     )
     out = _json(
         capsys,
@@ -334,24 +317,24 @@ def test_readers_never_see_a_half_replaced_table(tmp_path) -> None:
     """Appends from another process replace the file while this one reads it, many times."""
     import multiprocessing
 
-    from kdcache.storage.runs import append_run, check_appendable, has_run
+    from kdcache.storage.runs import RunRow, append_run, check_appendable, has_run
 
     path = tmp_path / "runs.parquet"
-    append_run(path, {"run_id": "r0", "kind": "supervised", "params": 1, "tokens": 1, "loss": 1.0})
+    append_run(path, RunRow(run_id="r0", kind="supervised", params=1, tokens=1, loss=1.0))
     ctx = multiprocessing.get_context("spawn")
     writer = ctx.Process(target=_append_many, args=(str(path), 150))
     writer.start()
     reads = 0
     while writer.is_alive() or reads == 0:
         check_appendable(path)
-        assert has_run(path, {"run_id": "r0", "tokens": 1, "loss": 1.0})
+        assert has_run(path, RunRow(run_id="r0", kind="supervised", params=1, tokens=1, loss=1.0))
         reads += 1
     writer.join()
     assert writer.exitcode == 0 and reads > 10
 
 
 def _append_many(path: str, n: int) -> None:
-    from kdcache.storage.runs import append_run
+    from kdcache.storage.runs import RunRow, append_run
 
     for i in range(1, n + 1):
-        append_run(path, {"run_id": f"r{i}", "kind": "supervised", "params": 1, "tokens": i, "loss": 1.0})
+        append_run(path, RunRow(run_id=f"r{i}", kind="supervised", params=1, tokens=i, loss=1.0))

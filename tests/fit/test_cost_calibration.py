@@ -17,7 +17,7 @@ from kdcache.fit.errors import FitError
 from kdcache.fit.flops import forward_flops
 from kdcache.pipeline.study.cost import CostQuery, calibrate, estimate_cost, read_timings
 from kdcache.storage.errors import StoreError
-from kdcache.storage.runs import append_run
+from kdcache.storage.runs import RunRow, append_run
 from tests.storage.conftest import make_meta, make_rows, shard_of
 
 SHAPE = {"rho": 32.0, "context": 64.0, "vocab": 1024.0}
@@ -172,11 +172,10 @@ def _table(path: Path, store: Path | None, model: cost.TimeModel, bpt: float) ->
                                            ("online", 4e5, 3e4), ("online", 1.3e6, 9e4)]):
         run = cost.TimedRun(kind=kind, params=n, tokens=tokens, wall_s=1.0, teacher_params=800,
                             bytes_per_token=bpt if kind == "distill" else 0.0, rho=32, context=64, vocab=1024)
-        append_run(path, {"run_id": f"r{i}", "kind": kind, "params": int(n), "tokens": int(tokens),
-                          "loss": 3.0, "wall_s": model.run_s(run),
-                          "teacher_params": 800 if kind != "supervised" else None,
-                          "store": str(store) if kind == "distill" else None,
-                          "layers": 2, "d_model": 64, "seq_len": 64, "vocab_size": 1024})
+        append_run(path, RunRow(run_id=f"r{i}", kind=kind, params=int(n), tokens=int(tokens), loss=3.0,
+                                wall_s=model.run_s(run), teacher_params=800 if kind != "supervised" else None,
+                                store=str(store) if kind == "distill" else None, layers=2, d_model=64,
+                                seq_len=64, vocab_size=1024))
     return path
 
 
@@ -223,8 +222,8 @@ def test_a_store_that_is_gone_drops_its_runs_with_a_note(tmp_path: Path) -> None
     store = _store(tmp_path / "s.zarr")
     bpt = storage.summarize(store)["bytes_per_token"]
     table = _table(tmp_path / "runs.parquet", store, TRUE, bpt)
-    append_run(table, {"run_id": "gone", "kind": "distill", "params": 10**6, "tokens": 10**5, "loss": 3.0,
-                       "wall_s": 99.0, "teacher_params": 800, "store": str(tmp_path / "gone.zarr")})
+    append_run(table, RunRow(run_id="gone", kind="distill", params=10**6, tokens=10**5, loss=3.0, wall_s=99.0,
+                             teacher_params=800, store=str(tmp_path / "gone.zarr")))
     runs, cache, notes = read_timings(str(table))
     assert len(runs) == 6 and len(cache) == 1
     assert len(notes) == 1 and "gone.zarr: store no longer exists" in notes[0]
@@ -253,12 +252,11 @@ def test_bad_tables(tmp_path: Path) -> None:
     with pytest.raises(FitError, match=r"runs.csv: missing column 'wall_s'"):
         read_timings(str(csv))
     untimed = tmp_path / "untimed.parquet"
-    append_run(untimed, {"run_id": "a", "kind": "supervised", "params": 10**8, "tokens": 10**9, "loss": 3.0})
+    append_run(untimed, RunRow(run_id="a", kind="supervised", params=10**8, tokens=10**9, loss=3.0))
     with pytest.raises(FitError, match=r"untimed.parquet: row 0 \(a\): field 'wall_s' is missing"):
         read_timings(str(untimed))
     online = tmp_path / "online.parquet"
-    append_run(online, {"run_id": "o", "kind": "online", "params": 10**8, "tokens": 10**9, "loss": 3.0,
-                        "wall_s": 10.0})
+    append_run(online, RunRow(run_id="o", kind="online", params=10**8, tokens=10**9, loss=3.0, wall_s=10.0))
     with pytest.raises(FitError, match=r"online.parquet: row 0 \(o\): field 'teacher_params' is empty"):
         read_timings(str(online))
     with pytest.raises(StoreError, match="nope.parquet: no such runs table"):
@@ -267,7 +265,7 @@ def test_bad_tables(tmp_path: Path) -> None:
 
 def test_wall_s_is_derived_from_tokens_per_s(tmp_path: Path) -> None:
     table = tmp_path / "runs.parquet"
-    append_run(table, {"run_id": "a", "kind": "supervised", "params": 10**8, "tokens": 10**9, "loss": 3.0,
-                       "tokens_per_s": 1000.0})
+    append_run(table, RunRow(run_id="a", kind="supervised", params=10**8, tokens=10**9, loss=3.0,
+                             tokens_per_s=1000.0))
     runs, _, _ = read_timings(str(table))
     assert runs[0].wall_s == pytest.approx(1e6)

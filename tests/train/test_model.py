@@ -81,9 +81,9 @@ def test_causal() -> None:
 def test_save_load_roundtrip(tmp_path: Path, tokenizer_file: Path) -> None:
     model = _random_model(ModelConfig(layers=1, vocab_size=100, rho=32, head_dim=32))
     fp = save_model_dir(model, tmp_path / "m", tokenizer=tokenizer_file, eos_token_id=0,
-                        meta={"training": {"tokens": 5}})
+                        training={"tokens": 5})
     loaded = load_model_dir(tmp_path / "m")
-    assert loaded.fingerprint == fp and loaded.meta["training"] == {"tokens": 5}
+    assert loaded.fingerprint == fp and loaded.record is not None and loaded.record.training == {"tokens": 5}
     assert loaded.config == model.config
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_load_plain_hf_directory(tmp_path: Path, tokenizer_file: Path) -> None:
     (tmp_path / "m" / "kdcache.json").unlink()
     loaded = load_model_dir(tmp_path / "m")
     assert loaded.config.non_embedding_params() == model.config.non_embedding_params()
-    assert loaded.config.head_dim == 16 and loaded.meta == {}
+    assert loaded.config.head_dim == 16 and loaded.record is None
 
 
 def test_load_errors(tmp_path: Path, tokenizer_file: Path) -> None:

@@ -11,11 +11,12 @@ import pytest
 from filelock import FileLock
 
 from kdcache.pipeline.cli import main
-from kdcache.storage.runs import append_run, has_run
+from kdcache.storage.model_record import MODEL_RECORD as META
+from kdcache.storage.runs import RunRow, append_run, has_run
 from kdcache.train import run as train_run
 from kdcache.train.errors import TrainError
 from kdcache.train.job import TrainJobConfig
-from kdcache.train.model_dir import META, WEIGHTS, load_model_dir
+from kdcache.train.model_dir import WEIGHTS, load_model_dir
 
 
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
@@ -109,14 +110,14 @@ def test_lost_row_is_added_on_rerun_without_retraining(
     assert main(argv) == 1  # the row is there now: a finished model is refused as before
     assert "already holds a finished model" in _one_line_error(capsys)
     assert len(pq.read_table(runs)) == 1
-    assert load_model_dir(out).meta["training"]["run_id"] == "m"  # the lock file breaks no loading
+    assert load_model_dir(out).record.training["run_id"] == "m"  # the lock file breaks no loading
 
 
 def test_kill_between_model_and_row_is_healed(
     tiny_data_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out, runs = tmp_path / "m", tmp_path / "runs.parquet"
-    append_run(runs, {"run_id": "other", "kind": "supervised", "params": 1, "tokens": 2, "loss": 3.0})
+    append_run(runs, RunRow(run_id="other", kind="supervised", params=1, tokens=2, loss=3.0))
     argv = _argv(tiny_data_path, out, "--runs", str(runs))
 
     def killed(path, row) -> None:
@@ -154,8 +155,8 @@ def test_second_writer_of_one_out_refused(
 def test_has_run_matches_exactly_and_nan_once(tmp_path: Path) -> None:
     runs = tmp_path / "runs.parquet"
     row = {"run_id": "a", "kind": "supervised", "params": 10, "tokens": 2048, "loss": float("nan")}
-    assert not has_run(runs, row)
-    append_run(runs, row)
-    assert has_run(runs, row)
-    assert not has_run(runs, {**row, "tokens": 2049})
-    assert not has_run(runs, {**row, "loss": 1.0})
+    assert not has_run(runs, RunRow.from_json(row))
+    append_run(runs, RunRow.from_json(row))
+    assert has_run(runs, RunRow.from_json(row))
+    assert not has_run(runs, RunRow.from_json({**row, "tokens": 2049}))
+    assert not has_run(runs, RunRow.from_json({**row, "loss": 1.0}))

@@ -8,7 +8,8 @@ import torch
 
 from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, TorchTeacher, default_device, resolve_dtype
 from kdcache.pipeline.errors import PipelineError
-from kdcache.storage import TeacherInfo
+from kdcache.storage import StoreError, TeacherInfo
+from kdcache.storage.model_record import has_model_record
 from kdcache.train.errors import TrainError
 from kdcache.train.model_dir import load_model_dir
 
@@ -20,8 +21,8 @@ class NativeTeacher(TorchTeacher):
             raise PipelineError("--tensor-parallel needs --backend vllm")
         try:
             loaded = load_model_dir(path)
-        except TrainError as exc:
-            hint = "" if (Path(path) / "kdcache.json").is_file() else (
+        except (TrainError, StoreError) as exc:
+            hint = "" if has_model_record(path) else (
                 "; not a kdcache model: --backend hf or vllm run any Hugging Face causal LM")
             raise PipelineError(f"{exc}{hint}") from exc
         self.device = default_device()

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from kdcache.pipeline.study import findings as f
+from kdcache.storage.runs import RunRow
 
 GRID = ["/s/t1", "/s/t2"]
 STORES = {"full": "/s/full", "topk": "/s/topk", "tau0.5": "/s/tau0.5", "tau2": "/s/tau2"}
 
 
 def run(kind: str, n: int, d: int, loss: float, store: str | None = None, lt: float | None = None,
-        lam: float | None = None, run_id: str = "r") -> dict[str, Any]:
-    return {"run_id": run_id, "kind": kind, "params": n, "tokens": d, "loss": loss, "store": store,
-            "teacher_loss": lt, "lambda": lam}
+        lam: float | None = None, run_id: str = "r") -> RunRow:
+    return RunRow(run_id=run_id, kind=kind, params=n, tokens=d, loss=loss, store=store, teacher_loss=lt,
+                  lam=lam)
 
 
 def test_distillation_wins_early_and_the_gap_closes() -> None:

@@ -33,7 +33,7 @@ from kdcache.pipeline.study.plots import agreement, write_plots
 from kdcache.pipeline.study.plots import read_runs as read_plot_runs
 from kdcache.pipeline.study.report import FIGURES, write_report
 from kdcache.storage import StoreWriter, summarize
-from kdcache.storage.runs import append_run, read_runs
+from kdcache.storage.runs import RunRow, append_run, read_runs
 from tests.storage.conftest import make_meta, make_rows, shard_of
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
@@ -147,18 +147,17 @@ def synthetic_runs(runs: Path) -> None:
     law = PAPER_DISTILLATION
     sup = supervised_runs(law.supervised, 16, seed=3)
     for i, (n, d, loss) in enumerate(zip(sup["params"], sup["tokens"], sup["loss"], strict=True)):
-        append_run(runs, {"run_id": f"iso-{i:02d}", "kind": "supervised", "params": int(n),
-                          "tokens": int(d), "loss": float(loss)})
+        append_run(runs, RunRow(run_id=f"iso-{i:02d}", kind="supervised", params=int(n), tokens=int(d),
+                                loss=float(loss)))
     dist = distillation_runs(law, 24, seed=4)
     for i in range(24):
         n, d = int(dist["params"][i]), int(dist["tokens"][i])
-        append_run(runs, {"run_id": f"distill-{i:02d}", "kind": "distill", "params": n, "tokens": d,
-                          "loss": float(dist["loss"][i]), "teacher_loss": float(dist["teacher_loss"][i]),
-                          "teacher_params": int(dist["teacher_params"][i]), "store": "stores/topk-a",
-                          "k": 4, "ece": 0.01 + i / 1000})
-        append_run(runs, {"run_id": f"twin-{i:02d}", "kind": "supervised", "params": n, "tokens": d,
-                          "loss": float(law.supervised.loss(n, d)) * (1 + (i % 5 - 2) / 500),
-                          "ece": 0.02})
+        append_run(runs, RunRow(run_id=f"distill-{i:02d}", kind="distill", params=n, tokens=d,
+                                loss=float(dist["loss"][i]), teacher_loss=float(dist["teacher_loss"][i]),
+                                teacher_params=int(dist["teacher_params"][i]), store="stores/topk-a", k=4,
+                                ece=0.01 + i / 1000))
+        append_run(runs, RunRow(run_id=f"twin-{i:02d}", kind="supervised", params=n, tokens=d,
+                                loss=float(law.supervised.loss(n, d)) * (1 + (i % 5 - 2) / 500), ece=0.02))
 
 
 def write_stores(stores: Path) -> None:
@@ -319,11 +318,6 @@ def test_plans_costs_and_plots(full_page: Page, run_dir: Path) -> None:
     assert any("paper's law (not fitted here)" in n for n in full_page.notes["plots"])
 
 
-def test_model_meta_name_matches_train() -> None:
-    from kdcache.pipeline.study.report import MODEL_META
-    from kdcache.train.model_dir import META
-
-    assert MODEL_META == META
 
 
 @pytest.mark.slow
@@ -331,10 +325,9 @@ def test_partial_run_says_what_is_missing(chromium: Path, tmp_path: Path) -> Non
     out = tmp_path / "run"
     out.mkdir()
     runs = out / "runs.parquet"
-    append_run(runs, {"run_id": "teacher-x", "kind": "supervised", "params": 1000, "tokens": 20000,
-                      "loss": 3.5})
-    append_run(runs, {"run_id": "<b>s</b>&", "kind": "distill", "params": 100, "tokens": 2000,
-                      "loss": 4.25, "teacher_loss": 3.5})
+    append_run(runs, RunRow(run_id="teacher-x", kind="supervised", params=1000, tokens=20000, loss=3.5))
+    append_run(runs, RunRow(run_id="<b>s</b>&", kind="distill", params=100, tokens=2000, loss=4.25,
+                            teacher_loss=3.5))
     (out / "plans.json").write_text('[{"scenario": "be')  # a torn write
     report = write_report(out)
     self_contained(report)

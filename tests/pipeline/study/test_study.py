@@ -11,7 +11,7 @@ import numpy as np
 from kdcache.fit.presets import load_distillation
 from kdcache.fit.synthetic import distillation_runs, supervised_runs
 from kdcache.pipeline.study import run as study
-from kdcache.storage.runs import append_run
+from kdcache.storage.runs import RunRow, append_run
 
 FAST = replace(study.PRESETS["demo"], min_runs_to_fit=(20, 30), bootstrap=0)
 
@@ -22,15 +22,15 @@ def _table(path: Path, supervised: int, distilled: int, mixed: int) -> None:
     law = load_distillation("paper")
     sup = supervised_runs(law.supervised, supervised, seed=1)
     for i in range(supervised):
-        append_run(path, {"run_id": f"s{i}", "kind": "supervised", "params": int(sup["params"][i]),
-                          "tokens": int(sup["tokens"][i]), "loss": float(sup["loss"][i])})
+        append_run(path, RunRow(run_id=f"s{i}", kind="supervised", params=int(sup["params"][i]),
+                                tokens=int(sup["tokens"][i]), loss=float(sup["loss"][i])))
     dist = distillation_runs(law, distilled + mixed, seed=2)
     for i in range(distilled + mixed):
         lam = 1.0 if i < distilled else 0.7
         loss = float(dist["loss"][i]) * (1.0 if lam == 1.0 else 1.5)  # far off the law: must be left out
-        append_run(path, {"run_id": f"d{i}", "kind": "distill", "params": int(dist["params"][i]),
-                          "tokens": int(dist["tokens"][i]), "loss": loss,
-                          "teacher_loss": float(dist["teacher_loss"][i]), "lambda": lam, "store": store})
+        append_run(path, RunRow(run_id=f"d{i}", kind="distill", params=int(dist["params"][i]),
+                                tokens=int(dist["tokens"][i]), loss=loss,
+                                teacher_loss=float(dist["teacher_loss"][i]), lam=lam, store=store))
 
 
 def test_fits_lambda_one_runs_and_notes_what_it_left_out(tmp_path: Path) -> None:
