@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kdcache.train import batches, kd_losses, losses
+from kdcache.train import batches, job, kd_losses, losses
 from kdcache.train.batches import Batch
 from kdcache.train.errors import TrainError
 from kdcache.train.kd_losses import (
@@ -599,3 +599,9 @@ def test_distill_loss_refuses_a_batch_of_no_kind() -> None:
         kd_losses.distill_loss(batch, logits=student_logits(1, 4, 61))
     with pytest.raises(ValueError, match="labels"):
         kd_losses.distill_loss({"input_ids": batch["input_ids"]}, logits=student_logits(1, 4, 61))
+
+
+def test_registries_are_the_flags_the_command_line_accepts() -> None:
+    """job.py keeps the names torch-free for `kdcache train --help`; the losses must match them."""
+    assert set(kd_losses.DIVERGENCES) == set(job.DIVERGENCES)
+    assert set(kd_losses.TAIL_MODES) == set(job.TAILS)
