@@ -23,6 +23,7 @@ import typing
 from types import ModuleType
 
 import docstring_parser
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from kdcache.errors import KdcacheError
@@ -112,8 +113,6 @@ def _flag(key: str) -> str:
 
 def check_config_files(argv: list[str]) -> dict[str, set[str]]:
     """Parse every `--config FILE` up front, so a broken file is named; returns its keys."""
-    import yaml
-
     files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     keys = {}
