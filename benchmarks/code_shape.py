@@ -3,7 +3,8 @@
 Per folder: files and lines. Over the whole library: function length (median, p90, max),
 `Any` and `dict[str, Any]` per 1,000 lines, the share of kdcache's own imports and of all
 imports made inside functions, and the files that list every store kind in one collection
-(where adding a kind must be written, beside the code that computes and uses it). Run from the repository root:
+(where adding a kind must be written, beside the code that computes and uses it).
+Run from the repository root:
 
     python benchmarks/code_shape.py [--json]
 """
