@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -255,16 +254,3 @@ def read_run_rows(path: str | os.PathLike[str]) -> list[RunRow]:
     """The rows of a table kdcache wrote (every row has its run_id and kind), typed."""
     table = read_runs(path, required=("run_id", "kind", "params", "tokens", "loss"))
     return [RunRow.from_json(row, where=f"{path}: row {i}") for i, row in enumerate(table.to_pylist())]
-
-
-def column(table: pa.Table, name: str, path: str | os.PathLike[str] = "runs table") -> np.ndarray:
-    """A numeric column as float64, refusing missing, non-numeric or non-finite values by name."""
-    if name not in table.column_names:
-        raise StoreError(f"{path}: missing column '{name}'")
-    if not _numeric(table.schema.field(name).type):
-        raise _not_numeric(table, name, path)
-    values = np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise StoreError(f"{path}: column '{name}' has {int(bad.sum())} missing or non-finite values")
-    return values

@@ -209,7 +209,6 @@ DIVERGENCES: dict[str, Divergence] = {
 }
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class DistillLoss:
     """(1 - lam) * NTP + lam * KD + z_loss * Z, summed over positions, computed in chunks.

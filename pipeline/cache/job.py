@@ -117,10 +117,10 @@ def _check_recorded_loss(teacher: str, data: TokenData, loss: float, tokens: int
         return  # unreadable: the native backend refuses it when loading; hf and vllm ignore it
     if record is None:
         return  # not a kdcache teacher (a Hugging Face one): nothing recorded to compare
-    training, trained_on = record.training or {}, record.data or {}
-    recorded = training.get("loss")
-    same_rows = trained_on.get("fingerprint") == data.fingerprint and training.get("eval_tokens") == tokens
-    if same_rows and isinstance(recorded, float) and not math.isclose(recorded, loss, rel_tol=RECORDED_RTOL):
+    recorded = record.training_loss
+    same_rows = ((record.data or {}).get("fingerprint") == data.fingerprint
+                 and (record.training or {}).get("eval_tokens") == tokens)
+    if same_rows and recorded is not None and not math.isclose(recorded, loss, rel_tol=RECORDED_RTOL):
         raise PipelineError(
             f"{teacher}/kdcache.json: field 'training.loss' is {recorded:.6f} but the teacher measures "
             f"{loss:.6f} on the same {tokens:,} valid tokens: these are not the weights that were scored")

@@ -318,8 +318,6 @@ def test_plans_costs_and_plots(full_page: Page, run_dir: Path) -> None:
     assert any("paper's law (not fitted here)" in n for n in full_page.notes["plots"])
 
 
-
-
 @pytest.mark.slow
 def test_partial_run_says_what_is_missing(chromium: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
