@@ -6,6 +6,15 @@ inner chunks) and `tokenizer.json` beside them. The
 group attribute `kdcache` records the format, source, fingerprints, vocab size and
 seq_len. Row r predicts `tokens[r, 1:]` from `tokens[r, :-1]`.
 
+Data packed by document (chat and completion data, or text prepared with `--packing
+documents|none`) has two more arrays per split, row-aligned with its tokens:
+`<split>.loss_mask` (uint8) and `<split>.position_ids` (int32). Both describe tokens,
+not targets: `loss_mask[r, j]` is 1 when token j is trained as the target of position
+j - 1, and `position_ids` restart at 0 at each document's first token (padding at a
+row's end is a segment of its own). A document's first token is never trained, so no
+target crosses a document boundary, and the one shift from tokens to targets happens
+in `Rows.labels`.
+
 Integrity: opening checks what is cheap (every split array's metadata, shape and dtype,
 and the tokenizer's hash); every read checks its chunks' crc32c and that the ids lie in
 the vocabulary, so corrupt data stops training with one line instead of silently
@@ -32,6 +41,22 @@ from kdcache.storage.errors import StoreError
 FORMAT = "kdcache.tokens/1"
 ATTR = "kdcache"
 CHECKSUMS = "crc32c"  # the split metadata's "checksums" value when chunks carry a crc32c
+IGNORE_INDEX = -100
+"""The label of an untrained position: PyTorch's `ignore_index`, Hugging Face's convention."""
+FORMATS = ("text", "chat", "completion")
+"""The records' shape (attribute `input_format`; `format` names this file format)."""
+PACKINGS = ("stream", "documents", "none")
+"""`stream`: documents back to back, cut into rows anywhere (text only, no mask arrays);
+`documents`: whole documents per row, each attending only to itself; `none`: one per row."""
+MASK = "loss_mask"
+POSITIONS = "position_ids"
+DOCUMENT_ARRAYS = {MASK: np.dtype(np.uint8), POSITIONS: np.dtype(np.int32)}
+"""The per-split arrays of data packed by document, and their dtypes."""
+
+
+def document_array(split: str, name: str) -> str:
+    """The array name of a split's `loss_mask` or `position_ids`: `teacher.loss_mask`."""
+    return f"{split}.{name}"
 
 
 def sha256_parts(*parts: bytes) -> str:
@@ -45,13 +70,14 @@ def sha256_parts(*parts: bytes) -> str:
 
 def split_fingerprint(shape: tuple[int, ...], body_digest: bytes) -> str:
     """A split's fingerprint from its shape and the sha256 digest of its token bytes
-    (`<i4`, row-major): equal to `sha256_parts(str(shape).encode(), tokens_bytes)`, but the
-    token bytes can be hashed streaming, row by row, by `prepare` and by `verify` alike."""
+    (`<i4`, row-major; a mask's `|u1`): equal to `sha256_parts(str(shape).encode(), bytes)`,
+    but the bytes can be hashed streaming, row by row, by `prepare` and by `verify` alike."""
     return hashlib.sha256(hashlib.sha256(str(tuple(shape)).encode()).digest() + body_digest).hexdigest()
 
 
 def data_fingerprint(tokenizer_fingerprint: str, seq_len: int, splits: dict[str, str]) -> str:
-    """The overall fingerprint from its parts (split name -> split fingerprint, in order)."""
+    """The overall fingerprint from its parts (array name -> its fingerprint, in order: each
+    split, followed by its `loss_mask` and `position_ids` when it has them)."""
     return sha256_parts(
         tokenizer_fingerprint.encode(), str(seq_len).encode(),
         *(f"{name}:{fp}".encode() for name, fp in splits.items()),
@@ -66,6 +92,47 @@ def is_token_data(path: str | os.PathLike[str]) -> bool:
         return bool(root["attributes"][ATTR]["format"] == FORMAT)
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def fingerprint_parts(splits: dict[str, Any]) -> dict[str, str]:
+    """Array name -> fingerprint, in the order `data_fingerprint` hashes them, from the
+    `splits` attribute: stream data gives exactly its split names, as before masks existed."""
+    parts: dict[str, str] = {}
+    for split, info in splits.items():
+        parts[split] = str(info["fingerprint"])
+        for name in DOCUMENT_ARRAYS:
+            if name in info:
+                parts[document_array(split, name)] = str(info[name]["fingerprint"])
+    return parts
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows of a split as read for training: tokens, and which tokens are trained targets."""
+
+    tokens: np.ndarray
+    """int64 [n, T + 1]."""
+    loss_mask: np.ndarray | None = None
+    """bool [n, T + 1]: token j is trained as the target of position j - 1 (None: all are)."""
+    position_ids: np.ndarray | None = None
+    """int64 [n, T + 1], restarting at 0 per document (None: one stream, `arange`)."""
+
+    def trained(self) -> np.ndarray:
+        """bool [n, T]: which target positions are trained."""
+        if self.loss_mask is None:
+            return np.ones((self.tokens.shape[0], self.tokens.shape[1] - 1), dtype=bool)
+        return self.loss_mask[:, 1:]
+
+    def labels(self) -> np.ndarray:
+        """int64 [n, T]: the next token, or IGNORE_INDEX where it is not trained."""
+        targets = self.tokens[:, 1:]
+        if self.loss_mask is None:
+            return targets.copy()
+        return np.where(self.loss_mask[:, 1:], targets, IGNORE_INDEX)
+
+    def input_positions(self) -> np.ndarray | None:
+        """int64 [n, T]: the position of each input token within its document."""
+        return None if self.position_ids is None else self.position_ids[:, :-1]
 
 
 @dataclass(frozen=True)
@@ -103,6 +170,34 @@ class TokenData:
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"
 
+    @property
+    def format(self) -> str:
+        """`text`, `chat` or `completion` (data written before formats existed: `text`)."""
+        return str(self.meta.get("input_format", "text"))
+
+    @property
+    def packing(self) -> str:
+        """How rows were cut: one of PACKINGS (data written before packing modes: `stream`)."""
+        return str(self.meta.get("packing", "stream"))
+
+    @property
+    def documents(self) -> bool:
+        """Whether the splits carry `loss_mask` and `position_ids`."""
+        return self.packing != "stream"
+
+    def mask_fingerprint(self, split: str) -> str:
+        """Hash of the split's `loss_mask` and `position_ids` ("" for stream data): what a
+        store cached from this split records, so a student can refuse another mask."""
+        if not self.documents:
+            return ""
+        info = self.meta["splits"][self._check(split)]
+        return sha256_parts(*(str(info[name]["fingerprint"]).encode() for name in DOCUMENT_ARRAYS))
+
+    def trained_tokens(self, split: str) -> int:
+        """Target positions of the split that are trained (every one for stream data)."""
+        info = self.meta["splits"][self._check(split)]
+        return int(info.get("trained_tokens", int(info["rows"]) * self.seq_len))
+
     def split_fingerprint(self, split: str) -> str:
         return str(self.meta["splits"][self._check(split)]["fingerprint"])
 
@@ -112,10 +207,38 @@ class TokenData:
     def array(self, split: str) -> zarr.Array:
         """The split as a Zarr array `[rows, seq_len + 1]` (int32). Slicing it checks chunk
         checksums but not the id range; `read` checks both."""
-        self._check(split)
+        self._check(split.split(".")[0])
         if split not in self.arrays:
             self.arrays[split] = open_split(self.path, self.meta, split)
         return self.arrays[split]
+
+    def read_rows(self, split: str, index: slice | np.ndarray) -> Rows:
+        """Rows of a split with their loss mask and position ids (checked like `read`)."""
+        tokens = self.read(split, index)
+        if not self.documents:
+            return Rows(tokens)
+        mask = self._read_checked(document_array(split, MASK), index)
+        positions = self._read_checked(document_array(split, POSITIONS), index)
+        problem = document_problem(mask, positions, self.seq_len + 1)
+        if problem is not None:
+            rows = (np.arange(*index.indices(self.rows(split))) if isinstance(index, slice)
+                    else np.asarray(index))
+            where = f"{int(rows.min())}..{int(rows.max())}" if rows.size else "-"
+            raise StoreError(f"{self.path}: split {split!r} rows {where}: {problem} (corrupt data); "
+                             "re-run kdcache prepare")
+        return Rows(tokens, mask.astype(bool), positions.astype(np.int64))
+
+    def _read_checked(self, name: str, index: slice | np.ndarray) -> np.ndarray:
+        arr = self.array(name)
+        if isinstance(index, slice):
+            rows = np.arange(*index.indices(arr.shape[0]))
+            return self._decode(name, rows, lambda: arr[index])
+        rows = np.asarray(index)
+        order = np.argsort(rows, kind="stable")
+        got = self._decode(name, rows, lambda: arr.get_orthogonal_selection((rows[order], slice(None))))
+        out = np.empty_like(got)
+        out[order] = got
+        return out
 
     def read(self, split: str, index: slice | np.ndarray) -> np.ndarray:
         """Rows of a split as int64 numpy (a slice, or an array of row indices).
@@ -178,6 +301,26 @@ class TokenData:
         return split
 
 
+def document_problem(mask: np.ndarray, positions: np.ndarray, width: int) -> str | None:
+    """What is wrong with a block of `loss_mask` and `position_ids` rows, or None: values in
+    range, positions that restart at 0 or step by 1, and no trained document-first token."""
+    if mask.size == 0:
+        return None
+    if int(mask.max()) > 1:
+        return f"loss_mask holds {int(mask.max())}, not 0 or 1"
+    if int(positions.min()) < 0 or int(positions.max()) >= width:
+        return f"position_ids outside 0..{width - 1} (a missing chunk reads as -1)"
+    starts = positions == 0
+    if not starts[:, 0].all():
+        return "a row does not start a document (position_ids[:, 0] != 0)"
+    steps = (positions[:, 1:] == positions[:, :-1] + 1) | starts[:, 1:]
+    if not steps.all():
+        return "position_ids neither restart at 0 nor step by 1"
+    if (mask.astype(bool) & starts).any():
+        return "a document's first token is marked trained (its target would cross documents)"
+    return None
+
+
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")
 
@@ -216,10 +359,16 @@ def read_token_meta(path: Path) -> dict[str, Any]:
                       ("fingerprint", str), ("splits", dict)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise StoreError(f"{path}/zarr.json: attribute '{ATTR}.{key}' is missing or not {kind.__name__}")
+    documents = meta.get("packing", "stream") != "stream"
     for split, info in meta["splits"].items():
         if not isinstance(info, dict) or not isinstance(info.get("rows"), int):
             attr = f"'{ATTR}.splits.{split}.rows'"
             raise StoreError(f"{path}/zarr.json: attribute {attr} is missing or not int")
+        for name in DOCUMENT_ARRAYS if documents else ():
+            if not isinstance(info.get(name), dict) or not isinstance(info[name].get("fingerprint"), str):
+                attr = f"'{ATTR}.splits.{split}.{name}.fingerprint'"
+                raise StoreError(f"{path}/zarr.json: attribute {attr} is missing or not str "
+                                 f"(packing {meta['packing']!r} needs it)")
     return dict(meta)
 
 
@@ -238,21 +387,24 @@ def tokenizer_problem(path: Path, meta: dict[str, Any]) -> str | None:
 def open_split(path: Path, meta: dict[str, Any], split: str) -> zarr.Array:
     """Open one split array, checking its metadata against the group's: cheap, reads no chunk."""
     where = path / split / "zarr.json"
+    base, _, doc = split.partition(".")
     if not where.is_file():
-        raise StoreError(f"{where}: missing (split {split!r} of the token data)")
+        what = f"the {doc} of split {base!r}" if doc else f"split {split!r}"
+        raise StoreError(f"{where}: missing ({what} of the token data)")
     try:
         arr = zarr.open_array(store=str(path / split), mode="r")
     except Exception as exc:  # zarr raises several types for corrupt array metadata
         raise StoreError(f"{where}: unreadable array metadata ({_one_line(exc)})") from exc
-    want = (int(meta["splits"][split]["rows"]), int(meta["seq_len"]) + 1)
+    want = (int(meta["splits"][base]["rows"]), int(meta["seq_len"]) + 1)
     if tuple(arr.shape) != want:
         raise StoreError(
             f"{where}: field 'shape' is {list(arr.shape)} but {path}/zarr.json says "
             f"[rows, seq_len + 1] = {list(want)}"
         )
-    if arr.dtype != np.dtype(np.int32):
-        raise StoreError(f"{where}: field 'data_type' is {arr.dtype}, not int32")
-    if meta["splits"][split].get("checksums") == CHECKSUMS and not any(
+    dtype = DOCUMENT_ARRAYS[doc] if doc else np.dtype(np.int32)
+    if arr.dtype != dtype:
+        raise StoreError(f"{where}: field 'data_type' is {arr.dtype}, not {dtype}")
+    if meta["splits"][base].get("checksums") == CHECKSUMS and not any(
         isinstance(c, Crc32cCodec) for c in arr.compressors
     ):
         raise StoreError(f"{where}: field 'codecs' lacks crc32c but {path}/zarr.json says it has one")
@@ -267,5 +419,5 @@ def open_token_data(path: str | os.PathLike[str]) -> TokenData:
     problem = tokenizer_problem(path, meta)
     if problem is not None:
         raise StoreError(problem)
-    arrays = {split: open_split(path, meta, split) for split in meta["splits"]}
+    arrays = {name: open_split(path, meta, name) for name in fingerprint_parts(meta["splits"])}
     return TokenData(path=path, meta=meta, arrays=arrays)

@@ -21,7 +21,12 @@ from kdcache.storage.errors import StoreError
 from kdcache.storage.tokens.format import (
     ATTR,
     CHECKSUMS,
+    MASK,
+    POSITIONS,
     data_fingerprint,
+    document_array,
+    document_problem,
+    fingerprint_parts,
     open_split,
     read_token_meta,
     split_fingerprint,
@@ -57,19 +62,24 @@ def verify_token_data(path: str | os.PathLike[str]) -> list[TokenProblem]:
     if tok is not None:
         problems.append(TokenProblem("", None, tok))
     recomputed: dict[str, str] = {}
-    for split in meta["splits"]:
+    parts = fingerprint_parts(meta["splits"])
+    for name in parts:
+        split, _, doc = name.partition(".")
         try:
-            arr = open_split(path, meta, split)
+            arr = open_split(path, meta, name)
         except StoreError as exc:
             problems.append(TokenProblem(split, None, str(exc)))
             continue
-        found, fp = _verify_split(path / split, arr, int(meta["vocab_size"]))
+        limit = int(meta["vocab_size"]) if not doc else (2 if doc == MASK else arr.shape[1])
+        found, fp = _verify_split(path / name, arr, limit, doc or "token id")
         problems += [TokenProblem(split, rows, reason) for rows, reason in found]
         if fp is not None:
-            recomputed[split] = fp
+            recomputed[name] = fp
         if fp is not None and not found:  # a bad chunk changes the fingerprint too: say it once
-            problems += _split_meta_problems(path, meta, split, fp)
-    if not problems and len(recomputed) == len(meta["splits"]):
+            problems += _split_meta_problems(path, meta, name, fp)
+        if doc == POSITIONS and not found and fp is not None:
+            problems += _document_problems(path, meta, split)
+    if not problems and len(recomputed) == len(parts):
         want = data_fingerprint(meta["tokenizer_fingerprint"], int(meta["seq_len"]), recomputed)
         if want != meta["fingerprint"]:
             problems.append(TokenProblem("", None, (
@@ -79,11 +89,31 @@ def verify_token_data(path: str | os.PathLike[str]) -> list[TokenProblem]:
     return problems
 
 
-def _split_meta_problems(path: Path, meta: dict[str, Any], split: str, fp: str) -> list[TokenProblem]:
-    """Compare a split's recomputed fingerprint and token count with what zarr.json records."""
+def _document_problems(path: Path, meta: dict[str, Any], split: str) -> list[TokenProblem]:
+    """A split's loss mask and position ids, checked together block by block."""
+    mask, positions = (open_split(path, meta, document_array(split, n)) for n in (MASK, POSITIONS))
+    step = max(1, BLOCK_TOKENS // mask.shape[1])
+    for lo in range(0, mask.shape[0], step):
+        hi = min(lo + step, mask.shape[0])
+        problem = document_problem(np.asarray(mask[lo:hi]), np.asarray(positions[lo:hi]), mask.shape[1])
+        if problem is not None:
+            return [TokenProblem(split, (lo, hi - 1), problem)]
+    return []
+
+
+def _split_meta_problems(path: Path, meta: dict[str, Any], name: str, fp: str) -> list[TokenProblem]:
+    """Compare an array's recomputed fingerprint (and a split's token count) with zarr.json."""
+    split, _, doc = name.partition(".")
     info, field = meta["splits"][split], f"'{ATTR}.splits.{split}"
+    recorded = info[doc]["fingerprint"] if doc else info.get("fingerprint")
     out = []
-    if info.get("fingerprint") != fp:
+    if doc and recorded != fp:
+        out.append(TokenProblem(split, None, (
+            f"{path}/zarr.json: {field}.{doc}.fingerprint' does not match the {doc} (recomputed {fp[:12]}...)"
+        )))
+    if doc:
+        return out
+    if recorded != fp:
         legacy = "" if info.get("checksums") == CHECKSUMS else (
             "; written before chunks had checksums, so the bad chunk cannot be named")
         out.append(TokenProblem(split, None, (
@@ -97,12 +127,13 @@ def _split_meta_problems(path: Path, meta: dict[str, Any], split: str, fp: str) 
 
 
 def _verify_split(
-    root: Path, arr: zarr.Array, vocab_size: int
+    root: Path, arr: zarr.Array, limit: int, what: str
 ) -> tuple[list[tuple[tuple[int, int], str]], str | None]:
-    """(problems by chunk row range, fingerprint) of one split; the fingerprint is None
+    """(problems by chunk row range, fingerprint) of one array (a split's tokens, or its
+    `what` = loss_mask or position_ids, each value below `limit`); the fingerprint is None
     when some chunk could not be decoded.
 
-    Streams the token bytes into `split_fingerprint`, chunk by chunk.
+    Streams the array's bytes into `split_fingerprint`, chunk by chunk.
     """
     rows, step = arr.shape[0], arr.chunks[0]
     per_block = max(1, BLOCK_TOKENS // max(1, step * arr.shape[1])) * step
@@ -121,9 +152,9 @@ def _verify_split(
                     problems.append(((lo, hi - 1), _unreadable(root, arr, lo // step, exc)))
                     decoded = False
         for lo, hi, block in blocks:
-            problems += _id_problems(root, arr, lo, hi, block, vocab_size)
+            problems += _id_problems(root, arr, lo, hi, block, limit, what)
             if decoded:
-                body.update(block.astype("<i4").tobytes())
+                body.update(block.astype(arr.dtype.newbyteorder("<")).tobytes())
     if not decoded:
         return problems, None
     return problems, split_fingerprint(tuple(arr.shape), body.digest())
@@ -142,7 +173,7 @@ def _unreadable(root: Path, arr: zarr.Array, chunk: int, exc: Exception) -> str:
 
 
 def _id_problems(
-    root: Path, arr: zarr.Array, lo: int, hi: int, block: np.ndarray, vocab_size: int
+    root: Path, arr: zarr.Array, lo: int, hi: int, block: np.ndarray, limit: int, what: str
 ) -> list[tuple[tuple[int, int], str]]:
     """Per chunk of a decoded block: a missing chunk file, or ids outside the vocabulary.
 
@@ -158,6 +189,7 @@ def _id_problems(
             out.append((where, f"missing data: chunk file {_chunk_file(root, arr, chunk)} does not exist"))
         elif ids.size and int(ids.min()) < 0:
             out.append((where, f"missing data: ids read as {int(ids.min())} (the fill value)"))
-        elif ids.size and int(ids.max()) >= vocab_size:
-            out.append((where, f"token id {int(ids.max())} >= vocab_size {vocab_size}"))
+        elif ids.size and int(ids.max()) >= limit:
+            bound = f"vocab_size {limit}" if what == "token id" else str(limit)
+            out.append((where, f"{what} {int(ids.max())} >= {bound}"))
     return out
