@@ -122,12 +122,17 @@ def save_plain(model: Any, tokenizer: Any, out: Path) -> None:
     plain.save_pretrained(out)
     for weights in out.glob("*.safetensors"):
         weights.chmod(0o644)  # transformers writes them owner-only, unlike the other files
+    save_tokenizer(tokenizer, out, config.max_position_embeddings)
+
+
+def save_tokenizer(tokenizer: Any, out: Path, max_length: int) -> None:
+    """The GGUF file's tokenizer as tokenizer.json, tokenizer_config.json (its bos, eos and
+    pad tokens) and chat_template.jinja (the GGUF's `tokenizer.chat_template`, when it has
+    one), so `apply_chat_template` and `kdcache prepare --format chat` work on `out`. The
+    config names the fast tokenizer class every transformers version knows and drops
+    load-time fields."""
     tokenizer.save_pretrained(out)
-    _portable_tokenizer_config(out / "tokenizer_config.json", config.max_position_embeddings)
-
-
-def _portable_tokenizer_config(path: Path, max_length: int) -> None:
-    """Name the fast tokenizer class every transformers version knows; drop load-time fields."""
+    path = out / "tokenizer_config.json"
     doc = json.loads(path.read_text())
     for key in ("is_local", "local_files_only", "backend"):
         doc.pop(key, None)

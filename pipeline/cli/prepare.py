@@ -20,6 +20,9 @@ def run(cfg: Config) -> int:
         "vocab_size": result.vocab_size,
         "rows": result.rows,
         "tokens": result.tokens,
+        "trained_tokens": result.trained_tokens,
+        "dropped": result.dropped,
+        "truncated": result.truncated,
         "fingerprint": result.fingerprint,
         "documents": result.documents,
         "input_bytes": result.input_bytes,
@@ -31,5 +34,9 @@ def run(cfg: Config) -> int:
     else:
         splits = ", ".join(f"{n} {result.tokens[n]:,} tokens ({result.rows[n]} rows)" for n in result.rows)
         print(f"wrote {result.out}: vocab {result.vocab_size}; {splits}")
+        if cfg.format != "text" or cfg.row_packing != "stream":
+            trained = sum(result.trained_tokens.values()) / max(1, sum(result.tokens.values()))
+            print(f"{result.documents:,} documents, {trained:.1%} of positions trained; longer than "
+                  f"--seq-len: {result.dropped} dropped, {result.truncated} truncated")
         print(f"fingerprint {result.fingerprint}")
     return 0

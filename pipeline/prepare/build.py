@@ -7,22 +7,35 @@ arrive in document order, so the bytes written do not depend on where they were 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 from tqdm import tqdm
 
 from kdcache.pipeline.errors import PipelineError
+from kdcache.pipeline.prepare.chat import ChatTemplate
 from kdcache.pipeline.prepare.config import PrepareConfig, PrepareResult
 from kdcache.pipeline.prepare.corpus import Unit
 from kdcache.pipeline.prepare.tokenizer import SPLITS, eos_id
-from kdcache.storage.tokens.format import ATTR, FORMAT, data_fingerprint, sha256_parts
-from kdcache.storage.tokens.writer import SplitWriter, ThreadWrites
+from kdcache.storage.tokens.format import sha256_parts
+from kdcache.storage.tokens.writer import DocumentWriter, SplitWriter, ThreadWrites, finish_token_data
 
 POSTFIX_EVERY_S = 0.5
+
+
+def _feed(writer: SplitWriter, ids: np.ndarray, mask: np.ndarray | None, lengths: np.ndarray | None) -> None:
+    """One piece into its split: a stream, or documents (cut back apart by their lengths)."""
+    if lengths is None or mask is None or not isinstance(writer, DocumentWriter):
+        writer.feed(ids)
+        return
+    edges = np.concatenate([[0], np.cumsum(lengths)])
+    for lo, hi in itertools.pairwise(edges.tolist()):
+        writer.feed_document(ids[lo:hi], mask[lo:hi])
 
 
 def _consume(cfg: PrepareConfig, pieces: Iterator[Any], writers: list[SplitWriter],
@@ -32,8 +45,8 @@ def _consume(cfg: PrepareConfig, pieces: Iterator[Any], writers: list[SplitWrite
     docs = tokens = 0
     t0 = last = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=cfg.quiet) as bar:
-        for split, ids, ndocs, nbytes in pieces:
-            writers[split].feed(ids)
+        for split, ids, mask, lengths, ndocs, nbytes in pieces:
+            _feed(writers[split], ids, mask, lengths)
             docs, tokens = docs + ndocs, tokens + len(ids)
             bar.update(nbytes)
             now = time.perf_counter()
@@ -45,14 +58,24 @@ def _consume(cfg: PrepareConfig, pieces: Iterator[Any], writers: list[SplitWrite
     return docs, tokens
 
 
-def build(cfg: PrepareConfig, units: list[Unit], tok: Any, tmp: Path, pieces: Iterator[Any]) -> PrepareResult:
+def _writers(cfg: PrepareConfig, group: Any, tmp: Path, vocab_size: int, eos: int | None,
+             writes: ThreadWrites) -> list[SplitWriter]:
+    if cfg.row_packing == "stream":
+        return [SplitWriter(group, tmp, name, cfg.seq_len + 1, cfg.cap(name), vocab_size, writes)
+                for name in SPLITS]
+    return [DocumentWriter(group, tmp, name, cfg.seq_len + 1, cfg.cap(name), vocab_size, writes,
+                           packing=cfg.row_packing, overlong=cfg.overlong, pad_id=0 if eos is None else eos)
+            for name in SPLITS]
+
+
+def build(cfg: PrepareConfig, units: list[Unit], tok: Any, template: ChatTemplate | None, tmp: Path,
+          pieces: Iterator[Any]) -> PrepareResult:
     """Write the whole DATA directory into `tmp`."""
     t0 = time.perf_counter()
     vocab_size, eos = int(tok.get_vocab_size()), eos_id(tok)
     group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
     writes = ThreadWrites()
-    writers = [SplitWriter(group, tmp, name, cfg.seq_len + 1, cfg.cap(name), vocab_size, writes)
-               for name in SPLITS]
+    writers = _writers(cfg, group, tmp, vocab_size, eos, writes)
     total = sum(u.nbytes for u in units)
     try:
         try:
@@ -66,18 +89,28 @@ def build(cfg: PrepareConfig, units: list[Unit], tok: Any, tmp: Path, pieces: It
         meta_splits = {w.name: w.close(cfg.source) for w in writers}
     finally:
         writes.close()
-    tok_json = tok.to_str().encode()
-    (tmp / "tokenizer.json").write_bytes(tok_json)
-    tok_fp = sha256_parts(tok_json)
-    fingerprint = data_fingerprint(tok_fp, cfg.seq_len, {n: m["fingerprint"] for n, m in meta_splits.items()})
-    group.attrs[ATTR] = {
-        "format": FORMAT, "source": cfg.source, "seed": cfg.seed, "fractions": cfg.fractions,
-        "max_tokens": cfg.max_tokens, "vocab_size": vocab_size, "seq_len": cfg.seq_len,
-        "eos_token_id": eos, "tokenizer_fingerprint": tok_fp, "fingerprint": fingerprint,
-        "split_rule": "blake2b-keyed-name/1", "splits": meta_splits,
-    }
+    for name, body in (template.files if template is not None else {}).items():
+        (tmp / name).write_bytes(body)  # the tokenizer's config and chat template, for students
+    documents = cfg.row_packing != "stream"
+    extra: dict[str, Any] = {}
+    if documents:
+        extra = {"overlong": cfg.overlong}
+    if cfg.format == "chat":
+        extra["train_on"] = cfg.train_on
+    if template is not None:
+        extra["chat_template"] = sha256_parts(template.text.encode())
+    fingerprint = finish_token_data(
+        group, tmp, tok.to_str().encode(), cfg.seq_len, meta_splits,
+        source=cfg.source, seed=cfg.seed, fractions=cfg.fractions, max_tokens=cfg.max_tokens,
+        vocab_size=vocab_size, eos_token_id=eos, split_rule="blake2b-keyed-name/1",
+        input_format=cfg.format, packing=cfg.row_packing, **extra,
+    )
     return PrepareResult(
         out=Path(cfg.out), rows={n: m["rows"] for n, m in meta_splits.items()},
         tokens={n: m["tokens"] for n, m in meta_splits.items()}, vocab_size=vocab_size,
         fingerprint=fingerprint, documents=docs, input_bytes=total, seconds=time.perf_counter() - t0,
+        trained_tokens={n: int(m.get("trained_tokens", m["rows"] * cfg.seq_len))
+                        for n, m in meta_splits.items()},
+        dropped=sum(int(m.get("dropped", 0)) for m in meta_splits.values()),
+        truncated=sum(int(m.get("truncated", 0)) for m in meta_splits.values()),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from kdcache.pipeline.errors import PipelineError
 
@@ -18,9 +19,31 @@ class PrepareConfig:
     out: str
     """Output DATA directory (must not exist unless --overwrite)."""
     source: str = "stdlib"
-    """'stdlib' (the Python standard library's .py files), a file, a directory, or a glob;
+    """'stdlib' (the Python standard library's .py files), 'stdlib-chat' (conversations
+    about its functions and classes, for --format chat), a file, a directory, or a glob;
     .jsonl/.parquet/.arrow files give one document per record; a `datasets` save_to_disk
     directory is read whole."""
+    format: Literal["text", "chat", "completion"] = "text"
+    """Records' shape: 'text' (a text column, or whole files), 'chat' (a messages column of
+    {role, content}: only assistant turns are trained), 'completion' (prompt and completion
+    columns: only the completion is trained). chat and completion need --tokenizer."""
+    messages_column: str = "messages"
+    """Column holding the conversation with --format chat."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt with --format completion."""
+    completion_column: str = "completion"
+    """Column holding the completion with --format completion."""
+    chat_template: str | None = None
+    """A Jinja chat template file to use instead of the tokenizer's own."""
+    train_on: Literal["all", "last"] = "all"
+    """With --format chat: train on every assistant turn, or only the last."""
+    packing: Literal["stream", "documents", "none"] | None = None
+    """'stream' cuts documents back to back into rows (text only; the default for text);
+    'documents' packs whole documents per row, each attending only to itself (the default
+    for chat and completion); 'none' puts one document per row, padded."""
+    overlong: Literal["drop", "truncate"] = "drop"
+    """With documents packing, a document longer than seq_len + 1 tokens is dropped or cut
+    to its first seq_len + 1 tokens (counted in the output either way); never split."""
     vocab_size: int | None = None
     """BPE vocabulary size to train (default 8192); with --tokenizer, checked against it."""
     seq_len: int = 256
@@ -70,6 +93,25 @@ class PrepareConfig:
             raise PipelineError(f"split fractions {fracs} must be positive and sum to 1")
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise PipelineError(f"{self.tokenizer}: no such tokenizer file (field 'tokenizer')")
+        if self.format != "text" and self.tokenizer is None:
+            raise PipelineError(f"--format {self.format} needs --tokenizer (the teacher's tokenizer.json; "
+                                "its chat template is read beside it)")
+        if self.format != "text" and self.packing == "stream":
+            raise PipelineError(f"--packing stream would cut {self.format} documents across rows; "
+                                "use --packing documents or none")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise PipelineError(f"{self.chat_template}: no such chat template file (field 'chat_template')")
+
+    @property
+    def row_packing(self) -> str:
+        """The packing in effect: --packing, or the format's default."""
+        return self.packing or ("stream" if self.format == "text" else "documents")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The record columns the format reads."""
+        return {"text": (self.text_column,), "chat": (self.messages_column,),
+                "completion": (self.prompt_column, self.completion_column)}[self.format]
 
     @property
     def fractions(self) -> dict[str, float]:
@@ -89,3 +131,9 @@ class PrepareResult:
     documents: int
     input_bytes: int
     seconds: float
+    trained_tokens: dict[str, int]
+    """Trained target positions per split (all of them for stream-packed text)."""
+    dropped: int = 0
+    """Documents longer than a row, dropped (--overlong drop)."""
+    truncated: int = 0
+    """Documents longer than a row, cut to it (--overlong truncate)."""

@@ -3,7 +3,9 @@ bounded batches of (name, text) documents, in a stable order.
 
 `stdlib` is the embedded default: the `.py` files of the running Python's standard
 library (found through `sysconfig`, site-packages excluded), about 30 MB of real text
-on every machine with no download. Otherwise a file, a directory, or a glob. `.jsonl`,
+on every machine with no download. `stdlib-chat` is the same files as conversations
+about their functions and classes (`stdlib_chat.py`), for `--format chat`.
+Otherwise a file, a directory, or a glob. `.jsonl`,
 `.parquet` and `.arrow` files give one document per record from a text column; every
 other file is one UTF-8 document. A directory written by Hugging Face `datasets`'
 `save_to_disk` (`dataset_info.json`, `state.json`, `data-*.arrow`) is read in its
@@ -26,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.pipeline.errors import PipelineError
-from kdcache.pipeline.prepare.records import parquet_groups, records
+from kdcache.pipeline.prepare import stdlib_chat
+from kdcache.pipeline.prepare.records import Columns, parquet_groups, records
 
 RECORD_SUFFIXES = (".jsonl", ".parquet", ".arrow")
+STDLIB_KINDS = ("stdlib", "stdlib-chat")
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 UNIT_FILES = 64  # small text files read by one unit: fewer, larger tasks
 UNIT_TEXT_BYTES = 4 << 20
@@ -128,7 +132,7 @@ def _group_text(units: list[Unit]) -> list[Unit]:
     out: list[Unit] = []
     for u in units:
         last = out[-1] if out else None
-        if (u.kind in ("text", "stdlib") and last is not None and last.kind == u.kind
+        if (u.kind in ("text", *STDLIB_KINDS) and last is not None and last.kind == u.kind
                 and len(last.paths) < UNIT_FILES and last.nbytes + u.nbytes <= UNIT_TEXT_BYTES):
             out[-1] = Unit(u.kind, last.paths + u.paths, last.names + u.names, last.nbytes + u.nbytes)
         else:
@@ -138,9 +142,9 @@ def _group_text(units: list[Unit]) -> list[Unit]:
 
 def read_units(source: str) -> list[Unit]:
     """The source as read units, in document order; cheap (stats files and Parquet footers)."""
-    if source == "stdlib":
+    if source in STDLIB_KINDS:
         root, files = _stdlib_files()
-        return _group_text([Unit("stdlib", (str(p),), (p.relative_to(root).as_posix(),), p.stat().st_size)
+        return _group_text([Unit(source, (str(p),), (p.relative_to(root).as_posix(),), p.stat().st_size)
                             for p in files])
     saved = _saved_dataset_files(Path(source)) if Path(source).is_dir() else None
     root, files = (Path(source), saved) if saved is not None else _source_files(source)
@@ -164,27 +168,57 @@ def read_text(path: Path) -> str:
         raise PipelineError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
 
 
-Batch = tuple[list[str], list[str], int]  # names, texts, input bytes they account for
+Batch = tuple[list[str], list[Any], int]  # names, texts (or records), input bytes they account for
 
 
-def read_unit(unit: Unit, text_column: str, batch_bytes: int) -> Iterator[Batch]:
-    """The unit's non-empty documents as batches of about `batch_bytes` of text."""
+def read_unit(unit: Unit, columns: Columns, batch_bytes: int) -> Iterator[Batch]:
+    """The unit's documents as batches of about `batch_bytes` of input: non-empty texts, or
+    the records (conversations, prompt/completion pairs) of a structured format."""
+    _check_shape(unit, columns)
     if unit.kind in ("text", "stdlib"):
         yield from _text_batches(unit, batch_bytes)
         return
+    if unit.kind == "stdlib-chat":
+        yield from _stdlib_chat_batches(unit, batch_bytes)
+        return
     names: list[str] = []
-    texts: list[str] = []
+    values: list[Any] = []
     size, done = 0, 0
-    for number, text, pos in records(unit, text_column):
-        if text:
+    for number, value, pos in records(unit, columns):
+        if value or not columns.text:
             names.append(f"{unit.names[0]}#{number}")
-            texts.append(text)
-            size += len(text)
-        if size >= batch_bytes:
-            yield names, texts, pos - done
-            names, texts, size, done = [], [], 0, pos
+            values.append(value)
+            size += len(value) if columns.text else 0
+        if size >= batch_bytes or (not columns.text and pos - done >= batch_bytes):
+            yield names, values, pos - done
+            names, values, size, done = [], [], 0, pos
     if names:
-        yield names, texts, unit.nbytes - done
+        yield names, values, unit.nbytes - done
+
+
+def _check_shape(unit: Unit, columns: Columns) -> None:
+    """A text source read as records, or the chat corpus read as text: one line."""
+    if not columns.text and unit.kind in ("text", "stdlib"):
+        raise PipelineError(f"{unit.paths[0]}: a text file, but --format chat and completion read "
+                            "records (.jsonl, .parquet, .arrow, a datasets directory, or stdlib-chat)")
+    if columns.text and unit.kind == "stdlib-chat":
+        raise PipelineError("stdlib-chat: a chat corpus; read it with --format chat")
+
+
+def _stdlib_chat_batches(unit: Unit, batch_bytes: int) -> Iterator[Batch]:
+    names: list[str] = []
+    values: list[Any] = []
+    nbytes = 0
+    for path, name in zip(unit.paths, unit.names, strict=True):
+        nbytes += Path(path).stat().st_size
+        for doc, messages in stdlib_chat.conversations(Path(path), name):
+            names.append(doc)
+            values.append(messages)
+        if nbytes >= batch_bytes:
+            yield names, values, nbytes
+            names, values, nbytes = [], [], 0
+    if names or nbytes:
+        yield names, values, nbytes
 
 
 def _text_batches(unit: Unit, batch_bytes: int) -> Iterator[Batch]:

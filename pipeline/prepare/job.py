@@ -5,8 +5,12 @@ write) and nothing holds the corpus. A document's split is a keyed hash of its n
 the seed (`tokenizer.split_of`), so the teacher never sees a student document
 and no global list is needed. A byte-level BPE is trained on at most
 `--tokenizer-sample-bytes` of teacher documents (or an existing tokenizer.json is used).
-Each split is packed in document order into rows of seq_len + 1 tokens, documents
-separated by the end-of-text token, and written as Zarr shards (`kdcache.storage.tokens.writer`).
+Each split is packed in document order into rows of seq_len + 1 tokens and written as
+Zarr shards (`kdcache.storage.tokens.writer`): text by default as one stream cut
+anywhere, documents separated by the end-of-text token; chat and completion records
+(rendered with the tokenizer's chat template, `chat.py`) and text with `--packing
+documents|none` as whole documents per row, with the loss mask and position ids that
+keep them apart.
 
 `--workers 1` runs in this process; `--workers N` runs on Ray Data (`ray_data.py`) and
 writes the same bytes. Output is built in a hidden temporary directory and renamed into
@@ -25,11 +29,14 @@ from typing import Any
 
 from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare.build import build
+from kdcache.pipeline.prepare.chat import ChatTemplate
 from kdcache.pipeline.prepare.config import PrepareConfig, PrepareResult
 from kdcache.pipeline.prepare.corpus import read_unit, read_units
 from kdcache.pipeline.prepare.ray_data import LOCAL_OBJECT_STORE, ray_pieces
+from kdcache.pipeline.prepare.records import Columns
 from kdcache.pipeline.prepare.tokenizer import (
     SPLITS,
+    Encoding,
     eos_id,
     load_tokenizer,
     split_of,
@@ -47,6 +54,29 @@ __all__ = ["CHUNK_TOKENS", "SPLITS", "PrepareConfig", "PrepareResult", "SplitWri
            "split_of"]
 
 
+def _columns(cfg: PrepareConfig) -> Columns:
+    return Columns(cfg.columns, text=cfg.format == "text")
+
+
+def _template(cfg: PrepareConfig) -> ChatTemplate | None:
+    """The chat template chat data needs; completion data uses one when there is one (its
+    conversational records need it, plain prompt/completion strings do not)."""
+    if cfg.format == "text" or cfg.tokenizer is None:
+        return None
+    try:
+        return ChatTemplate.find(cfg.tokenizer, cfg.chat_template)
+    except PipelineError:
+        if cfg.format == "chat" or cfg.chat_template is not None:
+            raise
+        return None
+
+
+def _encoding(cfg: PrepareConfig, template: ChatTemplate | None) -> Encoding:
+    return Encoding(fmt=cfg.format, documents=cfg.row_packing != "stream",
+                    template=None if template is None else template.to_json(), train_on=cfg.train_on,
+                    column=cfg.messages_column)
+
+
 def _tokenizer(cfg: PrepareConfig, units: list[Any]) -> Any:
     """The given tokenizer, or a BPE trained on a bounded sample of the teacher split."""
     if cfg.tokenizer is not None:
@@ -54,7 +84,7 @@ def _tokenizer(cfg: PrepareConfig, units: list[Any]) -> Any:
     cap = cfg.tokenizer_sample_bytes
     if cfg.max_tokens is not None:
         cap = min(cap, max(1, int(cfg.max_tokens * BYTES_PER_TOKEN_CAP * cfg.teacher_frac)))
-    batches = (b for u in units for b in read_unit(u, cfg.text_column, BATCH_BYTES))
+    batches = (b for u in units for b in read_unit(u, _columns(cfg), BATCH_BYTES))
     sample = teacher_sample(batches, cfg.seed, list(cfg.fractions.values()), cap)
     if not sample:
         raise PipelineError(f"{cfg.source}: source is empty (no non-empty documents in the teacher "
@@ -62,11 +92,12 @@ def _tokenizer(cfg: PrepareConfig, units: list[Any]) -> Any:
     return train_tokenizer(sample, cfg.vocab_size or 8192, not cfg.quiet)
 
 
-def _serial_pieces(cfg: PrepareConfig, units: list[Any], tok: Any, eos: int | None) -> Iterator[Any]:
+def _serial_pieces(cfg: PrepareConfig, units: list[Any], tok: Any, encoding: Encoding) -> Iterator[Any]:
     fractions = list(cfg.fractions.values())
     for unit in units:
-        for names, texts, nbytes in read_unit(unit, cfg.text_column, BATCH_BYTES):
-            yield from tokenize_batch(tok, eos, names, texts, nbytes, cfg.seed, fractions).pieces()
+        for names, values, nbytes in read_unit(unit, _columns(cfg), BATCH_BYTES):
+            yield from tokenize_batch(tok, eos_id(tok), names, values, nbytes, cfg.seed, fractions,
+                                      encoding).pieces()
 
 
 def _remove_stale(out: Path) -> None:
@@ -94,12 +125,13 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         raise PipelineError(f"{out}: output already exists (pass --overwrite to replace it)")
     units = read_units(cfg.source)
     tok = _tokenizer(cfg, units)
+    template = _template(cfg)
     if out.parent.is_dir():
         _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        result = _build(cfg, units, tok, tmp)
+        result = _build(cfg, units, tok, template, tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)  # the only moment the output appears: complete or not at all
@@ -108,13 +140,15 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     return result
 
 
-def _build(cfg: PrepareConfig, units: list[Any], tok: Any, tmp: Path) -> PrepareResult:
+def _build(cfg: PrepareConfig, units: list[Any], tok: Any, template: ChatTemplate | None,
+           tmp: Path) -> PrepareResult:
+    encoding = _encoding(cfg, template)
     if cfg.workers == 1:
-        return build(cfg, units, tok, tmp, _serial_pieces(cfg, units, tok, eos_id(tok)))
+        return build(cfg, units, tok, template, tmp, _serial_pieces(cfg, units, tok, encoding))
 
     with ray_session(cfg.ray_address, object_store_memory=LOCAL_OBJECT_STORE):
-        pieces = ray_pieces(units, tok, eos_id(tok), workers=cfg.workers, text_column=cfg.text_column,
+        pieces = ray_pieces(units, tok, eos_id(tok), workers=cfg.workers, columns=_columns(cfg),
                             seed=cfg.seed, fractions=list(cfg.fractions.values()),
-                            batch_bytes=BATCH_BYTES)
-        return build(cfg, units, tok, tmp, pieces)
+                            batch_bytes=BATCH_BYTES, encoding=encoding)
+        return build(cfg, units, tok, template, tmp, pieces)
 

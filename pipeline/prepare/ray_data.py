@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -31,25 +33,29 @@ from tokenizers import Tokenizer
 
 from kdcache.errors import KdcacheError
 from kdcache.pipeline.prepare.corpus import Unit, read_unit
-from kdcache.pipeline.prepare.tokenizer import tokenize_batch
+from kdcache.pipeline.prepare.records import Columns
+from kdcache.pipeline.prepare.tokenizer import Encoding, Piece, tokenize_batch
 
 BLOCK_BYTES = 1 << 20  # each read batch its own block, so one file feeds every worker
 OBJECT_STORE_BUDGET = 64 << 20  # Ray Data's object store budget for blocks in flight
 LOCAL_OBJECT_STORE = 512 << 20  # a local Ray's object store: bounded, whatever the host
-Piece = tuple[int, np.ndarray, int, int]  # split index, tokens, documents, input bytes
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _read(table: Any, text_column: str, batch_bytes: int) -> Iterator[Any]:
-    """Ray Data UDF: one read unit (a one-row batch) -> tables of documents."""
+def _read(table: Any, columns: list[str], text: bool, batch_bytes: int) -> Iterator[Any]:
+    """Ray Data UDF: one read unit (a one-row batch) -> tables of documents. Records of a
+    structured format travel as JSON text, so a malformed one reaches `chat.py`'s checks
+    (and its one-line error) instead of failing Arrow's type inference."""
     for row in table.to_pylist():
-        for names, texts, nbytes in read_unit(Unit.from_row(row), text_column, batch_bytes):
+        unit = Unit.from_row(row)
+        for names, values, nbytes in read_unit(unit, Columns(tuple(columns), text), batch_bytes):
+            texts = values if text else [json.dumps(v) for v in values]
             yield pa.table({"name": names, "text": texts,
                             "nbytes": pa.array([nbytes] + [0] * (len(names) - 1), pa.int64())})
 
 
-def _tokenize(table: Any, tokenizer: str, eos: int | None, seed: int,
-              fractions: Sequence[float]) -> Any:
+def _tokenize(table: Any, tokenizer: str, eos: int | None, seed: int, fractions: Sequence[float],
+              encoding: dict[str, Any]) -> Any:
     """Ray Data UDF: documents -> one row of tokens per split (the worker keeps its tokenizer)."""
     key = hashlib.sha256(tokenizer.encode()).hexdigest()
     if not _TOKENIZERS:
@@ -60,13 +66,20 @@ def _tokenize(table: Any, tokenizer: str, eos: int | None, seed: int,
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = Tokenizer.from_str(tokenizer)
     nbytes = int(np.asarray(table.column("nbytes")).sum())
-    batch = tokenize_batch(_TOKENIZERS[key], eos, table.column("name").to_pylist(),
-                           table.column("text").to_pylist(), nbytes, seed, fractions)
+    how = Encoding(**encoding)
+    values = table.column("text").to_pylist()
+    if how.fmt != "text":
+        values = [json.loads(v) for v in values]
+        values = [tuple(v) if how.fmt == "completion" and isinstance(v, list) and len(v) == 2 else v
+                  for v in values]
+    batch = tokenize_batch(_TOKENIZERS[key], eos, table.column("name").to_pylist(), values, nbytes, seed,
+                           fractions, how)
     return batch.to_arrow()
 
 
-def ray_pieces(units: list[Any], tok: Any, eos: int | None, *, workers: int, text_column: str,
-               seed: int, fractions: Sequence[float], batch_bytes: int) -> Iterator[Piece]:
+def ray_pieces(units: list[Any], tok: Any, eos: int | None, *, workers: int, columns: Columns,
+               seed: int, fractions: Sequence[float], batch_bytes: int,
+               encoding: Encoding) -> Iterator[Piece]:
     """Token pieces in document order, computed by Ray Data (Ray must be initialised)."""
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     # A small source has fewer blocks than workers: Ray Data's warning says nothing to a user.
@@ -85,11 +98,12 @@ def ray_pieces(units: list[Any], tok: Any, eos: int | None, *, workers: int, tex
         # file is read by one task and still tokenized by every worker.
         ds = ds.map_batches(_read, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                             compute=TaskPoolStrategy(size=workers),
-                            fn_kwargs={"text_column": text_column, "batch_bytes": batch_bytes})
+                            fn_kwargs={"columns": list(columns.names), "text": columns.text,
+                                       "batch_bytes": batch_bytes})
         ds = ds.map_batches(_tokenize, batch_size=None, batch_format="pyarrow", num_cpus=1,
                             compute=TaskPoolStrategy(size=workers),
                             fn_kwargs={"tokenizer": tok.to_str(), "eos": eos, "seed": seed,
-                                       "fractions": list(fractions)})
+                                       "fractions": list(fractions), "encoding": asdict(encoding)})
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
             yield from _table_pieces(table)
     except Exception as exc:
@@ -99,12 +113,18 @@ def ray_pieces(units: list[Any], tok: Any, eos: int | None, *, workers: int, tex
 
 
 def _table_pieces(table: Any) -> Iterator[Piece]:
-    tokens = table.column("tokens")
+    def values(column: str, i: int, dtype: Any) -> np.ndarray | None:
+        if column not in table.column_names:
+            return None
+        return np.asarray(table.column(column)[i].values.to_numpy(zero_copy_only=False), dtype=dtype)
+
     splits = table.column("split").to_numpy()
     docs, nbytes = table.column("docs").to_numpy(), table.column("nbytes").to_numpy()
     for i in range(len(table)):
-        values = np.asarray(tokens[i].values.to_numpy(zero_copy_only=False), dtype=np.int32)
-        yield int(splits[i]), values, int(docs[i]), int(nbytes[i])
+        tokens = values("tokens", i, np.int32)
+        assert tokens is not None
+        yield (int(splits[i]), tokens, values("masks", i, np.uint8), values("lengths", i, np.int32),
+               int(docs[i]), int(nbytes[i]))
 
 
 def domain_error(exc: BaseException) -> BaseException:

@@ -1,15 +1,18 @@
-"""Record files of a text source, read streaming: jsonl lines, Parquet row groups, Arrow
+"""Record files of a source, read streaming: jsonl lines, Parquet row groups, Arrow
 IPC files (as `datasets`' `save_to_disk` writes them). Every bad record is one line
 naming the file and the record (jsonl: its line number; Parquet and Arrow: the column).
 
-Each reader yields (record number, text, input bytes consumed so far in its unit), so
-memory holds one record batch, never a file.
+Each reader yields (record number, value, input bytes consumed so far in its unit), so
+memory holds one record batch, never a file. The value is the text column's string
+(`--format text`), or the raw value of the column(s) a structured format reads: a
+conversation's messages, or a (prompt, completion) pair, checked by `chat.py`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +22,40 @@ import pyarrow.parquet as pq
 from kdcache.pipeline.errors import PipelineError
 
 ARROW_BATCH_ROWS = 1024
-Record = tuple[int, str | None, int]
+Record = tuple[int, Any, int]
 
 
-def records(unit: Any, text_column: str) -> Iterator[Record]:
+@dataclass(frozen=True)
+class Columns:
+    """What a record is read as: one text column (`text`: its values must be strings), or
+    the raw values of the columns a structured format reads (one value, or a tuple)."""
+
+    names: tuple[str, ...]
+    text: bool = True
+
+
+def records(unit: Any, columns: Columns) -> Iterator[Record]:
     """The records of one unit (`corpus.Unit` of kind jsonl, parquet or arrow)."""
     path = Path(unit.paths[0])
     if unit.kind == "jsonl":
-        return _jsonl(path, text_column)
+        return _jsonl(path, columns)
     if unit.kind == "parquet":
-        return _parquet(path, unit.group, unit.first, unit.nbytes, text_column)
-    return _arrow(path, text_column)
+        return _parquet(path, unit.group, unit.first, unit.nbytes, columns)
+    return _arrow(path, columns)
 
 
-def _jsonl(path: Path, column: str) -> Iterator[Record]:
+def _jsonl(path: Path, columns: Columns) -> Iterator[Record]:
     number, pos = 0, 0
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             pos += len(raw)
             if not raw.strip():
                 continue
-            yield number, _jsonl_text(path, line_no, raw, column), pos
+            yield number, _jsonl_value(path, line_no, raw, columns), pos
             number += 1
 
 
-def _jsonl_text(path: Path, line_no: int, raw: bytes, column: str) -> str:
+def _jsonl_value(path: Path, line_no: int, raw: bytes, columns: Columns) -> Any:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -52,22 +64,32 @@ def _jsonl_text(path: Path, line_no: int, raw: bytes, column: str) -> str:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(record, dict) or column not in record:
-        raise PipelineError(f"{path}:{line_no}: missing text column {column!r}")
-    text = record[column]
-    if not isinstance(text, str):
-        raise PipelineError(f"{path}:{line_no}: column {column!r} is {type(text).__name__}, not a string")
-    return text
+    for column in columns.names:
+        if not isinstance(record, dict) or column not in record:
+            what = "text column" if columns.text else "column"
+            raise PipelineError(f"{path}:{line_no}: missing {what} {column!r}")
+    values = tuple(record[c] for c in columns.names)
+    if columns.text and not isinstance(values[0], str):
+        kind = type(values[0]).__name__
+        raise PipelineError(f"{path}:{line_no}: column {columns.names[0]!r} is {kind}, not a string")
+    return values if len(values) > 1 else values[0]
 
 
-def check_text_field(path: Path, schema: Any, column: str) -> None:
-    """The column exists and holds strings, or one line naming the file and column."""
-    if column not in schema.names:
-        raise PipelineError(f"{path}: missing text column {column!r} (has {schema.names})")
-    kind = schema.field(column).type
+def check_fields(path: Path, schema: Any, columns: Columns) -> None:
+    """The columns exist (and a text column holds strings; a structured one does not), or
+    one line naming the file and column."""
     view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or view(kind)):
-        raise PipelineError(f"{path}: column {column!r} is {kind}, not a string column")
+    for column in columns.names:
+        if column not in schema.names:
+            what = "text column" if columns.text else "column"
+            raise PipelineError(f"{path}: missing {what} {column!r} (has {schema.names})")
+        kind = schema.field(column).type
+        is_string = pa.types.is_string(kind) or pa.types.is_large_string(kind) or view(kind)
+        if columns.text and not is_string:
+            raise PipelineError(f"{path}: column {column!r} is {kind}, not a string column")
+        if not columns.text and len(columns.names) == 1 and is_string:
+            raise PipelineError(f"{path}: column {column!r} is {kind}, not a list of messages "
+                                "(a text source: use --format text)")
 
 
 def parquet_groups(path: Path) -> list[tuple[int, int, int]]:
@@ -85,32 +107,38 @@ def parquet_groups(path: Path) -> list[tuple[int, int, int]]:
     return out or [(0, 0, path.stat().st_size)]
 
 
-def _parquet(path: Path, group: int, first: int, nbytes: int, column: str) -> Iterator[Record]:
+def _values(batch: Any, columns: Columns) -> list[Any]:
+    """One record batch's values: a column's, or tuples of several columns'."""
+    cols = [batch.column(batch.schema.get_field_index(c)).to_pylist() for c in columns.names]
+    return cols[0] if len(cols) == 1 else list(zip(*cols, strict=True))
+
+
+def _parquet(path: Path, group: int, first: int, nbytes: int, columns: Columns) -> Iterator[Record]:
     try:
         f = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise PipelineError(f"{path}: not a readable Parquet file ({exc})") from exc
-    check_text_field(path, f.schema_arrow, column)
+    check_fields(path, f.schema_arrow, columns)
     if f.metadata.num_row_groups == 0:
         return
     rows, done = max(1, f.metadata.row_group(group).num_rows), 0
-    for batch in f.iter_batches(row_groups=[group], columns=[column], batch_size=ARROW_BATCH_ROWS):
-        for text in batch.column(0).to_pylist():
+    for batch in f.iter_batches(row_groups=[group], columns=list(columns.names), batch_size=ARROW_BATCH_ROWS):
+        for value in _values(batch, columns):
             done += 1
-            yield first + done - 1, text, nbytes * done // rows
+            yield first + done - 1, value, nbytes * done // rows
 
 
-def _arrow(path: Path, column: str) -> Iterator[Record]:
+def _arrow(path: Path, columns: Columns) -> Iterator[Record]:
     number = 0
     with pa.OSFile(str(path)) as f:
         try:
             reader = pa.ipc.open_stream(f)
         except pa.ArrowInvalid as exc:
             raise PipelineError(f"{path}: not an Arrow IPC stream file ({exc})") from exc
-        check_text_field(path, reader.schema, column)
+        check_fields(path, reader.schema, columns)
         for batch in reader:
-            values = batch.column(batch.schema.get_field_index(column)).to_pylist()
+            values = _values(batch, columns)
             pos = f.tell()
-            for text in values:
-                yield number, text, pos
+            for value in values:
+                yield number, value, pos
                 number += 1

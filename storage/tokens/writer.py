@@ -246,6 +246,10 @@ class DocumentWriter(SplitWriter):
     def close(self, source: str) -> dict[str, Any]:
         self._close_row()
         self._emit_rows()
+        if self.rows == 0 and self.dropped:
+            raise StoreError(f"{source}: split {self.name!r} has no document of at most seq_len + 1 = "
+                             f"{self.width} tokens ({self.dropped} longer ones dropped: raise --seq-len, "
+                             "or pass --overlong truncate)")
         self._check_rows(source)
         info: dict[str, Any] = {
             "rows": self.rows, "tokens": self.rows * self.width,

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare.corpus import read_unit, read_units
 from kdcache.pipeline.prepare.job import PrepareConfig, prepare, split_of
+from kdcache.pipeline.prepare.records import Columns
 from kdcache.pipeline.prepare.tokenizer import teacher_sample
 from kdcache.storage.tokens.format import open_token_data
 
@@ -71,7 +72,7 @@ def test_text_column_on_every_record_format(tmp_path: Path) -> None:
 
 def test_tokenizer_sample_is_bounded_teacher_text() -> None:
     units = read_units(str(DATA / "saved_dataset"))
-    batches = (b for u in units for b in read_unit(u, "text", 1 << 20))
+    batches = (b for u in units for b in read_unit(u, Columns(("text",)), 1 << 20))
     sample = teacher_sample(batches, 0, FRACS, 1000)
     assert sum(len(t.encode()) for t in sample) == 1000
     teacher = {f"rec{i:03d}x" for i in range(60) if split_of(f"data-00000-of-00001.arrow#{i}", 0, FRACS) == 0}
