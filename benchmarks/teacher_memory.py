@@ -29,6 +29,7 @@ CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
 from kdcache.pipeline.cache.teachers import TargetSpec, load_teacher, torch_teacher
+from kdcache.storage.tokens.format import Rows
 model, mode, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(2)
 if mode == "whole":
@@ -38,7 +39,7 @@ rows = np.random.default_rng(0).integers(0, %(vocab)d, size=(%(batch)d, seq_len 
 spec = TargetSpec(kind="topk", k=%(k)d, temperature=1.0, vocab=%(vocab)d)
 t0 = time.perf_counter()
 if mode != "model":
-    teacher.targets(rows, spec, 0)
+    teacher.targets(Rows(rows.astype(np.int64)), spec, 0)
 print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - t0}))
 """ % {"batch": BATCH_ROWS, "vocab": VOCAB, "k": K}  # noqa: UP031 (the script's own braces)

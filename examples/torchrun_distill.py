@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kdcache.train import StoreDataset, distill_loss
+from kdcache.train import StoreDataset, distill_loss, document_attention_mask
 
 
 class DistillStep(nn.Module):
@@ -34,7 +34,12 @@ class DistillStep(nn.Module):
         self.lm, self.vocab = lm, vocab  # the tokenizer's ids; a padded output layer has more rows
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.lm.base_model(input_ids=batch["input_ids"]).last_hidden_state
+        # Rows that pack documents (chat data) carry position ids; the 4D mask keeps each
+        # document to itself under sdpa and eager attention (flash attention needs only the ids).
+        positions = batch.get("position_ids")
+        mask = None if positions is None else document_attention_mask(positions, self.lm.dtype)
+        hidden = self.lm.base_model(input_ids=batch["input_ids"], position_ids=positions,
+                                    attention_mask=mask).last_hidden_state
         return distill_loss(batch, hidden=hidden, lm_head=self.lm.get_output_embeddings().weight,
                             vocab=self.vocab)
 

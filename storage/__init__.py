@@ -8,7 +8,7 @@ import warnings
 from kdcache.storage.errors import StoreError
 from kdcache.storage.integrity import Problem
 from kdcache.storage.joblog import JOB_LOG, CacheJob, append_job, read_jobs
-from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, id_dtype, suggest_chunk_rows
+from kdcache.storage.layout import ARRAYS_BY_KIND, DOCUMENT_ARRAYS, array_specs, id_dtype, suggest_chunk_rows
 from kdcache.storage.ledger import ShardEntry
 from kdcache.storage.metadata import KINDS, DataInfo, Kind, StoreMeta, TeacherInfo
 from kdcache.storage.reader import StoreReader
@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 
 __all__ = [
     "ARRAYS_BY_KIND",
+    "DOCUMENT_ARRAYS",
     "JOB_LOG",
     "KINDS",
     "CacheJob",

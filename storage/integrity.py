@@ -24,7 +24,7 @@ import zarr
 
 from kdcache.storage import ledger
 from kdcache.storage.errors import StoreError
-from kdcache.storage.layout import ARRAYS_BY_KIND, array_specs, holds_bits
+from kdcache.storage.layout import ARRAYS_BY_KIND, DOCUMENT_ARRAYS, array_specs, holds_bits
 from kdcache.storage.metadata import StoreMeta
 
 # teacher_loss is nll / tokens over float64 sums; finalize computes it from the same entries.
@@ -47,13 +47,17 @@ def layout_problems(group: zarr.Group, meta: StoreMeta) -> list[Problem]:
     problems = []
     specs = array_specs(meta)
     present = set(group.array_keys())
-    every = {name for names in ARRAYS_BY_KIND.values() for name in names}
+    every = {name for names in ARRAYS_BY_KIND.values() for name in names} | set(DOCUMENT_ARRAYS)
     for name in sorted((present & every) - set(specs)):
-        problems.append(Problem(None, name, f"present, but a {meta.kind} store has no such array "
-                                            "(field 'kind' does not match the arrays)"))
+        why = ("field 'data.mask_fingerprint' is empty (the data packs no documents)"
+               if name in DOCUMENT_ARRAYS
+               else f"a {meta.kind} store has no such array (field 'kind' does not match the arrays)")
+        problems.append(Problem(None, name, f"present, but {why}"))
     for name, spec in specs.items():
         if name not in present:
-            problems.append(Problem(None, name, f"missing (a {meta.kind} store has it)"))
+            why = ("field 'data.mask_fingerprint' says the data packs documents" if name in DOCUMENT_ARRAYS
+                   else f"a {meta.kind} store has it")
+            problems.append(Problem(None, name, f"missing ({why})"))
             continue
         array = cast(zarr.Array, group[name])
         shape = (meta.rows, *spec.row_shape)
@@ -61,8 +65,9 @@ def layout_problems(group: zarr.Group, meta: StoreMeta) -> list[Problem]:
             problems.append(Problem(None, name, f"shape {array.shape} does not match the metadata's "
                                                 f"{shape} ({_shape_fields(name)})"))
         elif array.dtype != spec.dtype and not holds_bits(array, spec):
-            problems.append(Problem(None, name, f"dtype {array.dtype} is not {spec.dtype} "
-                                                "(field 'vocab_size' sets the id width)"))
+            problems.append(Problem(None, name, f"dtype {array.dtype} is not {spec.dtype}"
+                                                + (" (field 'vocab_size' sets the id width)"
+                                                   if name == "ids" else "")))
         elif array.shards != (meta.shard_rows, *spec.row_shape):
             problems.append(Problem(None, name, f"shards {array.shards} do not match field "
                                                 f"'shard_rows' ({meta.shard_rows})"))

@@ -17,6 +17,11 @@ numcodecs' lossless `delta` filter, which takes a third off their size. Zarr has
 that reinterprets bits, so plain zarr returns uint16 here: `.view(np.float16)` is the one
 extra step (docs/store-format.md). Stores written before keep float16 arrays, and
 every reader accepts both.
+
+A store over data packed by document (chat, completion) also holds the data's
+`loss_mask` and `position_ids` rows, and only trained positions hold targets: the others
+hold zeros (`untrained_fill`), which cost almost nothing compressed, are finite (a masked
+loss multiplying them by 0 stays 0) and add nothing to NLL sums.
 """
 
 from __future__ import annotations
@@ -37,8 +42,12 @@ ARRAYS_BY_KIND: dict[Kind, tuple[str, ...]] = {
     "sampled": ("tokens", "ids", "logprobs", "counts", "target_logprob"),
 }
 
+DOCUMENT_ARRAYS: tuple[str, ...] = ("loss_mask", "position_ids")
+"""The arrays a store over data packed by document adds (`StoreMeta.documents`), copied from
+the token data's rows: which tokens are trained targets, where each document starts."""
+
 # Unwritten rows read as obviously invalid values through plain zarr.
-_FILL = {"tokens": -1, "ids": 0, "counts": 0}
+_FILL = {"tokens": -1, "ids": 0, "counts": 0, "loss_mask": 255, "position_ids": -1}
 
 BITS_ATTR = "kdcache_bits_of"
 """Array attribute naming the dtype whose bit patterns an unsigned array holds."""
@@ -67,6 +76,11 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
+def array_names(meta: StoreMeta) -> tuple[str, ...]:
+    """The arrays a store of these settings holds: its kind's, and the document arrays."""
+    return ARRAYS_BY_KIND[meta.kind] + (DOCUMENT_ARRAYS if meta.documents else ())
+
+
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     t, k = meta.seq_len, meta.k
     every = {
@@ -76,8 +90,20 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
         "tail_logmass": ArraySpec("tail_logmass", np.dtype(np.float32), (t,)),
         "target_logprob": ArraySpec("target_logprob", np.dtype(np.float32), (t,)),
         "counts": ArraySpec("counts", np.dtype(np.uint8), (t, k)),
+        "loss_mask": ArraySpec("loss_mask", np.dtype(np.uint8), (t + 1,)),
+        "position_ids": ArraySpec("position_ids", np.dtype(np.int32), (t + 1,)),
     }
-    return {name: every[name] for name in ARRAYS_BY_KIND[meta.kind]}
+    return {name: every[name] for name in array_names(meta)}
+
+
+def untrained_fill(name: str, shape: tuple[int, ...], dtype: np.dtype, draws: int = 0) -> np.ndarray:
+    """What a target array holds at untrained positions, as an array of `shape` (positions
+    first): zeros, except the sampled kind's `counts`, which put every draw on the first slot
+    (id 0 at log-prob 0) so that counts still sum to `draws` everywhere."""
+    fill = np.zeros(shape, dtype=dtype)
+    if name == "counts":
+        fill[..., 0] = draws
+    return fill
 
 
 TARGET_CHUNK_BYTES = 1 << 18

@@ -49,6 +49,9 @@ class DataInfo:
     split: str
     rows: int
     tokenizer: str = ""
+    mask_fingerprint: str = ""
+    """The split's `loss_mask` and `position_ids` fingerprint when the data packs documents
+    (the store then holds both arrays); "" for stream-packed text and stores made before."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +114,12 @@ class StoreMeta:
     @property
     def rows(self) -> int:
         return self.data.rows
+
+    @property
+    def documents(self) -> bool:
+        """Whether the rows pack documents: the store holds `loss_mask` and `position_ids`,
+        and only the positions the mask trains hold targets."""
+        return bool(self.data.mask_fingerprint)
 
     @property
     def num_shards(self) -> int:

@@ -1,4 +1,11 @@
-"""Checks a shard's arrays against the store's layout before anything is written."""
+"""Checks a shard's arrays against the store's layout before anything is written.
+
+A shard of a store over documents is also checked against its own `loss_mask` and
+`position_ids` by the token data's own rules (`document_problem`: the mask is 0 or 1 and
+never trains a document's first token, positions step by one or restart at 0), and its
+untrained positions must hold exactly the fill values (`layout.untrained_fill`), so the
+bytes of what no student reads stay fixed and small.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from kdcache.storage.errors import StoreError
-from kdcache.storage.layout import ArraySpec
+from kdcache.storage.layout import ARRAYS_BY_KIND, ArraySpec, untrained_fill
 from kdcache.storage.metadata import StoreMeta
+from kdcache.storage.tokens.format import document_problem
 
 # fp16 rounding can lift a log-prob of -1e-4 to 0; anything above this is a bug upstream.
 _MAX_LOGPROB = 1e-3
@@ -39,7 +47,22 @@ def validate_shard(
             raise StoreError(f"{where}: array '{name}' has dtype {value.dtype}, expected {spec.dtype}")
         out[name] = np.ascontiguousarray(value)
     _check_values(meta, out, where)
+    if meta.documents:
+        _check_documents(meta, out, where)
     return out
+
+
+def _check_documents(meta: StoreMeta, data: Mapping[str, np.ndarray], where: str) -> None:
+    mask = data["loss_mask"]
+    problem = document_problem(mask, data["position_ids"], meta.seq_len + 1)
+    if problem is not None:
+        raise StoreError(f"{where}: arrays 'loss_mask', 'position_ids': {problem}")
+    untrained = ~mask[:, 1:].astype(bool)
+    for name in (n for n in ARRAYS_BY_KIND[meta.kind] if n != "tokens"):
+        values = data[name][untrained]
+        if not np.array_equal(values, untrained_fill(name, values.shape, values.dtype, meta.draws or 0)):
+            raise StoreError(f"{where}: array '{name}' holds targets at untrained positions (they hold "
+                             "the fill values: zeros)")
 
 
 def _check_values(meta: StoreMeta, data: Mapping[str, np.ndarray], where: str) -> None:

@@ -11,13 +11,18 @@ import zarr
 
 from kdcache.storage import ledger
 from kdcache.storage.integrity import Problem, store_problems
-from kdcache.storage.layout import array_specs
+from kdcache.storage.layout import DOCUMENT_ARRAYS, array_specs
 from kdcache.storage.metadata import identity_digest
+from kdcache.storage.tokens.format import document_problem
 from kdcache.storage.writer import ATTR, read_attrs, read_meta
+
+INPUT_ARRAYS = ("tokens", *DOCUMENT_ARRAYS)
+"""Copied from the token data, not the teacher's: left out of the target bytes."""
 
 
 def verify_store(path: str | os.PathLike[str]) -> list[Problem]:
-    """The cheap checks, then decode every committed shard and compare it with its checksums."""
+    """The cheap checks, then decode every committed shard and compare it with its checksums
+    (and, over documents, check its loss mask and position ids as the token data's are)."""
     path = Path(path)
     meta = read_meta(path)
     problems, entries = store_problems(path, meta, identity_digest(read_attrs(path)))
@@ -28,6 +33,7 @@ def verify_store(path: str | os.PathLike[str]) -> list[Problem]:
     for entry in entries:
         if entry.shard in flagged:
             continue
+        intact: dict[str, np.ndarray] = {}
         for name in array_specs(meta):
             try:
                 values = np.asarray(group[name][entry.start:entry.stop])  # type: ignore[index]
@@ -41,6 +47,14 @@ def verify_store(path: str | os.PathLike[str]) -> list[Problem]:
                 # (stores whose entries pin the metadata's digest are caught earlier).
                 problems.append(Problem(entry.shard, name, f"holds id {int(values.max())}, beyond field "
                                                            f"'vocab_size' ({meta.vocab_size})"))
+            elif name in DOCUMENT_ARRAYS:
+                intact[name] = values
+        if meta.documents and len(intact) == len(DOCUMENT_ARRAYS):
+            # Checksums prove the bytes are what was committed, not that a writer other
+            # than kdcache's (which validates them) committed a sound mask.
+            found = document_problem(intact["loss_mask"], intact["position_ids"], meta.seq_len + 1)
+            if found is not None:
+                problems.append(Problem(entry.shard, "loss_mask", found))
     return sorted(problems, key=lambda p: (-1 if p.shard is None else p.shard, p.array))
 
 
@@ -62,16 +76,21 @@ def repair_store(path: str | os.PathLike[str], problems: list[Problem]) -> list[
 
 
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Metadata, progress, size and cheap-check problems of a store, as JSON-able values."""
+    """Metadata, progress, size and cheap-check problems of a store, as JSON-able values.
+
+    `tokens` counts positions (rows x seq_len), `trained_tokens` the positions holding targets
+    (fewer where the data's loss mask leaves prompts untrained): bytes are given per both."""
     path = Path(path)
     meta = read_meta(path)
-    problems, _ = store_problems(path, meta, identity_digest(read_attrs(path)))
+    problems, entries = store_problems(path, meta, identity_digest(read_attrs(path)))
     done = [s for s in ledger.committed(path) if s < meta.num_shards]
     rows = sum(stop - start for start, stop in map(meta.shard_bounds, done))
     tokens = rows * meta.seq_len
+    # Ledger entries count trained positions (all of them where the data packs no documents).
+    trained = sum(e.tokens for e in entries if e.shard < meta.num_shards)
     array_bytes = {name: _du(path / name) for name in array_specs(meta)}
     total = _du(path)
-    targets = sum(b for name, b in array_bytes.items() if name != "tokens")
+    targets = sum(b for name, b in array_bytes.items() if name not in INPUT_ARRAYS)
     return {
         "path": str(path),
         "metadata": meta.to_json(),
@@ -83,6 +102,9 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "array_bytes": array_bytes,
         "bytes_per_token": total / tokens if tokens else None,
         "target_bytes_per_token": targets / tokens if tokens else None,
+        "trained_tokens": trained,
+        "bytes_per_trained_token": total / trained if trained else None,
+        "target_bytes_per_trained_token": targets / trained if trained else None,
         "teacher_loss": meta.teacher_loss,
         "damaged": [str(p) for p in problems],
     }

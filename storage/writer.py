@@ -127,13 +127,17 @@ class StoreWriter:
         """Validate, write and commit one whole shard; returns its ledger entry.
 
         `padded_mass_sum` is the probability the teacher's padded output rows held, summed
-        over the shard's positions (None when the teacher cannot measure it).
+        over the shard's trained positions (None when the teacher cannot measure it). The
+        entry's `tokens` and `nll_sum` count trained positions only.
         """
         start, stop = self.meta.shard_bounds(shard)
         where = f"{self.path} shard {shard}"
         data = validate_shard(self.meta, self._specs, arrays, stop - start, where)
         self._write_arrays(start, stop, data)
+        # Over trained positions only: the teacher loss of chat data is its loss on the answers.
         target = data["target_logprob"]
+        if "loss_mask" in data:
+            target = target[data["loss_mask"][:, 1:].astype(bool)]
         entry = ledger.ShardEntry(
             shard=shard,
             start=start,
@@ -176,6 +180,9 @@ class StoreWriter:
             return False
         nll = sum(e.nll_sum for e in entries)
         tokens = sum(e.tokens for e in entries)
+        if tokens == 0:
+            raise StoreError(f"{self.path}: no trained positions in any shard (the data's loss_mask "
+                             "trains nothing): no teacher loss to record")
         padded = [e.padded_mass_sum for e in entries]
         mass = None if None in padded else sum(p for p in padded if p is not None) / tokens
         # The raw attribute, not a re-serialised StoreMeta: shard entries pin its digest.

@@ -2,13 +2,18 @@
 
 The public training API (a contract: other people's training loops rely on it):
 
-    from kdcache.train import StoreDataset, distill_loss
+    from kdcache.train import StoreDataset, distill_loss, document_attention_mask
     ds = StoreDataset("store.zarr", batch_size=8, seed=0)  # rank/world from torch.distributed
     for batch in ds:                                       # one epoch of this rank's rows
         loss = distill_loss(batch, logits=model(input_ids=batch["input_ids"]).logits)
         # or distill_loss(batch, hidden=h, lm_head=W): chunked, never [B, T, V]
 
-Both names load on first use (PEP 562), so `import kdcache.train` stays free of torch
+Labels are -100 where a position is not trained, and every loss leaves those out. Rows that
+pack documents (chat data) also carry `position_ids`; give a `transformers` model those
+and `document_attention_mask(batch["position_ids"], dtype)` under `sdpa` or `eager`
+attention (flash attention takes the position ids alone), so no document sees another.
+
+These names load on first use (PEP 562), so `import kdcache.train` stays free of torch
 and the CLI starts fast. The rest is in submodules:
 
 - `tokens.open_token_data(DATA) -> TokenData`: the splits `kdcache prepare` wrote.
@@ -21,13 +26,15 @@ and the CLI starts fast. The rest is in submodules:
   `online.OnlineTeacherBatches` (a live teacher) and `kd_losses.DistillLoss`; all sources
   follow `row_order.RowOrder`, whose batches do not depend on the world size.
 - `evaluate.evaluate(model, data)`: validation cross-entropy and ECE (21 bins).
+- `attention`: segment ids and block-diagonal causal masks from position ids, which keep
+  the documents of packed rows apart in every student (and in a cache's teacher).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StoreDataset", "distill_loss"]
+__all__ = ["StoreDataset", "distill_loss", "document_attention_mask"]
 
 
 def __getattr__(name: str) -> Any:
@@ -39,4 +46,8 @@ def __getattr__(name: str) -> Any:
         from kdcache.train.kd_losses import distill_loss
 
         return distill_loss
+    if name == "document_attention_mask":
+        from kdcache.train.attention import document_attention_mask
+
+        return document_attention_mask
     raise AttributeError(f"module 'kdcache.train' has no attribute {name!r}")

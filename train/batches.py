@@ -3,8 +3,15 @@
 `Batch` is the one batch type from store to loss: a distillation source adds the
 teacher's targets under `Batch.extras`, keyed by the store arrays they come from
 (`KIND_EXTRAS`). The public API (`StoreDataset`, `distill_loss`) speaks Hugging
-Face-style dicts instead (`input_ids`, `labels`, `teacher_<array>`, ...);
+Face-style dicts instead (`input_ids`, `labels`, `position_ids`, `teacher_<array>`, ...);
 `batch_to_dict` and `batch_from_dict` convert at that edge and nowhere else.
+
+Targets follow Hugging Face's convention: `IGNORE_INDEX` (-100) marks a position that is
+not trained (a prompt, a user turn, padding), and every loss leaves it out. Rows that pack
+whole documents also carry their inputs' position ids, restarting at 0 per document; the
+students turn them into rotary positions and a block-diagonal attention mask
+(`attention.py`), so no document sees another. A batch's `tokens` counts its trained
+targets: the runs table, tokens/s and `--tokens` budgets all count those.
 
 A source yields `Batch`es and can save and restore its position as a small JSON-able
 dict, so a resumed run sees exactly the batches an uninterrupted one would.
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kdcache.storage import ARRAYS_BY_KIND, Kind
-from kdcache.storage.tokens.format import TokenData
+from kdcache.storage.tokens.format import IGNORE_INDEX, Rows, TokenData
 from kdcache.train.errors import TrainError
 from kdcache.train.row_order import RowOrder
 
@@ -39,6 +47,8 @@ _DICT_KEY = {name: key for key, name in BATCH_KEYS.items()}
 
 TEMPERATURE_KEY = "teacher_temperature"
 """Batch-dict key of the store's temperature (a 0-d float32 tensor)."""
+POSITIONS_KEY = "position_ids"
+"""Batch-dict key of the inputs' position ids [B, T] (int64), present when rows pack documents."""
 VOCAB_KEY = "vocab_size"
 """Batch-dict key of the tokenizer's vocabulary size (a 0-d int64 tensor): the ids a padded
 student's logits or output layer must be cut to."""
@@ -46,22 +56,31 @@ student's logits or output layer must be cut to."""
 
 @dataclass(frozen=True)
 class Batch:
-    """One step's data: `inputs` [B, T] predict `targets` [B, T] (int64)."""
+    """One step's data: `inputs` [B, T] predict `targets` [B, T] (int64, `IGNORE_INDEX` where
+    a position is not trained)."""
 
     inputs: Tensor
     targets: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
     """Source-specific tensors, e.g. teacher log-probs for distillation losses."""
+    positions: Tensor | None = None
+    """[B, T] int64 position ids of `inputs`, restarting at 0 at each document's first token;
+    None for rows cut from one stream (positions 0..T-1, one causal context per row)."""
 
-    @property
+    @cached_property
     def tokens(self) -> int:
-        return self.targets.numel()
+        """Trained target positions (every position when nothing is ignored)."""
+        return int((self.targets != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device) -> Batch:
         if self.inputs.device == device:
             return self
         extras = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}
-        return Batch(self.inputs.to(device), self.targets.to(device), extras)
+        positions = None if self.positions is None else self.positions.to(device, non_blocking=True)
+        moved = Batch(self.inputs.to(device), self.targets.to(device), extras, positions)
+        if "tokens" in self.__dict__:  # counted already: no device sync to count again
+            moved.__dict__["tokens"] = self.tokens
+        return moved
 
 
 def batch_to_dict(
@@ -75,6 +94,8 @@ def batch_to_dict(
     if unknown:
         raise TrainError(f"batch extras {unknown} have no batch-dict key (known: {sorted(_DICT_KEY)})")
     out = {"input_ids": batch.inputs, "labels": batch.targets}
+    if batch.positions is not None:
+        out[POSITIONS_KEY] = batch.positions
     out.update({_DICT_KEY[name]: values for name, values in batch.extras.items()})
     if temperature is not None:
         out[TEMPERATURE_KEY] = torch.tensor(temperature, dtype=torch.float32)
@@ -86,12 +107,15 @@ def batch_to_dict(
 
 
 def batch_from_dict(batch: Mapping[str, Any]) -> Batch:
-    """A batch dict (input_ids, labels, teacher_* keys) as a `Batch`; bad input raises ValueError."""
+    """A batch dict (input_ids, labels, position_ids, teacher_* keys) as a `Batch`; bad input
+    raises ValueError."""
     missing = [key for key in ("input_ids", "labels") if key not in batch]
     if missing:
         raise ValueError(f"batch has no {' or '.join(missing)} (has {sorted(batch)})")
     extras = {name: batch[key] for key, name in BATCH_KEYS.items() if key in batch}
-    return Batch(inputs=batch["input_ids"], targets=batch["labels"].long(), extras=extras)
+    positions = batch.get(POSITIONS_KEY)
+    return Batch(inputs=batch["input_ids"], targets=batch["labels"].long(), extras=extras,
+                 positions=None if positions is None else positions.long())
 
 
 class BatchSource(Protocol):
@@ -104,10 +128,17 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def rows_to_batch(rows: np.ndarray) -> Batch:
-    """Token rows [B, T+1] -> a next-token batch."""
-    t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
-    return Batch(inputs=t[:, :-1], targets=t[:, 1:])
+def rows_to_batch(rows: Rows | np.ndarray) -> Batch:
+    """Rows of a split (or bare token rows [B, T+1], all trained) -> a next-token batch."""
+    rows = rows if isinstance(rows, Rows) else Rows(np.asarray(rows, dtype=np.int64))
+    tokens = np.asarray(rows.tokens, dtype=np.int64)
+    positions = rows.input_positions()
+
+    def tensor(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+
+    return Batch(inputs=tensor(tokens[:, :-1]), targets=tensor(rows.labels()),
+                 positions=None if positions is None else tensor(positions))
 
 
 class OrderedBatches:
@@ -165,4 +196,4 @@ class TokenBatches(OrderedBatches):
         return idx
 
     def next_batch(self) -> Batch:
-        return rows_to_batch(self.data.read(self.split, self.next_rows()))
+        return rows_to_batch(self.data.read_rows(self.split, self.next_rows()))

@@ -2,7 +2,11 @@
 
 Iterating yields the rest of the current epoch as dicts of tensors:
 
-- `input_ids`, `labels`: [b, T] int64, labels[:, t] the token after input_ids[:, t].
+- `input_ids`, `labels`: [b, T] int64, labels[:, t] the token after input_ids[:, t], or -100
+  where that target is not trained (Hugging Face's convention; the store's `loss_mask`).
+- `position_ids`: [b, T] int64, each input's position within its document (restarting at 0),
+  when the store's rows pack documents (chat and completion data); a student keeps the
+  documents apart with them (`kdcache.train.document_attention_mask`).
 - The store's teacher targets, by kind (`batches.KIND_EXTRAS`, keyed `BATCH_KEYS`):
   `teacher_ids` (int64), `teacher_logprobs` (float16 as stored: log-probs at the store's
   temperature), `teacher_tail_logmass` (float32, top-k stores) and `teacher_counts`
@@ -69,8 +73,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.storage import StoreMeta, StoreReader, read_meta
-from kdcache.train.batches import KIND_EXTRAS, Batch, OrderedBatches, batch_to_dict
+from kdcache.storage import DOCUMENT_ARRAYS, StoreMeta, StoreReader, read_meta
+from kdcache.storage.tokens.format import Rows, document_problem
+from kdcache.train.batches import KIND_EXTRAS, Batch, OrderedBatches, batch_to_dict, rows_to_batch
 from kdcache.train.errors import TrainError
 from kdcache.train.row_order import RowOrder
 
@@ -105,7 +110,9 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
         wait_timeout_s: float = 3600.0,
     ) -> None:
         self.path = str(path)
-        self._fields = ("tokens", *KIND_EXTRAS[read_meta(self.path).kind])
+        meta = read_meta(self.path)
+        self._targets = KIND_EXTRAS[meta.kind]
+        self._fields = ("tokens", *self._targets, *(DOCUMENT_ARRAYS if meta.documents else ()))
         self._reader: StoreReader | None = StoreReader(self.path, self._fields)
         self._reader.check_files()
         rank, world = _rank_world(rank, world)
@@ -139,6 +146,11 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
     @property
     def seq_len(self) -> int:
         return self.meta.seq_len
+
+    @property
+    def documents(self) -> bool:
+        """Whether rows pack documents: batches carry `position_ids` and -100 labels."""
+        return self.meta.documents
 
     @property
     def rank(self) -> int:
@@ -229,7 +241,7 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
             needed = np.unique(batches)
             if not self._wait_for(needed, stop):
                 return
-            values = self.reader.read_rows(needed)
+            values = self._read(needed)
             for i, batch_rows in zip(index.tolist(), batches, strict=True):
                 yield i, self._to_batch(values, np.searchsorted(needed, batch_rows))
 
@@ -240,7 +252,7 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
         for index, batches in self._shares(epoch, start, worker, workers, whole_windows=True):
             needed = np.unique(batches)
             self._wait_for(needed, None)
-            values = {name: torch.from_numpy(v) for name, v in self.reader.read_rows(needed).items()}
+            values = {name: torch.from_numpy(v) for name, v in self._read(needed).items()}
             yield Window(index=index.tolist(), pos=np.searchsorted(needed, batches).tolist(), values=values)
 
     def _shares(
@@ -262,13 +274,28 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
                 yield index, window[index - first]
             first += len(window)
 
+    def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The store's rows `rows`, their document arrays checked (a wrong mask would
+        silently train on prompts, or attend across documents)."""
+        values = self.reader.read_rows(rows)
+        if self.documents:
+            problem = document_problem(values["loss_mask"], values["position_ids"], self.seq_len + 1)
+            if problem is not None:
+                raise TrainError(f"{self.path}: rows {int(rows.min())}..{int(rows.max())}: {problem} "
+                                 "(corrupt store); run kdcache verify")
+        return values
+
     def _to_batch(self, values: dict[str, np.ndarray], pos: np.ndarray) -> Batch:
         """Rows `pos` of a read window as a `Batch`, its extras keyed by their arrays' names."""
         tokens = values["tokens"][pos].astype(np.int64)
         extras = {name: torch.from_numpy(values[name][pos].astype(_BATCH_DTYPE[name], copy=False))
-                  for name in self._fields[1:]}
-        return Batch(inputs=torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-                     targets=torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])), extras=extras)
+                  for name in self._targets}
+        rows = Rows(tokens)
+        if self.documents:
+            rows = Rows(tokens, values["loss_mask"][pos].astype(bool),
+                        values["position_ids"][pos].astype(np.int64))
+        batch = rows_to_batch(rows)
+        return Batch(batch.inputs, batch.targets, extras, batch.positions)
 
     def _as_dict(self, batch: Batch) -> dict[str, Tensor]:
         """A batch of this store as the dict iterating yields (the public form)."""

@@ -3,6 +3,9 @@
 ECE follows the paper: the top-1 prediction's probability is its confidence, positions
 fall into 21 equal-width confidence bins over [0, 1], and ECE is the position-weighted
 mean of |accuracy - mean confidence| per bin, reported as a fraction (0.05 = 5%).
+
+Both are over the trained positions alone (labels other than -100: on chat data the
+assistant's turns), with each row's documents apart, as in training.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 from kdcache.storage.tokens.format import TokenData
 from kdcache.train.batches import Batch, rows_to_batch
 from kdcache.train.distributed import World
+from kdcache.train.losses import trained_rows
 from kdcache.train.trainer import LossStep, as_student
 
 ECE_BINS = 21
@@ -67,7 +71,7 @@ def eval_sums(hidden: Tensor, head: Tensor, batch: Batch, *, chunk_bytes: int = 
     Logits are formed chunk by chunk of positions (`chunk_bytes` of float32 each), so
     evaluation, like training, never holds [B, T, V].
     """
-    h, targets = hidden.flatten(0, -2), batch.targets.flatten()
+    targets, h = trained_rows(batch.targets.flatten(), hidden.flatten(0, -2))
     per_chunk = max(1, chunk_bytes // (4 * head.shape[0]))
     nll = torch.zeros((), dtype=torch.float64)
     counter = CalibrationCounter()
@@ -111,8 +115,8 @@ def evaluate(
     total = torch.zeros(2 + 3 * ECE_BINS, dtype=torch.float64)
     for i in range(rounds):
         start = mine[i] if i < len(mine) else starts[0]
-        rows_np = data.read(split, slice(start, min(start + batch_size, rows)))
-        sums = step(eval_sums, rows_to_batch(rows_np).to(device))
+        read = data.read_rows(split, slice(start, min(start + batch_size, rows)))
+        sums = step(eval_sums, rows_to_batch(read).to(device))
         if i < len(mine):
             total += sums
     world.sum_(total)
@@ -120,4 +124,4 @@ def evaluate(
     nll, tokens = total[0].item(), int(total[1].item())
     counter = CalibrationCounter()
     counter.count, counter.confidence, counter.correct = total[2:].reshape(3, ECE_BINS).unbind(0)
-    return EvalResult(loss=nll / tokens, ece=counter.ece(), tokens=tokens)
+    return EvalResult(loss=nll / tokens if tokens else float("nan"), ece=counter.ece(), tokens=tokens)

@@ -25,7 +25,8 @@ chunks of positions, from logits or (`from_hidden`) from the final hidden states
 output layer, never holding more than a chunk of the logits (losses.py says why). Training
 code outside this package calls `distill_loss(batch, logits=...)` or `distill_loss(batch,
 hidden=..., lm_head=...)` on dict batches, whose teacher keys (`batches.BATCH_KEYS`) say the
-store kind; it is the same `DistillLoss` / `NextTokenLoss` math, averaged over the batch's tokens.
+store kind; it is the same `DistillLoss` / `NextTokenLoss` math, averaged over the batch's
+trained tokens. Positions labelled -100 are left out of every term (`losses.trained_index`).
 
 The divergences and tail modes are the ones `kdcache train` accepts (`job.DIVERGENCES`,
 `job.TAILS`, torch-free for the CLI); a test keeps the registries here in step with them.
@@ -61,6 +62,8 @@ from kdcache.train.losses import (
     output_rows,
     positions_per_chunk,
     sum_chunks,
+    trained_index,
+    trained_rows,
 )
 
 NEG_INF = float("-inf")
@@ -253,16 +256,19 @@ class DistillLoss:
         check_chunk_bytes(self.chunk_bytes)
 
     def __call__(self, logits: Tensor, batch: Batch) -> LossSums:
-        s = logits.flatten(0, -2)
+        s, targets = logits.flatten(0, -2), batch.targets.reshape(-1)
         extras = self._extras(batch, logits.shape[:-1])
+        rows = trained_index(targets)
         # A chunk that would keep [chunk, V] tensors for backward (a full store's log-softmax,
-        # logits scaled by tau or upcast from bf16) is checkpointed: only its inputs (views) are
-        # kept, and it is recomputed in backward. Top-k and sampled losses at tau = 1 on float32
-        # logits keep only [chunk, k] tensors, so they skip the recomputation.
-        keeps_vocab = self.kind == "full" or self.tau != 1.0 or s.dtype != torch.float32
-        sums = sum_chunks(self._chunk_sums, [s, batch.targets.reshape(-1), *extras],
+        # logits scaled by tau, upcast from bf16, or selected to the trained rows) is
+        # checkpointed: only its inputs (views) are kept, and it is recomputed in backward.
+        # Top-k and sampled losses at tau = 1 on float32 logits, every position trained, keep
+        # only [chunk, k] tensors, so they skip the recomputation.
+        keeps_vocab = (self.kind == "full" or self.tau != 1.0 or s.dtype != torch.float32
+                       or rows is not None)
+        sums = sum_chunks(self._chunk_sums, [s, targets, *extras],
                           positions=positions_per_chunk(self.chunk_bytes, s.shape[-1]),
-                          recompute=needs_grad(s) and keeps_vocab)
+                          recompute=needs_grad(s) and keeps_vocab, rows=rows)
         return self._result(sums, batch)
 
     def from_hidden(
@@ -274,9 +280,10 @@ class DistillLoss:
         (V_rows > vocab) the padding rows are left out and get a zero gradient.
         """
         h, w = output_rows(hidden, head, vocab)
-        extras = self._extras(batch, hidden.shape[:-1])
+        targets, h, *extras = trained_rows(batch.targets.reshape(-1), h,
+                                           *self._extras(batch, hidden.shape[:-1]))
         sums = sum_chunks(lambda w, h, *rest: self._chunk_sums(head_logits(h, w), *rest),
-                          [h, batch.targets.reshape(-1), *extras], shared=[w],
+                          [h, targets, *extras], shared=[w],
                           positions=positions_per_chunk(self.chunk_bytes, w.shape[0]),
                           recompute=needs_grad(h, w))
         return self._result(sums, batch)
@@ -382,8 +389,15 @@ def distill_loss(
     temperature: float | None = None,
     z_loss: float = 1e-4,
     vocab: int | None = None,
+    num_items_in_batch: int | Tensor | None = None,
 ) -> Tensor:
-    """The training loss of one batch dict: its mean over the batch's predicted tokens.
+    """The training loss of one batch dict: its mean over the batch's trained tokens.
+
+    `labels` of -100 mark untrained positions (Hugging Face's convention): they are left out
+    of every term, and the mean is over the rest. `num_items_in_batch` (the name
+    `transformers.Trainer` passes to `compute_loss`) divides the sum by that count instead:
+    the trained tokens of every micro-batch of a gradient-accumulation step (and of every
+    rank), so each token weighs the same however the step's batches are cut.
 
     Give the student's `logits` [B, T, V], or its final `hidden` states [B, T, d] with the
     output layer's weight `lm_head` [V, d]; the latter never holds more than a chunk of
@@ -434,4 +448,6 @@ def distill_loss(
             sums = loss.from_hidden(hidden, _head_weight(lm_head), b, vocab=vocab)
     except TrainError as e:
         raise ValueError(str(e)) from e
-    return sums.total / sums.tokens
+    if num_items_in_batch is not None:
+        return sums.total / num_items_in_batch
+    return sums.total / max(sums.tokens, 1)  # a batch with nothing trained: 0, in the graph

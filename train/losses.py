@@ -4,6 +4,14 @@ A loss function for the trainer (`LossFn`) maps (logits [B, T, V], batch) to `Lo
 or (hidden states, output layer, batch) through `from_hidden`. Supervised training uses
 `NextTokenLoss`; distillation losses plug in the same way.
 
+Positions labelled `IGNORE_INDEX` (-100: prompts, user turns, padding) are dropped before
+any math (`trained_index`): the sums and their gradients are over trained positions alone,
+and `LossSums.tokens` counts them. Dropping, rather than multiplying by a 0/1 weight, keeps
+whatever an untrained position holds (a store's fill values) out of the values and the
+gradients (0 * inf is nan), and skips the projection and log-normaliser there. Hidden
+states are cut to the trained rows up front (a copy of [n, d], small); logits are selected
+chunk by chunk inside the chunk's function, so no copy of [n, V] is kept for backward.
+
 Both losses work over chunks of positions, and both also take the student's final hidden
 states [B, T, d] and its output layer's weight instead of logits (`from_hidden`): each
 chunk's logits are computed from the hidden states, used, and dropped, and backward
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from kdcache.storage.tokens.format import IGNORE_INDEX
 from kdcache.train.batches import Batch
 from kdcache.train.errors import TrainError
 
@@ -57,8 +66,29 @@ class LossFn(Protocol):
 
 
 def cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
-    """Summed next-token cross-entropy (nats), computed in float32."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="sum")
+    """Summed next-token cross-entropy (nats) over the trained targets, computed in float32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="sum",
+                           ignore_index=IGNORE_INDEX)
+
+
+def trained_index(targets: Tensor) -> Tensor | None:
+    """Indices of the trained targets in the flat `targets` [N]; None when every one is."""
+    keep = targets != IGNORE_INDEX
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(-1)
+
+
+def trained_rows(targets: Tensor, *per_position: Tensor) -> list[Tensor]:
+    """[targets, *per_position] with their leading (position) dim cut to the trained targets.
+
+    `targets` [N] and each `per_position` [N, ...] are flat over positions; with every
+    position trained they come back as they are (no copy).
+    """
+    index = trained_index(targets)
+    if index is None:
+        return [targets, *per_position]
+    return [t.index_select(0, index) for t in (targets, *per_position)]
 
 
 def positions_per_chunk(chunk_bytes: int, vocab: int) -> int:
@@ -73,18 +103,31 @@ def check_chunk_bytes(chunk_bytes: int) -> None:
 
 def sum_chunks(
     fn: Callable[..., Tensor], per_position: Sequence[Tensor], *, positions: int,
-    shared: Sequence[Tensor] = (), recompute: bool = False,
+    shared: Sequence[Tensor] = (), recompute: bool = False, rows: Tensor | None = None,
 ) -> Tensor:
     """sum over chunks of `fn(*shared, *chunks)`, each `per_position` tensor split on dim 0.
 
     With `recompute` each chunk runs under non-reentrant activation checkpointing: only its
     inputs (views of `per_position`, and `shared`) are kept for backward, which reruns it.
+    With `rows` (indices into dim 0) only those positions are summed, `positions` of them a
+    chunk, selected inside the chunk: a recomputed chunk keeps its indices, not a copy.
+    With no positions `fn` runs once on the empty tensors: zero sums, still in the graph.
     """
-    parts = [t.split(positions) for t in per_position]
+    n_shared = len(shared)
+
+    def selected(*args: Tensor) -> Tensor:
+        *inputs, index = args
+        return fn(*inputs[:n_shared], *(t.index_select(0, index) for t in inputs[n_shared:]))
+
+    calls: list[tuple[Callable[..., Tensor], tuple[Tensor, ...]]]
+    if rows is None:
+        parts = [t.split(positions) for t in per_position]
+        calls = [(fn, (*shared, *chunk)) for chunk in zip(*parts, strict=True)]
+    else:
+        calls = [(selected, (*shared, *per_position, index)) for index in rows.split(positions)]
     total: Tensor | None = None
-    for chunk in zip(*parts, strict=True):
-        args = (*shared, *chunk)
-        out = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+    for f, args in calls:
+        out = checkpoint(f, *args, use_reentrant=False) if recompute else f(*args)
         total = out if total is None else total + out
     assert total is not None, "no positions"
     return total
@@ -132,12 +175,15 @@ class NextTokenLoss:
         check_chunk_bytes(self.chunk_bytes)
 
     def __call__(self, logits: Tensor, batch: Batch) -> LossSums:
-        s = logits.flatten(0, -2)
+        s, targets = logits.flatten(0, -2), batch.targets.reshape(-1)
+        rows = trained_index(targets)
         # Float32 logits keep only [chunk] tensors for backward (logsumexp saves its input, a
-        # view); upcast ones (bf16) would keep a float32 copy per chunk, so they recompute.
-        sums = sum_chunks(self._chunk_sums, [s, batch.targets.reshape(-1)],
+        # view); upcast ones (bf16), or trained rows selected (a copy), would keep a float32
+        # copy per chunk, so they recompute.
+        sums = sum_chunks(self._chunk_sums, [s, targets],
                           positions=positions_per_chunk(self.chunk_bytes, s.shape[-1]),
-                          recompute=needs_grad(s) and s.dtype != torch.float32)
+                          recompute=needs_grad(s) and (s.dtype != torch.float32 or rows is not None),
+                          rows=rows)
         return self._result(sums, batch)
 
     def from_hidden(
@@ -145,8 +191,9 @@ class NextTokenLoss:
     ) -> LossSums:
         """The loss of logits hidden @ head[:vocab].T, never holding more than a chunk of them."""
         h, w = output_rows(hidden, head, vocab)
+        targets, h = trained_rows(batch.targets.reshape(-1), h)
         sums = sum_chunks(lambda w, h, t: self._chunk_sums(head_logits(h, w), t),
-                          [h, batch.targets.reshape(-1)], shared=[w],
+                          [h, targets], shared=[w],
                           positions=positions_per_chunk(self.chunk_bytes, w.shape[0]),
                           recompute=needs_grad(h, w))
         return self._result(sums, batch)

@@ -4,6 +4,10 @@ Module and parameter names mirror `transformers.LlamaForCausalLM` (`model.layers
 self_attn.q_proj.weight`, ...), so the state dict *is* the Hugging Face checkpoint and
 export is a plain save. The numerics follow transformers' Llama too (norms and RoPE in
 float32), which the equivalence test checks to 1e-4.
+
+Rows that pack several documents pass `position_ids` (restarting at 0 per document): RoPE
+takes each token's position within its document, and attention gets the block-diagonal
+causal mask (`attention.py`), so each document is computed exactly as it would be alone.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcache.train.attention import document_causal_mask, packs_documents
 from kdcache.train.config import ModelConfig
 
 BASE_INIT_STD = 0.02  # std of hidden matrices at the muP base width
@@ -75,7 +80,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`mask` [B, 1, T, T] bool (True: may attend) replaces plain causal attention."""
         b, t, _ = x.shape
         shape = (b, t, self.n_heads, self.head_dim)
         q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
@@ -84,7 +90,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -107,8 +113,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -119,17 +125,25 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.max_position = cfg.max_position
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(input_ids.shape[1], input_ids.device)
+        t, mask = input_ids.shape[1], None
+        if position_ids is None:
+            cos, sin = self.rotary.cos_sin(t, input_ids.device)
+        else:  # [B, 1, T, head_dim]: each row's own positions, broadcast over heads
+            cos, sin = self.rotary.cos_sin(max(t, self.max_position), input_ids.device)
+            cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
+            if packs_documents(position_ids):  # one document a row needs no mask beyond causal
+                mask = document_causal_mask(position_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return self.norm(x)
 
 
 class Transformer(nn.Module):
-    """A causal LM of the family; `forward(ids [B, T]) -> logits [B, T, V]`."""
+    """A causal LM of the family; `forward(ids [B, T], position_ids=None) -> logits [B, T, V]`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -137,12 +151,12 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Final-norm activations [B, T, d_model], for losses that chunk the unembedding."""
-        return self.model(input_ids)
+        return self.model(input_ids, position_ids)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.lm_head(self.model(input_ids))
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.model(input_ids, position_ids))
 
     def non_embedding_params(self) -> int:
         """N counted from the actual tensors (the config's formula is checked against it)."""

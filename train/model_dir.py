@@ -2,10 +2,12 @@
 
 A directory holds `config.json` (LlamaConfig fields; Qwen3 when QK-norm is on),
 `model.safetensors` (the state dict under transformers' names), `tokenizer.json`,
-`tokenizer_config.json`, and `kdcache.json` (`kdcache.storage.model_record`: the model
-config, N, the weights' fingerprint, how it was trained). `kdcache.json` is written last,
-so its presence marks a complete directory. Plain Hugging Face Llama directories without
-it load too, when their shape fits the family.
+`tokenizer_config.json` (the data's own when it has one, with its special tokens and chat
+template, and `chat_template.jinja` when the data has that: so `AutoTokenizer`'s
+`apply_chat_template` works on a student as on its teacher), and `kdcache.json`
+(`kdcache.storage.model_record`: the model config, N, the weights' fingerprint, how it was
+trained). `kdcache.json` is written last, so its presence marks a complete directory.
+Plain Hugging Face Llama directories without it load too, when their shape fits the family.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from kdcache.train.model import Transformer
 
 WEIGHTS = "model.safetensors"
 SUPPORTED_TYPES = ("llama", "qwen3")
+TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja")
+"""Copied from beside tokenizer.json when there (`kdcache prepare` keeps the tokenizer's own)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +61,27 @@ class LoadedModel:
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def copy_tokenizer(tokenizer: Path, out: Path, *, eos_token_id: int | None = None) -> None:
+    """Copy tokenizer.json and the `TOKENIZER_FILES` beside it into `out`.
+
+    Without a tokenizer_config.json there, write one that loads tokenizer.json as a fast
+    tokenizer, naming the end-of-text token when `eos_token_id` is given.
+    """
+    shutil.copyfile(tokenizer, out / "tokenizer.json")
+    for name in TOKENIZER_FILES:
+        if (tokenizer.parent / name).is_file():
+            shutil.copyfile(tokenizer.parent / name, out / name)
+    if (tokenizer.parent / TOKENIZER_FILES[0]).is_file():
+        return
+    tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if eos_token_id is not None:
+        vocab = json.loads(tokenizer.read_text()).get("added_tokens", [])
+        names = [t["content"] for t in vocab if t.get("id") == eos_token_id]
+        if names:
+            tok_cfg["eos_token"] = names[0]
+    write_json(out / TOKENIZER_FILES[0], tok_cfg)
 
 
 def save_model_dir(
@@ -84,14 +109,7 @@ def save_model_dir(
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS)
     write_json(out / "config.json", cfg.hf_config(eos_token_id=eos_token_id))
-    shutil.copyfile(tokenizer, out / "tokenizer.json")
-    tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    if eos_token_id is not None:
-        vocab = json.loads(Path(tokenizer).read_text()).get("added_tokens", [])
-        names = [t["content"] for t in vocab if t.get("id") == eos_token_id]
-        if names:
-            tok_cfg["eos_token"] = names[0]
-    write_json(out / "tokenizer_config.json", tok_cfg)
+    copy_tokenizer(Path(tokenizer), out, eos_token_id=eos_token_id)
     fingerprint = file_sha256(out / WEIGHTS)
     write_model_record(out, ModelRecord(
         fingerprint=fingerprint, nonembedding_params=cfg.non_embedding_params(), model=cfg.to_dict(),

@@ -2,7 +2,9 @@
 
 This is what a cache replaces, kept for comparison and for the cost model: the same
 rows in the same order as `StoreBatches`, with the teacher's full distribution at
-temperature `tau` computed each step in float32 instead of read from a store.
+temperature `tau` computed each step in float32 instead of read from a store. Rows that
+pack documents run each document in its own context (the teacher gets the position ids,
+so RoPE restarts and attention stays within the document), as a cache's teacher does.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ class OnlineTeacherBatches:
     @torch.no_grad()
     def next_batch(self) -> Batch:
         batch = self.tokens.next_batch().to(self.device)
-        logits = self.teacher(batch.inputs)[..., : self.vocab].float()
+        logits = self.teacher(batch.inputs, batch.positions)[..., : self.vocab]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
         logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
-        return Batch(batch.inputs, batch.targets, {"logprobs": logprobs})
+        return Batch(batch.inputs, batch.targets, {"logprobs": logprobs}, batch.positions)
 
     def state_dict(self) -> dict[str, Any]:
         return self.tokens.state_dict()

@@ -12,6 +12,12 @@ and then fails to save. One process writes an `--out` at a time: the run holds
 `OUT/.kdcache-train.lock` (taken without waiting, after the checks) from the first step
 to the last write; a second one is refused.
 
+Token counts are of trained tokens (`Batch.tokens`): on chat and completion data only the
+assistant's turns (or the completion) are targets, and the runs table's `tokens`, tokens/s
+and the `--tokens` budget count those; the budget is turned into steps with the split's
+mean trained tokens per row. `flops` counts every position the student (and an online
+teacher) ran, trained or not: the compute actually spent.
+
 Any number of ranks (torchrun, or `--workers N` through Ray Train, `distributed.py`)
 train one student: each reads its slice of every global batch, so the run equals a
 one-rank run up to floating-point reduction order. Every rank checks its inputs; rank
@@ -100,15 +106,25 @@ class Objective:
     teacher: dict[str, Any] | None = None
     """Runs-table teacher fields (teacher_params, store, k, temperature, lam)."""
     teacher_flops_per_token: float = 0.0
-    """Teacher forward FLOPs each training token costs (online distillation only)."""
+    """Teacher forward FLOPs each position a step runs costs (online distillation only)."""
+    split: str = "student"
+    """The token split the rows come from (a store's own), for its trained tokens per row."""
 
 
-def plan_steps(cfg: TrainJobConfig, n_params: int, seq_len: int) -> tuple[int, int]:
-    """(steps, tokens per step) for the token budget, rounding the budget up to whole steps."""
+def trained_per_row(data: TokenData, split: str) -> float:
+    """Mean trained target positions per row of `split` (seq_len for stream text)."""
+    if split not in data.meta["splits"] or not data.rows(split):
+        return float(data.seq_len)
+    return data.trained_tokens(split) / data.rows(split)
+
+
+def plan_steps(cfg: TrainJobConfig, n_params: int, per_row: float) -> tuple[int, int]:
+    """(steps, trained tokens per step) for the token budget of trained tokens, rounding the
+    budget up to whole steps; `per_row` is the rows' mean of trained tokens (`trained_per_row`)."""
     loop = cfg.loop
     budget = loop.tokens if loop.tokens is not None else TOKENS_PER_PARAM * n_params
-    per_step = loop.batch_size * seq_len
-    return max(1, math.ceil(budget / per_step)), per_step
+    per_step = max(loop.batch_size * per_row, 1.0)
+    return max(1, math.ceil(budget / per_step)), round(per_step)
 
 
 @dataclass(frozen=True)
@@ -159,7 +175,7 @@ def _objective(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     data.rows(loop.split)  # fail early, naming a missing split
     return Objective(TokenBatches(data, loop.split, batch_size=loop.batch_size, seed=loop.seed,
                                   rank=world.rank, world=world.size),
-                     NextTokenLoss(loop.z_loss))
+                     NextTokenLoss(loop.z_loss), split=loop.split)
 
 
 def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
@@ -180,7 +196,7 @@ def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     identity = json.dumps(meta.identity(), sort_keys=True)
     teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": str(Path(d.distill).resolve()),
                "k": meta.k, "temperature": meta.temperature, "lam": d.lam}
-    return Objective(source, loss, teacher_fingerprint=identity, teacher=teacher)
+    return Objective(source, loss, teacher_fingerprint=identity, teacher=teacher, split=meta.data.split)
 
 
 def _online(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
@@ -199,7 +215,7 @@ def _online(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     teacher = {"teacher_params": n_t, "k": data.vocab_size, "temperature": tau, "lam": d.lam}
     per_token = float(forward_flops(n_t, rho=loaded.config.rho, context=data.seq_len, vocab=data.vocab_size))
     return Objective(source, loss, teacher_fingerprint=loaded.fingerprint, teacher=teacher,
-                     teacher_flops_per_token=per_token)
+                     teacher_flops_per_token=per_token, split=loop.split)
 
 
 def _teacher_columns(cfg: TrainJobConfig, objective: Objective, data: TokenData,
@@ -413,7 +429,7 @@ def _train(
     """The run proper (rank 0 under OUT's lock): train, evaluate, save the model, append its row."""
     student, loop, rt = built.student, cfg.loop, cfg.runtime
     n_params = student.non_embedding_params()
-    steps, per_step = plan_steps(cfg, n_params, data.seq_len)
+    steps, per_step = plan_steps(cfg, n_params, trained_per_row(data, objective.split))
     student.to(world.device)
     trainer = Trainer(
         student, objective.source, objective.loss,
@@ -426,8 +442,8 @@ def _train(
     # Each rank evaluates at its share of the batch, the size it trained at.
     metrics = evaluate(student, data, max_rows=rt.eval_rows, batch_size=loop.batch_size // world.size,
                        world=world, step_module=trainer.step_module)
-    flops = training_flops(n_params, result.tokens, rho=built.rho, context=data.seq_len,
-                           vocab=data.vocab_size)
+    positions = steps * loop.batch_size * data.seq_len  # run, trained or not
+    flops = training_flops(n_params, positions, rho=built.rho, context=data.seq_len, vocab=data.vocab_size)
     row = RunRow(
         run_id=rt.run_id or out.name,
         kind=cfg.kind,
@@ -436,7 +452,7 @@ def _train(
         loss=metrics.loss,
         **_teacher_columns(cfg, objective, data, world),
         ece=metrics.ece,
-        flops=flops + objective.teacher_flops_per_token * result.tokens,
+        flops=flops + objective.teacher_flops_per_token * positions,
         wall_s=result.wall_s,
         tokens_per_s=result.tokens / result.wall_s,
         **built.shape,

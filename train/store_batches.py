@@ -37,13 +37,21 @@ from kdcache.train.errors import TrainError
 
 
 def check_store_matches(path: str, meta: StoreMeta, data: TokenData) -> None:
-    """Refuse a store whose vocabulary, tokenizer or sequence length differ from the data's."""
+    """Refuse a store whose vocabulary, tokenizer, sequence length or loss mask differ from the data's.
+
+    The mask (which positions are trained, where documents start) is compared by its
+    fingerprint for the split the store cached: a store of other masks would train the
+    student on prompts, or on targets the teacher computed across documents.
+    """
+    split = meta.data.split
+    mask = data.mask_fingerprint(split) if split in data.meta["splits"] else ""
     mismatches = [
         (name, ours, theirs)
         for name, ours, theirs in (
             ("vocab_size", meta.vocab_size, data.vocab_size),
             ("seq_len", meta.seq_len, data.seq_len),
             ("data.tokenizer", meta.data.tokenizer, data.tokenizer_fingerprint),
+            ("data.mask_fingerprint", meta.data.mask_fingerprint, mask),
         )
         if ours != theirs
     ]

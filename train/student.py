@@ -9,6 +9,11 @@ The losses project hidden states to logits in chunks of positions themselves (se
 - `--student DIR`: a local Hugging Face directory, trained on from its weights;
 - `--student-config FILE.json`: any `transformers` config, trained from scratch.
 
+Rows that pack documents come with position ids (restarting at 0 per document): the
+family turns them into RoPE positions and a block-diagonal mask itself; an HF student
+gets them as `position_ids` plus the 4D additive mask (`attention.py`: `sdpa` and
+`eager` need it), or the position ids alone under flash attention, which reads them.
+
 A student's output layer may pad the tokenizer's vocabulary (Qwen rounds 151,646 ids
 up to 151,936 rows): losses and evaluation read only the first `vocab` rows, the real
 ids, so padded rows never receive probability mass or gradient. A student with fewer
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +35,15 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kdcache.storage.model_record import ModelRecord, remove_model_record, write_json, write_model_record
+from kdcache.storage.model_record import ModelRecord, remove_model_record, write_model_record
+from kdcache.train.attention import document_attention_mask, needs_mask, packs_documents
 from kdcache.train.errors import TrainError
-from kdcache.train.model_dir import WEIGHTS, file_sha256
+from kdcache.train.model_dir import WEIGHTS, copy_tokenizer, file_sha256
 
 
 class Student(nn.Module):
-    """A trainable causal LM: `forward(input_ids) -> hidden [B, T, d]`, `head() -> [rows, d]`.
+    """A trainable causal LM: `forward(input_ids, position_ids=None) -> hidden [B, T, d]`,
+    `head() -> [rows, d]`.
 
     The wrapped model (`lm`) is a submodule, so DDP and FSDP wrap a `Student` (or a module
     holding one) as they would the model itself.
@@ -63,8 +69,8 @@ class FamilyStudent(Student):
 
     family = True
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.lm.hidden_states(input_ids)
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        return self.lm.hidden_states(input_ids, position_ids)
 
     def head(self) -> Tensor:
         return self.lm.lm_head.weight
@@ -76,8 +82,13 @@ class FamilyStudent(Student):
 class HFStudent(Student):
     """A `transformers` causal LM: hidden states from its base model, its output embeddings."""
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        out = self.lm.base_model(input_ids=input_ids, use_cache=False)
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        mask = None
+        if packs_documents(position_ids) and needs_mask(self.lm.config._attn_implementation):
+            assert position_ids is not None
+            mask = document_attention_mask(position_ids, self.head().dtype)
+        out = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                                 use_cache=False)
         return out.last_hidden_state
 
     def head(self) -> Tensor:
@@ -179,14 +190,14 @@ def save_hf_student(
     training: dict[str, Any],
     data: dict[str, Any],
 ) -> str:
-    """Write an HF student with `save_pretrained` (one safetensors file), its tokenizer, then
-    kdcache.json last (its presence marks the directory finished); returns the fingerprint."""
+    """Write an HF student with `save_pretrained` (one safetensors file), its tokenizer (with
+    the tokenizer config and chat template found beside `tokenizer`: `model_dir.copy_tokenizer`),
+    then kdcache.json last (its presence marks the directory finished); returns the fingerprint."""
     out.mkdir(parents=True, exist_ok=True)
     remove_model_record(out)
     student.lm.save_pretrained(str(out), state_dict=state, safe_serialization=True,
                                max_shard_size="1000GB")
-    shutil.copyfile(tokenizer, out / "tokenizer.json")
-    write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
+    copy_tokenizer(Path(tokenizer), out)
     fingerprint = file_sha256(out / WEIGHTS)
     write_model_record(out, ModelRecord(
         fingerprint=fingerprint, nonembedding_params=student.non_embedding_params(),

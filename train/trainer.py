@@ -7,9 +7,11 @@ training, offline distillation from a store and online distillation share this l
 A step runs the student and its loss in one module's forward (`LossStep`): the student
 gives hidden states, the loss projects them to logits chunk by chunk (`from_hidden`),
 so no step holds [B, T, V], and DDP or FSDP (`distributed.py`) see every parameter,
-the output layer's included, used inside the forward they wrap. Each rank's loss is
-the mean over its own tokens; ranks hold equal token counts, so DDP's gradient average
-is the gradient of the global batch's mean.
+the output layer's included, used inside the forward they wrap. A step's loss is the mean
+over the global batch's trained tokens: ranks may hold different counts of them (chat data
+trains only the assistant's turns), so each rank's sum is divided by the global count (one
+all-reduce of the sums and counts) and scaled by the world size, which DDP's and FSDP's
+gradient average takes back out; every trained token then weighs the same.
 
 Checkpoints hold full (unsharded) state under parameter names, written by rank 0 and
 read by every rank, so a run resumes at any world size, with or without FSDP: the data
@@ -87,7 +89,8 @@ class LossStep(nn.Module):
         self.student = student
 
     def forward(self, fn: Callable[[Tensor, Tensor, Batch], Any], batch: Batch) -> Any:
-        return fn(self.student(batch.inputs), self.student.head()[: self.student.vocab], batch)
+        hidden = self.student(batch.inputs, batch.positions)
+        return fn(hidden, self.student.head()[: self.student.vocab], batch)
 
 
 def as_student(model: nn.Module) -> Student:
@@ -184,17 +187,24 @@ class Trainer:
         set_lr(self.optimizer, factor)
         batch = self.source.next_batch().to(self.device)
         sums = self.step_module(self._loss, batch)
-        loss = sums.total / sums.tokens
-        mean = self.world.mean(loss.item())  # every rank sees the same value, so all stop together
+        tokens, total, metrics = self._global_sums(sums)
+        mean = total / max(tokens, 1)  # every rank sees the same value, so all stop together
         if not math.isfinite(mean):
             raise TrainError(f"loss became non-finite at step {step + 1} (try a lower --lr)")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (sums.total / (max(tokens, 1) / self.world.size)).backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.settings.grad_clip))
         self.optimizer.step()
-        metrics = {k: self.world.mean(v / sums.tokens) for k, v in sums.metrics.items()}
-        tokens = sums.tokens * self.world.size
+        metrics = {k: v / max(tokens, 1) for k, v in metrics.items()}
         return mean, tokens, StepInfo(step + 1, mean, metrics, grad_norm, factor)
+
+    def _global_sums(self, sums: LossSums) -> tuple[int, float, dict[str, float]]:
+        """(trained tokens, loss sum, metric sums) over every rank's share of the step: one
+        all-reduce (float64 holds the counts exactly up to 2^53)."""
+        names = sorted(sums.metrics)
+        local = [float(sums.tokens), sums.total.item(), *(sums.metrics[k] for k in names)]
+        reduced = self.world.sum_(torch.tensor(local, dtype=torch.float64)).tolist()
+        return int(reduced[0]), reduced[1], dict(zip(names, reduced[2:], strict=True))
 
     def run(self) -> LoopResult:
         """Train to `cfg.steps`, resuming from the checkpoint directory if it holds state."""

@@ -86,15 +86,17 @@ class CacheResult:
     shards_written: int
     """Shards this run computed (the rest were committed before)."""
     tokens_written: int
+    """Trained positions this run wrote targets for (every position of text data)."""
     seconds: float
     """From the first shard dispatched to the last committed (Ray and teacher start-up excluded)."""
     tokens_per_s: float
     complete: bool
     valid_loss: float | None
-    """L_T: the teacher's cross-entropy on the data's valid split (None: the data has no valid rows)."""
+    """L_T: the teacher's cross-entropy on the trained positions of the data's valid split (None:
+    the data has no valid rows)."""
     valid_tokens: int | None
     teacher_loss: float | None
-    """Mean NLL over the cached split (None until the store is complete)."""
+    """Mean NLL over the cached split's trained positions (None until the store is complete)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -92,8 +92,9 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
 
 def _valid_loss(cfg: CacheConfig, actors: list[Any], data: TokenData,
                 meta: StoreMeta) -> tuple[float, int] | None:
-    """L_T: the teacher's cross-entropy on the data's valid split, in `shard_rows` pieces over
-    the actors, summed in row order (so it does not depend on the number of workers).
+    """L_T: the teacher's cross-entropy on the data's valid split (its trained positions), in
+    `shard_rows` pieces over the actors, summed in row order (so it does not depend on the
+    number of workers).
 
     A kdcache teacher records the validation loss it reached in training; when that was
     measured on the same rows it must agree, or the weights are not the ones that were scored.
@@ -106,6 +107,8 @@ def _valid_loss(cfg: CacheConfig, actors: list[Any], data: TokenData,
             for i, start in enumerate(range(0, rows, cfg.shard_rows))]
     sums: list[tuple[float, int]] = [_get(ref) for ref in refs]
     nll, tokens = sum(s[0] for s in sums), sum(s[1] for s in sums)
+    if tokens == 0:
+        return None  # the valid rows train nothing: no loss to measure
     _check_recorded_loss(cfg.teacher, data, nll / tokens, tokens)
     return nll / tokens, tokens
 
@@ -165,7 +168,8 @@ def _store_meta(cfg: CacheConfig, described: TeacherDescription, data: TokenData
         kind=cfg.kind, k=k, vocab_size=vocab, seq_len=data.seq_len, temperature=cfg.temperature,
         teacher=described.info,
         data=DataInfo(fingerprint=data.split_fingerprint(cfg.split), split=cfg.split,
-                      rows=_split_rows(data, cfg), tokenizer=data.tokenizer_fingerprint),
+                      rows=_split_rows(data, cfg), tokenizer=data.tokenizer_fingerprint,
+                      mask_fingerprint=data.mask_fingerprint(cfg.split)),
         shard_rows=cfg.shard_rows,
         chunk_rows=suggest_chunk_rows(data.seq_len, k, cfg.shard_rows),
         draws=cfg.draws if cfg.kind == "sampled" else None,

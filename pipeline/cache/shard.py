@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from kdcache.pipeline.cache.teachers import TargetSpec, Teacher
+from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import ShardEntry, StoreMeta, StoreWriter
-from kdcache.storage.tokens.format import TokenData
+from kdcache.storage.tokens.format import Rows, TokenData
 
 
 def target_spec(meta: StoreMeta, seed: int) -> TargetSpec:
@@ -25,12 +26,24 @@ def cache_shard(teacher: Teacher, data: TokenData, split: str, writer: StoreWrit
     """Run `teacher` over the shard's rows of `data`'s `split`, then write and commit it.
 
     The reader refuses ids outside the data's vocabulary (the store's `vocab_size`), so
-    the teacher only ever sees valid ids.
+    the teacher only ever sees valid ids. Where the data packs documents the store keeps
+    the rows' loss mask and position ids beside the targets.
     """
     meta = writer.meta
     start, stop = meta.shard_bounds(shard)
-    rows = np.asarray(data.read(split, slice(start, stop)), dtype=np.int32)
+    rows = data.read_rows(split, slice(start, stop))
     arrays = teacher.targets(rows, target_spec(meta, meta.seed), start)
     padded = arrays.pop("padded_mass", None)
     mass = None if padded is None else float(np.asarray(padded, dtype=np.float64).sum())
+    arrays["tokens"] = rows.tokens.astype(np.int32)
+    if meta.documents:
+        arrays.update(document_arrays(rows))
     return writer.write_shard(shard, arrays, padded_mass_sum=mass)
+
+
+def document_arrays(rows: Rows) -> dict[str, np.ndarray]:
+    """The store's `loss_mask` (uint8) and `position_ids` (int32) rows, as the data holds them."""
+    if rows.loss_mask is None or rows.position_ids is None:
+        raise PipelineError("the store records documents but the token data has no loss_mask and "
+                            "position_ids (its field 'data.mask_fingerprint' does not match the data)")
+    return {"loss_mask": rows.loss_mask.astype(np.uint8), "position_ids": rows.position_ids.astype(np.int32)}

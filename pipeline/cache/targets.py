@@ -1,7 +1,10 @@
 """Turn a teacher's logits into the arrays a logit store holds (topk, full or sampled).
 
-Pure torch, float32, one batch of rows at a time. Every quantity is normalised over the
-whole vocabulary: top-k log-probs are not renormalised over k. The tail, the log of the
+Pure torch, float32, over a flat run of positions: the trained positions of a batch of
+rows, gathered before the output layer so that untrained ones are never projected, and
+placed back into rows afterwards (`place_trained`), the others holding the store's fill.
+Every quantity is normalised over the whole vocabulary: top-k log-probs are not
+renormalised over k. The tail, the log of the
 probability outside the top k, is the log-sum-exp of the logits outside the top k minus
 the log-normaliser. Computed as log(1 - sum of the k probabilities) it would cancel: at a
 peaked position the k probabilities sum to 1 in float32 while the true tail is ~1e-6,
@@ -19,11 +22,13 @@ Padded output layers (Qwen2.5: 151,665 tokens over 151,936 rows) are cut to the
 tokenizer's `vocab` ids before anything else, so every quantity is normalised over the
 real ids; the probability mass the padded rows held is returned per position as
 `padded_mass` (not a store array: the cache job sums it into the ledger). Logits arrive
-in any dtype and on any device; the arithmetic is float32 there, and only [B, T, k]-sized
+in any dtype and on any device; the arithmetic is float32 there, and only [N, k]-sized
 results move to the host.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -32,31 +37,34 @@ from torch import Tensor
 from kdcache.pipeline.cache.teachers import TargetSpec
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import id_dtype
+from kdcache.storage.layout import untrained_fill
 
 
 def targets_from_logits(
-    logits: Tensor, tokens: np.ndarray, spec: TargetSpec, first_row: int, position: int = 0
+    logits: Tensor, next_ids: np.ndarray, spec: TargetSpec, rows: np.ndarray, positions: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Store arrays for rows `tokens` [B, T+1] given the teacher's logits [B, T, rows].
+    """Store arrays for N positions given the teacher's logits there [N, output rows].
 
-    `position` is where these T positions start in their rows (the caller may project
-    a row's positions in chunks); it seeds the sampled kind's draws with the rows.
+    `next_ids` [N] are the true next tokens; `rows` [N] (the split's row index) and
+    `positions` [N] (the position within that row) say where each one is: they seed the
+    sampled kind's draws, and the first row names where non-finite logits came from.
     """
-    rows = logits.shape[-1]
-    if rows < spec.vocab:
-        raise PipelineError(f"teacher output layer has {rows} rows, fewer than the vocabulary {spec.vocab}")
+    out_rows = logits.shape[-1]
+    if out_rows < spec.vocab:
+        raise PipelineError(f"teacher output layer has {out_rows} rows, fewer than the vocabulary "
+                            f"{spec.vocab}")
     full = logits.float()
     logits = full[..., : spec.vocab]
-    nxt = torch.from_numpy(tokens[:, 1:].astype(np.int64)).unsqueeze(-1).to(logits.device)
+    nxt = torch.from_numpy(np.asarray(next_ids, dtype=np.int64)).unsqueeze(-1).to(logits.device)
     scaled = logits if spec.temperature == 1.0 else logits / spec.temperature
-    # NaN or +inf anywhere in a row's logits shows up in its log-normaliser.
+    # NaN or +inf anywhere in a position's logits shows up in its log-normaliser.
     logz = torch.logsumexp(scaled, -1, keepdim=True)
     logz1 = logz if spec.temperature == 1.0 else torch.logsumexp(logits, -1, keepdim=True)
     if not (torch.isfinite(logz).all() and torch.isfinite(logz1).all()):
-        raise PipelineError(f"teacher produced non-finite logits for rows from {first_row}")
+        raise PipelineError(f"teacher produced non-finite logits for rows from {int(rows.min())}")
     target = (logits.gather(-1, nxt) - logz1).squeeze(-1)
-    out = {"tokens": tokens.astype(np.int32), "target_logprob": _host(target)}
-    if rows > spec.vocab:  # 1 - Z_real / Z_all, at temperature 1
+    out = {"target_logprob": _host(target)}
+    if out_rows > spec.vocab:  # 1 - Z_real / Z_all, at temperature 1
         out["padded_mass"] = _host(-torch.expm1(logz1 - torch.logsumexp(full, -1, keepdim=True))[..., 0])
     else:
         out["padded_mass"] = np.zeros(target.shape, dtype=np.float32)
@@ -69,7 +77,18 @@ def targets_from_logits(
     elif spec.kind == "full":
         out["logprobs"] = _host(scaled - logz).astype(np.float16)
     else:
-        out.update(_sampled(scaled - logz, spec, first_row, position))
+        out.update(_sampled(scaled - logz, spec, rows, positions))
+    return out
+
+
+def place_trained(flat: dict[str, np.ndarray], trained: np.ndarray, draws: int = 0) -> dict[str, np.ndarray]:
+    """Arrays of the trained positions ([N, ...], row-major order of `trained` [B, T]) as
+    [B, T, ...] arrays whose untrained positions hold the store's fill (`untrained_fill`)."""
+    out = {}
+    for name, values in flat.items():
+        grid = untrained_fill(name, (*trained.shape, *values.shape[1:]), values.dtype, draws)
+        grid[trained] = values
+        out[name] = grid
     return out
 
 
@@ -77,33 +96,34 @@ def _host(x: Tensor) -> np.ndarray:
     return x.detach().cpu().numpy()
 
 
-def _sampled(logp: Tensor, spec: TargetSpec, first_row: int, position: int) -> dict[str, np.ndarray]:
+def _sampled(logp: Tensor, spec: TargetSpec, rows: np.ndarray,
+             positions: np.ndarray) -> dict[str, np.ndarray]:
     """`draws` samples per position, stored as unique ids with counts, most probable first.
 
-    Each row's positions draw from a generator seeded by (seed, row index, first position),
-    so the samples do not depend on how rows are batched or which worker runs them.
+    Each run of one row's positions draws from a generator seeded by (seed, row index, the
+    run's first position), so the samples do not depend on which worker runs the rows.
     """
-    b, t, _ = logp.shape
+    n = logp.shape[0]
     logp = logp.cpu()
     probs = logp.exp()
-    samples = torch.empty(b, t, spec.draws, dtype=torch.int64)
-    for i in range(b):
-        seed = spec.seed * 1_000_003 + first_row + i + position * 1_000_000_007
+    samples = torch.empty(n, spec.draws, dtype=torch.int64)
+    runs = np.flatnonzero(np.diff(rows, prepend=-1) != 0).tolist()
+    for lo, hi in itertools.pairwise([*runs, n] if n else []):
+        seed = spec.seed * 1_000_003 + int(rows[lo]) + int(positions[lo]) * 1_000_000_007
         gen = torch.Generator().manual_seed(seed)
-        samples[i] = torch.multinomial(probs[i], spec.draws, replacement=True, generator=gen)
-    s = samples.view(b * t, spec.draws).sort(-1).values
+        samples[lo:hi] = torch.multinomial(probs[lo:hi], spec.draws, replacement=True, generator=gen)
+    s = samples.sort(-1).values
     starts = torch.ones_like(s, dtype=torch.bool)
     starts[:, 1:] = s[:, 1:] != s[:, :-1]
     slot = starts.long().cumsum(-1) - 1
     ids = torch.zeros_like(s).scatter_(1, slot, s)
     counts = torch.zeros_like(s).scatter_add_(1, slot, torch.ones_like(s))
     used = torch.arange(spec.draws).expand_as(s) < starts.sum(-1, keepdim=True)
-    lp = logp.view(b * t, -1).gather(1, ids).masked_fill(~used, float("-inf"))
+    lp = logp.gather(1, ids).masked_fill(~used, float("-inf"))
     order = torch.sort(lp, dim=-1, descending=True, stable=True).indices
     ids, counts, lp = (x.gather(1, order) for x in (ids, counts, lp))
-    shape = (b, t, spec.draws)
     return {
-        "ids": ids.masked_fill(counts == 0, 0).view(shape).numpy().astype(id_dtype(spec.vocab)),
-        "logprobs": lp.masked_fill(counts == 0, 0.0).view(shape).numpy().astype(np.float16),
-        "counts": counts.view(shape).numpy().astype(np.uint8),
+        "ids": ids.masked_fill(counts == 0, 0).numpy().astype(id_dtype(spec.vocab)),
+        "logprobs": lp.masked_fill(counts == 0, 0.0).numpy().astype(np.float16),
+        "counts": counts.numpy().astype(np.uint8),
     }

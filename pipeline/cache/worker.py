@@ -83,12 +83,14 @@ class CacheWorker:
                                   tokenizer=token_ids(tok) if tok is not None else None)
 
     def valid_nll(self, start: int, stop: int, meta: StoreMeta) -> tuple[float, int]:
-        """The teacher's NLL sum and token count over rows [start, stop) of the valid split."""
+        """The teacher's NLL sum and token count over the trained positions of rows
+        [start, stop) of the valid split (every position where the data packs no documents)."""
         teacher, data = self._load()
-        rows = np.asarray(data.read("valid", slice(start, stop)), dtype=np.int32)
+        rows = data.read_rows("valid", slice(start, stop))
         spec = TargetSpec(kind="topk", k=1, temperature=1.0, vocab=meta.vocab_size, draws=0, seed=0)
         logprob = np.asarray(teacher.targets(rows, spec, start)["target_logprob"], dtype=np.float64)
-        return float(-logprob.sum()), int(logprob.size)
+        trained = rows.trained()
+        return float(-logprob[trained].sum()), int(trained.sum())
 
     def process(self, shard: int, meta: StoreMeta) -> ShardEntry:
         teacher, data = self._load()

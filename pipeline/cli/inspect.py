@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from kdcache.storage import summarize
 
-HELP = ("Show a logit store's metadata, committed rows/shards, bytes on disk and bytes per token; "
-        "exit 1 if it is damaged.")
+HELP = ("Show a logit store's metadata, committed rows/shards, bytes on disk and bytes per token "
+        "(and per trained token where the data has a loss mask); exit 1 if it is damaged.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +43,7 @@ def run(cfg: Config) -> int:
         f"size         {info['bytes']:,} bytes"
         + (f", {per_token:.1f} bytes/token ({info['target_bytes_per_token']:.1f} for targets)"
            if per_token else ""),
+        *_trained(info, data),
         f"teacher_loss {loss:.4f} nats/token (cached-split NLL)" if loss is not None
         else "teacher_loss (not complete)",
         f"L_T          {_valid(meta)}",
@@ -53,6 +54,20 @@ def run(cfg: Config) -> int:
         count = len(info["damaged"])
         print(f"{cfg.store}: damaged ({count} problem(s)); run kdcache verify", file=sys.stderr)
     return status
+
+
+def _trained(info: dict, data: dict) -> list[str]:
+    """Where the data's loss mask leaves positions untrained: bytes per trained token, the
+    figure that matters for chat data (untrained positions hold fill values costing ~nothing)."""
+    trained, per_trained = info["trained_tokens"], info["bytes_per_trained_token"]
+    if not data.get("mask_fingerprint"):
+        return []
+    share = f" ({trained / info['tokens']:.0%} of positions)" if info["tokens"] else ""
+    line = f"trained      {trained:,} tokens{share}"
+    if per_trained:
+        line += (f", {per_trained:.1f} bytes/trained token "
+                 f"({info['target_bytes_per_trained_token']:.1f} for targets)")
+    return [line]
 
 
 def _valid(meta: dict) -> str:

@@ -130,6 +130,16 @@ def _sweep(grid: list) -> Callable[[Path], None]:
     return apply
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}")
+CHAT = ("prepare --format chat --tokenizer {w}/chattok/tokenizer.json --out {w}/d2 --quiet "
+        "--source {w}/chat.jsonl")
+
+
+def _chat(*records: object) -> Callable[[Path], None]:
+    return _write("chat.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+
 TRAIN = "train --data {w}/data --layers 1 --rho 32 --tokens 2000 --batch-size 4 --threads 1 --quiet"
 HF = "train --data {w}/data --tokens 2000 --batch-size 4 --threads 1 --quiet"
 CACHE = "cache --teacher {w}/teacher --data {w}/data --workers 1 --k 8 --shard-rows 16 --quiet"
@@ -166,6 +176,20 @@ CASES = [
          r"ds: a datasets save_to_disk directory without dataset_info.json",
          _write("ds/state.json", '{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')),
     Case("prepare-workers", "prepare --out {w}/d2 --workers 0", r"--workers must be >= 1"),
+    Case("prepare-chat-no-messages", CHAT, r"chat.jsonl:1: missing column 'messages'", _chat({"text": "hi"})),
+    Case("prepare-chat-not-a-list", CHAT, r"chat.jsonl#0: field 'messages'", _chat({"messages": "hi"})),
+    Case("prepare-chat-unknown-role", CHAT, r"chat.jsonl#0: field 'messages'\[0\].role is 'bot'",
+         _chat({"messages": [{"role": "bot", "content": "x"}]})),
+    Case("prepare-chat-content-type", CHAT, r"chat.jsonl#0: field 'messages'\[0\].content",
+         _chat({"messages": [{"role": "user", "content": 3}]})),
+    Case("prepare-chat-no-assistant", CHAT, r"chat.jsonl#0: .*no assistant",
+         _chat({"messages": [{"role": "user", "content": "x"}]})),
+    Case("prepare-chat-no-template", CHAT.replace("chattok/", "data/"),
+         r"data/tokenizer.json: .*chat template",
+         _chat({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})),
+    Case("prepare-chat-text-source", CHAT.replace("chat.jsonl", "a.txt"),
+         r"a.txt: a text file, but --format chat",
+         _write("a.txt", "plain text")),
     # train
     Case("train-no-data", TRAIN.replace("{w}/data", "{w}/nodata") + " --out {w}/s",
          r"nodata: not a token data"),
@@ -287,6 +311,9 @@ CASES = [
          r"--plot lies below", _write("afile", "x")),
     Case("fit-corrupt-runs", "fit --runs {w}/runs.parquet --law supervised", r"runs.parquet: not a readable",
          _write("runs.parquet", "PAR1 garbage")),
+    Case("train-store-of-another-mask",
+         TRAIN.replace("{w}/data", "{w}/cdata-last") + " --out {w}/s --distill {w}/cstore.zarr",
+         r"cstore.zarr: field 'data.mask_fingerprint' is .* but the student's data .*cdata-last has"),
     Case("fit-string-in-loss", "fit --runs {w}/x.csv --law supervised",
          r"x.csv: column 'loss' must hold numbers",
          _write("x.csv", "kind,params,tokens,loss\nsupervised,1e8,2e9,3.1\nsupervised,2e8,4e9,abc\n")),
@@ -321,9 +348,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w = tmp_path_factory.mktemp("world") / "w"
     assert main(["prepare", "--out", str(w / "data"), "--vocab-size", str(VOCAB), "--seq-len", str(SEQ_LEN),
                  "--max-tokens", "8000", "--quiet"]) == 0
+    (w / "chattok").mkdir()
+    shutil.copy(w / "data" / "tokenizer.json", w / "chattok" / "tokenizer.json")
+    (w / "chattok" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    turns = [("user", "question {}?"), ("assistant", "yes"), ("user", "and?"), ("assistant", "answer {}")]
+    _chat(*({"messages": [{"role": r, "content": c.format(i)} for r, c in turns]} for i in range(60)))(w)
+    for name, train_on in (("cdata", "all"), ("cdata-last", "last")):  # one data, two masks
+        argv = CHAT.format(w=w).replace(f"{w}/d2", str(w / name)).split()
+        assert main([*argv, "--seq-len", "256", "--train-on", train_on]) == 0
+    (w / "chat.jsonl").unlink()
     make_teacher(w / "teacher", w / "data")
     make_teacher(w / "teacher-v256", w / "data", vocab=256)
     assert main([*CACHE.format(w=w).split(), "--out", str(w / "store.zarr")]) == 0
+    assert main([*CACHE.format(w=w).replace("/data", "/cdata").split(), "--out", str(w / "cstore.zarr")]) == 0
     for i in range(3):
         append_run(w / "runs.parquet", RunRow(run_id=f"r{i}", kind="supervised", params=1000 * (i + 1),
                                               tokens=20000, loss=4.0 - i / 10))

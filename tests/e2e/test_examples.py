@@ -1,5 +1,6 @@
-"""The examples run: a Hugging Face student distilled from a store with `transformers.Trainer`,
-and with a plain loop on 2 torchrun ranks (gloo)."""
+"""The examples run: a Hugging Face student distilled from a store with `transformers.Trainer`
+(from a text store, and from a chat store with gradient accumulation), and with a plain loop
+on 2 torchrun ranks (gloo)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from kdcache.pipeline.cli import main
+from kdcache.storage.tokens.writer import write_documents
+from tests.train.conftest import CHAT_EOS, CHAT_SEQ_LEN, chat_splits, word_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -36,6 +39,18 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "store", config
 
 
+@pytest.fixture(scope="module")
+def chat_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A top-k store of a teacher trained on conversations packed by document."""
+    root = tmp_path_factory.mktemp("chat-example")
+    write_documents(root / "data", word_tokenizer(), CHAT_SEQ_LEN, chat_splits(), eos_token_id=CHAT_EOS)
+    assert main(["train", "--data", str(root / "data"), "--split", "teacher", "--out", str(root / "teacher"),
+                 "--layers", "1", "--rho", "32", "--tokens", "8000", "--quiet", "--threads", "1"]) == 0
+    assert main(["cache", "--teacher", str(root / "teacher"), "--data", str(root / "data"),
+                 "--out", str(root / "store"), "--k", "16", "--shard-rows", "32"]) == 0
+    return root / "store"
+
+
 def _run(cmd: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -52,6 +67,14 @@ def test_hf_trainer_example(store: tuple[Path, Path], tmp_path: Path) -> None:
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+def test_hf_trainer_example_on_chat_data_with_gradient_accumulation(
+    store: tuple[Path, Path], chat_store: Path, tmp_path: Path
+) -> None:
+    _, config = store
+    _run([sys.executable, str(EXAMPLES / "hf_trainer_distill.py"), "--store", str(chat_store),
+          "--student-config", str(config), "--out", str(tmp_path / "out"), "--grad-accum", "2"])
+
+
 def test_torchrun_example_on_two_ranks(store: tuple[Path, Path]) -> None:
     path, config = store
     with socket.socket() as s:
@@ -62,3 +85,11 @@ def test_torchrun_example_on_two_ranks(store: tuple[Path, Path]) -> None:
                    str(EXAMPLES / "torchrun_distill.py"), "--store", str(path),
                    "--student-config", str(config)])
     assert result["world"] == 2
+
+
+def test_torchrun_example_on_chat_data(store: tuple[Path, Path], chat_store: Path) -> None:
+    """Packed conversations through the plain loop: position ids and the document mask reach the student."""
+    _, config = store
+    result = _run([sys.executable, str(EXAMPLES / "torchrun_distill.py"), "--store", str(chat_store),
+                   "--student-config", str(config)])
+    assert result["world"] == 1

@@ -1,5 +1,6 @@
 """Hugging Face students through `kdcache train`: from a config or a directory, supervised,
-offline and online, a padded output layer, and 2 Ray Train ranks against 1."""
+offline and online, a padded output layer, 2 Ray Train ranks against 1, and chat data (a
+student distilled on conversations is a drop-in chat model)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ import pytest
 import torch
 
 from kdcache.pipeline.cli import main
+from kdcache.storage.tokens.writer import write_documents
+from tests.train.conftest import (
+    CHAT_EOS,
+    CHAT_SEQ_LEN,
+    CHAT_VOCAB,
+    add_chat_template,
+    chat_splits,
+    word_tokenizer,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -132,3 +142,34 @@ def test_a_killed_tied_student_resumes_exactly(world: dict[str, Path], tmp_path:
     resumed = _train(world, out, *flags)
     assert resumed["loss_history"] == whole["loss_history"][step:]
     assert resumed["loss"] == whole["loss"]
+
+
+def test_an_hf_student_distilled_on_chat_data_is_a_drop_in_chat_model(world: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """Conversations packed by document (a third of the targets trained), a teacher and a store
+    of them, an HF student distilled from it: its directory carries the data's tokenizer config
+    and chat template, so `AutoTokenizer.apply_chat_template` and the model load from it alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_documents(tmp_path / "chat", word_tokenizer(), CHAT_SEQ_LEN, chat_splits(),
+                           eos_token_id=CHAT_EOS)
+    add_chat_template(data.path)
+    assert main(["train", "--data", str(data.path), "--split", "teacher", "--out", str(tmp_path / "teacher"),
+                 "--layers", "1", "--rho", "32", "--tokens", "8000", "--quiet", "--threads", "1"]) == 0
+    assert main(["cache", "--teacher", str(tmp_path / "teacher"), "--data", str(data.path),
+                 "--out", str(tmp_path / "store"), "--k", "16", "--shard-rows", "32"]) == 0
+    out, llama = tmp_path / "student", str(world["llama"])
+    assert main(["train", "--data", str(data.path), "--out", str(out), "--student-config", llama,
+                 "--distill", str(tmp_path / "store"), "--tokens", "4000", "--batch-size", "8", "--quiet",
+                 "--threads", "1", "--runs", str(tmp_path / "runs.parquet")]) == 0
+    row = pq.read_table(tmp_path / "runs.parquet").to_pylist()[0]
+    # --tokens counts trained tokens: whole steps of ~8 rows' mean, so within a step's positions.
+    assert row["kind"] == "distill" and abs(row["tokens"] - 4000) < 8 * CHAT_SEQ_LEN
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (data.path / name).read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "t20 t21"}, {"role": "assistant", "content": "t30"}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert ids == [2, 4, 20, 21, 3, 2, 9, 30, 3] and tokenizer.eos_token == f"t{CHAT_EOS}"
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert model(torch.tensor([ids])).logits.shape[-1] == PADDED_ROWS >= CHAT_VOCAB

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdcache.storage import JOB_LOG, DataInfo, StoreMeta, TeacherInfo, id_dtype
+from kdcache.storage import ARRAYS_BY_KIND, JOB_LOG, DataInfo, StoreMeta, TeacherInfo, id_dtype
+from kdcache.storage.layout import untrained_fill
 
 
 def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, chunk_rows=2,
-              draws=None, teacher="teacher-a", temperature=1.0) -> StoreMeta:
+              draws=None, teacher="teacher-a", temperature=1.0, documents=False) -> StoreMeta:
     if kind == "full":
         k = vocab
     if kind == "sampled":
@@ -21,13 +22,41 @@ def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, 
         kind=kind, k=k, vocab_size=vocab, seq_len=seq_len, temperature=temperature,
         teacher=TeacherInfo(name=teacher, fingerprint=f"fp-{teacher}", params=1000,
                             nonembedding_params=800),
-        data=DataInfo(fingerprint="data-fp", split="student", rows=rows, tokenizer="tok-fp"),
+        data=DataInfo(fingerprint="data-fp", split="student", rows=rows, tokenizer="tok-fp",
+                      mask_fingerprint="mask-fp" if documents else ""),
         shard_rows=shard_rows, chunk_rows=chunk_rows, draws=draws,
     )
 
 
 def make_rows(meta: StoreMeta, seed: int = 0) -> dict[str, np.ndarray]:
-    """Valid arrays for every row of the store, from a random teacher distribution."""
+    """Valid arrays for every row of the store, from a random teacher distribution (with
+    random documents and loss mask, targets only where trained, when `meta.documents`)."""
+    out = _target_rows(meta, seed)
+    return with_documents(meta, out, seed) if meta.documents else out
+
+
+def with_documents(meta: StoreMeta, rows: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """`rows` packing random documents: ~1 in 4 tokens starts one (never the second, so every
+    row trains at least its second token), ~60% of the rest are trained, and untrained
+    positions hold the fill values."""
+    rng = np.random.default_rng(seed + 1)
+    r, width = rows["tokens"].shape
+    starts = rng.random((r, width)) < 0.25
+    starts[:, 0], starts[:, 1:2] = True, False
+    index = np.arange(width)
+    positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    mask = (rng.random((r, width)) < 0.6) & ~starts
+    mask[:, 1:2] = True
+    out = {**rows, "loss_mask": mask.astype(np.uint8), "position_ids": positions.astype(np.int32)}
+    untrained = ~mask[:, 1:]
+    for name in ARRAYS_BY_KIND[meta.kind][1:]:
+        value = out[name].copy()
+        value[untrained] = untrained_fill(name, value[untrained].shape, value.dtype, meta.draws or 0)
+        out[name] = value
+    return out
+
+
+def _target_rows(meta: StoreMeta, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     r, t, v, k = meta.rows, meta.seq_len, meta.vocab_size, meta.k
     logits = rng.normal(size=(r, t, v)) * 3

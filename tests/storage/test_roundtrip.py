@@ -1,4 +1,5 @@
-"""Write, read back, bit-exact: property-based over kinds, shapes, k and vocab sizes."""
+"""Write, read back, bit-exact: property-based over kinds, shapes, k and vocab sizes, with and
+without documents (a loss mask and position ids beside the targets)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def metas(draw):
         k=draw(st.integers(1, min(vocab, 8))),
         shard_rows=chunk_rows * draw(st.integers(1, 3)),
         chunk_rows=chunk_rows,
+        documents=draw(st.booleans()),
     )
 
 
@@ -56,7 +58,9 @@ def test_roundtrip_bit_exact(meta, seed, data):
         for name, values in rows.items():
             assert bytes_equal(np.concatenate([b[name] for b in streamed]), values), name
         assert verify_store(path) == []
-        expected_loss = float(-rows["target_logprob"].astype(np.float64).mean())
+        # Over trained positions only, where the rows carry a loss mask.
+        trained = rows["loss_mask"][:, 1:] == 1 if meta.documents else slice(None)
+        expected_loss = float(-rows["target_logprob"][trained].astype(np.float64).mean())
         assert abs(reader.meta.teacher_loss - expected_loss) < 1e-9 * max(1.0, expected_loss)
 
 

@@ -124,6 +124,23 @@ def test_two_torchrun_ranks_train_the_one_rank_model(
     assert pq.read_table(tmp_path / "runs.parquet").to_pylist() == rows
 
 
+def test_two_ranks_on_chat_data_weigh_every_trained_token_alike(chat_data: TokenData, tmp_path: Path) -> None:
+    """Chat rows hold different numbers of trained tokens, so the two ranks' halves of a batch
+    do too: each rank's sum is divided by the global count (not its own), and the 2-rank run
+    is the 1-rank run up to reduction order, as for text (the bounds above)."""
+    from kdcache.train.run import trained_per_row
+
+    tokens = int(STEPS * BATCH * trained_per_row(chat_data, "student"))
+    one = _flags(chat_data, tmp_path / "one", tokens=tokens, eval_rows=None)
+    run_training(TrainJobConfig.from_flat(**one))
+    done = torchrun(_flags(chat_data, tmp_path / "two", tokens=tokens, eval_rows=None))
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, ours = _training(tmp_path / "one"), _training(tmp_path / "two")
+    assert ours["world"] == 2 and reference["tokens"] < STEPS * BATCH * chat_data.seq_len
+    assert ours["eval_tokens"] == reference["eval_tokens"] == chat_data.trained_tokens("valid")
+    _assert_same_run(ours, reference)
+
+
 def test_fsdp_over_two_ranks_trains_the_one_rank_model(tiny_data: TokenData, one_rank: dict,
                                                         tmp_path: Path) -> None:
     out = tmp_path / "m"

@@ -1,6 +1,7 @@
 """Teacher backends behind one interface, chosen by name (`--backend native|hf|vllm`).
 
-A teacher turns rows of token ids [B, T+1] into the arrays of a logit store. `native`
+A teacher turns rows of token ids [B, T+1], with their loss mask and position ids when
+they pack documents (`Rows`), into the target arrays of a logit store. `native`
 runs a kdcache MODEL directory with our own torch model; `hf` runs any local Hugging
 Face causal LM through `transformers`; `vllm` runs vLLM's offline engine with
 prompt log-probs. Backends are imported only when chosen, so this module stays light
@@ -17,6 +18,7 @@ import numpy as np
 
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import Kind, TeacherInfo
+from kdcache.storage.tokens.format import Rows
 
 Backend = Literal["native", "hf", "vllm"]
 """A teacher backend's name; `BACKENDS` says which class runs each."""
@@ -47,9 +49,14 @@ class Teacher(Protocol):
     tokenizer_json: bytes | None
     """The teacher's tokenizer.json, when its directory has one."""
 
-    def targets(self, rows: np.ndarray, spec: TargetSpec, first_row: int) -> dict[str, np.ndarray]:
-        """Store arrays for `rows` (int32 [B, T+1]) over the real ids `spec.vocab`, plus
-        `padded_mass` [B, T] (or None when the backend cannot see it); `first_row` seeds sampling."""
+    def targets(self, rows: Rows, spec: TargetSpec, first_row: int) -> dict[str, np.ndarray]:
+        """Target arrays [B, T, ...] for `rows` (tokens [B, T+1]) over the real ids `spec.vocab`,
+        plus `padded_mass` [B, T] (or None when the backend cannot see it); `first_row` is the
+        split's index of the first row (it seeds sampling).
+
+        Each document of a row (`rows.position_ids` restart at 0) is run in its own context,
+        as if it were alone at the start of a row; targets are computed at trained positions
+        only (`rows.trained()`), the others hold the store's fill (`layout.untrained_fill`)."""
         ...
 
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, TorchTeacher, default_device, resolve_dtype
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import TeacherInfo
+from kdcache.train.attention import document_attention_mask, needs_mask, packs_documents
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
@@ -75,8 +76,15 @@ class HFTeacher(TorchTeacher):
         tok = root / "tokenizer.json"
         self.tokenizer_json = tok.read_bytes() if tok.is_file() else None
 
-    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.base_model(input_ids=ids).last_hidden_state
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        if positions is None or not packs_documents(positions):
+            return self.model.base_model(input_ids=ids, position_ids=positions).last_hidden_state
+        # Position ids alone do not keep documents apart under sdpa or eager attention: the
+        # additive 4D mask does under both (flash attention reads the position ids instead).
+        mask = (document_attention_mask(positions, DTYPES[self.dtype])
+                if needs_mask(getattr(self.model.config, "_attn_implementation", None)) else None)
+        return self.model.base_model(input_ids=ids, position_ids=positions,
+                                     attention_mask=mask).last_hidden_state
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)

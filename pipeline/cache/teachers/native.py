@@ -42,8 +42,8 @@ class NativeTeacher(TorchTeacher):
         tok = Path(path) / "tokenizer.json"
         self.tokenizer_json = tok.read_bytes() if tok.is_file() else None
 
-    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.model(ids)
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return self.model.model(ids, position_ids=positions)  # masks packed documents itself
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)

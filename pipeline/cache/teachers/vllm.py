@@ -10,6 +10,10 @@ which is asked for too. Where 1 - sum cancels (a peaked position, its true tail 
 or less) the stored tail is that lower bound instead of zero. Prefix caching is off: it
 has corrupted prompt log-probs before.
 
+Rows that pack documents are split into them: each document with a trained target is its
+own prompt (so it sees only itself, positions from 0), and its log-probs are placed back
+at its row's positions; untrained positions hold the store's fill. Padding is never sent.
+
 A padded output layer (more rows than the tokenizer has ids): vLLM's log-probs are over
 every row it computes, and vLLM already drops its own padding in its logits processor
 (`logits[..., :org_vocab_size]`). The engine's `org_vocab_size` is set to the tokenizer's
@@ -24,6 +28,7 @@ set here for this engine's control messages (no data passes that way).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import threading
@@ -34,11 +39,13 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from kdcache.pipeline.cache.targets import place_trained
 from kdcache.pipeline.cache.teachers import TargetSpec
 from kdcache.pipeline.cache.teachers.hf import checkpoint_dtype, weights_fingerprint
 from kdcache.pipeline.cache.teachers.torch_teacher import default_device, resolve_dtype
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import TeacherInfo, id_dtype
+from kdcache.storage.tokens.format import Rows
 
 CPU_STEP_TOKENS = 4096  # vLLM's max_num_batched_tokens for the LLM class on CPU
 MIN_KV_BYTES = 64 << 20
@@ -84,7 +91,7 @@ class VLLMTeacher:
         tok = root / "tokenizer.json"
         self.tokenizer_json = tok.read_bytes() if tok.is_file() else None
 
-    def targets(self, rows: np.ndarray, spec: TargetSpec, first_row: int) -> dict[str, np.ndarray]:
+    def targets(self, rows: Rows, spec: TargetSpec, first_row: int) -> dict[str, np.ndarray]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -95,30 +102,56 @@ class VLLMTeacher:
         ranks = spec.k + int(spec.k < spec.vocab)  # the (k+1)-th bounds the tail from below
         params = SamplingParams(max_tokens=1, prompt_logprobs=ranks, detokenize=False,
                                 flat_logprobs=True)
-        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in row]) for row in rows]
+        tokens, trained = rows.tokens, rows.trained()
+        spans = documents(rows)
+        prompts = [TokensPrompt(prompt_token_ids=tokens[r, a:z].tolist()) for r, a, z in spans]
         with self._lock:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        b, t = rows.shape[0], rows.shape[1] - 1
+            outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        b, t = trained.shape
         ids = np.zeros((b, t, ranks), dtype=np.int64)
         logprobs = np.zeros((b, t, ranks), dtype=np.float64)
         target = np.zeros((b, t), dtype=np.float64)
-        for i, out in enumerate(outputs):
-            _fill_row(out.prompt_logprobs, rows[i], ranks, ids[i], logprobs[i], target[i])
+        for (r, a, z), out in zip(spans, outputs, strict=True):
+            # The document's prompt position j + 1 holds the row's position a + j.
+            _fill_row(out.prompt_logprobs, tokens[r, a:z], ranks, ids[r, a : z - 1], logprobs[r, a : z - 1],
+                      target[r, a : z - 1])
+        ids, logprobs, target = ids[trained], logprobs[trained], target[trained]
         if not (np.isfinite(logprobs).all() and np.isfinite(target).all()):
             raise PipelineError(f"teacher produced non-finite log-probs for rows from {first_row}")
         top = logprobs[..., : spec.k]
         floor = np.exp(logprobs[..., spec.k]) if ranks > spec.k else 0.0
         with np.errstate(divide="ignore"):
             tail = np.log(np.maximum(1.0 - np.exp(top).sum(-1), floor))
-        padded = None if self.vocab < self.output_rows else np.zeros((b, t), np.float32)
-        return {
-            "padded_mass": padded,
-            "tokens": rows.astype(np.int32),
+        flat = {
             "ids": ids[..., : spec.k].astype(id_dtype(self.vocab)),
             "logprobs": top.astype(np.float16),
             "tail_logmass": tail.astype(np.float32),
             "target_logprob": target.astype(np.float32),
         }
+        placed = place_trained(flat, trained)
+        placed["padded_mass"] = None if self.vocab < self.output_rows else np.zeros((b, t), np.float32)
+        return placed
+
+
+def documents(rows: Rows) -> list[tuple[int, int, int]]:
+    """(row, start, stop) of every document with a trained target: its tokens are
+    `rows.tokens[row, start:stop]`, and it predicts the row's positions start..stop - 2.
+
+    Every trained target lies inside one: a document's first token is never trained, so
+    a trained position and the token it predicts share a document. Padding and documents
+    with nothing trained are not submitted at all.
+    """
+    trained = rows.trained()
+    n, width = rows.tokens.shape
+    if rows.position_ids is None:
+        starts = [np.zeros(1, np.int64)] * n
+    else:
+        starts = [np.flatnonzero(p == 0) for p in rows.position_ids]
+    out = []
+    for r in range(n):
+        bounds = [*starts[r].tolist(), width]
+        out += [(r, a, z) for a, z in itertools.pairwise(bounds) if z - a > 1 and trained[r, a : z - 1].any()]
+    return out
 
 
 def _fill_row(flat: Any, row: np.ndarray, k: int, ids: np.ndarray,

