@@ -35,6 +35,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import Delta
 
 from kdcache.storage.metadata import Kind, StoreMeta
+from kdcache.storage.tokens import format as token_format
 
 ARRAYS_BY_KIND: dict[Kind, tuple[str, ...]] = {
     "topk": ("tokens", "ids", "logprobs", "tail_logmass", "target_logprob"),
@@ -42,9 +43,10 @@ ARRAYS_BY_KIND: dict[Kind, tuple[str, ...]] = {
     "sampled": ("tokens", "ids", "logprobs", "counts", "target_logprob"),
 }
 
-DOCUMENT_ARRAYS: tuple[str, ...] = ("loss_mask", "position_ids")
+DOCUMENT_ARRAYS: tuple[str, ...] = tuple(token_format.DOCUMENT_ARRAYS)
 """The arrays a store over data packed by document adds (`StoreMeta.documents`), copied from
-the token data's rows: which tokens are trained targets, where each document starts."""
+the token data's rows with their names and dtypes: which tokens are trained targets, where
+each document starts."""
 
 # Unwritten rows read as obviously invalid values through plain zarr.
 _FILL = {"tokens": -1, "ids": 0, "counts": 0, "loss_mask": 255, "position_ids": -1}
@@ -90,8 +92,7 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
         "tail_logmass": ArraySpec("tail_logmass", np.dtype(np.float32), (t,)),
         "target_logprob": ArraySpec("target_logprob", np.dtype(np.float32), (t,)),
         "counts": ArraySpec("counts", np.dtype(np.uint8), (t, k)),
-        "loss_mask": ArraySpec("loss_mask", np.dtype(np.uint8), (t + 1,)),
-        "position_ids": ArraySpec("position_ids", np.dtype(np.int32), (t + 1,)),
+        **{name: ArraySpec(name, dtype, (t + 1,)) for name, dtype in token_format.DOCUMENT_ARRAYS.items()},
     }
     return {name: every[name] for name in array_names(meta)}
 

@@ -113,18 +113,16 @@ def ray_pieces(units: list[Any], tok: Any, eos: int | None, *, workers: int, col
 
 
 def _table_pieces(table: Any) -> Iterator[Piece]:
-    def values(column: str, i: int, dtype: Any) -> np.ndarray | None:
-        if column not in table.column_names:
-            return None
+    def values(column: str, i: int, dtype: Any) -> np.ndarray:
         return np.asarray(table.column(column)[i].values.to_numpy(zero_copy_only=False), dtype=dtype)
 
+    documents = "masks" in table.column_names  # stream text has no masks or lengths
     splits = table.column("split").to_numpy()
     docs, nbytes = table.column("docs").to_numpy(), table.column("nbytes").to_numpy()
     for i in range(len(table)):
-        tokens = values("tokens", i, np.int32)
-        assert tokens is not None
-        yield (int(splits[i]), tokens, values("masks", i, np.uint8), values("lengths", i, np.int32),
-               int(docs[i]), int(nbytes[i]))
+        mask = values("masks", i, np.uint8) if documents else None
+        lengths = values("lengths", i, np.int32) if documents else None
+        yield int(splits[i]), values("tokens", i, np.int32), mask, lengths, int(docs[i]), int(nbytes[i])
 
 
 def domain_error(exc: BaseException) -> BaseException:
