@@ -31,6 +31,8 @@ DIVERGENCES = ("kl_forward", "kl_reverse")
 TAILS = ("tail", "renormalize", "none")
 """The top-k tail modes (`kd_losses.TAIL_MODES` is keyed by these)."""
 TOKENS_PER_PARAM = 20  # the paper's default budget D = 20 N
+LOGS = ("jsonl", "tensorboard")
+LORA_SAVES = ("merged", "adapter")
 
 
 def _at_least_one(owner: object, names: tuple[str, ...], *, optional: bool = False) -> None:
@@ -59,6 +61,13 @@ class StudentSettings:
     """Attention head size (family)."""
     qk_norm: bool = False
     """QK-norm in attention (family; exports as Qwen3, since Llama has none)."""
+    lora_rank: int | None = None
+    """Fine-tune a pretrained --student through LoRA adapters of this rank (peft); only they train."""
+    lora_alpha: float | None = None
+    """LoRA scaling alpha (the update is alpha / rank * B A; default 2 * --lora-rank)."""
+    lora_targets: list[str] | None = None
+    """Module names LoRA adapts (default: every linear layer of the decoder blocks, i.e. the
+    attention and MLP projections)."""
 
     def __post_init__(self) -> None:
         given = [n for n in ("layers", "student", "student_config") if getattr(self, n) is not None]
@@ -66,51 +75,126 @@ class StudentSettings:
             flags = " / ".join(f"--{n.replace('_', '-')}" for n in ("layers", "student", "student_config"))
             raise TrainError(f"give exactly one of {flags}" + (f", got {len(given)}" if given else ""))
         _at_least_one(self, ("rho", "head_dim"))
-        _at_least_one(self, ("layers",), optional=True)
+        _at_least_one(self, ("layers", "lora_rank"), optional=True)
+        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise TrainError("--lora-alpha and --lora-targets need --lora-rank")
+        if self.lora_rank is not None and self.student is None:
+            raise TrainError("--lora-rank adapts a pretrained --student DIR; the "
+                             f"{'family (--layers)' if self.family else '--student-config'} student is "
+                             "trained from scratch, every weight (drop --lora-rank)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise TrainError(f"--lora-alpha must be positive, got {self.lora_alpha}")
 
     @property
     def family(self) -> bool:
         return self.layers is not None
 
+    @property
+    def pretrained(self) -> bool:
+        """Trained on from pretrained weights (`--student DIR`): fine-tuning defaults apply."""
+        return self.student is not None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The optimiser settings a run uses: `LoopSettings`' flags, each defaulted by the kind of student."""
+
+    lr: float
+    warmup_frac: float
+    final_lr_frac: float
+    weight_decay: float
+    z_loss: float
+    grad_clip: float = 1.0
+
+
+SCRATCH = Recipe(lr=3e-3, warmup_frac=0.05, final_lr_frac=0.1, weight_decay=1e-4, z_loss=1e-4)
+"""Students trained from scratch (`--layers`, `--student-config`): the muP family's tuned settings
+(the learning rate is at the muP base width, d_model 128, and muP rescales it per width; decoupled
+weight decay 1e-4 per step and z-loss 1e-4 as in the scaling-law study this recipe comes from)."""
+FINE_TUNE = Recipe(lr=2e-5, warmup_frac=0.03, final_lr_frac=0.0, weight_decay=0.0, z_loss=0.0)
+"""Pretrained students (`--student DIR`): the usual supervised fine-tuning recipe of the Hugging Face
+stack. 2e-5 is TRL's `SFTConfig` default learning rate and the one DistillKit's example configs use;
+a 3% warmup and a cosine decay to zero are the Alpaca/FastChat recipe; no weight decay (Hugging
+Face's default; kdcache's decay is per step, not scaled by the learning rate, so 1e-4 would shrink
+a pretrained model's weights by 10% over 1,000 steps) and no z-loss (a pretrained model's log-partition
+is not near zero, and pulling it there is not what fine-tuning is for)."""
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True, kw_only=True)
 class LoopSettings:
-    """How it is trained: the split, the budget, the optimiser and the data order."""
+    """How it is trained: the split, the budget, the optimiser and the data order.
+
+    The optimiser's flags default by the kind of student (`recipe`): `SCRATCH` for students
+    trained from scratch, `FINE_TUNE` for a pretrained `--student DIR`; a flag given wins.
+    The budget is one of `--tokens`, `--epochs` and `--max-steps`; without any, a student trained
+    from scratch gets 20 tokens per non-embedding parameter and a pretrained one one epoch.
+    """
 
     split: str = "student"
     """Token split to train on: teacher | student (a --distill store brings its own rows)."""
     tokens: int | None = None
-    """Training tokens D (default 20 per non-embedding parameter)."""
+    """Training budget in trained tokens (default: 20 per non-embedding parameter from scratch,
+    one epoch for a pretrained --student)."""
+    epochs: float | None = None
+    """Training budget in passes over the split's (or the store's) rows (instead of --tokens)."""
+    max_steps: int | None = None
+    """Training budget in optimiser steps (instead of --tokens or --epochs)."""
     batch_size: int = 16
-    """Sequences per optimizer step, over all ranks (split evenly between them)."""
-    lr: float = 3e-3
-    """Peak learning rate (family: at the muP base width d_model 128; muP rescales it per width)."""
-    warmup_frac: float = 0.05
-    """Fraction of steps spent warming up linearly."""
-    final_lr_frac: float = 0.1
-    """Cosine schedule ends at this fraction of the peak learning rate."""
-    weight_decay: float = 1e-4
-    """Decoupled weight decay per step (independent of the learning rate)."""
+    """Sequences per optimizer step, over all ranks and accumulated micro-batches."""
+    lr: float | None = None
+    """Peak learning rate (default 3e-3 from scratch, at the muP base width d_model 128 for the family,
+    which muP rescales per width; 2e-5 for a pretrained --student)."""
+    warmup_frac: float | None = None
+    """Fraction of steps spent warming up linearly (default 0.05 from scratch, 0.03 fine-tuning)."""
+    final_lr_frac: float | None = None
+    """Cosine schedule ends at this fraction of the peak learning rate (default 0.1 from scratch,
+    0 fine-tuning)."""
+    weight_decay: float | None = None
+    """Decoupled weight decay per step, independent of the learning rate (default 1e-4 from
+    scratch, 0 fine-tuning)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this."""
-    z_loss: float = 1e-4
-    """Weight of the z-loss log(Z)^2."""
+    z_loss: float | None = None
+    """Weight of the z-loss log(Z)^2 (default 1e-4 from scratch, 0 fine-tuning)."""
+    precision: str = "fp32"
+    """fp32 | bf16: bf16 runs the student's forward and backward under bf16 autocast, with float32
+    weights, optimiser state, checkpoints and losses."""
     seed: int = 0
     """Seed for init and data order."""
 
     def __post_init__(self) -> None:
         if self.split not in TRAIN_SPLITS:
             raise TrainError(f"--split must be one of {TRAIN_SPLITS}, got {self.split!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         _at_least_one(self, ("batch_size",))
-        _at_least_one(self, ("tokens",), optional=True)
-        if not self.lr > 0:
+        _at_least_one(self, ("tokens", "max_steps"), optional=True)
+        budgets = [f"--{n.replace('_', '-')}" for n in ("tokens", "epochs", "max_steps")
+                   if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise TrainError(f"give one training budget, not {' and '.join(budgets)}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise TrainError(f"--epochs must be positive, got {self.epochs}")
+        if self.lr is not None and not self.lr > 0:
             raise TrainError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_frac <= 1:
+        if self.warmup_frac is not None and not 0 <= self.warmup_frac <= 1:
             raise TrainError(f"--warmup-frac must lie in [0, 1], got {self.warmup_frac}")
-        if not (self.grad_clip > 0 and self.weight_decay >= 0):
-            raise TrainError("lr and grad_clip must be positive, weight_decay non-negative")
-        if not 0 <= self.final_lr_frac <= 1:
-            raise TrainError(f"final_lr_frac {self.final_lr_frac} must lie in [0, 1]")
+        if not self.grad_clip > 0:
+            raise TrainError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise TrainError(f"--weight-decay must be non-negative, got {self.weight_decay}")
+        if self.z_loss is not None and not self.z_loss >= 0:
+            raise TrainError(f"--z-loss must be non-negative, got {self.z_loss}")
+        if self.final_lr_frac is not None and not 0 <= self.final_lr_frac <= 1:
+            raise TrainError(f"--final-lr-frac must lie in [0, 1], got {self.final_lr_frac}")
+
+    def recipe(self, *, pretrained: bool) -> Recipe:
+        """The optimiser settings in effect: the flags given, the student kind's defaults for the rest."""
+        base = FINE_TUNE if pretrained else SCRATCH
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(Recipe)
+                 if getattr(self, f.name) is not None}
+        return dataclasses.replace(base, **given)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +239,19 @@ class RuntimeSettings:
     """Validation rows to evaluate (default all)."""
     checkpoint_every: int = 200
     """Steps between resumable checkpoints (0: none)."""
+    eval_every: int = 0
+    """Steps between validation evaluations recorded in the metrics log (0: only at the end)."""
+    log: str = "jsonl"
+    """Where step metrics go besides OUT/metrics.jsonl: jsonl (that file alone) | tensorboard
+    (also OUT/tensorboard, through the tensorboard package)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step on each rank: the global --batch-size is split into
+    world size x --grad-accum micro-batches (memory, not the result, changes)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder block in backward instead of keeping its activations."""
+    lora_save: str = "merged"
+    """With --lora-rank: merged (OUT is the full model, adapters folded in) | adapter (OUT is a
+    peft adapter directory over the --student)."""
     device: str = "cpu"
     """torch device to train on ("cpu", "cuda"; under torchrun each rank takes cuda:LOCAL_RANK)."""
     threads: int | None = None
@@ -175,7 +272,13 @@ class RuntimeSettings:
             raise TrainError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if self.checkpoint_every < 0:
             raise TrainError("--checkpoint-every must be >= 0")
-        _at_least_one(self, ("workers",))
+        _at_least_one(self, ("workers", "grad_accum"))
+        if self.eval_every < 0:
+            raise TrainError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.log not in LOGS:
+            raise TrainError(f"--log must be one of {LOGS}, got {self.log!r}")
+        if self.lora_save not in LORA_SAVES:
+            raise TrainError(f"--lora-save must be one of {LORA_SAVES}, got {self.lora_save!r}")
         # Checked here, not where used: evaluation and threads come after hours of training.
         _at_least_one(self, ("eval_rows", "threads"), optional=True)
 
@@ -238,6 +341,11 @@ class TrainJobConfig:
         """The runs table's `kind`: supervised | distill | online."""
         d = self.distillation
         return "distill" if d.distill else "online" if d.online_teacher else "supervised"
+
+    @property
+    def recipe(self) -> Recipe:
+        """The optimiser settings in effect (`LoopSettings.recipe` for this kind of student)."""
+        return self.loop.recipe(pretrained=self.student.pretrained)
 
     def identity(self) -> dict[str, Any]:
         """What the run computes, as settings: the identity groups (paths as given)."""

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from kdcache.train.attention import document_causal_mask, packs_documents
 from kdcache.train.config import ModelConfig
@@ -126,6 +127,8 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.max_position = cfg.max_position
+        self.gradient_checkpointing = False
+        """Keep only each block's input for backward, which reruns the block (`--gradient-checkpointing`)."""
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         x = self.embed_tokens(input_ids)
@@ -138,7 +141,10 @@ class Backbone(nn.Module):
             if packs_documents(position_ids):  # one document a row needs no mask beyond causal
                 mask = document_causal_mask(position_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
 

@@ -3,8 +3,9 @@
 A directory holds `config.json` (LlamaConfig fields; Qwen3 when QK-norm is on),
 `model.safetensors` (the state dict under transformers' names), `tokenizer.json`,
 `tokenizer_config.json` (the data's own when it has one, with its special tokens and chat
-template, and `chat_template.jinja` when the data has that: so `AutoTokenizer`'s
-`apply_chat_template` works on a student as on its teacher), and `kdcache.json`
+template, and `special_tokens_map.json` and `chat_template.jinja` when the data has those: so
+`AutoTokenizer`'s `apply_chat_template` works on a student as on its teacher),
+`generation_config.json` (the data's, else its bos, eos and pad ids), and `kdcache.json`
 (`kdcache.storage.model_record`: the model config, N, the weights' fingerprint, how it was
 trained). `kdcache.json` is written last, so its presence marks a complete directory.
 Plain Hugging Face Llama directories without it load too, when their shape fits the family.
@@ -22,6 +23,8 @@ from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from transformers import GenerationConfig
 
 from kdcache.storage.model_record import (
     MODEL_RECORD,
@@ -37,8 +40,11 @@ from kdcache.train.model import Transformer
 
 WEIGHTS = "model.safetensors"
 SUPPORTED_TYPES = ("llama", "qwen3")
-TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja")
-"""Copied from beside tokenizer.json when there (`kdcache prepare` keeps the tokenizer's own)."""
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+"""Copied from beside tokenizer.json when there (`kdcache prepare --tokenizer` keeps the tokenizer's own)."""
+SPECIAL_IDS = ("bos", "eos", "pad")
+"""The special tokens a generation config names by id."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,24 +70,41 @@ def file_sha256(path: Path) -> str:
 
 
 def copy_tokenizer(tokenizer: Path, out: Path, *, eos_token_id: int | None = None) -> None:
-    """Copy tokenizer.json and the `TOKENIZER_FILES` beside it into `out`.
+    """Make `out` a drop-in model's tokenizer: tokenizer.json and the `TOKENIZER_FILES` beside it.
 
-    Without a tokenizer_config.json there, write one that loads tokenizer.json as a fast
-    tokenizer, naming the end-of-text token when `eos_token_id` is given.
+    Without a tokenizer_config.json there (a tokenizer `kdcache prepare` trained), write one that
+    loads tokenizer.json as a fast tokenizer, naming the end-of-text token (`eos_token_id`) as its
+    end and padding token. Without a generation_config.json there, write one naming the bos, eos
+    and pad ids of the tokenizer config, so `generate` stops where the tokenizer ends a turn.
+    Files a save wrote before (transformers' own generation config) are replaced: the data's
+    tokenizer is the one the model was trained on.
     """
     shutil.copyfile(tokenizer, out / "tokenizer.json")
     for name in TOKENIZER_FILES:
         if (tokenizer.parent / name).is_file():
             shutil.copyfile(tokenizer.parent / name, out / name)
-    if (tokenizer.parent / TOKENIZER_FILES[0]).is_file():
-        return
-    tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    if eos_token_id is not None:
-        vocab = json.loads(tokenizer.read_text()).get("added_tokens", [])
-        names = [t["content"] for t in vocab if t.get("id") == eos_token_id]
-        if names:
-            tok_cfg["eos_token"] = names[0]
-    write_json(out / TOKENIZER_FILES[0], tok_cfg)
+    config_path = out / TOKENIZER_FILES[0]
+    if not (tokenizer.parent / TOKENIZER_FILES[0]).is_file():
+        tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if eos_token_id is not None:
+            eos = Tokenizer.from_file(str(tokenizer)).id_to_token(eos_token_id)
+            if eos is not None:
+                tok_cfg |= {"eos_token": eos, "pad_token": eos}
+        write_json(config_path, tok_cfg)
+    if not (tokenizer.parent / "generation_config.json").is_file():
+        _write_generation_config(out, json.loads(config_path.read_text()))
+
+
+def _write_generation_config(out: Path, tok_cfg: dict[str, Any]) -> None:
+    vocab = Tokenizer.from_file(str(out / "tokenizer.json"))
+    ids: dict[str, int] = {}
+    for name in SPECIAL_IDS:
+        token = tok_cfg.get(f"{name}_token")
+        content = token.get("content") if isinstance(token, dict) else token
+        found = vocab.token_to_id(content) if isinstance(content, str) else None
+        if found is not None:
+            ids[f"{name}_token_id"] = found
+    GenerationConfig(**ids).save_pretrained(str(out))
 
 
 def save_model_dir(

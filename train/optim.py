@@ -18,7 +18,8 @@ by 1/m.) Weight decay is fully decoupled: each step multiplies matrices by
 norm gains are not decayed.
 
 A Hugging Face student has no muP parametrisation: every parameter takes `lr`, and
-matrices decay while vectors (norm gains, biases) do not, the usual AdamW recipe.
+matrices decay while vectors (norm gains, biases) do not, the usual AdamW recipe. Frozen
+parameters (a LoRA student's base weights) are left out.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float) -> list[di
     checkpointing; (matrices, vectors) for any other model."""
     lm = model.lm if isinstance(model, Student) else model
     if not isinstance(lm, Transformer):
-        params = list(lm.parameters())
+        params = [p for p in lm.parameters() if p.requires_grad]  # LoRA freezes the base weights
         groups: dict[str, dict] = {
             "matrices": {"params": [p for p in params if p.ndim >= 2], "lr": lr, "decay": weight_decay},
             "vectors": {"params": [p for p in params if p.ndim < 2], "lr": lr, "decay": 0.0},

@@ -34,6 +34,7 @@ appends the row from `kdcache.json` and trains nothing. When the row is there, o
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -57,14 +58,15 @@ from kdcache.storage import read_meta
 from kdcache.storage.model_record import MODEL_RECORD, has_model_record, read_model_record
 from kdcache.storage.runs import RunRow, append_run, check_appendable, has_run
 from kdcache.storage.tokens.format import TokenData, open_token_data
-from kdcache.train.batches import BatchSource, TokenBatches
+from kdcache.train.batches import BatchSource, OrderedBatches, TokenBatches
 from kdcache.train.config import ModelConfig
 from kdcache.train.distributed import World
 from kdcache.train.errors import TrainError
-from kdcache.train.evaluate import evaluate
+from kdcache.train.evaluate import EvalResult, evaluate
 from kdcache.train.job import TOKENS_PER_PARAM, TrainJobConfig
 from kdcache.train.kd_losses import DistillLoss
 from kdcache.train.losses import LossFn, NextTokenLoss
+from kdcache.train.metrics_log import MetricsLog, check_tensorboard
 from kdcache.train.model import build_model
 from kdcache.train.model_dir import file_sha256, load_model_dir, save_model_dir
 from kdcache.train.online import OnlineTeacherBatches, check_teacher_matches
@@ -79,7 +81,7 @@ from kdcache.train.student import (
     new_hf_student,
     save_hf_student,
 )
-from kdcache.train.trainer import LoopConfig, Trainer
+from kdcache.train.trainer import LoopConfig, StepInfo, Trainer
 
 CHECKPOINT_DIR = "checkpoint"
 LOCK = ".kdcache-train.lock"
@@ -118,13 +120,45 @@ def trained_per_row(data: TokenData, split: str) -> float:
     return data.trained_tokens(split) / data.rows(split)
 
 
-def plan_steps(cfg: TrainJobConfig, n_params: int, per_row: float) -> tuple[int, int]:
-    """(steps, trained tokens per step) for the token budget of trained tokens, rounding the
-    budget up to whole steps; `per_row` is the rows' mean of trained tokens (`trained_per_row`)."""
+@dataclass(frozen=True)
+class Plan:
+    """How long a run trains: its steps, from whichever budget was given."""
+
+    steps: int
+    tokens_per_step: int
+    """Trained tokens a step takes on average (the budget's unit)."""
+    rows: int
+    """Rows in one pass over the data the run reads (the split, or the store)."""
+    batch_size: int
+    budget: str
+    """What set the length, as the user would say it."""
+
+    @property
+    def passes(self) -> float:
+        """Passes over the rows (an epoch is rows // batch_size global batches)."""
+        return self.steps / max(1, self.rows // self.batch_size)
+
+
+def plan_steps(cfg: TrainJobConfig, n_params: int, per_row: float, rows: int) -> Plan:
+    """The run's steps from `--tokens` (trained tokens, rounded up to whole steps; `per_row` is the
+    rows' mean of trained tokens, `trained_per_row`), `--epochs` (passes over the `rows` the run
+    reads, an epoch being rows // batch_size global batches) or `--max-steps`; by default 20
+    tokens per parameter from scratch and one epoch for a pretrained student."""
     loop = cfg.loop
-    budget = loop.tokens if loop.tokens is not None else TOKENS_PER_PARAM * n_params
     per_step = max(loop.batch_size * per_row, 1.0)
-    return max(1, math.ceil(budget / per_step)), round(per_step)
+    epoch = max(1, rows // loop.batch_size)
+    if loop.max_steps is not None:
+        steps, budget = loop.max_steps, f"--max-steps {loop.max_steps}"
+    elif loop.epochs is not None:
+        steps, budget = math.ceil(loop.epochs * epoch), f"--epochs {loop.epochs:g}"
+    elif loop.tokens is not None:
+        steps, budget = math.ceil(loop.tokens / per_step), f"--tokens {loop.tokens:,}"
+    elif cfg.student.pretrained:
+        steps, budget = epoch, "one epoch (the default for a pretrained --student)"
+    else:
+        tokens = TOKENS_PER_PARAM * n_params
+        steps, budget = math.ceil(tokens / per_step), f"{TOKENS_PER_PARAM} tokens per parameter ({tokens:,})"
+    return Plan(max(1, steps), round(per_step), rows, loop.batch_size, budget)
 
 
 @dataclass(frozen=True)
@@ -175,7 +209,7 @@ def _objective(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     data.rows(loop.split)  # fail early, naming a missing split
     return Objective(TokenBatches(data, loop.split, batch_size=loop.batch_size, seed=loop.seed,
                                   rank=world.rank, world=world.size),
-                     NextTokenLoss(loop.z_loss), split=loop.split)
+                     NextTokenLoss(cfg.recipe.z_loss), split=loop.split)
 
 
 def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
@@ -189,7 +223,7 @@ def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
             f"{d.temperature} (stored log-probs fix the temperature; cache again to change it)"
         )
     loss = DistillLoss(kind=meta.kind, divergence=d.divergence, tail=d.tail, lam=d.lam,
-                       tau=meta.temperature, z_loss=loop.z_loss)
+                       tau=meta.temperature, z_loss=cfg.recipe.z_loss)
     # On CPU a prefetch thread competes with torch's threads for the cores (store_batches.py).
     source = StoreBatches(d.distill, batch_size=loop.batch_size, seed=loop.seed, rank=world.rank,
                           world=world.size, prefetch=0 if cfg.runtime.device == "cpu" else 2)
@@ -210,7 +244,7 @@ def _online(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     source = OnlineTeacherBatches(tokens, loaded.model.to(world.device), temperature=tau,
                                   vocab=data.vocab_size)
     loss = DistillLoss(kind="full", divergence=d.divergence, tail=d.tail, lam=d.lam,
-                       tau=tau, z_loss=loop.z_loss)
+                       tau=tau, z_loss=cfg.recipe.z_loss)
     n_t = loaded.config.non_embedding_params()
     teacher = {"teacher_params": n_t, "k": data.vocab_size, "temperature": tau, "lam": d.lam}
     per_token = float(forward_flops(n_t, rho=loaded.config.rho, context=data.seq_len, vocab=data.vocab_size))
@@ -304,8 +338,30 @@ def check_launch(cfg: TrainJobConfig, world_size: int, *, distributed: bool, her
     if cfg.loop.batch_size % world_size:
         raise TrainError(f"--batch-size {cfg.loop.batch_size} is not divisible by the world size "
                          f"{world_size}")
+    if cfg.loop.batch_size % (world_size * rt.grad_accum):
+        raise TrainError(f"--batch-size {cfg.loop.batch_size} does not split into {world_size} ranks x "
+                         f"--grad-accum {rt.grad_accum} equal micro-batches")
+    if rt.fsdp and cfg.student.lora_rank is not None:
+        raise TrainError("--lora-rank with --fsdp is not supported: LoRA students train data-parallel "
+                         "(their frozen base weights are replicated)")
+    if rt.log == "tensorboard":
+        check_tensorboard()
     if here and rt.device != "cpu" and not torch.cuda.is_available():
         raise TrainError(f"--device {rt.device}: no CUDA device is available")
+    if here and cfg.loop.precision == "bf16":
+        check_bf16(rt.device)
+
+
+def check_bf16(device: str, capability: tuple[int, int] | None = None) -> None:
+    """Refuse `--precision bf16` where the device has no bf16 arithmetic: CUDA GPUs before Ampere
+    (compute capability 8.0; `capability` is the device's, read from it when not given). CPUs run
+    bf16 autocast in software where they lack the instructions (slower, not wrong)."""
+    if device == "cpu":
+        return
+    major, minor = capability or torch.cuda.get_device_capability(torch.device(device))
+    if major < 8:
+        raise TrainError(f"--precision bf16: {device} (compute capability {major}.{minor}) has no bf16 "
+                         "arithmetic (it needs 8.0, Ampere, or newer); use --precision fp32")
 
 
 def run_training(cfg: TrainJobConfig) -> TrainResult:
@@ -423,26 +479,109 @@ def _follower_result(out: Path) -> TrainResult:
     return TrainResult(out=out, row=_recorded_row(out), added_row=True)
 
 
+class _StepHook:
+    """The trainer's `on_step`: log every step (rank 0) and evaluate every `--eval-every` steps
+    (every rank: evaluation is collective). The log opens at the first step, so a resumed run
+    knows where it starts."""
+
+    def __init__(self, cfg: TrainJobConfig, out: Path, data: TokenData, world: World, steps: int) -> None:
+        self.cfg, self.out, self.data, self.world, self.steps = cfg, out, data, world, steps
+        self.log: MetricsLog | None = None
+        self.trainer: Trainer | None = None
+        self.evals: list[dict[str, float]] = []
+
+    def __call__(self, info: StepInfo) -> None:
+        if self.world.main and self.log is None:
+            self.log = MetricsLog(self.out, start_step=info.step - 1,
+                                  tensorboard=self.cfg.runtime.log == "tensorboard")
+        if self.log is not None:
+            self.log.write({"step": info.step, "loss": info.loss, "lr": info.lr, "grad_norm": info.grad_norm,
+                            "tokens": info.tokens, "tokens_per_s": round(info.tokens_per_s, 1),
+                            **info.metrics}, "train")
+        every = self.cfg.runtime.eval_every
+        if every and info.step % every == 0 and info.step < self.steps:
+            self.evaluate(info.step)
+
+    def evaluate(self, step: int) -> EvalResult:
+        assert self.trainer is not None
+        result = evaluate(self.trainer.student, self.data, max_rows=self.cfg.runtime.eval_rows,
+                          batch_size=micro_batch(self.cfg, self.world.size), world=self.world,
+                          step_module=self.trainer.step_module)
+        record = {"step": step, "eval_loss": result.loss, "eval_ece": result.ece,
+                  "eval_tokens": result.tokens}
+        self.evals.append(record)
+        if self.log is not None:
+            self.log.write(record, "eval")
+        return result
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def micro_batch(cfg: TrainJobConfig, world_size: int) -> int:
+    """Rows a rank runs at once: the global batch over the ranks and accumulated micro-batches."""
+    return cfg.loop.batch_size // (world_size * cfg.runtime.grad_accum)
+
+
+def _source_rows(source: BatchSource) -> int:
+    """Rows in one pass over what `source` reads (its `RowOrder`)."""
+    ordered = source.tokens if isinstance(source, OnlineTeacherBatches) else source
+    assert isinstance(ordered, OrderedBatches)
+    return ordered.order.n_rows
+
+
+def _announce(cfg: TrainJobConfig, plan: Plan, objective: Objective, world: World) -> None:
+    """Say at the start what the run will do: the optimiser settings in effect, the batch, the length."""
+    r, rt = cfg.recipe, cfg.runtime
+    kind = ("fine-tuning defaults (pretrained --student)" if cfg.student.pretrained
+            else "from-scratch defaults")
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(r)
+             if getattr(cfg.loop, f.name) is not None and f.name != "grad_clip"]
+    lines = [
+        f"optimiser: AdamW, lr {r.lr:g}, warmup {r.warmup_frac:.0%} ({round(r.warmup_frac * plan.steps)} "
+        f"steps), cosine to {r.final_lr_frac:g} x lr, weight decay {r.weight_decay:g}/step, z-loss "
+        f"{r.z_loss:g}, grad clip {r.grad_clip:g}: {kind}"
+        + (f", with {', '.join(given)} given" if given else ""),
+        f"batch: {cfg.loop.batch_size} rows = {micro_batch(cfg, world.size)} x {rt.grad_accum} micro-batches "
+        f"x {world.size} ranks; precision {cfg.loop.precision}"
+        + ("; gradient checkpointing" if rt.gradient_checkpointing else ""),
+        f"length: {plan.steps:,} steps from {plan.budget}, {plan.passes:.2f} passes over the {plan.rows:,} "
+        f"rows of {'the store' if cfg.distillation.distill else f'split {objective.split!r}'}",
+    ]
+    if plan.passes > 1:
+        lines.append(f"note: the budget is more than one pass, so rows repeat ({plan.passes:.2f} times on "
+                     "average)")
+    world.main_only(lambda: print("\n".join(f"kdcache train: {line}" for line in lines), file=sys.stderr))
+
+
 def _train(
     cfg: TrainJobConfig, out: Path, data: TokenData, objective: Objective, built: BuiltStudent, world: World
 ) -> TrainResult:
     """The run proper (rank 0 under OUT's lock): train, evaluate, save the model, append its row."""
     student, loop, rt = built.student, cfg.loop, cfg.runtime
     n_params = student.non_embedding_params()
-    steps, per_step = plan_steps(cfg, n_params, trained_per_row(data, objective.split))
+    plan = plan_steps(cfg, n_params, trained_per_row(data, objective.split), _source_rows(objective.source))
+    _announce(cfg, plan, objective, world)
+    if rt.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
     student.to(world.device)
+    hook = _StepHook(cfg, out, data, world, plan.steps)
     trainer = Trainer(
         student, objective.source, objective.loss,
-        LoopConfig(steps=steps, settings=loop, checkpoint_every=rt.checkpoint_every),
+        LoopConfig(steps=plan.steps, settings=loop, checkpoint_every=rt.checkpoint_every,
+                   pretrained=cfg.student.pretrained, grad_accum=rt.grad_accum),
         checkpoint_dir=out / CHECKPOINT_DIR,
         run_fingerprint=cfg.fingerprint(data.fingerprint, objective.teacher_fingerprint, built.fingerprint),
-        progress=not rt.quiet, world=world, fsdp=rt.fsdp,
+        progress=not rt.quiet, world=world, fsdp=rt.fsdp, on_step=hook,
     )
-    result = trainer.run()
-    # Each rank evaluates at its share of the batch, the size it trained at.
-    metrics = evaluate(student, data, max_rows=rt.eval_rows, batch_size=loop.batch_size // world.size,
-                       world=world, step_module=trainer.step_module)
-    positions = steps * loop.batch_size * data.seq_len  # run, trained or not
+    hook.trainer = trainer
+    try:
+        result = trainer.run()
+        metrics = hook.evaluate(plan.steps)
+    finally:
+        hook.close()
+    positions = plan.steps * loop.batch_size * data.seq_len  # run, trained or not
     flops = training_flops(n_params, positions, rho=built.rho, context=data.seq_len, vocab=data.vocab_size)
     row = RunRow(
         run_id=rt.run_id or out.name,
@@ -461,26 +600,28 @@ def _train(
         seed=loop.seed,
     )
     state = trainer.full_state()  # every rank: FSDP gathers the shards
-    world.main_only(lambda: _save(cfg, out, data, built, state, row, steps, per_step, result,
-                                  metrics.tokens))
+    world.main_only(lambda: _save(cfg, out, data, built, state, row, plan, result, metrics.tokens,
+                                  hook.evals))
     return TrainResult(out=out, row=row)
 
 
 def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, state: dict[str, Any],
-          row: RunRow, steps: int, per_step: int, result: Any, eval_tokens: int) -> None:
+          row: RunRow, plan: Plan, result: Any, eval_tokens: int, evals: list[dict[str, float]]) -> None:
     """Rank 0: kdcache.json first, holding the row (a kill before the append is healed by a
     rerun), then the row, then the checkpoint's removal."""
-    training = {**row.to_json(), "train_loss": result.final_loss, "eval_tokens": eval_tokens, "steps": steps,
-                "split": cfg.loop.split, "batch_size": cfg.loop.batch_size, "lr": cfg.loop.lr,
-                "tokens_per_step": per_step,
+    training = {**row.to_json(), "train_loss": result.final_loss, "eval_tokens": eval_tokens,
+                "steps": plan.steps, "passes": plan.passes, "split": cfg.loop.split,
+                "batch_size": cfg.loop.batch_size, "grad_accum": cfg.runtime.grad_accum,
+                "precision": cfg.loop.precision, "recipe": dataclasses.asdict(cfg.recipe),
+                "lr": cfg.recipe.lr, "tokens_per_step": plan.tokens_per_step,
                 "world": cfg.runtime.workers if not dist.is_initialized() else dist.get_world_size(),
-                "loss_history": result.history}
+                "loss_history": result.history, "evals": evals}
     trained_on = {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint,
                   "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
     student = built.student
     if isinstance(student, HFStudent):
         save_hf_student(student, state, out, tokenizer=data.tokenizer_path, training=training,
-                        data=trained_on)
+                        data=trained_on, eos_token_id=data.eos_token_id)
     else:
         save_model_dir(student.lm, out, tokenizer=data.tokenizer_path, eos_token_id=data.eos_token_id,
                        training=training, data=trained_on, state=state)

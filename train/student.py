@@ -60,6 +60,10 @@ class Student(nn.Module):
     def head(self) -> Tensor:
         raise NotImplementedError
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each decoder block's input for backward, which reruns the block."""
+        raise NotImplementedError
+
     def non_embedding_params(self) -> int:
         raise NotImplementedError
 
@@ -74,6 +78,9 @@ class FamilyStudent(Student):
 
     def head(self) -> Tensor:
         return self.lm.lm_head.weight
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.lm.model.gradient_checkpointing = True
 
     def non_embedding_params(self) -> int:
         return int(self.lm.non_embedding_params())
@@ -93,6 +100,10 @@ class HFStudent(Student):
 
     def head(self) -> Tensor:
         return self.lm.get_output_embeddings().weight
+
+    def enable_gradient_checkpointing(self) -> None:
+        # Non-reentrant: it works with frozen inputs (LoRA) and under DDP's and FSDP's hooks.
+        self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def non_embedding_params(self) -> int:
         embed = self.lm.get_input_embeddings().weight
@@ -189,6 +200,7 @@ def save_hf_student(
     tokenizer: str | os.PathLike[str],
     training: dict[str, Any],
     data: dict[str, Any],
+    eos_token_id: int | None = None,
 ) -> str:
     """Write an HF student with `save_pretrained` (one safetensors file), its tokenizer (with
     the tokenizer config and chat template found beside `tokenizer`: `model_dir.copy_tokenizer`),
@@ -197,7 +209,7 @@ def save_hf_student(
     remove_model_record(out)
     student.lm.save_pretrained(str(out), state_dict=state, safe_serialization=True,
                                max_shard_size="1000GB")
-    copy_tokenizer(Path(tokenizer), out)
+    copy_tokenizer(Path(tokenizer), out, eos_token_id=eos_token_id)
     fingerprint = file_sha256(out / WEIGHTS)
     write_model_record(out, ModelRecord(
         fingerprint=fingerprint, nonembedding_params=student.non_embedding_params(),

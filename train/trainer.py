@@ -10,8 +10,15 @@ so no step holds [B, T, V], and DDP or FSDP (`distributed.py`) see every paramet
 the output layer's included, used inside the forward they wrap. A step's loss is the mean
 over the global batch's trained tokens: ranks may hold different counts of them (chat data
 trains only the assistant's turns), so each rank's sum is divided by the global count (one
-all-reduce of the sums and counts) and scaled by the world size, which DDP's and FSDP's
-gradient average takes back out; every trained token then weighs the same.
+all-reduce of the counts before the forward) and scaled by the world size, which DDP's and
+FSDP's gradient average takes back out; every trained token then weighs the same. A rank's
+share may run as several micro-batches (`--grad-accum`), each divided by the same count, so
+accumulating them gives the same step as one batch. Under `--precision bf16` the step runs
+under bf16 autocast: weights, gradients, optimiser state and the losses stay float32 (the
+losses upcast each chunk of logits, `losses.head_logits`).
+
+A step whose loss is non-finite, or has risen far above the first step's (`DIVERGED_STEPS`),
+stops the run with one line naming `--lr`, before the optimiser applies it.
 
 Checkpoints hold full (unsharded) state under parameter names, written by rank 0 and
 read by every rank, so a run resumes at any world size, with or without FSDP: the data
@@ -20,22 +27,26 @@ position is a global batch index (`row_order.py`), the same at every world size.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kdcache.train.batches import Batch, BatchSource
 from kdcache.train.checkpoint import full_state, load_checkpoint, restore, save_checkpoint
 from kdcache.train.distributed import World, wrap
 from kdcache.train.errors import TrainError
-from kdcache.train.job import LoopSettings
+from kdcache.train.job import LoopSettings, Recipe
 from kdcache.train.losses import LossFn, LossSums
 from kdcache.train.model import Transformer
 from kdcache.train.optim import build_optimizer, lr_factor, set_lr
@@ -44,21 +55,47 @@ from kdcache.train.student import FamilyStudent, Student
 
 @dataclass(frozen=True, kw_only=True)
 class LoopConfig:
-    """One training loop: the run's `LoopSettings` and what follows from its budget."""
+    """One training loop: the run's `LoopSettings` and what follows from its budget and student."""
 
     steps: int
     settings: LoopSettings = field(default_factory=LoopSettings)
-    """lr, warmup_frac, final_lr_frac, weight_decay and grad_clip (checked there) drive the loop."""
+    """The optimiser flags (`recipe` fills the ones not given), the precision and the data order."""
     checkpoint_every: int = 0
     """Steps between checkpoints; 0 disables them."""
+    pretrained: bool = False
+    """The student starts from pretrained weights: the optimiser defaults are `FINE_TUNE`'s."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step on each rank (the global batch is split, not grown)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise TrainError(f"training needs at least one step, got steps={self.steps}")
+        if self.grad_accum < 1:
+            raise TrainError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.settings.recipe(pretrained=self.pretrained)
 
     @property
     def warmup_steps(self) -> int:
-        return round(self.settings.warmup_frac * self.steps)
+        return round(self.recipe.warmup_frac * self.steps)
+
+
+DIVERGED_STEPS = 3
+"""A run has diverged when the mean loss of its last `DIVERGED_STEPS` steps exceeds
+max(2 L1, L1 + 1 nat), L1 being its first step's loss (the starting weights' loss on the first
+batch). A student trained from scratch starts near ln V (9 nats at V = 8,192), so only a blow-up
+trips it; a pretrained student starts low, and a learning rate that destroys it (the muP
+default 3e-3 took a SmolLM2 student's distillation loss from 0.09 to 8.5 in one step) trips it
+at once. Doubling alone would trip on noise at losses near zero, one nat alone on noise at high
+losses; both must hold."""
+
+
+def diverged(first: float, recent: list[float]) -> bool:
+    """True when the mean of `recent` losses rose far above the `first` (see `DIVERGED_STEPS`)."""
+    mean = sum(recent) / len(recent)
+    return mean > max(2 * first, first + 1.0)
 
 
 @dataclass(frozen=True)
@@ -68,6 +105,12 @@ class StepInfo:
     metrics: dict[str, float]
     grad_norm: float
     lr_factor: float
+    lr: float = 0.0
+    """The peak learning rate times `lr_factor`: what the step used (muP scales it per group)."""
+    tokens: int = 0
+    """Trained tokens of the step, over every rank."""
+    tokens_per_s: float = 0.0
+    """Trained tokens per second of this session so far."""
 
 
 @dataclass(frozen=True)
@@ -141,9 +184,12 @@ class Trainer:
         self.progress, self.on_step = progress and self.world.main, on_step
         self.step_module = wrap(LossStep(self.student), self.world, fsdp=fsdp,
                                 layers=decoder_layers(self.student))
-        self.optimizer = build_optimizer(self.student, lr=cfg.settings.lr,
-                                         weight_decay=cfg.settings.weight_decay)
+        recipe = cfg.recipe
+        self.optimizer = build_optimizer(self.student, lr=recipe.lr, weight_decay=recipe.weight_decay)
         self.device = next(self.student.parameters()).device  # batches follow the model
+        self.autocast = cfg.settings.precision == "bf16"
+        self.first_loss: float | None = None
+        """The first step's loss, the reference of the divergence check (kept in checkpoints)."""
 
     def _loss(self, hidden: Tensor, head: Tensor, batch: Batch) -> LossSums:
         return self.loss_fn.from_hidden(hidden, head, batch)
@@ -165,6 +211,7 @@ class Trainer:
             )
         restore(ckpt, self.step_module, self.optimizer, prefix="student.lm.")
         self.source.load_state_dict(ckpt.info["source"])
+        self.first_loss = ckpt.info.get("first_loss")
         return ckpt.step, int(ckpt.info["tokens"]), float(ckpt.info["wall_s"])
 
     def _save(self, step: int, tokens: int, wall_s: float) -> None:
@@ -175,36 +222,80 @@ class Trainer:
             "tokens": tokens,
             "wall_s": wall_s,
             "world": self.world.size,
+            "first_loss": self.first_loss,
         }
         model, optim = full_state(self.step_module, self.optimizer, prefix="student.lm.")  # every rank
         directory = self.checkpoint_dir
         self.world.main_only(lambda: save_checkpoint(directory, step=step, model=model, optimizer=optim,
                                                      info=info))
 
-    def _step(self, step: int) -> tuple[float, int, StepInfo]:
-        cfg = self.cfg
-        factor = lr_factor(step, total=cfg.steps, warmup=cfg.warmup_steps, final=cfg.settings.final_lr_frac)
+    def _step(self, step: int, recent: list[float]) -> tuple[float, int, StepInfo]:
+        """One optimiser step over the rank's share of a global batch, in `grad_accum` micro-batches.
+
+        Each micro-batch's loss sum is divided by the global batch's trained tokens (counted
+        first, one all-reduce), so the accumulated gradient is the gradient of the step's mean
+        whatever the cut; DDP and FSDP synchronise gradients on the last micro-batch only.
+        """
+        cfg, recipe = self.cfg, self.cfg.recipe
+        factor = lr_factor(step, total=cfg.steps, warmup=cfg.warmup_steps, final=recipe.final_lr_frac)
         set_lr(self.optimizer, factor)
         batch = self.source.next_batch().to(self.device)
-        sums = self.step_module(self._loss, batch)
-        tokens, total, metrics = self._global_sums(sums)
-        mean = total / max(tokens, 1)  # every rank sees the same value, so all stop together
-        if not math.isfinite(mean):
-            raise TrainError(f"loss became non-finite at step {step + 1} (try a lower --lr)")
+        parts = batch.split(cfg.grad_accum)
+        counted = self.world.sum_(torch.tensor([float(batch.tokens)], dtype=torch.float64))
+        tokens = int(counted.item())
+        scale = max(tokens, 1) / self.world.size  # DDP and FSDP average gradients over ranks
         self.optimizer.zero_grad(set_to_none=True)
-        (sums.total / (max(tokens, 1) / self.world.size)).backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.settings.grad_clip))
+        total = 0.0
+        metrics: dict[str, float] = {}
+        for i, part in enumerate(parts):
+            with self._gradient_sync(i == len(parts) - 1), torch.autocast(
+                    self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                sums = self.step_module(self._loss, part)
+            (sums.total / scale).backward()
+            total += sums.total.item()
+            for name, value in sums.metrics.items():
+                metrics[name] = metrics.get(name, 0.0) + value
+        total, metrics = self._global_sums(total, metrics)
+        mean = total / max(tokens, 1)  # every rank sees the same value, so all stop together
+        self._check_loss(step + 1, mean, recent)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.student.parameters() if p.requires_grad], recipe.grad_clip))
         self.optimizer.step()
         metrics = {k: v / max(tokens, 1) for k, v in metrics.items()}
-        return mean, tokens, StepInfo(step + 1, mean, metrics, grad_norm, factor)
+        info = StepInfo(step + 1, mean, metrics, grad_norm, factor, lr=recipe.lr * factor, tokens=tokens)
+        return mean, tokens, info
 
-    def _global_sums(self, sums: LossSums) -> tuple[int, float, dict[str, float]]:
-        """(trained tokens, loss sum, metric sums) over every rank's share of the step: one
-        all-reduce (float64 holds the counts exactly up to 2^53)."""
-        names = sorted(sums.metrics)
-        local = [float(sums.tokens), sums.total.item(), *(sums.metrics[k] for k in names)]
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Skip the gradient all-reduce of a micro-batch that is not the step's last."""
+        module = self.step_module
+        if sync:
+            return contextlib.nullcontext()
+        if isinstance(module, DistributedDataParallel):
+            return module.no_sync()
+        if isinstance(module, FSDPModule):
+            return _fsdp_unsynced(module)
+        return contextlib.nullcontext()
+
+    def _check_loss(self, step: int, mean: float, recent: list[float]) -> None:
+        """Stop, before the optimiser moves, a run whose loss is non-finite or has diverged."""
+        lr = self.cfg.recipe.lr
+        if not math.isfinite(mean):
+            raise TrainError(f"loss became non-finite at step {step}: the run diverged; lower --lr "
+                             f"(it is {lr:g})")
+        if self.first_loss is None:
+            self.first_loss = mean
+        window = [*recent[-(DIVERGED_STEPS - 1):], mean]
+        if diverged(self.first_loss, window):
+            raise TrainError(
+                f"loss rose from {self.first_loss:.4f} (step 1) to {sum(window) / len(window):.4f} (mean of "
+                f"the last {len(window)} steps) at step {step}: the run diverged; lower --lr (it is {lr:g})")
+
+    def _global_sums(self, total: float, metrics: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """(loss sum, metric sums) over every rank's share of the step: one all-reduce."""
+        names = sorted(metrics)
+        local = [total, *(metrics[k] for k in names)]
         reduced = self.world.sum_(torch.tensor(local, dtype=torch.float64)).tolist()
-        return int(reduced[0]), reduced[1], dict(zip(names, reduced[2:], strict=True))
+        return reduced[0], dict(zip(names, reduced[1:], strict=True))
 
     def run(self) -> LoopResult:
         """Train to `cfg.steps`, resuming from the checkpoint directory if it holds state."""
@@ -216,7 +307,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not self.progress,
                    desc="train", dynamic_ncols=True)
         for step in range(start, cfg.steps):
-            loss, n_tokens, info = self._step(step)
+            loss, n_tokens, info = self._step(step, history)
             tokens += n_tokens
             session_tokens += n_tokens
             history.append(loss)
@@ -224,7 +315,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
             if self.on_step is not None:
-                self.on_step(info)
+                self.on_step(dataclasses.replace(info, tokens_per_s=rate))
             done = step + 1
             every = cfg.checkpoint_every
             if self.checkpoint_dir is not None and every and done % every == 0 and done < cfg.steps:
@@ -239,3 +330,12 @@ class Trainer:
             final_loss=sum(tail) / len(tail),
             history=history,
         )
+
+
+@contextlib.contextmanager
+def _fsdp_unsynced(module: FSDPModule) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

@@ -152,6 +152,20 @@ def test_fsdp_over_two_ranks_trains_the_one_rank_model(tiny_data: TokenData, one
     assert load_model_dir(out).config.layers == 1  # full weights were gathered and saved
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_accumulating_micro_batches_train_the_one_rank_model(
+    tiny_data: TokenData, one_rank: dict, tmp_path: Path, fsdp: bool
+) -> None:
+    """Each rank runs its 4 rows of a global batch of 8 as 2 micro-batches of 2, synchronising
+    gradients on the last only: the same steps as one rank taking all 8 at once."""
+    out = tmp_path / "m"
+    done = torchrun(_flags(tiny_data, out, grad_accum=2, fsdp=fsdp))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = _training(out)
+    assert ours["world"] == 2 and ours["grad_accum"] == 2
+    _assert_same_run(ours, one_rank)
+
+
 def test_a_two_rank_checkpoint_resumes_on_one_rank(
     tiny_data: TokenData, one_rank: dict, tmp_path: Path
 ) -> None:
