@@ -170,6 +170,13 @@ class BuiltStudent:
     """d_model / layers, for the FLOPs model."""
     fingerprint: str
     """What an HF student starts from (its weights, or its config file); "" for the family."""
+    lora: dict[str, Any] | None = None
+    """The LoRA adapters trained (`lora.LoraInfo.to_json()`), or None when every weight trains."""
+
+    @property
+    def params(self) -> int:
+        """N, the non-embedding parameters of the model the run produces (LoRA adapters merge away)."""
+        return self.student.non_embedding_params() - (self.lora["trainable"] if self.lora else 0)
 
 
 def build_student(cfg: TrainJobConfig, data: TokenData) -> BuiltStudent:
@@ -183,12 +190,19 @@ def build_student(cfg: TrainJobConfig, data: TokenData) -> BuiltStudent:
         model = build_model(model_cfg, seed=cfg.loop.seed)
         shape = {"layers": s.layers, "d_model": model_cfg.d_model, "n_heads": model_cfg.n_heads}
         return BuiltStudent(FamilyStudent(model, data.vocab_size), shape, s.rho, "")
+    lora = None
     if s.student is not None:
         student = load_hf_student(s.student, vocab=data.vocab_size, data=str(data.path))
         # What it starts from: its config and its weights (every rank checks a checkpoint's).
         files = [Path(s.student) / "config.json", *sorted(Path(s.student).glob("*.safetensors")),
                  *sorted(Path(s.student).glob("*.bin"))]
         fingerprint = "+".join(file_sha256(f) for f in files)
+        if s.lora_rank is not None:
+            from kdcache.train.lora import apply_lora  # peft loads only for LoRA runs
+
+            lora = apply_lora(student, rank=s.lora_rank, alpha=s.lora_alpha or 2.0 * s.lora_rank,
+                              targets=None if s.lora_targets is None else tuple(s.lora_targets),
+                              seed=cfg.loop.seed).to_json()
     else:
         assert s.student_config is not None
         student = new_hf_student(s.student_config, vocab=data.vocab_size, data=str(data.path),
@@ -197,7 +211,7 @@ def build_student(cfg: TrainJobConfig, data: TokenData) -> BuiltStudent:
     hf = student.lm.config
     layers, d_model = int(hf.num_hidden_layers), int(hf.hidden_size)
     shape = {"layers": layers, "d_model": d_model, "n_heads": int(hf.num_attention_heads)}
-    return BuiltStudent(student, shape, d_model / layers, fingerprint)
+    return BuiltStudent(student, shape, d_model / layers, fingerprint, lora)
 
 
 def _objective(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
@@ -531,7 +545,8 @@ def _source_rows(source: BatchSource) -> int:
     return ordered.order.n_rows
 
 
-def _announce(cfg: TrainJobConfig, plan: Plan, objective: Objective, world: World) -> None:
+def _announce(cfg: TrainJobConfig, plan: Plan, objective: Objective, world: World,
+              lora: dict[str, Any] | None) -> None:
     """Say at the start what the run will do: the optimiser settings in effect, the batch, the length."""
     r, rt = cfg.recipe, cfg.runtime
     kind = ("fine-tuning defaults (pretrained --student)" if cfg.student.pretrained
@@ -545,7 +560,9 @@ def _announce(cfg: TrainJobConfig, plan: Plan, objective: Objective, world: Worl
         + (f", with {', '.join(given)} given" if given else ""),
         f"batch: {cfg.loop.batch_size} rows = {micro_batch(cfg, world.size)} x {rt.grad_accum} micro-batches "
         f"x {world.size} ranks; precision {cfg.loop.precision}"
-        + ("; gradient checkpointing" if rt.gradient_checkpointing else ""),
+        + ("; gradient checkpointing" if rt.gradient_checkpointing else "")
+        + (f"; LoRA rank {cfg.student.lora_rank}: {lora['trainable']:,} trainable parameters, saved "
+           f"{rt.lora_save}" if lora else ""),
         f"length: {plan.steps:,} steps from {plan.budget}, {plan.passes:.2f} passes over the {plan.rows:,} "
         f"rows of {'the store' if cfg.distillation.distill else f'split {objective.split!r}'}",
     ]
@@ -560,9 +577,9 @@ def _train(
 ) -> TrainResult:
     """The run proper (rank 0 under OUT's lock): train, evaluate, save the model, append its row."""
     student, loop, rt = built.student, cfg.loop, cfg.runtime
-    n_params = student.non_embedding_params()
+    n_params = built.params
     plan = plan_steps(cfg, n_params, trained_per_row(data, objective.split), _source_rows(objective.source))
-    _announce(cfg, plan, objective, world)
+    _announce(cfg, plan, objective, world, built.lora)
     if rt.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     student.to(world.device)
@@ -616,12 +633,15 @@ def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, 
                 "lr": cfg.recipe.lr, "tokens_per_step": plan.tokens_per_step,
                 "world": cfg.runtime.workers if not dist.is_initialized() else dist.get_world_size(),
                 "loss_history": result.history, "evals": evals}
+    if built.lora is not None:
+        training["lora"] = {**built.lora, "save": cfg.runtime.lora_save}
     trained_on = {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint,
                   "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
     student = built.student
     if isinstance(student, HFStudent):
         save_hf_student(student, state, out, tokenizer=data.tokenizer_path, training=training,
-                        data=trained_on, eos_token_id=data.eos_token_id)
+                        data=trained_on, eos_token_id=data.eos_token_id, params=row.params,
+                        lora_save=cfg.runtime.lora_save if built.lora is not None else None)
     else:
         save_model_dir(student.lm, out, tokenizer=data.tokenizer_path, eos_token_id=data.eos_token_id,
                        training=training, data=trained_on, state=state)

@@ -201,18 +201,39 @@ def save_hf_student(
     training: dict[str, Any],
     data: dict[str, Any],
     eos_token_id: int | None = None,
+    params: int | None = None,
+    lora_save: str | None = None,
 ) -> str:
     """Write an HF student with `save_pretrained` (one safetensors file), its tokenizer (with
-    the tokenizer config and chat template found beside `tokenizer`: `model_dir.copy_tokenizer`),
-    then kdcache.json last (its presence marks the directory finished); returns the fingerprint."""
+    the tokenizer config, chat template and generation config found beside `tokenizer`:
+    `model_dir.copy_tokenizer`), then kdcache.json last (its presence marks the directory
+    finished); returns the weights' fingerprint.
+
+    A LoRA student (`lora.apply_lora`) is saved merged (`lora_save="merged"`: the adapters
+    folded into the weights, a plain model of the student's class) or as peft's adapter
+    directory over the pretrained student (`"adapter"`). `params` is the record's N (default:
+    the student's own count, which for a LoRA student includes the adapters).
+    """
     out.mkdir(parents=True, exist_ok=True)
     remove_model_record(out)
-    student.lm.save_pretrained(str(out), state_dict=state, safe_serialization=True,
-                               max_shard_size="1000GB")
+    if lora_save == "adapter":
+        from kdcache.train.lora import ADAPTER_WEIGHTS, save_adapter
+
+        save_adapter(student, state, out)
+        weights = out / ADAPTER_WEIGHTS
+    else:
+        if lora_save == "merged":
+            from kdcache.train.lora import lora_output_state
+
+            state = lora_output_state(student, state)
+        student.lm.save_pretrained(str(out), state_dict=state, safe_serialization=True,
+                                   max_shard_size="1000GB")
+        weights = out / WEIGHTS
     copy_tokenizer(Path(tokenizer), out, eos_token_id=eos_token_id)
-    fingerprint = file_sha256(out / WEIGHTS)
+    fingerprint = file_sha256(weights)
     write_model_record(out, ModelRecord(
-        fingerprint=fingerprint, nonembedding_params=student.non_embedding_params(),
+        fingerprint=fingerprint,
+        nonembedding_params=student.non_embedding_params() if params is None else params,
         student=type(student.lm).__name__, training=training, data=data,
     ))
     return fingerprint

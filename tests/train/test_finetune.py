@@ -134,7 +134,8 @@ def test_recipes_follow_the_kind_of_student() -> None:
 @pytest.mark.parametrize(("flags", "message"), [
     (["--epochs", "1", "--tokens", "100"], "give one training budget, not --tokens and --epochs"),
     (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
-    (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 does not split into 1 ranks x --grad-accum 4"),
+    (["--batch-size", "6", "--grad-accum", "4"],
+     "--batch-size 6 does not split into 1 ranks x --grad-accum 4"),
     (["--lora-rank", "8"], "--lora-rank adapts a pretrained --student DIR"),
 ])
 def test_bad_fine_tuning_flags_are_one_line(tiny_data_path: Path, tmp_path: Path, capsys, flags: list[str],
@@ -192,8 +193,8 @@ def test_a_resumed_run_logs_each_step_once(tmp_path: Path) -> None:
         fh.write('{"step": 7, "lo')  # a line a kill cut short
     MetricsLog(tmp_path, start_step=4).write({"step": 5, "loss": 0.3}, "train")  # resumed after step 4
     records = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
-    assert [(r["step"], "eval_loss" in r) for r in records] == [(1, False), (2, False), (3, False), (4, False),
-                                                                 (4, True), (5, False)]
+    assert [(r["step"], "eval_loss" in r) for r in records] == [
+        (1, False), (2, False), (3, False), (4, False), (4, True), (5, False)]
     assert records[-1]["loss"] == 0.3
 
 
@@ -223,3 +224,51 @@ def test_an_accumulating_run_resumes_exactly(tiny_data: TokenData, tmp_path: Pat
     for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
+
+
+def _pretrained_llama(tmp_path: Path, vocab: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    path = tmp_path / "pretrained"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_lora_fine_tunes_a_pretrained_student_merged_or_as_an_adapter(tiny_data: TokenData, tmp_path: Path,
+                                                                      capsys) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base_dir = _pretrained_llama(tmp_path, tiny_data.vocab_size)
+    base_files = {p.name: p.read_bytes() for p in base_dir.iterdir()}
+    outs = {}
+    for save in ("merged", "adapter"):
+        outs[save] = tmp_path / save
+        assert main(["train", "--data", str(tiny_data.path), "--student", str(base_dir), "--lora-rank", "4",
+                     "--lora-save", save, "--max-steps", "3", "--lr", "1e-2", "--batch-size", "8",
+                     "--eval-rows", "16", "--out", str(outs[save]), "--quiet", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "fine-tuning defaults (pretrained --student), with --lr given" in err
+    assert "LoRA rank 4: 4,096 trainable parameters" in err  # 2 layers x 7 projections
+    assert {p.name: p.read_bytes() for p in base_dir.iterdir()} == base_files  # the base is untouched
+    base = load_file(str(base_dir / "model.safetensors"))
+    merged = load_file(str(outs["merged"] / "model.safetensors"))
+    assert merged.keys() == base.keys()  # plain transformers names, no adapter left
+    moved = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert moved and all(name.endswith("_proj.weight") for name in moved)
+    ids = torch.as_tensor(tiny_data.read_rows("valid", slice(0, 2)).tokens[:, :-1].astype("int64"))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(outs["merged"]).eval()(ids).logits
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), outs["adapter"])
+        got = adapter.eval()(ids).logits
+    # Merging rounds W + s B A once in float32 and reorders the sums: 1e-5 of the logits' scale.
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    record = json.loads((outs["merged"] / "kdcache.json").read_text())
+    assert record["nonembedding_params"] == json.loads((outs["adapter"] / "kdcache.json").read_text())[
+        "training"]["params"]
+    assert record["training"]["lora"]["trainable"] == 4096
