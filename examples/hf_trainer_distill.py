@@ -1,83 +1,71 @@
 """Distil a Hugging Face student from a kdcache store with `transformers.Trainer`.
 
-    python examples/hf_trainer_distill.py --store STORE --student-config CONFIG.json --out OUT \
-        [--grad-accum N]
+    python examples/hf_trainer_distill.py --store STORE --data DATA --out OUT \
+        (--student DIR | --student-config CONFIG.json) [--grad-accum N] [--lr LR] [--bf16]
 
-`StoreDataset` yields whole batches (it shards over ranks and DataLoader workers
-itself), so the Trainer gets a DataLoader with `batch_size=None`, and its loss is
-`distill_loss` over the student's logits: the store's kind (top-k, full or sampled)
-is read from the batch's keys, its temperature from `teacher_temperature`.
-
-A store over chat data trains only the assistant's tokens (labels of -100 elsewhere) and
-packs several conversations per row: batches then carry `position_ids`, and the student
-gets them with the 4D mask `document_attention_mask` builds, which `sdpa` and `eager`
-attention need to keep the conversations apart. Each micro-batch holds its own number of
-trained tokens, so the loss is divided by `num_items_in_batch`, the trained tokens of the
-whole optimiser step over every rank and accumulated micro-batch, which the Trainer counts
-from `shift_labels` (kdcache's labels are already aligned with the logits).
+`kdcache.train.DistillTrainer` is a `transformers.Trainer` that reads its batches from the
+store and trains on `distill_loss` (chunked: never the [B, T, V] logits), so bf16, gradient
+accumulation, peft, DeepSpeed and FSDP come from the Trainer and its arguments. The
+student is a local model directory trained on from its weights (`--student`) or a
+`transformers` config trained from scratch (`--student-config`). `--data` is the token data
+the store was cached from (`kdcache prepare`'s DATA, checked against the store): its
+tokenizer is saved beside the model, so OUT loads with `AutoModelForCausalLM` and
+`AutoTokenizer` alike. Chat data keeps its chat template there too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from kdcache.train import StoreDataset, distill_loss, document_attention_mask
-
-
-def with_shift_labels(batch: Any) -> dict[str, torch.Tensor]:
-    """The Trainer counts `num_items_in_batch` from `shift_labels` as given (from `labels` it
-    would drop the first column, taking them for unshifted ones)."""
-    return {**batch, "shift_labels": batch["labels"]}
+from kdcache.storage import read_meta
+from kdcache.storage.tokens.format import open_token_data
+from kdcache.train.hf_trainer import DistillTrainer
+from kdcache.train.store_batches import check_store_matches
 
 
-class StoreTrainer(Trainer):
-    def __init__(self, *args, store: StoreDataset, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.store = store
-
-    def get_train_dataloader(self) -> DataLoader:
-        return DataLoader(self.store, batch_size=None, collate_fn=with_shift_labels)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        positions = inputs.get("position_ids")
-        mask = None if positions is None else document_attention_mask(positions, model.dtype)
-        logits = model(input_ids=inputs["input_ids"], position_ids=positions, attention_mask=mask).logits
-        loss = distill_loss(inputs, logits=logits, num_items_in_batch=num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # a global count; DDP averages over ranks
-        return (loss, {"logits": logits}) if return_outputs else loss
+def load_student(args: argparse.Namespace) -> torch.nn.Module:
+    if args.student:
+        return AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+    with open(args.student_config) as fh:
+        values = json.load(fh)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
-    parser.add_argument("--student-config", required=True, help="a transformers config.json")
+    parser.add_argument("--data", help="the token data the store was cached from; its tokenizer is saved")
+    student = parser.add_mutually_exclusive_group(required=True)
+    student.add_argument("--student", help="a local Hugging Face causal-LM directory")
+    student.add_argument("--student-config", help="a transformers config.json, trained from scratch")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch and device")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    values = json.loads(Path(args.student_config).read_text())
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
-    store = StoreDataset(args.store, batch_size=args.batch_size, seed=0)
+    tokenizer = None
+    if args.data:
+        check_store_matches(args.store, read_meta(args.store), open_token_data(args.data))
+        tokenizer = AutoTokenizer.from_pretrained(args.data)
     training = TrainingArguments(
-        output_dir=args.out, max_steps=args.steps, learning_rate=1e-3, logging_steps=1,
-        gradient_accumulation_steps=args.grad_accum, save_strategy="no", report_to=[],
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, remove_unused_columns=False,
+        output_dir=args.out, max_steps=args.steps, learning_rate=args.lr, logging_steps=1,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        bf16=args.bf16, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
     )
-    trainer = StoreTrainer(model=model, args=training, store=store)
+    trainer = DistillTrainer(model=load_student(args), args=training, store=args.store,
+                             processing_class=tokenizer)
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trainer.save_model(args.out)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     print(json.dumps({"steps": trainer.state.global_step, "first_loss": losses[0], "last_loss": losses[-1]}))
 
 

@@ -8,6 +8,13 @@ The public training API (a contract: other people's training loops rely on it):
         loss = distill_loss(batch, logits=model(input_ids=batch["input_ids"]).logits)
         # or distill_loss(batch, hidden=h, lm_head=W): chunked, never [B, T, V]
 
+Or let `transformers.Trainer` run the loop (bf16, accumulation, peft, DeepSpeed, FSDP):
+
+    from kdcache.train import DistillTrainer
+    trainer = DistillTrainer(model=hf_model, args=TrainingArguments(...), store="store.zarr",
+                             processing_class=AutoTokenizer.from_pretrained(DATA))
+    trainer.train(); trainer.save_model(out)  # the model and its tokenizer
+
 Labels are -100 where a position is not trained, and every loss leaves those out. Rows that
 pack documents (chat data) also carry `position_ids`; give a `transformers` model those
 and `document_attention_mask(batch["position_ids"], dtype)` under `sdpa` or `eager`
@@ -26,6 +33,8 @@ and the CLI starts fast. The rest is in submodules:
   `online.OnlineTeacherBatches` (a live teacher) and `kd_losses.DistillLoss`; all sources
   follow `row_order.RowOrder`, whose batches do not depend on the world size.
 - `evaluate.evaluate(model, data)`: validation cross-entropy and ECE (21 bins).
+- `hf_trainer.DistillTrainer`: the Trainer above; the store's global batch is
+  `per_device_train_batch_size` times the world size, its seed `args.seed`.
 - `attention`: segment ids and block-diagonal causal masks from position ids, which keep
   the documents of packed rows apart in every student (and in a cache's teacher).
 """
@@ -34,10 +43,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StoreDataset", "distill_loss", "document_attention_mask"]
+__all__ = ["DistillTrainer", "StoreDataset", "distill_loss", "document_attention_mask"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "DistillTrainer":
+        from kdcache.train.hf_trainer import DistillTrainer
+
+        return DistillTrainer
     if name == "StoreDataset":
         from kdcache.train.dataset import StoreDataset
 

@@ -61,10 +61,23 @@ def _run(cmd: list[str]) -> dict:
 
 
 def test_hf_trainer_example(store: tuple[Path, Path], tmp_path: Path) -> None:
-    path, config = store
+    """The saved student loads with transformers' Auto classes, its tokenizer tokenising as the
+    data's. A Llama student: AutoTokenizer swaps its own class in for a qwen2 model's generic
+    tokenizer (transformers 5.19), whose pre-tokenizer then differs from the data's."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, _ = store
+    config = tmp_path / "llama.json"
+    config.write_text(json.dumps({**STUDENT, "model_type": "llama"}))
+    out = tmp_path / "out"
     _run([sys.executable, str(EXAMPLES / "hf_trainer_distill.py"), "--store", str(path),
-          "--student-config", str(config), "--out", str(tmp_path / "out")])
-    assert (tmp_path / "out" / "config.json").is_file()
+          "--data", str(path.parent / "data"), "--student-config", str(config), "--out", str(out)])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "llama" and model.config.vocab_size == STUDENT["vocab_size"]
+    text = "def distil(teacher, student):\n    return student"
+    want = Tokenizer.from_file(str(path.parent / "data" / "tokenizer.json")).encode(text).ids
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == want
 
 
 def test_hf_trainer_example_on_chat_data_with_gradient_accumulation(
@@ -72,7 +85,9 @@ def test_hf_trainer_example_on_chat_data_with_gradient_accumulation(
 ) -> None:
     _, config = store
     _run([sys.executable, str(EXAMPLES / "hf_trainer_distill.py"), "--store", str(chat_store),
-          "--student-config", str(config), "--out", str(tmp_path / "out"), "--grad-accum", "2"])
+          "--data", str(chat_store.parent / "data"), "--student-config", str(config),
+          "--out", str(tmp_path / "out"), "--grad-accum", "2", "--bf16"])
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
 def test_torchrun_example_on_two_ranks(store: tuple[Path, Path]) -> None:
