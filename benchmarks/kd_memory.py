@@ -25,7 +25,12 @@ baseline is that much higher and their absolute peaks include it). Reports
 hidden_distill / chunked_supervised over the baseline (target <= 1.1) and
 logits_distill / hidden_distill.
 
-    python benchmarks/kd_memory.py [--vocab 49152 151936] [--seq-len 1024] [--batch 1] [--json]
+`--device cuda` runs the same steps on the GPU and reports device memory instead: the peak
+allocated during the step (`torch.cuda.max_memory_allocated`, reset just before it) over
+what was allocated before it; the resident set does not see device memory.
+
+    python benchmarks/kd_memory.py [--vocab 49152 151936] [--seq-len 1024] [--batch 1]
+        [--device cpu|cuda] [--json]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +94,14 @@ def _batch(args: argparse.Namespace, t: int, teacher: bool) -> dict[str, Any]:
 def run_case(args: argparse.Namespace) -> dict[str, Any]:
     """One case's step in this process; returns its memory and time."""
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     gen = torch.Generator().manual_seed(1)
-    head = (torch.randn(args.vocab, args.d, generator=gen) / math.sqrt(args.d)).requires_grad_()
+    head = (torch.randn(args.vocab, args.d, generator=gen) / math.sqrt(args.d)).to(device).requires_grad_()
 
     def step(t: int) -> float:
-        hidden = torch.randn(args.batch, t, args.d, generator=gen).requires_grad_()
-        batch = _batch(args, t, teacher=args.case != "chunked_supervised")
+        hidden = torch.randn(args.batch, t, args.d, generator=gen).to(device).requires_grad_()
+        teacher = args.case != "chunked_supervised"
+        batch = {k: v.to(device) for k, v in _batch(args, t, teacher=teacher).items()}
         t0 = time.perf_counter()
         if args.case == "logits_distill":
             loss = distill_loss(batch, logits=hidden @ head.T)
@@ -101,10 +109,14 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
             loss = distill_loss(batch, hidden=hidden, lm_head=head)
         loss.backward()
         head.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     step(4)  # loads kernels and thread pools, with next to no memory
     gc.collect()
+    if device.type == "cuda":
+        return _cuda_case(step, args.seq_len)
     baseline_kb = _status_kb("VmRSS") or 0
     reset = _reset_peak()
     seconds = step(args.seq_len)
@@ -116,12 +128,23 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
             "over_baseline_mb": (peak_kb - baseline_kb) / 1024, "step_s": seconds, "method": method}
 
 
+def _cuda_case(step: Callable[[int], float], seq_len: int) -> dict[str, Any]:
+    """On a GPU the caching allocator counts every byte: the peak allocated during the step,
+    over what was allocated before it (the resident set says nothing about device memory)."""
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = step(seq_len)
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_mb": peak / MIB, "baseline_mb": baseline / MIB, "over_baseline_mb": (peak - baseline) / MIB,
+            "step_s": seconds, "method": "cuda.max_memory_allocated"}
+
+
 def measure(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     cases = {}
     for case in CASES:
         cmd = [sys.executable, __file__, "--case", case, "--vocab", str(vocab),
                "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--d", str(args.d),
-               "--k", str(args.k), "--threads", str(args.threads)]
+               "--k", str(args.k), "--threads", str(args.threads), "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"case {case} at V={vocab} failed:\n{out.stderr}")
@@ -129,6 +152,7 @@ def measure(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     over = {c: r["over_baseline_mb"] for c, r in cases.items()}
     peak = {c: r["peak_mb"] for c, r in cases.items()}
     return {
+        **({} if args.device == "cpu" else {"device": args.device}),
         "vocab": vocab, "seq_len": args.seq_len, "batch": args.batch, "d": args.d, "k": args.k,
         "logits_mb": args.batch * args.seq_len * vocab * 4 / MIB,
         "cases": cases,
@@ -146,9 +170,13 @@ def main() -> None:
     p.add_argument("--d", type=int, default=64, help="hidden size")
     p.add_argument("--k", type=int, default=64, help="top-k ids per position")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: peak allocated GPU memory (torch.cuda.max_memory_allocated) instead of RSS")
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # internal: run one case
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     if args.case:
         (args.vocab,) = args.vocab
         print(json.dumps(run_case(args)))
@@ -157,8 +185,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
+    before = "the resident set" if args.device == "cpu" else "GPU memory allocated"
     print(f"one step, batch {args.batch} x {args.seq_len}, d {args.d}, top-k {args.k}, "
-          f"chunks of {LOSS_CHUNK_BYTES // MIB} MiB float32 logits; MiB over the resident set "
+          f"chunks of {LOSS_CHUNK_BYTES // MIB} MiB float32 logits; MiB over {before} "
           "before the step (absolute peak in brackets)")
     print(f"{'V':>8} {'logits':>7} {'hidden_distill':>16} {'logits_distill':>16} {'chunked_sup':>16} "
           f"{'hid/sup':>8} {'logits/hid':>10}")
