@@ -9,3 +9,8 @@ kdcache package.
 
 class KdcacheError(Exception):
     """A refused input or detected fault; the message names the file and the field."""
+
+
+class HubError(KdcacheError):
+    """A Hugging Face Hub id that cannot be resolved: not in the cache while offline, not on
+    the Hub, or a snapshot lacking the files kdcache reads."""

@@ -20,7 +20,7 @@ ALLOWED = {  # folder -> the kdcache subpackages it may import besides itself an
     "train": {"storage", "fit"},
     "pipeline": {"storage", "fit", "train"},
 }
-ROOT_MODULES = {"kdcache", "kdcache.errors", "kdcache.paths", "kdcache.ray_session"}
+ROOT_MODULES = {"kdcache", "kdcache.errors", "kdcache.hub", "kdcache.paths", "kdcache.ray_session"}
 
 
 def _imports(path: Path) -> list[str]:

@@ -18,7 +18,9 @@ class CacheConfig:
     """Run a teacher over a token split and write its targets to a logit store."""
 
     teacher: str
-    """Teacher model directory (kdcache MODEL or Hugging Face causal LM)."""
+    """Teacher model (kdcache MODEL or Hugging Face causal LM): a local path or Hugging Face
+    Hub id (owner/name[@revision]; its safetensors weights, config and tokenizer files are
+    fetched to the Hugging Face cache, or read from it offline)."""
     data: str
     """Token data directory written by `kdcache prepare`."""
     out: str

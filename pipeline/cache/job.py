@@ -10,6 +10,7 @@ micro-batches, so the store's bytes do not depend on the number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -21,6 +22,7 @@ import ray
 from tqdm import tqdm
 
 from kdcache.errors import KdcacheError
+from kdcache.hub import resolve_model
 from kdcache.paths import check_writable
 from kdcache.pipeline.cache.config import CacheConfig, CacheResult
 from kdcache.pipeline.cache.placement import check_tensor_parallel, replica_options
@@ -48,7 +50,10 @@ forwards in other batch shapes agree to ~1e-6; wrong weights differ by far more.
 
 
 def run_cache(cfg: CacheConfig) -> CacheResult:
-    """Build (or finish) the store; returns a summary with teacher_loss and throughput."""
+    """Build (or finish) the store; returns a summary with teacher_loss and throughput.
+    A Hub id `--teacher` is its snapshot in the Hugging Face cache from here on (on a
+    cluster, every node must see that cache)."""
+    cfg = dataclasses.replace(cfg, teacher=resolve_model(cfg.teacher, "--teacher"))
     data = _check_paths(cfg)
     started = time.perf_counter()
     with ray_session(cfg.ray_address):

@@ -1,4 +1,5 @@
-"""`kdcache prepare`: tokenize a text source into document-disjoint teacher/student/valid splits."""
+"""`kdcache prepare`: tokenize a text source into document-disjoint teacher/student/valid splits
+(student/valid only with `--teacher-frac 0`, for a teacher trained elsewhere)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 
 from kdcache.pipeline.prepare.config import PrepareConfig as Config
 
-HELP = "Train (or load) a tokenizer and write token splits teacher/student/valid to a DATA directory."
+HELP = ("Train (or load) a tokenizer and write token splits teacher/student/valid to a DATA directory "
+        "(no teacher split with --teacher-frac 0).")
 
 __all__ = ["HELP", "Config", "run"]
 

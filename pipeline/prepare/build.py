@@ -1,8 +1,11 @@
 """One `kdcache prepare` build: token pieces in document order -> packed, checked splits in
-a Zarr group, the tokenizer beside them, and the group attribute that names it all.
+a Zarr group, the tokenizer (and the files that travel with it) beside them, and the
+group attribute that names it all.
 
 The pieces come from this process or from Ray Data (`ray_data.py`); either way they
 arrive in document order, so the bytes written do not depend on where they were made.
+A split of fraction 0 (no teacher split, for a teacher trained elsewhere) gets no
+writer and no array: its pieces, empty by the split rule, only carry their counts.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def _feed(writer: SplitWriter, ids: np.ndarray, mask: np.ndarray | None, lengths
         writer.feed_document(ids[lo:hi], mask[lo:hi])
 
 
-def _consume(cfg: PrepareConfig, pieces: Iterator[Any], writers: list[SplitWriter],
+def _consume(cfg: PrepareConfig, pieces: Iterator[Any], writers: dict[int, SplitWriter],
              total: int) -> tuple[int, int]:
     """Feed every piece to its split until the source ends or every split is full;
     returns (documents, tokens) seen. One bar over input bytes, with tokens/s."""
@@ -46,31 +49,36 @@ def _consume(cfg: PrepareConfig, pieces: Iterator[Any], writers: list[SplitWrite
     t0 = last = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=cfg.quiet) as bar:
         for split, ids, mask, lengths, ndocs, nbytes in pieces:
-            _feed(writers[split], ids, mask, lengths)
+            if split in writers:
+                _feed(writers[split], ids, mask, lengths)
             docs, tokens = docs + ndocs, tokens + len(ids)
             bar.update(nbytes)
             now = time.perf_counter()
             if now - last > POSTFIX_EVERY_S:
                 bar.set_postfix(tok_s=f"{tokens / (now - t0):,.0f}", refresh=False)
                 last = now
-            if all(w.full for w in writers):
+            if all(w.full for w in writers.values()):
                 break
     return docs, tokens
 
 
 def _writers(cfg: PrepareConfig, group: Any, tmp: Path, vocab_size: int, eos: int | None,
-             writes: ThreadWrites) -> list[SplitWriter]:
-    if cfg.row_packing == "stream":
-        return [SplitWriter(group, tmp, name, cfg.seq_len + 1, cfg.cap(name), vocab_size, writes)
-                for name in SPLITS]
-    return [DocumentWriter(group, tmp, name, cfg.seq_len + 1, cfg.cap(name), vocab_size, writes,
-                           packing=cfg.row_packing, overlong=cfg.overlong, pad_id=0 if eos is None else eos)
-            for name in SPLITS]
+             writes: ThreadWrites) -> dict[int, SplitWriter]:
+    """A writer per split written, keyed by the split's index in SPLITS (the pieces' key)."""
+    def writer(name: str) -> SplitWriter:
+        if cfg.row_packing == "stream":
+            return SplitWriter(group, tmp, name, cfg.seq_len + 1, cfg.cap(name), vocab_size, writes)
+        return DocumentWriter(group, tmp, name, cfg.seq_len + 1, cfg.cap(name), vocab_size, writes,
+                              packing=cfg.row_packing, overlong=cfg.overlong,
+                              pad_id=0 if eos is None else eos)
+
+    return {SPLITS.index(name): writer(name) for name in cfg.splits}
 
 
 def build(cfg: PrepareConfig, units: list[Unit], tok: Any, template: ChatTemplate | None, tmp: Path,
-          pieces: Iterator[Any]) -> PrepareResult:
-    """Write the whole DATA directory into `tmp`."""
+          pieces: Iterator[Any], files: dict[str, bytes]) -> PrepareResult:
+    """Write the whole DATA directory into `tmp`; `files` (name -> bytes) go beside the
+    tokenizer (`tokenizer_files.carried`)."""
     t0 = time.perf_counter()
     vocab_size, eos = int(tok.get_vocab_size()), eos_id(tok)
     group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
@@ -86,11 +94,11 @@ def build(cfg: PrepareConfig, units: list[Unit], tok: Any, template: ChatTemplat
                 close()  # stops Ray Data when every split is full before the source ends
         if docs == 0:
             raise PipelineError(f"{cfg.source}: source is empty (no non-empty documents)")
-        meta_splits = {w.name: w.close(cfg.source) for w in writers}
+        meta_splits = {w.name: w.close(cfg.source) for w in writers.values()}
     finally:
         writes.close()
-    for name, body in (template.files if template is not None else {}).items():
-        (tmp / name).write_bytes(body)  # the tokenizer's config and chat template, for students
+    for name, body in files.items():
+        (tmp / name).write_bytes(body)
     documents = cfg.row_packing != "stream"
     extra: dict[str, Any] = {}
     if documents:

@@ -59,7 +59,7 @@ class ChatTemplate:
         where = Path(tokenizer_json).parent
         config_path = where / CONFIG_FILE
         raw = config_path.read_bytes() if config_path.is_file() else None
-        config = _json_object(config_path, raw) if raw is not None else {}
+        config = json_object(config_path, raw) if raw is not None else {}
         text: str | None
         if override is not None:
             source, text = Path(override), _read_template(Path(override))
@@ -99,7 +99,7 @@ class ChatTemplate:
         return cls(text=doc["text"], special_tokens=dict(doc["special_tokens"]), files=files)
 
 
-def _json_object(path: Path, raw: bytes) -> dict[str, Any]:
+def json_object(path: Path, raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
     except ValueError as exc:

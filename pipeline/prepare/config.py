@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kdcache.hub import is_hub_id
 from kdcache.pipeline.errors import PipelineError
 
 MIN_VOCAB = 257  # 256 byte tokens + the end-of-text token
@@ -20,9 +21,10 @@ class PrepareConfig:
     """Output DATA directory (must not exist unless --overwrite)."""
     source: str = "stdlib"
     """'stdlib' (the Python standard library's .py files), 'stdlib-chat' (conversations
-    about its functions and classes, for --format chat), a file, a directory, or a glob;
-    .jsonl/.parquet/.arrow files give one document per record; a `datasets` save_to_disk
-    directory is read whole."""
+    about its functions and classes, for --format chat), or a local path or Hugging Face
+    Hub dataset id: a file, a directory, or a glob; .jsonl/.parquet/.arrow files give one
+    document per record; a `datasets` save_to_disk directory is read whole; a Hub id
+    (owner/name[@revision]) is its record files, fetched to the Hugging Face cache."""
     format: Literal["text", "chat", "completion"] = "text"
     """Records' shape: 'text' (a text column, or whole files), 'chat' (a messages column of
     {role, content}: only assistant turns are trained), 'completion' (prompt and completion
@@ -51,13 +53,18 @@ class PrepareConfig:
     max_tokens: int | None = None
     """Cap on the total tokens over all splits, for quick runs."""
     tokenizer: str | None = None
-    """Use this tokenizer.json instead of training one (e.g. a Hugging Face teacher's)."""
+    """Use this tokenizer instead of training one (e.g. the teacher's), a local path or
+    Hugging Face Hub id: a tokenizer.json, a model directory holding one, or a Hub model id
+    (owner/name[@revision]). Its tokenizer_config.json, special_tokens_map.json,
+    chat_template.jinja and generation_config.json travel into the output beside it."""
     tokenizer_sample_bytes: int = SAMPLE_BYTES
-    """Text of the teacher split the BPE is trained on, at most (default 32 MiB)."""
+    """Text the BPE is trained on, at most (default 32 MiB): the teacher split's, or the
+    student split's when --teacher-frac is 0."""
     text_column: str = "text"
     """Column holding the text in .jsonl / .parquet / .arrow sources."""
     teacher_frac: float = 0.45
-    """Fraction of the documents for the teacher split."""
+    """Fraction of the documents for the teacher split; 0 writes no teacher split (for a
+    teacher trained elsewhere), e.g. with --student-frac 0.9 --valid-frac 0.1."""
     student_frac: float = 0.45
     """Fraction of the documents for the student split."""
     valid_frac: float = 0.1
@@ -89,18 +96,39 @@ class PrepareConfig:
             if getattr(self, name) < 1:
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 1 (field '{name}')")
         fracs = (self.teacher_frac, self.student_frac, self.valid_frac)
-        if min(fracs) <= 0 or abs(sum(fracs) - 1.0) > 1e-6:
-            raise PipelineError(f"split fractions {fracs} must be positive and sum to 1")
-        if self.tokenizer is not None and not Path(self.tokenizer).is_file():
-            raise PipelineError(f"{self.tokenizer}: no such tokenizer file (field 'tokenizer')")
+        if self.teacher_frac < 0 or min(fracs[1:]) <= 0 or abs(sum(fracs) - 1.0) > 1e-6:
+            raise PipelineError(f"split fractions {fracs} must be positive and sum to 1 (--teacher-frac "
+                                "may be 0: no teacher split)")
+        if self.tokenizer is not None:
+            self._check_tokenizer(self.tokenizer)
         if self.format != "text" and self.tokenizer is None:
-            raise PipelineError(f"--format {self.format} needs --tokenizer (the teacher's tokenizer.json; "
-                                "its chat template is read beside it)")
+            raise PipelineError(f"--format {self.format} needs --tokenizer (the teacher's tokenizer.json, "
+                                "its directory or Hub id; its chat template is read beside it)")
         if self.format != "text" and self.packing == "stream":
             raise PipelineError(f"--packing stream would cut {self.format} documents across rows; "
                                 "use --packing documents or none")
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise PipelineError(f"{self.chat_template}: no such chat template file (field 'chat_template')")
+
+    @staticmethod
+    def _check_tokenizer(ref: str) -> None:
+        """A local tokenizer is checked here; a Hub id is fetched when the job starts."""
+        path = Path(ref)
+        if path.is_dir() and not (path / "tokenizer.json").is_file():
+            raise PipelineError(f"{ref}: no tokenizer.json in the directory (field 'tokenizer')")
+        if not path.exists() and not is_hub_id(ref):
+            raise PipelineError(f"{ref}: no such tokenizer file, directory or Hugging Face Hub id "
+                                "(field 'tokenizer')")
+
+    @property
+    def sample_split(self) -> str:
+        """The split whose text the BPE is trained on: the teacher's, if there is one."""
+        return "teacher" if self.teacher_frac > 0 else "student"
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits written: those with a positive fraction."""
+        return tuple(name for name, frac in self.fractions.items() if frac > 0)
 
     @property
     def row_packing(self) -> str:

@@ -5,12 +5,19 @@ write) and nothing holds the corpus. A document's split is a keyed hash of its n
 the seed (`tokenizer.split_of`), so the teacher never sees a student document
 and no global list is needed. A byte-level BPE is trained on at most
 `--tokenizer-sample-bytes` of teacher documents (or an existing tokenizer.json is used).
+With `--teacher-frac 0` (a teacher trained elsewhere) no teacher split is written and
+the BPE learns from student documents instead.
 Each split is packed in document order into rows of seq_len + 1 tokens and written as
 Zarr shards (`kdcache.storage.tokens.writer`): text by default as one stream cut
 anywhere, documents separated by the end-of-text token; chat and completion records
 (rendered with the tokenizer's chat template, `chat.py`) and text with `--packing
 documents|none` as whole documents per row, with the loss mask and position ids that
 keep them apart.
+
+`--source` and `--tokenizer` may be Hugging Face Hub ids (`kdcache.hub`): they are
+fetched (or found in the cache) when the job starts, before any work, and the metadata
+records the source as given. A given tokenizer's config, special tokens, chat template
+and generation config travel into the output beside it (`tokenizer_files.py`).
 
 `--workers 1` runs in this process; `--workers N` runs on Ray Data (`ray_data.py`) and
 writes the same bytes. Output is built in a hidden temporary directory and renamed into
@@ -21,12 +28,14 @@ byte the same.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kdcache.hub import resolve_dataset, resolve_tokenizer
 from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare.build import build
 from kdcache.pipeline.prepare.chat import ChatTemplate
@@ -44,6 +53,7 @@ from kdcache.pipeline.prepare.tokenizer import (
     tokenize_batch,
     train_tokenizer,
 )
+from kdcache.pipeline.prepare.tokenizer_files import carried
 from kdcache.ray_session import ray_session
 from kdcache.storage.tokens.writer import CHUNK_TOKENS, SplitWriter
 
@@ -78,17 +88,18 @@ def _encoding(cfg: PrepareConfig, template: ChatTemplate | None) -> Encoding:
 
 
 def _tokenizer(cfg: PrepareConfig, units: list[Any]) -> Any:
-    """The given tokenizer, or a BPE trained on a bounded sample of the teacher split."""
+    """The given tokenizer, or a BPE trained on a bounded sample of the teacher split (of
+    the student split when there is no teacher split)."""
     if cfg.tokenizer is not None:
         return load_tokenizer(cfg.tokenizer, cfg.vocab_size)
+    name = cfg.sample_split
     cap = cfg.tokenizer_sample_bytes
     if cfg.max_tokens is not None:
-        cap = min(cap, max(1, int(cfg.max_tokens * BYTES_PER_TOKEN_CAP * cfg.teacher_frac)))
+        cap = min(cap, max(1, int(cfg.max_tokens * BYTES_PER_TOKEN_CAP * cfg.fractions[name])))
     batches = (b for u in units for b in read_unit(u, _columns(cfg), BATCH_BYTES))
-    sample = teacher_sample(batches, cfg.seed, list(cfg.fractions.values()), cap)
+    sample = teacher_sample(batches, cfg.seed, list(cfg.fractions.values()), cap, SPLITS.index(name))
     if not sample:
-        raise PipelineError(f"{cfg.source}: source is empty (no non-empty documents in the teacher "
-                            "split)")
+        raise PipelineError(f"{cfg.source}: source is empty (no non-empty documents in the {name} split)")
     return train_tokenizer(sample, cfg.vocab_size or 8192, not cfg.quiet)
 
 
@@ -123,15 +134,18 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise PipelineError(f"{out}: output already exists (pass --overwrite to replace it)")
-    units = read_units(cfg.source)
+    if cfg.tokenizer is not None:
+        cfg = dataclasses.replace(cfg, tokenizer=resolve_tokenizer(cfg.tokenizer, "--tokenizer"))
+    units = read_units(resolve_dataset(cfg.source, "--source"))
     tok = _tokenizer(cfg, units)
     template = _template(cfg)
+    files = {} if cfg.tokenizer is None else carried(cfg.tokenizer, template, cfg.chat_template)
     if out.parent.is_dir():
         _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        result = _build(cfg, units, tok, template, tmp)
+        result = _build(cfg, units, tok, template, tmp, files)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)  # the only moment the output appears: complete or not at all
@@ -141,14 +155,14 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
 
 def _build(cfg: PrepareConfig, units: list[Any], tok: Any, template: ChatTemplate | None,
-           tmp: Path) -> PrepareResult:
+           tmp: Path, files: dict[str, bytes]) -> PrepareResult:
     encoding = _encoding(cfg, template)
     if cfg.workers == 1:
-        return build(cfg, units, tok, template, tmp, _serial_pieces(cfg, units, tok, encoding))
+        return build(cfg, units, tok, template, tmp, _serial_pieces(cfg, units, tok, encoding), files)
 
     with ray_session(cfg.ray_address, object_store_memory=LOCAL_OBJECT_STORE):
         pieces = ray_pieces(units, tok, eos_id(tok), workers=cfg.workers, columns=_columns(cfg),
                             seed=cfg.seed, fractions=list(cfg.fractions.values()),
                             batch_bytes=BATCH_BYTES, encoding=encoding)
-        return build(cfg, units, tok, template, tmp, pieces)
+        return build(cfg, units, tok, template, tmp, pieces, files)
 

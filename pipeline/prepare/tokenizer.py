@@ -24,8 +24,9 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
 def split_of(name: str, seed: int, fractions: Sequence[float]) -> int:
     """The split (index into SPLITS) of the document called `name`: a keyed hash of the
-    name mapped to [0, 1) and cut at the cumulative fractions. No global list of
-    documents is needed, and the fractions hold to within sampling error."""
+    name mapped to [0, 1) and cut at the cumulative fractions (a fraction of 0 gets no
+    document). No global list of documents is needed, and the fractions hold to within
+    sampling error."""
     digest = hashlib.blake2b(name.encode(), key=str(seed).encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "little") / 2.0**64
     edge = 0.0
@@ -149,14 +150,15 @@ def load_tokenizer(path: str, vocab_size: int | None) -> Any:
 
 
 def teacher_sample(batches: Iterator[tuple[list[str], list[str], int]], seed: int,
-                   fractions: Sequence[float], cap_bytes: int) -> list[str]:
+                   fractions: Sequence[float], cap_bytes: int, split: int = 0) -> list[str]:
     """The first teacher-split documents, in document order, up to `cap_bytes` of UTF-8:
-    what the BPE learns from. Only the teacher split: the student must not be seen."""
+    what the BPE learns from. Only the teacher split, so the student's text is not seen,
+    unless there is none (a teacher trained elsewhere): then `split`, the student's."""
     sample: list[str] = []
     size = 0
     for names, texts, _ in batches:
         for name, text in zip(names, texts, strict=True):
-            if split_of(name, seed, fractions) != 0:
+            if split_of(name, seed, fractions) != split:
                 continue
             take = text.encode()[: cap_bytes - size].decode("utf-8", "ignore")
             sample.append(take)

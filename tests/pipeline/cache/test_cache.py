@@ -257,7 +257,7 @@ def test_cli_error_is_one_line(ray_local, tmp_path, token_data, capsys):
                  "--out", str(tmp_path / "s.zarr")])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "missing config.json" in err[0]
+    assert len(err) == 1 and "no such file or directory (--teacher)" in err[0]
 
 
 def test_token_data_is_what_the_store_holds(ray_local, tmp_path, teacher, token_data):
