@@ -52,7 +52,8 @@ class StudentSettings:
     layers: int | None = None
     """Transformer blocks of the family's model; the width follows as d_model = rho * layers."""
     student: str | None = None
-    """Train this local Hugging Face causal-LM directory on from its weights (instead of --layers)."""
+    """Fine-tune this pretrained Hugging Face causal LM: a local directory or a Hub id (instead of
+    --layers)."""
     student_config: str | None = None
     """Train a Hugging Face model of this transformers config.json from scratch (instead of --layers)."""
     rho: int = 64
@@ -204,7 +205,8 @@ class DistillSettings:
     distill: str | None = None
     """Distil offline from this logit STORE (kdcache cache) instead of supervised training."""
     online_teacher: str | None = None
-    """Distil online from this teacher MODEL, run in-process every step (for comparison)."""
+    """Distil online from this teacher MODEL (a local directory or a Hub id), run in-process every
+    step (for comparison)."""
     lam: float = field(default=1.0, metadata={"flag": "lambda"})
     """Distillation weight: loss = (1 - lambda) * NTP + lambda * KD + z_loss * Z."""
     temperature: float | None = None

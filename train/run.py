@@ -53,6 +53,7 @@ from filelock import FileLock, Timeout
 from transformers.utils import logging as hf_logging
 
 from kdcache.fit.flops import forward_flops, training_flops
+from kdcache.hub import resolve_model
 from kdcache.paths import check_writable
 from kdcache.storage import read_meta
 from kdcache.storage.model_record import MODEL_RECORD, has_model_record, read_model_record
@@ -385,6 +386,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     docstring), else refuses. With `--workers N > 1` it starts N Ray Train ranks; under
     torchrun (or inside those ranks) it is one rank of the group.
     """
+    cfg = resolve_hub_ids(cfg)
     rt = cfg.runtime
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     launched = dist.is_initialized() or torchrun  # a Ray Train rank has its group already
@@ -407,6 +409,17 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
             # seen to block a gloo rank's exit (1 in 7 runs of the torchrun example).
             gc.collect()
             dist.destroy_process_group()
+
+
+def resolve_hub_ids(cfg: TrainJobConfig) -> TrainJobConfig:
+    """`--student` and `--online-teacher` as local directories: Hugging Face Hub ids become their
+    snapshots in the local cache (`kdcache.hub`), fetched first where there is a network; a
+    path that is neither is refused, naming the flag."""
+    flags = {name: resolve_model(value, f"--{name.replace('_', '-')}")
+             for name, value in (("student", cfg.student.student),
+                                 ("online_teacher", cfg.distillation.online_teacher))
+             if value is not None and not Path(value).exists()}
+    return cfg.replace(**flags) if flags else cfg
 
 
 def _ray_rank(settings: dict[str, Any]) -> None:

@@ -140,6 +140,12 @@ def _chat(*records: object) -> Callable[[Path], None]:
     return _write("chat.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
+def _bad_tokenizer_config(w: Path) -> None:
+    (w / "badtok").mkdir()
+    shutil.copyfile(w / "data" / "tokenizer.json", w / "badtok" / "tokenizer.json")
+    (w / "badtok" / "tokenizer_config.json").write_text('{"eos_token": \n')
+
+
 TRAIN = "train --data {w}/data --layers 1 --rho 32 --tokens 2000 --batch-size 4 --threads 1 --quiet"
 HF = "train --data {w}/data --tokens 2000 --batch-size 4 --threads 1 --quiet"
 CACHE = "cache --teacher {w}/teacher --data {w}/data --workers 1 --k 8 --shard-rows 16 --quiet"
@@ -302,6 +308,28 @@ CASES = [
          TRAIN.replace("--batch-size 4", "--batch-size 3") + " --workers 2 --out {w}/s",
          r"--batch-size 3 is not divisible by the world size 2"),
     Case("train-fsdp-alone", TRAIN + " --fsdp --out {w}/s", r"--fsdp needs a distributed launch"),
+    # train: fine-tuning
+    Case("train-lora-family", TRAIN + " --out {w}/s --lora-rank 8",
+         r"--lora-rank adapts a pretrained --student DIR; the family \(--layers\) student is trained"),
+    Case("train-grad-accum-zero", TRAIN + " --out {w}/s --grad-accum 0", r"--grad-accum must be >= 1, got 0"),
+    Case("train-grad-accum-uneven", TRAIN + " --out {w}/s --grad-accum 3",
+         r"--batch-size 4 does not split into 1 ranks x --grad-accum 3 equal micro-batches"),
+    Case("train-bf16-no-device", TRAIN + " --out {w}/s --precision bf16 --device cuda",
+         r"--device cuda: no CUDA device is available"),
+    Case("train-precision", TRAIN + " --out {w}/s --precision fp8", r"--precision must be one of"),
+    Case("train-epochs-and-tokens", TRAIN + " --out {w}/s --epochs 1",
+         r"give one training budget, not --tokens and --epochs"),
+    Case("train-hub-id-not-cached", HF + " --student nobody-kdcache/no-such-model --out {w}/s",
+         r"--student nobody-kdcache/no-such-model: no such local path, and"),
+    Case("cache-hub-id-not-cached",
+         "cache --teacher nobody-kdcache/no-such-model --data {w}/data --out {w}/s",
+         r"--teacher nobody-kdcache/no-such-model: no such local path, and"),
+    Case("prepare-hub-dataset-not-cached", "prepare --source nobody-kdcache/no-such-data --out {w}/x",
+         r"--source nobody-kdcache/no-such-data: no such local path, and"),
+    Case("prepare-tokenizer-config-broken", "prepare --tokenizer {w}/badtok/tokenizer.json --out {w}/x",
+         r"badtok/tokenizer_config.json: not valid JSON", _bad_tokenizer_config),
+    Case("train-student-not-a-path-or-id", HF + " --student {w}/no/such/dir --out {w}/s",
+         r"no/such/dir: no such file or directory \(--student\), and not a Hugging Face Hub id"),
     # fit, plan, cost
     Case("fit-no-runs", "fit --runs {w}/none.parquet --law supervised", r"none.parquet: no such runs table"),
     Case("fit-missing-column", "fit --runs {w}/r.csv --law supervised", r"r.csv: missing column 'params'",
@@ -368,7 +396,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def fresh(world: Path, tmp_path: Path) -> Path:
+def fresh(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from huggingface_hub import constants
+
+    # Hub ids resolve offline, from an empty cache of the case's own: the same answer with or
+    # without a network (huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, at import).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     copy = tmp_path / "w"
     shutil.copytree(world, copy)
     # The store is built once with absolute paths inside `world`; nothing in it names them.

@@ -78,13 +78,16 @@ class HFTeacher(TorchTeacher):
 
     def _hidden(self, ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         if positions is None or not packs_documents(positions):
-            return self.model.base_model(input_ids=ids, position_ids=positions).last_hidden_state
+            # use_cache=False: a one-pass capture has no use for a KV cache (transformers builds
+            # one per call when the config asks for it, a few hundred MB at 1,024 tokens).
+            return self.model.base_model(input_ids=ids, position_ids=positions,
+                                         use_cache=False).last_hidden_state
         # Position ids alone do not keep documents apart under sdpa or eager attention: the
         # additive 4D mask does under both (flash attention reads the position ids instead).
         mask = (document_attention_mask(positions, DTYPES[self.dtype])
                 if needs_mask(getattr(self.model.config, "_attn_implementation", None)) else None)
-        return self.model.base_model(input_ids=ids, position_ids=positions,
-                                     attention_mask=mask).last_hidden_state
+        return self.model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                     use_cache=False).last_hidden_state
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)
