@@ -233,3 +233,30 @@ def test_cache_runs_a_hub_teacher(cache: Path, tmp_path: Path) -> None:
     meta = StoreReader(store).meta
     assert meta.complete and meta.rows == 32 and meta.k == 8
     assert meta.teacher.fingerprint == weights_fingerprint(Path(_snapshot(cache, MODEL)))
+
+
+@pytest.mark.slow
+def test_a_hub_student_fine_tunes_into_a_drop_in_model(offline: Path, tmp_path: Path, capsys) -> None:
+    """`--student owner/name` from the cache; the output carries the teacher's tokenizer files, so
+    `AutoTokenizer` gives the teacher's ids, special tokens and chat template."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    data, out = tmp_path / "data", tmp_path / "student"
+    assert main(["prepare", "--source", CORPUS, "--tokenizer", MODEL, "--out", str(data), "--seq-len", "16",
+                 "--quiet"]) == 0
+    assert main(["train", "--data", str(data), "--student", MODEL, "--max-steps", "2", "--batch-size", "4",
+                 "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    assert "fine-tuning defaults (pretrained --student)" in capsys.readouterr().err
+    snapshot = Path(_snapshot(offline, MODEL))
+    teacher, student = AutoTokenizer.from_pretrained(snapshot), AutoTokenizer.from_pretrained(out)
+    text = "def f(x):\n    return x  # ünïcode"
+    assert student(text)["input_ids"] == teacher(text)["input_ids"]
+    assert student.special_tokens_map == teacher.special_tokens_map
+    assert (student.eos_token_id, student.pad_token_id) == (teacher.eos_token_id, teacher.pad_token_id)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert student.chat_template == teacher.chat_template
+    assert student.apply_chat_template(chat) == teacher.apply_chat_template(chat)
+    assert (GenerationConfig.from_pretrained(out).to_dict()
+            == GenerationConfig.from_pretrained(snapshot).to_dict())
+    record = json.loads((out / "kdcache.json").read_text())
+    assert record["training"]["recipe"]["lr"] == 2e-5 and record["training"]["steps"] == 2

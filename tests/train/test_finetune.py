@@ -173,6 +173,14 @@ def test_epochs_periodic_evaluation_and_the_metrics_log(tiny_data: TokenData, tm
     assert [e["step"] for e in training["evals"]] == eval_lines
     assert records[-1]["eval_loss"] == pytest.approx(training["loss"])
 
+    # A tokenizer prepare trained has no config of its own: the model names its end of text.
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token_id == tok.pad_token_id == tiny_data.eos_token_id is not None
+    generation = GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == generation.pad_token_id == tiny_data.eos_token_id
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"))
