@@ -78,7 +78,8 @@ def examples(path: Path) -> list[Example]:
         command = text[2:].lstrip() if prompt else text
         if (fenced or prompt) and MODULE in command:  # torchrun ... -m kdcache.pipeline.cli VERB
             command = "kdcache " + command.split(MODULE, 1)[1]
-        if command.startswith("kdcache ") and (fenced or prompt):
+        output_line = re.match(r"kdcache [a-z-]+:", command)  # `kdcache VERB: ...` is what a verb prints
+        if command.startswith("kdcache ") and (fenced or prompt) and not output_line:
             start = i
             while command.endswith("\\") and i + 1 < len(lines):
                 i += 1
