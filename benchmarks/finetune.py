@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kd_memory import reset_peak, status_kb  # this folder: scripts run with it on sys.path
+
 HERE = Path(__file__).resolve().parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CASES = ("fp32", "bf16", "checkpointing", "lora")
@@ -135,16 +137,6 @@ def recipe(paths: dict[str, Path], root: Path, args: argparse.Namespace) -> dict
             "teacher_valid_loss": before, "runs": runs}
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def run_case(case: str, data_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     """One case's step time and peak memory (run in a fresh process)."""
     import torch
@@ -184,16 +176,12 @@ def run_case(case: str, data_dir: str, args: argparse.Namespace) -> dict[str, An
 
     source = TokenBatches(data, "student", batch_size=args.batch, seed=0)
     Trainer(student, source, NextTokenLoss(0.0), LoopConfig(steps=1, settings=settings), progress=False).run()
-    rss_before = _status_kb("VmRSS") or 0
-    reset = True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        reset = False
+    rss_before = status_kb("VmRSS") or 0
+    reset = reset_peak()
     last = time.perf_counter()
     Trainer(student, source, NextTokenLoss(0.0), LoopConfig(steps=args.steps, settings=settings),
             progress=False, on_step=tick).run()
-    peak = _status_kb("VmHWM") if reset else None
+    peak = status_kb("VmHWM") if reset else None
     return {"case": case, "trainable_params": trainable, "s_per_step": statistics.median(times),
             "peak_mb": None if peak is None else round(peak / 1024, 1),
             "peak_over_start_mb": None if peak is None else round((peak - rss_before) / 1024, 1)}

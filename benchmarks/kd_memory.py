@@ -56,7 +56,7 @@ CASES = ("hidden_distill", "logits_distill", "chunked_supervised")
 MIB = 2**20
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -66,7 +66,7 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset VmHWM to the current resident set (Linux); False where that is not possible."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -117,10 +117,10 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     if device.type == "cuda":
         return _cuda_case(step, args.seq_len)
-    baseline_kb = _status_kb("VmRSS") or 0
-    reset = _reset_peak()
+    baseline_kb = status_kb("VmRSS") or 0
+    reset = reset_peak()
     seconds = step(args.seq_len)
-    if reset and (hwm := _status_kb("VmHWM")) is not None:
+    if reset and (hwm := status_kb("VmHWM")) is not None:
         peak_kb, method = hwm, "VmHWM"
     else:
         peak_kb, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
