@@ -67,8 +67,8 @@ class StudentSettings:
     lora_alpha: float | None = None
     """LoRA scaling alpha (the update is alpha / rank * B A; default 2 * --lora-rank)."""
     lora_targets: list[str] | None = None
-    """Module names LoRA adapts (default: every linear layer of the decoder blocks, i.e. the
-    attention and MLP projections)."""
+    """Module names LoRA adapts, as a list: '[q_proj, v_proj]' (default: every linear layer of the
+    decoder blocks, i.e. the attention and MLP projections)."""
 
     def __post_init__(self) -> None:
         given = [n for n in ("layers", "student", "student_config") if getattr(self, n) is not None]
