@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kdcache.storage.tokens.format import TokenData
 from kdcache.train.job import TrainJobConfig
@@ -164,6 +165,32 @@ def test_two_ranks_accumulating_micro_batches_train_the_one_rank_model(
     ours = _training(out)
     assert ours["world"] == 2 and ours["grad_accum"] == 2
     _assert_same_run(ours, one_rank)
+
+
+def test_two_ranks_fine_tune_a_lora_student_as_one_rank_does(tiny_data: TokenData, tmp_path: Path) -> None:
+    """DDP over a student whose base weights are frozen: only the adapters' gradients are reduced,
+    and the 2-rank (accumulating) run is the 1-rank run up to reduction order."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = tmp_path / "pretrained"
+    LlamaForCausalLM(LlamaConfig(vocab_size=tiny_data.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128)).save_pretrained(base)
+    flags = {k: v for k, v in _flags(tiny_data, tmp_path / "one").items() if k not in ("layers", "rho")}
+    lora = {**flags, "student": str(base), "lora_rank": 4, "lr": 1e-2}
+    run_training(TrainJobConfig.from_flat(**lora))
+    done = torchrun({**lora, "out": str(tmp_path / "two"), "grad_accum": 2})
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, ours = _training(tmp_path / "one"), _training(tmp_path / "two")
+    assert ours["world"] == 2 and ours["lora"]["trainable"] == reference["lora"]["trainable"] == 4096
+    _assert_same_run(ours, reference)
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(
+        str(tmp_path / "two" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for name, tensor in one.items():  # the merged outputs agree as the losses do
+        torch.testing.assert_close(two[name], tensor, rtol=PER_STEP_RTOL, atol=1e-6, msg=name)
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank(
