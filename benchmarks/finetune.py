@@ -80,7 +80,7 @@ def family(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     data, teacher, student, store, tuned = (base / n for n in names)
     _check(_kdcache("prepare", "--out", str(data), "--vocab-size", "1024", "--seq-len", "64", "--max-tokens",
                     str(args.family_tokens), "--quiet"))
-    common = ("--threads", str(args.threads), "--quiet", "--json", "--eval-rows", "256")
+    common = ("--threads", str(args.threads), "--json", "--eval-rows", "256")
     runs = {}
     for name, out, flags in (
             ("teacher", teacher, ("--split", "teacher", "--layers", "3", "--rho", "32", "--tokens",
@@ -121,7 +121,7 @@ def recipe(paths: dict[str, Path], root: Path, args: argparse.Namespace) -> dict
         out = root / f"student-{name}"
         done = _kdcache("train", "--data", str(paths["data"]), "--student", str(paths["model"]), "--distill",
                         str(paths["store"]), "--batch-size", "8", "--eval-rows", str(args.eval_rows),
-                        "--out", str(out), "--quiet", "--json", *flags)
+                        "--out", str(out), "--json", *flags)  # not --quiet: it hides the start lines
         run: dict[str, Any] = {"flags": flags, "exit": done.returncode,
                                "announced": [line for line in done.stderr.splitlines()
                                              if line.startswith("kdcache train: optimiser")]}

@@ -245,7 +245,7 @@ def test_a_hub_student_fine_tunes_into_a_drop_in_model(offline: Path, tmp_path: 
     assert main(["prepare", "--source", CORPUS, "--tokenizer", MODEL, "--out", str(data), "--seq-len", "16",
                  "--quiet"]) == 0
     assert main(["train", "--data", str(data), "--student", MODEL, "--max-steps", "2", "--batch-size", "4",
-                 "--out", str(out), "--quiet", "--threads", "1"]) == 0
+                 "--out", str(out), "--threads", "1"]) == 0
     assert "fine-tuning defaults (pretrained --student)" in capsys.readouterr().err
     snapshot = Path(_snapshot(offline, MODEL))
     teacher, student = AutoTokenizer.from_pretrained(snapshot), AutoTokenizer.from_pretrained(out)

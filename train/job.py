@@ -265,7 +265,7 @@ class RuntimeSettings:
     fsdp: bool = False
     """Shard the student over the ranks with FSDP2 (needs torchrun or --workers N > 1)."""
     quiet: bool = False
-    """Hide the progress bar."""
+    """Hide the progress bar and the lines saying, at the start, what the run will do."""
     json: bool = False
     """Print the result as JSON."""
 

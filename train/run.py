@@ -560,7 +560,10 @@ def _source_rows(source: BatchSource) -> int:
 
 def _announce(cfg: TrainJobConfig, plan: Plan, objective: Objective, world: World,
               lora: dict[str, Any] | None) -> None:
-    """Say at the start what the run will do: the optimiser settings in effect, the batch, the length."""
+    """Say at the start what the run will do: the optimiser settings in effect, the batch, the length
+    (unless --quiet: then stderr holds nothing but an error's one line)."""
+    if cfg.runtime.quiet:
+        return
     r, rt = cfg.recipe, cfg.runtime
     kind = ("fine-tuning defaults (pretrained --student)" if cfg.student.pretrained
             else "from-scratch defaults")

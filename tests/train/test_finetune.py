@@ -155,7 +155,7 @@ def test_epochs_periodic_evaluation_and_the_metrics_log(tiny_data: TokenData, tm
     rows = tiny_data.rows("student")
     argv = ["train", "--data", str(tiny_data.path), "--out", str(out), "--layers", "1", "--rho", "32",
             "--batch-size", "64", "--epochs", "2", "--eval-every", "4", "--eval-rows", "32",
-            "--checkpoint-every", "4", "--threads", "1", "--quiet", "--log", "tensorboard"]
+            "--checkpoint-every", "4", "--threads", "1", "--log", "tensorboard"]
     steps = math.ceil(2 * (rows // 64))
     assert main(argv) == 0
     err = capsys.readouterr().err
@@ -259,7 +259,7 @@ def test_lora_fine_tunes_a_pretrained_student_merged_or_as_an_adapter(tiny_data:
         outs[save] = tmp_path / save
         assert main(["train", "--data", str(tiny_data.path), "--student", str(base_dir), "--lora-rank", "4",
                      "--lora-save", save, "--max-steps", "3", "--lr", "1e-2", "--batch-size", "8",
-                     "--eval-rows", "16", "--out", str(outs[save]), "--quiet", "--threads", "1"]) == 0
+                     "--eval-rows", "16", "--out", str(outs[save]), "--threads", "1"]) == 0
     err = capsys.readouterr().err
     assert "fine-tuning defaults (pretrained --student), with --lr given" in err
     assert "LoRA rank 4: 4,096 trainable parameters" in err  # 2 layers x 7 projections
