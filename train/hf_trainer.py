@@ -83,7 +83,8 @@ class DistillTrainer(Trainer):
     """`transformers.Trainer` over the logit store `store` (a path or a `StoreDataset`).
 
     `tail`, `divergence`, `lam` and `z_loss` are `distill_loss`'s, with its defaults (those
-    of `kdcache train`); the temperature is the store's. Other arguments are the Trainer's,
+    of `kdcache train` from scratch; `kdcache train --student DIR` fine-tunes with `z_loss=0`);
+    the temperature is the store's. Other arguments are the Trainer's,
     but for `train_dataset`, `data_collator`, `compute_loss_func` and `model_init`.
     """
 

@@ -410,7 +410,8 @@ def distill_loss(
     a padded head's extra rows never take probability mass. Teacher targets may come in
     any dtype (a `StoreDataset` batch keeps its log-probs float16, as stored): each chunk
     is widened on the logits' device to their precision (float32 at least), so the loss is
-    exactly that of targets widened beforehand. The defaults are `kdcache train`'s. Bad
+    exactly that of targets widened beforehand. The defaults are `kdcache train`'s for a
+    student trained from scratch (its fine-tuning recipe has no z-loss: pass `z_loss=0`). Bad
     arguments raise ValueError.
     """
     if logits is not None and (hidden is not None or lm_head is not None):
