@@ -558,7 +558,7 @@ def _source_rows(source: BatchSource) -> int:
     return ordered.order.n_rows
 
 
-def _announce(cfg: TrainJobConfig, plan: Plan, objective: Objective, world: World,
+def _announce(cfg: TrainJobConfig, plan: Plan, loop: LoopConfig, objective: Objective, world: World,
               lora: dict[str, Any] | None) -> None:
     """Say at the start what the run will do: the optimiser settings in effect, the batch, the length
     (unless --quiet: then stderr holds nothing but an error's one line)."""
@@ -570,7 +570,7 @@ def _announce(cfg: TrainJobConfig, plan: Plan, objective: Objective, world: Worl
     given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(r)
              if getattr(cfg.loop, f.name) is not None and f.name != "grad_clip"]
     lines = [
-        f"optimiser: AdamW, lr {r.lr:g}, warmup {r.warmup_frac:.0%} ({round(r.warmup_frac * plan.steps)} "
+        f"optimiser: AdamW, lr {r.lr:g}, warmup {r.warmup_frac:.0%} ({loop.warmup_steps} "
         f"steps), cosine to {r.final_lr_frac:g} x lr, weight decay {r.weight_decay:g}/step, z-loss "
         f"{r.z_loss:g}, grad clip {r.grad_clip:g}: {kind}"
         + (f", with {', '.join(given)} given" if given else ""),
@@ -598,15 +598,15 @@ def _train(
     student, loop, rt = built.student, cfg.loop, cfg.runtime
     n_params = built.params
     plan = plan_steps(cfg, n_params, trained_per_row(data, objective.split), _source_rows(objective.source))
-    _announce(cfg, plan, objective, world, built.lora)
+    loop_cfg = LoopConfig(steps=plan.steps, settings=loop, checkpoint_every=rt.checkpoint_every,
+                          pretrained=cfg.student.pretrained, grad_accum=rt.grad_accum)
+    _announce(cfg, plan, loop_cfg, objective, world, built.lora)
     if rt.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     student.to(world.device)
     hook = _StepHook(cfg, out, data, world, plan.steps)
     trainer = Trainer(
-        student, objective.source, objective.loss,
-        LoopConfig(steps=plan.steps, settings=loop, checkpoint_every=rt.checkpoint_every,
-                   pretrained=cfg.student.pretrained, grad_accum=rt.grad_accum),
+        student, objective.source, objective.loss, loop_cfg,
         checkpoint_dir=out / CHECKPOINT_DIR,
         run_fingerprint=cfg.fingerprint(data.fingerprint, objective.teacher_fingerprint, built.fingerprint),
         progress=not rt.quiet, world=world, fsdp=rt.fsdp, on_step=hook,

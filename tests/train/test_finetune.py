@@ -32,8 +32,8 @@ from kdcache.train.job import FINE_TUNE, SCRATCH, LoopSettings, TrainJobConfig
 from kdcache.train.losses import NextTokenLoss
 from kdcache.train.model import build_model
 from kdcache.train.run import check_bf16
-from kdcache.train.student import FamilyStudent
-from kdcache.train.trainer import LoopConfig, Trainer, diverged
+from kdcache.train.student import FamilyStudent, HFStudent, Student
+from kdcache.train.trainer import LoopConfig, Trainer, decoder_layers, diverged
 
 EPS32 = 2.0**-24
 ACCUM_RTOL = 2 * 256 * EPS32 * 2  # ~3e-5: see the module docstring
@@ -45,7 +45,7 @@ def _family(data: TokenData, layers: int = 2) -> FamilyStudent:
     return FamilyStudent(model, data.vocab_size)
 
 
-def _one_step(data: TokenData, student: FamilyStudent, *, accum: int = 1, precision: str = "fp32",
+def _one_step(data: TokenData, student: Student, *, accum: int = 1, precision: str = "fp32",
               batch: int = 8) -> tuple[float, dict[str, torch.Tensor]]:
     """(loss, gradients) of one step; no clipping, so the gradients are the loss's own."""
     settings = LoopSettings(lr=1e-3, warmup_frac=0.0, grad_clip=1e9, precision=precision)
@@ -87,12 +87,33 @@ def test_bf16_loss_and_gradients_stay_within_bf16_precision_of_fp32(tiny_data: T
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) >= 0.99
 
 
-def test_gradient_checkpointing_gives_the_same_step(tiny_data: TokenData) -> None:
-    loss, grads = _one_step(tiny_data, _family(tiny_data))
-    student = _family(tiny_data)
-    student.enable_gradient_checkpointing()
-    ckpt_loss, ckpt = _one_step(tiny_data, student)
-    assert ckpt_loss == loss  # the same forward, rerun in backward
+def _student(kind: str, data: TokenData) -> Student:
+    if kind == "family":
+        return _family(data)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=data.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, use_cache=False))
+    return HFStudent(lm, data.vocab_size)
+
+
+@pytest.mark.parametrize("kind", ["family", "hf"])
+def test_gradient_checkpointing_reruns_each_block_and_gives_the_same_step(tiny_data: TokenData,
+                                                                          kind: str) -> None:
+    runs = {}
+    for checkpointing in (False, True):
+        student = _student(kind, tiny_data)
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+        calls: list[int] = []
+        decoder_layers(student)[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        loss, grads = _one_step(tiny_data, student)
+        runs[checkpointing] = loss, grads, len(calls)
+    (loss, grads, forwards), (ckpt_loss, ckpt, ckpt_forwards) = runs[False], runs[True]
+    assert (forwards, ckpt_forwards) == (1, 2)  # the block's forward reruns in backward
+    assert ckpt_loss == loss  # the same forward
     for name, g in grads.items():
         torch.testing.assert_close(ckpt[name], g, rtol=ACCUM_RTOL, atol=0.0, msg=name)
 
