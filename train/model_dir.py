@@ -34,15 +34,13 @@ from kdcache.storage.model_record import (
     write_json,
     write_model_record,
 )
+from kdcache.storage.tokens.format import TOKENIZER_FILES
 from kdcache.train.config import ModelConfig
 from kdcache.train.errors import TrainError
 from kdcache.train.model import Transformer
 
 WEIGHTS = "model.safetensors"
 SUPPORTED_TYPES = ("llama", "qwen3")
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
-"""Copied from beside tokenizer.json when there (`kdcache prepare --tokenizer` keeps the tokenizer's own)."""
 SPECIAL_IDS = ("bos", "eos", "pad")
 """The special tokens a generation config names by id."""
 

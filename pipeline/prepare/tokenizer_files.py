@@ -16,8 +16,7 @@ from pathlib import Path
 
 from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare.chat import TEMPLATE_FILE, ChatTemplate, json_object
-
-CARRIED = ("tokenizer_config.json", "special_tokens_map.json", TEMPLATE_FILE, "generation_config.json")
+from kdcache.storage.tokens.format import TOKENIZER_FILES as CARRIED
 
 
 def carried(tokenizer_json: str, template: ChatTemplate | None, override: str | None) -> dict[str, bytes]:

@@ -52,6 +52,11 @@ MASK = "loss_mask"
 POSITIONS = "position_ids"
 DOCUMENT_ARRAYS = {MASK: np.dtype(np.uint8), POSITIONS: np.dtype(np.int32)}
 """The per-split arrays of data packed by document, and their dtypes."""
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+"""What DATA keeps beside tokenizer.json when prepared with a given tokenizer (its own files, byte
+for byte, the first holding its special tokens and chat template), and students carry on, so a
+student is a drop-in model for its teacher."""
 
 
 def document_array(split: str, name: str) -> str:
