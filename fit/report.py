@@ -8,9 +8,11 @@ same table's supervised rows.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,8 @@ import pyarrow as pa
 from kdcache.fit import fitting, uncertainty
 from kdcache.fit.errors import FitError
 from kdcache.fit.laws import DistillationLaw, SupervisedLaw
-from kdcache.fit.presets import load_supervised
+from kdcache.fit.presets import SUPERVISED_PRESETS, load_supervised
+from kdcache.fit.selection import DEFAULT_WHERE, select
 
 DEFAULT_THRESHOLDS = {"supervised": 2.2, "distillation": 2.3}  # the paper's (App. F)
 
@@ -55,7 +58,7 @@ def _threshold(loss: np.ndarray, law: str, threshold: float | None) -> float:
     return paper if 0.05 <= share <= 0.5 else uncertainty.holdout_threshold(loss, None)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FitReport:
     """A fitted law with how far to trust it, and the runs it was fitted to."""
 
@@ -74,6 +77,10 @@ class FitReport:
     """The fitted runs: params, tokens, loss (and teacher_loss), the full fit's `predicted` loss."""
     at_bounds: tuple[str, ...] = ()
     """Coefficients left on their search bound: not determined by these runs."""
+    supervised_at_bounds: tuple[str, ...] = ()
+    """Distillation: the supervised law's coefficients on their bound (from its fit)."""
+    selection: dict[str, Any] | None = None
+    """Which rows of the table were selected (`fit.selection.Selection.to_json`)."""
 
     def law_object(self) -> SupervisedLaw | DistillationLaw:
         if self.supervised is None:
@@ -93,6 +100,9 @@ class FitReport:
         }
         if self.supervised is not None:
             out["supervised"] = self.supervised
+            out["supervised_at_bounds"] = list(self.supervised_at_bounds)
+        if self.selection is not None:
+            out["selection"] = self.selection
         out["data"] = data
         return out
 
@@ -135,7 +145,7 @@ def fit_distillation_table(
     threshold: float | None = None,
 ) -> FitReport:
     """Fit Eq. 8 to the distill/online rows; the supervised law from `supervised` or the table."""
-    sup = _supervised_law(table, path, supervised, delta)
+    sup, sup_bounds = _supervised_law(table, path, supervised, delta)
     names = ("params", "tokens", "teacher_loss", "loss")
     n, d, lt, loss = _arrays(rows(table, ("distill", "online")), names, str(path))
     result = fitting.fit_distillation(n, d, lt, loss, sup, delta=delta, fixed=fixed)
@@ -155,14 +165,21 @@ def fit_distillation_table(
     data = {"params": n.tolist(), "tokens": d.tolist(), "teacher_loss": lt.tolist(), "loss": loss.tolist(),
             "predicted": predicted.tolist()}
     limit = _threshold(loss, "distillation", threshold)
-    return _report(result, loss, limit, refit, boot, sup.to_dict(), data)
+    report = _report(result, loss, limit, refit, boot, sup.to_dict(), data)
+    return dataclasses.replace(report, supervised_at_bounds=sup_bounds)
 
 
 def _supervised_law(
     table: pa.Table, path: str | os.PathLike[str], spec: str | None, delta: float
-) -> SupervisedLaw:
+) -> tuple[SupervisedLaw, tuple[str, ...]]:
+    """The law and its coefficients on their bounds (none for a published preset)."""
     if spec is not None:
-        return load_supervised(spec)
+        law = load_supervised(spec)
+        if spec in SUPERVISED_PRESETS:
+            return law, ()
+        data = json.loads(Path(spec).read_text())  # load_supervised has read it as a fit JSON
+        key = "supervised_at_bounds" if data.get("law") == "distillation" else "at_bounds"
+        return law, tuple(data.get(key) or ())
     sup_rows = rows(table, ("supervised",))
     if sup_rows.num_rows < 6:
         raise FitError(
@@ -170,7 +187,8 @@ def _supervised_law(
             "supervised rows (need 6); pass --supervised FIT.json or --supervised paper"
         )
     n, d, loss = _arrays(sup_rows, ("params", "tokens", "loss"), str(path))
-    return SupervisedLaw.from_dict(fitting.fit_supervised(n, d, loss, delta=delta).params)
+    result = fitting.fit_supervised(n, d, loss, delta=delta)
+    return SupervisedLaw.from_dict(result.params), result.at_bounds
 
 
 def _report(result: fitting.FitResult, loss: np.ndarray, threshold: float, refit: Any,
@@ -197,13 +215,18 @@ def fit_runs(
     bootstrap: int = 0,
     threshold: float | None = None,
     source: str | os.PathLike[str] = "runs table",
+    where: str = DEFAULT_WHERE,
 ) -> FitReport:
-    """Fit `law` (supervised | distillation) to a runs table (`storage.runs.read_runs`), read
-    from `source`, which errors name."""
+    """Fit `law` (supervised | distillation) to the rows of a runs table (`storage.runs.read_runs`)
+    that `where` selects (`fit.selection`: by default the law grid), read from `source`, which
+    errors name."""
+    chosen = select(table, where, source=str(source))
     if law == "supervised":
-        return fit_supervised_table(table, source, delta=delta, fixed=fixed or {}, bootstrap=bootstrap,
-                                    threshold=threshold)
-    if law == "distillation":
-        return fit_distillation_table(table, source, delta=delta, fixed=fixed or {}, supervised=supervised,
+        report = fit_supervised_table(chosen.table, source, delta=delta, fixed=fixed or {},
                                       bootstrap=bootstrap, threshold=threshold)
-    raise FitError(f"law must be supervised or distillation, got {law!r}")
+    elif law == "distillation":
+        report = fit_distillation_table(chosen.table, source, delta=delta, fixed=fixed or {},
+                                        supervised=supervised, bootstrap=bootstrap, threshold=threshold)
+    else:
+        raise FitError(f"law must be supervised or distillation, got {law!r}")
+    return dataclasses.replace(report, selection=chosen.to_json())

@@ -9,6 +9,7 @@ from typing import Any
 from kdcache.fit import plots
 from kdcache.fit.errors import FitError
 from kdcache.fit.report import fit_runs
+from kdcache.fit.selection import DEFAULT_WHERE
 from kdcache.paths import check_writable
 from kdcache.storage.runs import read_runs
 
@@ -46,6 +47,10 @@ class Config:
     """Bootstrap resamples for 90% intervals (0: none)."""
     holdout_loss: float | None = None
     """Extrapolation check: fit runs with loss >= this, test the rest (default: 2.2/2.3 or lowest 20%)."""
+    where: str = DEFAULT_WHERE
+    """Rows to fit: COLUMN=VALUE[|VALUE] or COLUMN!=VALUE clauses joined by commas (kind, lambda,
+    temperature, store, seed, run_id with wildcards), or 'all'. The default is the law grid
+    `kdcache run` fits: lambda 1, temperature 1, no findings-only runs (finding-*)."""
     json: bool = False
     """Print the result as JSON."""
     plot: str | None = None
@@ -63,7 +68,7 @@ def run(cfg: Config) -> int:
         check_writable(cfg.plot, "--plot", directory=False)
     report = fit_runs(read_runs(cfg.runs), cfg.law, source=cfg.runs, delta=cfg.delta,
                       fixed=parse_fixed(cfg.fix), supervised=cfg.supervised, bootstrap=cfg.bootstrap,
-                      threshold=cfg.holdout_loss)
+                      threshold=cfg.holdout_loss, where=cfg.where)
     out = report.to_json()
     if cfg.plot:
         plots.fit_vs_data(report.law_object(), report.data, report.extrapolation.threshold, cfg.plot)
@@ -76,6 +81,12 @@ def _text(out: dict[str, Any]) -> str:
         f"{out['law']} law fitted to {out['runs']} runs "
         f"(Huber delta {out['delta']:g}, objective {out['objective']:.6g})"
     ]
+    chosen = out.get("selection")
+    if chosen and chosen["left_out"]:
+        left = "; ".join(f"{len(ids)} by {clause} ({_ids(ids)})"
+                         for clause, ids in chosen["left_out"].items())
+        lines.append(f"  selected {chosen['selected']} of {chosen['runs_in_table']} rows with --where "
+                     f"'{chosen['where']}'" + (f"; left out {left}" if left else ""))
     intervals = (out.get("bootstrap") or {}).get("intervals", {})
     for name, value in out["params"].items():
         ci = intervals.get(name)
@@ -89,4 +100,16 @@ def _text(out: dict[str, Any]) -> str:
             f"{ex['held_out_runs']} held out: mean rel. error {100 * ex['mean_relative_error']:.2f}%, "
             f"max {100 * ex['max_relative_error']:.2f}%"
         )
+    bounds = [*out["at_bounds"], *(f"{n} (supervised law)" for n in out.get("supervised_at_bounds", []))]
+    lines.append(
+        f"at_bounds: {', '.join(bounds)}: not determined by these runs; `kdcache plan` gives no recipe "
+        "from this law without --extrapolate" if bounds
+        else "at_bounds: none (every coefficient inside its bounds)"
+    )
     return "\n".join(lines)
+
+
+def _ids(ids: list[str], shown: int = 3) -> str:
+    """'a, b, c and 9 more'."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more

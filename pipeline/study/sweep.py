@@ -17,6 +17,9 @@ over N Ray Train ranks):
       - {layers: [1, 2], tokens: [200000, 400000]}
       - {layers: [1, 2], tokens: 400000, distill: [out/stores/t1, out/stores/t2]}
 
+A group's `run_id_prefix: finding-` leads the id of every run it expands to (so a runs
+table tells those runs apart, as `kdcache run` does its findings' runs from its law grid).
+
 Runs read the stores concurrently (readers never write). A run whose model directory
 is finished and whose row is in the runs table is skipped, so rerunning the same file
 resumes the sweep (an interrupted run resumes from its checkpoint; a finished one whose
@@ -53,6 +56,8 @@ from kdcache.train.errors import TrainError
 from kdcache.train.job import GROUPS, TrainJobConfig
 from kdcache.train.run import run_training
 
+PREFIX_KEY = "run_id_prefix"  # a group key, not a train setting: leads the group's run ids
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SweepResult:
@@ -82,6 +87,10 @@ def expand(cfg: SweepConfig, where: str = "") -> list[TrainJobConfig]:
     _check_settings(defaults, f"{lead}defaults")
     jobs: list[TrainJobConfig] = []
     for i, group in enumerate(cfg.grid):
+        group = dict(group)
+        prefix = group.pop(PREFIX_KEY, "")
+        if not isinstance(prefix, str):
+            raise PipelineError(f"{lead}grid[{i}]: field {PREFIX_KEY!r} must be str, got {prefix!r}")
         keys = list(group)
         values = [v if isinstance(v, list) else [v] for v in group.values()]
         for key, options in zip(keys, values, strict=True):
@@ -89,7 +98,7 @@ def expand(cfg: SweepConfig, where: str = "") -> list[TrainJobConfig]:
                 _check_settings({key: value}, f"{lead}grid[{i}]")
         for combo in itertools.product(*values):
             settings = {**defaults, **dict(zip(keys, combo, strict=True))}
-            jobs.append(_job(cfg, settings, f"{lead}grid[{i}]"))
+            jobs.append(_job(cfg, settings, f"{lead}grid[{i}]", prefix))
     ids = [j.runtime.run_id for j in jobs]
     dup = next((r for r in ids if ids.count(r) > 1), None)
     if dup:
@@ -127,19 +136,21 @@ def _check_settings(settings: dict[str, Any], where: str) -> None:
             raise PipelineError(f"{where}: field {key!r} must be {wanted}, got {value!r}")
 
 
-def _job(cfg: SweepConfig, settings: dict[str, Any], where: str) -> TrainJobConfig:
-    """One run from settings `expand` has type-checked already (every value, once)."""
+def _job(cfg: SweepConfig, settings: dict[str, Any], where: str, prefix: str = "") -> TrainJobConfig:
+    """One run from settings `expand` has type-checked already (every value, once); `prefix`
+    leads its run id."""
     base = {"data": cfg.data, "runs": cfg.runs, "out": "", "quiet": True, "threads": cfg.threads}
     try:
         job = TrainJobConfig.from_flat(**{**base, **settings})
     except TrainError as exc:  # a value out of range (layers: 0), or no student given
         raise PipelineError(f"{where}: {exc}") from exc
-    run_id = job.runtime.run_id or run_id_of(job)
+    run_id = prefix + (job.runtime.run_id or run_id_of(job))
     return job.replace(run_id=run_id, out=str(Path(cfg.out) / run_id))
 
 
 def run_id_of(job: TrainJobConfig) -> str:
-    """Readable and unique: kind, student, tokens, teacher name, and a hash of the identity.
+    """Readable and unique: kind, student, tokens, teacher name, seed (if not 0), and a hash of
+    the identity.
 
     The hash covers the settings that identify a run (`TrainJobConfig.identity`), so two
     runs that differ only in where or how they run share an id (and are refused).
@@ -148,7 +159,8 @@ def run_id_of(job: TrainJobConfig) -> str:
     teacher = Path(d.distill or d.online_teacher or "").name
     student = f"L{s.layers}" if s.family else Path(s.student or s.student_config or "").stem
     digest = hashlib.sha256(json.dumps(job.identity(), sort_keys=True).encode()).hexdigest()[:6]
-    parts = [job.kind, student, f"D{job.loop.tokens or 'auto'}", teacher, digest]
+    seed = f"s{job.loop.seed}" if job.loop.seed else ""
+    parts = [job.kind, student, f"D{job.loop.tokens or 'auto'}", teacher, seed, digest]
     return "-".join(p for p in parts if p)
 
 

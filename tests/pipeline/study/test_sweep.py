@@ -98,6 +98,13 @@ def test_expand_names_runs_and_refuses_bad_settings(token_data: Path, tmp_path: 
         expand(SweepConfig(**base, grid=[{"layers": [1, 2], "run_id": "same"}]))
     with pytest.raises(PipelineError, match="grid"):
         SweepConfig(**base, grid=[])
+    # A group's prefix leads its ids; a seed other than 0 is in the id, seed 0's id is unchanged.
+    marked = expand(SweepConfig(**base, grid=[{"layers": 1, "tokens": 100, "seed": [0, 2],
+                                               "run_id_prefix": "finding-"}]))
+    assert [j.runtime.run_id.startswith("finding-supervised-L1-D100-") for j in marked] == [True, True]
+    assert marked[0].runtime.run_id == "finding-" + ids[0] and "-s2-" in marked[1].runtime.run_id
+    with pytest.raises(PipelineError, match="grid\\[0\\]: field 'run_id_prefix' must be str"):
+        expand(SweepConfig(**base, grid=[{"layers": 1, "run_id_prefix": 3}]))
 
 
 def test_expand_refuses_settings_of_the_wrong_type(tmp_path: Path) -> None:
