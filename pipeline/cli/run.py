@@ -21,7 +21,9 @@ class Config:
 
 def run(cfg: Config) -> int:
     from kdcache.pipeline.study.run import run_study
+    from kdcache.pipeline.study.summary import summary_lines
 
     report = run_study(cfg.out, cfg.preset, cfg.ray_address, device=cfg.device)
+    print("\n".join(summary_lines(report.parent)))
     print(f"wrote {report}")
     return 0

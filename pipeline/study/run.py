@@ -36,6 +36,7 @@ from kdcache.fit.errors import FitError
 from kdcache.fit.laws import DistillationLaw
 from kdcache.fit.presets import load_distillation
 from kdcache.fit.report import fit_runs
+from kdcache.fit.selection import DEFAULT_WHERE, FINDING_PREFIX, Selection, select
 from kdcache.paths import check_writable
 from kdcache.pipeline.cache.config import CacheConfig
 from kdcache.pipeline.cache.job import run_cache
@@ -48,7 +49,7 @@ from kdcache.pipeline.study.findings import write_findings
 from kdcache.pipeline.study.layout import RunLayout
 from kdcache.pipeline.study.plots import write_plots
 from kdcache.pipeline.study.report import write_report
-from kdcache.pipeline.study.sweep import run_sweep
+from kdcache.pipeline.study.sweep import PREFIX_KEY, run_sweep
 from kdcache.ray_session import ray_session
 from kdcache.storage import StoreError, read_meta
 from kdcache.storage.tokens.format import is_token_data
@@ -82,6 +83,8 @@ class Preset:
     """Supervised and distillation runs needed before a law is fitted, not taken from the paper."""
     bootstrap: int = 64
     """Bootstrap resamples for the fits' 90% intervals."""
+    seeds: int = 3
+    """Seeds of every condition the findings compare (`findings.MIN_SEEDS` at least to test them)."""
 
 
 PRESETS = {
@@ -167,8 +170,11 @@ def _caches(layout: RunLayout, p: Preset) -> Stores:
 
 
 def _student_grid(layout: RunLayout, p: Preset, stores: Stores) -> list[dict[str, Any]]:
-    """The law grid (supervised; distilled at lambda 1 from each teacher; one online run) and
-    the findings (full against top-k at lambda 1 and 0.7; other temperatures)."""
+    """The law grid (seed 0: supervised; distilled at lambda 1 from each teacher; one online run)
+    and the findings' runs (ids `finding-*`), every condition a finding compares at `p.seeds`
+    seeds: supervised and distilled at the smallest and largest budget, every teacher's student
+    at the largest (seed 0 of those is the law grid's run), and full against top-k at lambda 1
+    and 0.7 and the other temperatures."""
     tokens = list(p.student_tokens)
     first_teacher = layout.teacher(next(iter(p.teachers)))
     size = p.distill_layers[0]
@@ -178,24 +184,26 @@ def _student_grid(layout: RunLayout, p: Preset, stores: Stores) -> list[dict[str
         {"layers": size, "tokens": p.finding_tokens, "online_teacher": str(first_teacher)},
     ]
     if stores.findings:
-        f = stores.findings
+        f, more, every = stores.findings, list(range(1, p.seeds)), list(range(p.seeds))
+        ends = sorted({min(tokens), max(tokens)})
+        finding = {"layers": size, PREFIX_KEY: FINDING_PREFIX}
         grid += [
-            {"layers": size, "tokens": p.finding_tokens, "distill": [str(f["full"]), str(f["topk"])]},
-            {"layers": size, "tokens": p.finding_tokens, "distill": str(f["topk"]), "lambda": 0.7},
-            {"layers": size, "tokens": p.finding_tokens,
+            {**finding, "tokens": ends, "seed": more},
+            {**finding, "tokens": ends, "distill": str(stores.grid[0]), "seed": more},
+            {**finding, "tokens": max(tokens), "distill": [str(s) for s in stores.grid[1:]], "seed": more},
+            {**finding, "tokens": p.finding_tokens, "distill": [str(f["full"]), str(f["topk"])],
+             "seed": every},
+            {**finding, "tokens": p.finding_tokens, "distill": str(f["topk"]), "lambda": 0.7, "seed": every},
+            {**finding, "tokens": p.finding_tokens, "seed": every,
              "distill": [str(path) for name, path in f.items() if name.startswith("tau")]},
         ]
     return grid
 
 
-def _law_rows(layout: RunLayout, p: Preset) -> tuple[pa.Table, pa.Table]:
-    """(all runs, the law grid's runs): supervised, online, and lambda-1 runs from grid stores."""
+def _law_rows(layout: RunLayout) -> tuple[pa.Table, Selection]:
+    """(all runs, the law grid): what `kdcache fit` selects by default (`fit.selection`)."""
     table = pq.read_table(layout.runs)
-    grid = {str(layout.store(name).resolve()) for name in p.teachers}
-    rows = table.to_pylist()
-    keep = [r["kind"] in ("supervised", "online") or (r["store"] in grid and (r["lambda"] or 1.0) == 1.0)
-            for r in rows]
-    return table, table.filter(pa.array(keep))
+    return table, select(table, DEFAULT_WHERE, source=str(layout.runs))
 
 
 def _fit(out: Path, p: Preset) -> dict[str, str]:
@@ -205,7 +213,8 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
     distillation (lambda = 1) at temperature 1 over the whole split; the findings' runs are not.
     """
     layout = RunLayout(root=out)
-    table, fitted_runs = _law_rows(layout, p)
+    table, selection = _law_rows(layout)
+    fitted_runs = selection.table
     layout.fits.mkdir(exist_ok=True)
     layout.plots.mkdir(exist_ok=True)
     pq.write_table(fitted_runs, layout.fit_runs)
@@ -222,13 +231,12 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
             continue
         _stage(f"fit: {law} law on {counts[law]} runs")
         sup = layout.fit("supervised")
-        report = fit_runs(fitted_runs, law, source=layout.fit_runs,
+        report = fit_runs(table, law, source=layout.runs,
                           bootstrap=p.bootstrap,
                           supervised=str(sup) if law == "distillation" and sup.is_file() else None)
         path.write_text(json.dumps(report.to_json(), indent=2))
     if len(fitted_runs) < len(table):
-        left_out = (f"{len(table) - len(fitted_runs)} runs of the findings (full store, lambda < 1, "
-                    "other temperatures) left out of the fit")
+        left_out = f"fitted the law grid: {selection.summary()}"
         notes["distillation"] = "; ".join(filter(None, (notes.get("distillation"), left_out)))
     layout.notes.write_text(json.dumps(notes, indent=2))
     for note in notes.values():
@@ -299,7 +307,7 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, devi
         _sweep(layout, layout.students, _student_grid(layout, p, stores), p, device)
     _fit(layout.root, p)
     write_findings(layout.root, {name: str(path.resolve()) for name, path in stores.findings.items()},
-                   [str(s.resolve()) for s in stores.grid])
+                   [str(s.resolve()) for s in stores.grid], p.distill_layers[0])
     _plans_and_costs(layout, p, stores)
     write_plots(layout.root)
     return write_report(layout.root)

@@ -28,7 +28,8 @@ def _table(path: Path, supervised: int, distilled: int, mixed: int) -> None:
     for i in range(distilled + mixed):
         lam = 1.0 if i < distilled else 0.7
         loss = float(dist["loss"][i]) * (1.0 if lam == 1.0 else 1.5)  # far off the law: must be left out
-        append_run(path, RunRow(run_id=f"d{i}", kind="distill", params=int(dist["params"][i]),
+        run_id = f"d{i}" if lam == 1.0 else f"finding-d{i}"
+        append_run(path, RunRow(run_id=run_id, kind="distill", params=int(dist["params"][i]),
                                 tokens=int(dist["tokens"][i]), loss=loss,
                                 teacher_loss=float(dist["teacher_loss"][i]), lam=lam, store=store))
 
@@ -39,7 +40,10 @@ def test_fits_lambda_one_runs_and_notes_what_it_left_out(tmp_path: Path) -> None
     sup = json.loads((tmp_path / "fits" / "supervised.json").read_text())
     dist = json.loads((tmp_path / "fits" / "distillation.json").read_text())
     assert sup["runs"] == 40 and dist["runs"] == 60
-    assert "5 runs of the findings" in notes["distillation"] and "supervised" not in notes
+    assert "selected 100 of 105 runs" in notes["distillation"]
+    assert "5 by run_id!=finding-*" in notes["distillation"]
+    assert "supervised" not in notes
+    assert dist["selection"]["left_out"] == {"run_id!=finding-*": [f"finding-d{i}" for i in range(60, 65)]}
     held_out = dist["extrapolation"]["held_out_runs"]
     assert len(dist["data"]["loss"]) == 60 and sum(dist["data"]["held_out"]) == held_out > 0
     held = [x for x, out in zip(dist["data"]["extrapolated"], dist["data"]["held_out"], strict=True) if out]
