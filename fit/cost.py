@@ -1,9 +1,10 @@
-"""Cache-versus-online cost model: FLOPs, accelerator-hours and money for M students.
+"""Cache-versus-online cost model: FLOPs, GPU-hours and money for M students.
 
 Online distillation runs the teacher forward on every student step; the cache runs it
 once over the D tokens, stores the targets, and M students read them back. The FLOPs
 are equal at M = 1; storage is what the cache pays extra, so the money break-even is
-the smallest M whose saved teacher passes cover the storage bill.
+the smallest M whose saved teacher passes cover the storage bill. Wall time on G GPUs is
+GPU-hours / G: a run spread over G GPUs is taken to scale perfectly (data parallel).
 
 Wall time is modelled per run (`TimeModel`): start-up plus tokens times the seconds each
 token costs (a fixed per-token overhead, student steps, the teacher's forward, store reads and
@@ -29,18 +30,21 @@ from kdcache.fit.flops import forward_flops
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Hardware:
-    """An accelerator and its storage; defaults are an H100 (dense bf16) at 40% utilisation."""
+    """GPUs and their storage; defaults are one node of 8 H100s (dense bf16) at 40% utilisation."""
 
-    peak_flops: float = 989e12
+    peak_flops: float = 989e12  # per GPU
     utilisation: float = 0.4
-    price_per_hour: float = 2.5  # accelerator-hour, USD
+    price_per_hour: float = 2.5  # GPU-hour, USD
     storage_per_tb_month: float = 20.0  # USD
     read_bandwidth: float = 2e9  # bytes/s one student can stream from the store
     months: float = 1.0  # how long the store is kept
+    gpus: int = 8  # a run's GPUs: its wall time is its GPU-hours over these
 
     def __post_init__(self) -> None:
         if min(self.peak_flops, self.utilisation, self.read_bandwidth) <= 0 or self.utilisation > 1:
             raise FitError("hardware: peak FLOP/s and read bandwidth must be > 0, utilisation in (0, 1]")
+        if self.gpus < 1:
+            raise FitError(f"hardware: gpus must be >= 1, got {self.gpus}")
 
     @property
     def flops_per_s(self) -> float:
@@ -88,8 +92,11 @@ def compare(
         "students": len(students),
         "online_flops": online,
         "cache_flops": cache,
-        "online_hours": online_hours,
-        "cache_hours": cache_hours,
+        "online_gpu_hours": online_hours,
+        "cache_gpu_hours": cache_hours,
+        "gpus": hardware.gpus,
+        "online_wall_hours": online_hours / hardware.gpus,
+        "cache_wall_hours": cache_hours / hardware.gpus,
         "online_cost": online_money,
         "cache_cost": cache_money + storage_money,
         "storage_cost": storage_money,
@@ -424,8 +431,12 @@ class CostEstimate:
     students: int
     online_flops: float
     cache_flops: float
-    online_hours: float
-    cache_hours: float
+    online_gpu_hours: float
+    cache_gpu_hours: float
+    gpus: int
+    online_wall_hours: float
+    """online_gpu_hours / gpus: wall time with the GPUs scaling perfectly."""
+    cache_wall_hours: float
     online_cost: float
     cache_cost: float
     storage_cost: float
@@ -435,7 +446,10 @@ class CostEstimate:
     read_bandwidth_ok: bool
     break_even_students: int
     flops_per_s: float
-    """The FLOP/s hours are counted at: peak x utilisation, or the fitted training rate."""
+    """The FLOP/s per GPU hours are counted at: peak x utilisation, or the fitted training rate."""
+    peak_flops: float
+    utilisation: float
+    price_per_gpu_hour: float
     calibrated: bool
     predicted_s: PredictedTimes
     time_model: TimeModel
@@ -461,6 +475,7 @@ def estimate(
     its training rate (as `kdcache cost --runs` always did); without one, or where the fit gave the
     FLOPs no cost, at peak x utilisation. Predicted times include the model's per-token overhead."""
     calibrated = time_model is not None
+    given = hardware
     if time_model is None:
         time_model = hardware_time_model(hardware)
     elif time_model.s_per_train_flop > 0:  # 0: the fit put all the steps' time in the per-token overhead
@@ -474,8 +489,9 @@ def estimate(
                               for n in student_params),
         cache=time_model.cache_s(teacher_params, tokens, bytes_per_token, **shape),
     )
-    return CostEstimate(**out, flops_per_s=hardware.flops_per_s, calibrated=calibrated,
-                        predicted_s=predicted, time_model=time_model)
+    return CostEstimate(**out, flops_per_s=hardware.flops_per_s, peak_flops=given.peak_flops,
+                        utilisation=given.utilisation, price_per_gpu_hour=given.price_per_hour,
+                        calibrated=calibrated, predicted_s=predicted, time_model=time_model)
 
 
 def cost_curve(
@@ -488,11 +504,12 @@ def cost_curve(
     max_students: int,
     **shape: float,
 ) -> tuple[list[float], list[float]]:
-    """(online, cache) money for M = 1..max_students, cycling through the student sizes."""
+    """(online, cache) GPU-hours for M = 1..max_students, cycling through the student sizes (the
+    cache's storage, money not GPU time, is left out)."""
     online, cache = [], []
     for m in range(1, max_students + 1):
         r = compare(teacher_params, (list(student_params) * m)[:m], tokens, bytes_per_token=bytes_per_token,
                     hardware=hardware, **shape)
-        online.append(r["online_cost"])
-        cache.append(r["cache_cost"])
+        online.append(r["online_gpu_hours"])
+        cache.append(r["cache_gpu_hours"])
     return online, cache

@@ -34,7 +34,8 @@ PAPER_DISTILLATION = DistillationLaw(
 )
 
 
-def _read_json(spec: str) -> dict[str, Any]:
+def read_fit_json(spec: str) -> dict[str, Any]:
+    """A `kdcache fit --json` file as a dict with a 'params' object (FitError naming the file)."""
     path = Path(spec)
     if not path.is_file():
         names = ", ".join(SUPERVISED_PRESETS)
@@ -52,7 +53,7 @@ def load_supervised(spec: str) -> SupervisedLaw:
     """A supervised law from a preset name or a `kdcache fit --json` file (either law)."""
     if spec in SUPERVISED_PRESETS:
         return SUPERVISED_PRESETS[spec]
-    data = _read_json(spec)
+    data = read_fit_json(spec)
     params = data["supervised"] if data.get("law") == "distillation" else data["params"]
     return SupervisedLaw.from_dict(params)
 
@@ -63,7 +64,7 @@ def load_distillation(spec: str) -> DistillationLaw:
         return PAPER_DISTILLATION
     if spec in SUPERVISED_PRESETS:
         raise FitError(f"preset '{spec}' has only a supervised law; use 'paper' or a fit JSON")
-    data = _read_json(spec)
+    data = read_fit_json(spec)
     if data.get("law") != "distillation" or not isinstance(data.get("supervised"), dict):
         raise FitError(f"{spec}: not a distillation fit (need law 'distillation' and 'supervised')")
     return DistillationLaw.from_dict(data["params"], SupervisedLaw.from_dict(data["supervised"]))

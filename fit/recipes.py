@@ -8,7 +8,12 @@ budget fixes D_S and L_T is a free scalar.
 
 Every scenario refuses (`OutOfBounds`) a recipe outside those bounds, naming the bound:
 below them the laws say nothing (1e10 FLOPs buy a 1e9-param student 1.36 tokens), and a
-number printed there would read as a plan.
+number printed there would read as a plan. A recipe that sits on a bound is returned but
+says so (`at_bounds`): the optimum lies beyond it (a free teacher's tokens run to 1e17).
+
+`fixed_teacher` is the paper's other setting: a teacher the user already has (its
+training sunk), whose logits are either free (cached already) or paid inside the budget;
+it reports both for the student the user names.
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ LO, HI = 1e6, 1e17  # the paper's bounds on N_T, D_S, D_T
 LOG_LO, LOG_HI = np.log(LO), np.log(HI)
 N_FLOOR = 1e3  # the smallest model the supervised optimum is searched over
 C_LOW, C_HIGH = 1e10, 1e35  # budgets searched for a supervised teacher of a given loss
+AT_BOUND = 1e-3  # |ln value - ln bound| within which a value counts as on the bound (0.1%)
 
 
 class OutOfBounds(FitError):
     """No recipe within the bounds [1e6, 1e17] on N_T, D_S, D_T (the message names the bound)."""
 
 
-def _sci(x: float) -> str:
+def sci(x: float) -> str:
     """3 significant digits with a bare exponent (1e10, 1.36e-05 -> 1.36e-5) for messages."""
     mantissa, e, exponent = f"{x:.3g}".partition("e")
     return f"{mantissa}e{int(exponent)}" if e else mantissa
@@ -49,9 +55,9 @@ def _sci(x: float) -> str:
 def _bounded(value: float, name: str, says: str) -> None:
     """Refuse `value` outside [LO, HI]; `says` describes it with a {} for the number."""
     if value < LO * (1 - 1e-6):
-        raise OutOfBounds(f"{says.format(_sci(value))}, fewer than the bound {name} >= {_sci(LO)}")
+        raise OutOfBounds(f"{says.format(sci(value))}, fewer than the bound {name} >= {sci(LO)}")
     if value > HI * (1 + 1e-6):
-        raise OutOfBounds(f"{says.format(_sci(value))}, more than the bound {name} <= {_sci(HI)}")
+        raise OutOfBounds(f"{says.format(sci(value))}, more than the bound {name} <= {sci(HI)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +74,21 @@ class Recipe:
     student_loss: float
     supervised_loss: float  # the same student trained supervised on the whole budget
     flops: dict[str, float]
+    at_bounds: tuple[str, ...] = ()
+    """Values on a search bound, e.g. "D_T = 1e17 (upper search bound)": the optimum lies beyond."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "at_bounds": list(self.at_bounds)}
+
+
+def at_search_bounds(**values: float | None) -> tuple[str, ...]:
+    """'NAME = 1e17 (upper search bound)' for each value within 0.1% of LO or HI (None: skipped)."""
+    found = []
+    for name, value in values.items():
+        for bound, side in ((LO, "lower"), (HI, "upper")):
+            if value is not None and abs(np.log(value) - np.log(bound)) <= AT_BOUND:
+                found.append(f"{name} = {sci(bound)} ({side} search bound)")
+    return tuple(found)
 
 
 def _supervised_optimum(
@@ -81,7 +99,7 @@ def _supervised_optimum(
     `pinned` says N* sits on a search bound, so the true optimum lies outside it.
     """
     if compute < 3.0 * forward_flops(N_FLOOR, **shape):
-        raise OutOfBounds(f"compute {_sci(compute)} buys a {_sci(N_FLOOR)}-param model less than one token")
+        raise OutOfBounds(f"compute {sci(compute)} buys a {sci(N_FLOOR)}-param model less than one token")
 
     def loss(log_n: float) -> float:
         n = np.exp(log_n)
@@ -107,8 +125,8 @@ def supervised_optimal(law: SupervisedLaw, compute: float, **shape: float) -> tu
     n, d, loss, pinned = _supervised_optimum(law, compute, **shape)
     if pinned:
         raise OutOfBounds(
-            f"compute {_sci(compute)}: the supervised optimum lies on the search bound "
-            f"(N = {_sci(n)} params, D = {_sci(d)} tokens; N is searched in [{_sci(N_FLOOR)}, {_sci(HI)}])"
+            f"compute {sci(compute)}: the supervised optimum lies on the search bound "
+            f"(N = {sci(n)} params, D = {sci(d)} tokens; N is searched in [{sci(N_FLOOR)}, {sci(HI)}])"
         )
     return n, d, loss
 
@@ -130,13 +148,13 @@ def supervised_teacher_for(
     lo, hi = np.log(C_LOW), np.log(C_HIGH)
     if gap(lo) < 0:
         raise OutOfBounds(
-            f"a teacher of loss {target_loss:.4g} needs under {_sci(C_LOW)} FLOPs of training, "
-            f"so N_T or D_T is fewer than the bound {_sci(LO)}"
+            f"a teacher of loss {target_loss:.4g} needs under {sci(C_LOW)} FLOPs of training, "
+            f"so N_T or D_T is fewer than the bound {sci(LO)}"
         )
     if gap(hi) > 0:
         raise OutOfBounds(
-            f"a teacher of loss {target_loss:.4g} needs over {_sci(C_HIGH)} FLOPs of training, "
-            f"so N_T or D_T is more than the bound {_sci(HI)}"
+            f"a teacher of loss {target_loss:.4g} needs over {sci(C_HIGH)} FLOPs of training, "
+            f"so N_T or D_T is more than the bound {sci(HI)}"
         )
     log_c = brentq(gap, lo, hi, xtol=1e-10)
     n, d, _, _ = _supervised_optimum(law, float(np.exp(log_c)), **shape)
@@ -155,7 +173,7 @@ def _flops(n_s: float, d_s: float, n_t: float, d_t: float, scenario: str, **shap
 
 def _best(law: DistillationLaw, n_s: float, compute: float, **shape: float) -> Recipe:
     d_s = compute / (3.0 * forward_flops(n_s, **shape))
-    _bounded(d_s, "D_S", f"compute {_sci(compute)} buys the student {{}} tokens")
+    _bounded(d_s, "D_S", f"compute {sci(compute)} buys the student {{}} tokens")
     # L_S is minimised over L_T in (E, ~E + 10): the capacity gap gives an interior minimum.
     e = law.supervised.E
     res = minimize_scalar(
@@ -201,7 +219,7 @@ def _constrained(law: DistillationLaw, n_s: float, compute: float, scenario: str
 
     d_max = compute / (3.0 * forward_flops(n_s, **shape))
     if d_max < LO:
-        _bounded(d_max, "D_S", f"compute {_sci(compute)} buys the student at most {{}} tokens")
+        _bounded(d_max, "D_S", f"compute {sci(compute)} buys the student at most {{}} tokens")
     best = None
     for share in (0.9, 0.5, 0.1):  # fraction of the budget on the student
         for ratio in (1.0, 4.0):  # teacher size relative to student
@@ -225,8 +243,8 @@ def _constrained(law: DistillationLaw, n_s: float, compute: float, scenario: str
             if feasible and (best is None or res.fun < best.fun):
                 best = res
     if best is None:
-        raise OutOfBounds(f"no {scenario} recipe for N_S = {_sci(n_s)} at compute {_sci(compute)} "
-                          f"within the bounds [{_sci(LO)}, {_sci(HI)}] on N_T, D_S, D_T")
+        raise OutOfBounds(f"no {scenario} recipe for N_S = {sci(n_s)} at compute {sci(compute)} "
+                          f"within the bounds [{sci(LO)}, {sci(HI)}] on N_T, D_S, D_T")
     d_s, n_t, d_t = (float(v) for v in np.exp(best.x))
     lt = float(sup.loss(n_t, d_t))
     return Recipe(
@@ -244,14 +262,16 @@ def _constrained(law: DistillationLaw, n_s: float, compute: float, scenario: str
 
 
 def _check_recipe(r: Recipe) -> Recipe:
-    """The bounds, once more on the answer: no scenario may return what they exclude."""
-    at = f"at compute {_sci(r.compute)} the"
+    """The bounds, once more on the answer: no scenario may return what they exclude; those
+    it sits on are named."""
+    at = f"at compute {sci(r.compute)} the"
     _bounded(r.student_tokens, "D_S", at + " student gets {} tokens")
     if r.teacher_params is not None:
         _bounded(r.teacher_params, "N_T", at + " teacher has {} params")
     if r.teacher_tokens is not None:
         _bounded(r.teacher_tokens, "D_T", at + " teacher is trained on {} tokens")
-    return r
+    bounds = at_search_bounds(N_T=r.teacher_params, D_S=r.student_tokens, D_T=r.teacher_tokens)
+    return dataclasses.replace(r, at_bounds=bounds)
 
 
 def _check_inputs(student_params: float, compute: float, scenario: str) -> None:
@@ -309,7 +329,7 @@ def crossover_compute(
     def strict(log_c: float) -> float:
         value = advantage(log_c)
         if value is None:
-            raise OutOfBounds(f"compute {_sci(float(np.exp(log_c)))}: no recipe inside the bounds")
+            raise OutOfBounds(f"compute {sci(float(np.exp(log_c)))}: no recipe inside the bounds")
         return value
 
     grid = np.linspace(np.log(low), np.log(high), 11)
@@ -351,3 +371,106 @@ def plan(
     return Plan(recipe=recipe, supervised_optimal={"params": n, "tokens": d, "loss": loss},
                 distill=recipe.student_loss < recipe.supervised_loss, crossover_compute=found,
                 crossover_searched=crossover)
+
+
+# --- A given teacher: the student's tokens and losses under both accountings ------------------
+
+ACCOUNTINGS = {"logits_free": 0.0, "logits_counted": 1.0}
+"""How the teacher's forward over D_S is charged: free (its logits are cached already, or paid
+by someone else: D_S = C / 3F(N_S)), or counted in the budget (D_S = C / (3F(N_S) + F(N_T)))."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentPlan:
+    """One accounting of a given teacher's plan: the student's tokens and losses."""
+
+    accounting: str
+    student_params: float
+    student_tokens: float
+    student_loss: float
+    """Eq. 8 at (N_S, D_S, L_T)."""
+    supervised_tokens: float
+    """C / 3F(N_S): the same student trained supervised on the whole budget."""
+    supervised_loss: float
+    distill: bool
+    flops: dict[str, float]
+    """{student_training, teacher_logits}; the teacher's own training is sunk."""
+    at_bounds: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "at_bounds": list(self.at_bounds)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedTeacherPlan:
+    """What `kdcache plan --teacher-params` reports: a given teacher, and the given student under
+    both accountings of the teacher's logits."""
+
+    compute: float
+    teacher_params: float
+    teacher_tokens: float | None
+    """D_T when the teacher was given by its tokens (L_T from Eq. 1), None when by its loss."""
+    teacher_loss: float
+    accountings: dict[str, StudentPlan]
+    supervised_optimal: dict[str, float]
+    """{params, tokens, loss} of the compute-optimal supervised model at the same budget."""
+
+    def to_json(self) -> dict[str, Any]:
+        teacher = {"params": self.teacher_params, "tokens": self.teacher_tokens, "loss": self.teacher_loss}
+        return {"compute": self.compute, "teacher": teacher,
+                "accountings": {name: row.to_dict() for name, row in self.accountings.items()},
+                "supervised_optimal": self.supervised_optimal}
+
+
+def _positive(value: float | None, what: str) -> None:
+    if value is not None and not (np.isfinite(value) and value > 0):
+        raise FitError(f"{what} must be positive and finite, got {value}")
+
+
+def fixed_teacher(
+    law: DistillationLaw,
+    compute: float,
+    teacher_params: float,
+    *,
+    student_params: float,
+    teacher_tokens: float | None = None,
+    teacher_loss: float | None = None,
+    **shape: float,
+) -> FixedTeacherPlan:
+    """The given student of a given teacher within `compute` FLOPs, its logits free and counted.
+
+    The teacher is N_T with D_T tokens (L_T from the supervised law) or with loss L_T: exactly
+    one. With N_S, N_T and L_T fixed, Eq. 8 falls as D_S grows, so the student spends the whole
+    budget on tokens; what the accounting changes is how many. The student's size is the
+    user's, as in the paper's Eq. 10: Eq. 8 alone would pick the largest student it may (at
+    fixed compute the published law rewards a bigger student on fewer tokens all the way to the
+    teacher's size), so a size search would answer a question the law does not. Raises
+    `OutOfBounds` for N_T, D_T or D_S outside [1e6, 1e17].
+    """
+    if (teacher_tokens is None) == (teacher_loss is None):
+        raise FitError("a given teacher needs its tokens D_T or its loss L_T, exactly one")
+    for value, what in ((compute, "compute"), (teacher_params, "teacher params"),
+                        (teacher_tokens, "teacher tokens"), (teacher_loss, "teacher loss"),
+                        (student_params, "student params")):
+        _positive(value, what)
+    _bounded(teacher_params, "N_T", "the teacher has {} params")
+    if teacher_tokens is not None:
+        _bounded(teacher_tokens, "D_T", "the teacher is trained on {} tokens")
+        teacher_loss = float(law.supervised.loss(teacher_params, teacher_tokens))
+    assert teacher_loss is not None
+    rows = {name: _student_of(law, compute, teacher_params, teacher_loss, name, student_params, **shape)
+            for name in ACCOUNTINGS}
+    n, d, loss = supervised_optimal(law.supervised, compute, **shape)
+    return FixedTeacherPlan(compute, teacher_params, teacher_tokens, teacher_loss, rows,
+                            {"params": n, "tokens": d, "loss": loss})
+
+
+def _student_of(law: DistillationLaw, compute: float, n_t: float, lt: float, accounting: str,
+                n: float, **shape: float) -> StudentPlan:
+    f_s, f_t, logits = forward_flops(n, **shape), forward_flops(n_t, **shape), ACCOUNTINGS[accounting]
+    d_s = compute / (3.0 * f_s + logits * f_t)
+    _bounded(d_s, "D_S", f"compute {sci(compute)} buys the {sci(n)}-param student {{}} tokens")
+    d_sup = compute / (3.0 * f_s)
+    loss, sup = float(law.loss(n, d_s, lt)), float(law.supervised.loss(n, d_sup))
+    flops = {"student_training": 3.0 * f_s * d_s, "teacher_logits": logits * f_t * d_s}
+    return StudentPlan(accounting, n, d_s, loss, d_sup, sup, loss < sup, flops, at_search_bounds(D_S=d_s))

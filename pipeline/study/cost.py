@@ -4,8 +4,12 @@ The cost model itself (`kdcache.fit.cost`) takes numbers; this module turns file
 A runs table gives the timed training runs (`wall_s`, the training loop's time); the stores
 its offline rows name give their bytes per token and, from the store's cache-job log, the
 measured cache job. `estimate_cost(CostQuery(...))` is the whole `kdcache cost` without the
-CLI, for `kdcache run`'s cost tables. Torch-free (storage and fit only), so the CLI imports
-it at module top.
+CLI, for `kdcache run`'s cost tables.
+
+`plan_and_cost(PlanQuery(...), students, CostSettings(...))` is the one path by which
+`kdcache plan --students M` and `kdcache cost --compute C` answer: the recipe (refused
+when the law is not identified for it, unless extrapolating), then the cost of M students
+of it. Torch-free (storage and fit only), so the CLI imports it at module top.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kdcache.fit import plots
+from kdcache.fit import plots, recipes
 from kdcache.fit.cost import (
     CacheTiming,
     CostEstimate,
@@ -28,6 +32,7 @@ from kdcache.fit.cost import (
     topk_bytes_per_token,
 )
 from kdcache.fit.errors import FitError
+from kdcache.fit.scope import load_distillation_scoped
 from kdcache.storage import read_jobs, read_meta, summarize
 from kdcache.storage.runs import RUN_KINDS, read_runs
 
@@ -66,7 +71,7 @@ def estimate_cost(query: CostQuery) -> CostEstimate:
 
 
 def write_cost_plot(query: CostQuery, result: CostEstimate, path: str, max_students: int = 16) -> None:
-    """A PNG of online and cache money against the number of students M = 1..max_students."""
+    """A PNG of online and cache GPU-hours against the number of students M = 1..max_students."""
     hardware = dataclasses.replace(query.hardware, peak_flops=result.flops_per_s, utilisation=1.0)
     online, cache = cost_curve(query.teacher_params, query.student_params, query.tokens,
                                bytes_per_token=result.bytes_per_token, hardware=hardware,
@@ -202,3 +207,142 @@ def cache_timing(store: str, bytes_per_token: float, *, rho: float) -> CacheTimi
     return CacheTiming(label=store, teacher_params=float(meta.teacher.nonembedding_params),
                        tokens=float(tokens), seconds=float(seconds), bytes_per_token=bytes_per_token, rho=rho,
                        context=float(meta.seq_len), vocab=float(meta.vocab_size))
+
+
+# --- Plan, then cost: one answer for `kdcache plan --students` and `kdcache cost --compute` ---
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CostSettings:
+    """How a cost is counted, whatever the run: the store's size per token, the hardware, and
+    the runs that calibrate the time model."""
+
+    store: str | None = None
+    bytes_per_token: float | None = None
+    k: int = 64
+    runs: str | None = None
+    hardware: Hardware = dataclasses.field(default_factory=Hardware)
+
+    def query(self, teacher_params: float, student_params: tuple[float, ...], tokens: float, *,
+              rho: float, context: int, vocab: int) -> CostQuery:
+        return CostQuery(teacher_params=teacher_params, student_params=student_params, tokens=tokens,
+                         store=self.store, bytes_per_token=self.bytes_per_token, k=self.k, vocab=vocab,
+                         runs=self.runs, rho=rho, context=context, hardware=self.hardware)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanQuery:
+    """One planning question: a law and a budget, a student size, and a teacher the scenario
+    chooses (no `teacher_params`) or the user has (`teacher_params` with its tokens or loss)."""
+
+    law: str = "paper"
+    compute: float
+    student_params: float
+    scenario: str | None = None
+    """One of `recipes.SCENARIOS` (default best); not with a given teacher."""
+    teacher_params: float | None = None
+    teacher_tokens: float | None = None
+    teacher_loss: float | None = None
+    extrapolate: bool = False
+    """Plan even where the law is not identified for the recipe (`fit.scope`)."""
+    crossover: bool = True
+    rho: float = 128
+    context: int = 4096
+    vocab: int = 32768
+
+    def __post_init__(self) -> None:
+        if self.scenario is not None and self.scenario not in recipes.SCENARIOS:
+            raise FitError(f"--scenario must be one of {tuple(recipes.SCENARIOS)}, got {self.scenario!r}")
+        named = {"--compute": self.compute, "--student-params": self.student_params,
+                 "--teacher-params": self.teacher_params, "--teacher-tokens": self.teacher_tokens,
+                 "--teacher-loss": self.teacher_loss}
+        bad = [flag for flag, v in named.items() if v is not None and not (0 < v < math.inf)]
+        if bad:
+            raise FitError(f"{', '.join(bad)} must be positive and finite")
+        given = [f for f in ("--teacher-tokens", "--teacher-loss") if named[f] is not None]
+        if self.teacher_params is None:
+            if given:
+                raise FitError(f"{given[0]} describes a given teacher: add --teacher-params")
+        else:
+            if len(given) != 1:
+                raise FitError("with --teacher-params give exactly one of --teacher-tokens D_T "
+                               "(its loss from the law) or --teacher-loss L_T")
+            if self.scenario is not None:
+                raise FitError("--scenario chooses the teacher; with --teacher-params the plan shows its "
+                               "logits both free and counted instead")
+
+    def shape(self) -> dict[str, float]:
+        return {"rho": self.rho, "context": self.context, "vocab": self.vocab}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlannedCost:
+    """A plan, what the law could not vouch for, and the cost of M students of it where asked."""
+
+    law: str
+    plan: recipes.Plan | recipes.FixedTeacherPlan
+    extrapolated: tuple[str, ...]
+    """Why the law is not identified for this recipe (empty when it is)."""
+    costs: dict[str, CostEstimate]
+    """The scenario recipe's cost under "recipe"; a given teacher's under each accounting."""
+    cost_note: str | None = None
+    """Why a cost was asked for and not given."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"law": self.law, **self.plan.to_json(), "extrapolated": list(self.extrapolated)}
+        if isinstance(self.plan, recipes.FixedTeacherPlan):
+            for name, cost in self.costs.items():
+                out["accountings"][name]["cost"] = cost.to_json()
+        elif self.costs or self.cost_note:
+            out["cost"] = self.costs["recipe"].to_json() if self.costs else None
+        if self.cost_note:
+            out["cost_note"] = self.cost_note
+        return out
+
+
+def plan_and_cost(query: PlanQuery, students: int | None = None,
+                  settings: CostSettings | None = None) -> PlannedCost:
+    """The recipe for `query` and, with `students` M, the cost of M students of it on its tokens.
+
+    Raises FitError when the law is not identified for the recipe (`fit.scope`), unless
+    `query.extrapolate`; the reasons are then `extrapolated`.
+    """
+    if students is not None and students < 1:
+        raise FitError(f"--students must be >= 1, got {students}")
+    law, scope = load_distillation_scoped(query.law)
+    shape = query.shape()
+    plan: recipes.Plan | recipes.FixedTeacherPlan
+    if query.teacher_params is None:
+        # The crossover search (seconds) waits until the law is known to be identified for the recipe.
+        plan = recipes.plan(law, query.student_params, query.compute, query.scenario or "best",
+                            crossover=False, **shape)
+    else:
+        plan = recipes.fixed_teacher(law, query.compute, query.teacher_params,
+                                     teacher_tokens=query.teacher_tokens, teacher_loss=query.teacher_loss,
+                                     student_params=query.student_params, **shape)
+    problems = scope.problems(plan.recipe if isinstance(plan, recipes.Plan) else plan)
+    if problems and not query.extrapolate:
+        raise FitError(f"{query.law}: no recipe: the law is not identified for it: {'; '.join(problems)}; "
+                       "--extrapolate plans anyway")
+    if isinstance(plan, recipes.Plan) and query.crossover:
+        found = recipes.crossover_compute(law, plan.recipe.student_params, plan.recipe.scenario, **shape)
+        plan = dataclasses.replace(plan, crossover_compute=found, crossover_searched=True)
+    costs, note = {}, None
+    if students is not None:
+        settings = settings or CostSettings()
+
+        def cost(n_t: float, n_s: float, tokens: float) -> CostEstimate:
+            return estimate_cost(settings.query(n_t, (n_s,) * students, tokens, rho=query.rho,
+                                                context=query.context, vocab=query.vocab))
+
+        if isinstance(plan, recipes.FixedTeacherPlan):
+            costs = {name: cost(plan.teacher_params, row.student_params, row.student_tokens)
+                     for name, row in plan.accountings.items()}
+        elif plan.recipe.teacher_params is None:
+            note = (f"the cost needs a teacher size: no teacher of this law reaches L_T = "
+                    f"{plan.recipe.teacher_loss:.4f} (below its E); give --teacher-params")
+        else:
+            r = plan.recipe
+            assert r.teacher_params is not None
+            costs = {"recipe": cost(r.teacher_params, r.student_params, r.student_tokens)}
+    return PlannedCost(law=query.law, plan=plan, extrapolated=tuple(problems), costs=costs, cost_note=note)

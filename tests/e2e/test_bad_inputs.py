@@ -151,6 +151,13 @@ HF = "train --data {w}/data --tokens 2000 --batch-size 4 --threads 1 --quiet"
 CACHE = "cache --teacher {w}/teacher --data {w}/data --workers 1 --k 8 --shard-rows 16 --quiet"
 LAW = "--law paper --student-params 1e8 --compute 1e20"
 COST = "cost --teacher-params 1e9 --student-params 1e8 --tokens 1e10"
+_FIT_AT_BOUND = json.dumps({  # the paper's coefficients, as a fit that left f1 on its bound
+    "law": "distillation", "at_bounds": ["f1"],
+    "params": {"A": 2243.0, "B": 24181.0, "alpha": 0.321, "beta": 0.637, "gamma": 0.764, "c0": 2.549,
+               "c1": 522.6, "f1": 0.090, "d1": 1.315},
+    "supervised": {"E": 1.220, "A": 3355.0, "B": 18186.0, "alpha": 0.408, "beta": 0.431, "gamma": 0.452},
+    "data": {"params": [1e8, 1e10], "tokens": [1e9, 5e12], "teacher_loss": [1.8, 3.1]},
+})
 
 CASES = [
     # prepare
@@ -355,8 +362,16 @@ CASES = [
          r"more than the bound 1e17"),
     Case("plan-scenario", f"plan {LAW} --scenario worst", r"worst"),
     Case("plan-law-file", "plan --law {w}/nofit.json --student-params 1e8 --compute 1e20", r"nofit.json"),
+    Case("plan-teacher-tokens-or-loss", "plan --teacher-params 7e9 --student-params 1e9 --compute 1e21",
+         r"with --teacher-params give exactly one of --teacher-tokens D_T .* or --teacher-loss L_T"),
+    Case("plan-law-not-identified", "plan --law {w}/fit.json --student-params 1e9 --compute 1e21",
+         r"fit.json: no recipe: the law is not identified for it: f1 is on its search bound .*"
+         r"--extrapolate plans anyway", _write("fit.json", _FIT_AT_BOUND)),
     Case("cost-students", f"{COST} --students 0", r"--students"),
     Case("cost-store", f"{COST} --store {{w}}/data", r"data: not a kdcache store|attribute 'kdcache'"),
+    Case("cost-tokens-or-compute", "cost --teacher-params 1e9 --student-params 1e8",
+         r"give one of --tokens D .* or --compute C"),
+    Case("cost-gpus", f"{COST} --gpus 0", r"--gpus must be >= 1"),
     # sweep, run, import-teacher
     Case("sweep-empty-grid", "sweep --config {w}/sweep.yaml", r"field 'grid' must be a non-empty list",
          _sweep([])),

@@ -112,10 +112,13 @@ def test_fit_distillation_json_from_parquet(tmp_path: Path, capsys: pytest.Captu
             "--compute",
             "1e21",
             "--no-crossover",
+            "--extrapolate",
             "--json",
         ],
     )
-    assert plan["student_loss"] > 0
+    # The fitted law leaves a coefficient on its bound (or the recipe far beyond its runs):
+    # `plan` answers only with --extrapolate, and says why.
+    assert plan["student_loss"] > 0 and plan["extrapolated"]
 
 
 def test_fit_distillation_needs_a_supervised_law(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -311,30 +314,3 @@ def test_cost_from_a_real_store(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert out["bytes_per_token"] == pytest.approx(summary["bytes_per_token"])
     assert out["store_bytes"] == pytest.approx(summary["bytes_per_token"] * 1e10)
     assert np.isfinite(out["break_even_students"])
-
-
-def test_readers_never_see_a_half_replaced_table(tmp_path) -> None:
-    """Appends from another process replace the file while this one reads it, many times."""
-    import multiprocessing
-
-    from kdcache.storage.runs import RunRow, append_run, check_appendable, has_run
-
-    path = tmp_path / "runs.parquet"
-    append_run(path, RunRow(run_id="r0", kind="supervised", params=1, tokens=1, loss=1.0))
-    ctx = multiprocessing.get_context("spawn")
-    writer = ctx.Process(target=_append_many, args=(str(path), 150))
-    writer.start()
-    reads = 0
-    while writer.is_alive() or reads == 0:
-        check_appendable(path)
-        assert has_run(path, RunRow(run_id="r0", kind="supervised", params=1, tokens=1, loss=1.0))
-        reads += 1
-    writer.join()
-    assert writer.exitcode == 0 and reads > 10
-
-
-def _append_many(path: str, n: int) -> None:
-    from kdcache.storage.runs import RunRow, append_run
-
-    for i in range(1, n + 1):
-        append_run(path, RunRow(run_id=f"r{i}", kind="supervised", params=1, tokens=i, loss=1.0))

@@ -26,7 +26,8 @@ def test_four_students_by_hand() -> None:
     out = cost.compare(1e9, [1e8] * 4, 1e10, bytes_per_token=100.0, hardware=HW, **PLAIN)
     assert out["online_flops"] == pytest.approx(4 * (6e18 + 2e19))
     assert out["cache_flops"] == pytest.approx(4 * 6e18 + 2e19)
-    assert out["online_hours"] == pytest.approx(1.04e20 / 5e14 / 3600)
+    assert out["online_gpu_hours"] == pytest.approx(1.04e20 / 5e14 / 3600)
+    assert out["gpus"] == 8 and out["online_wall_hours"] == pytest.approx(out["online_gpu_hours"] / 8)
     assert out["online_cost"] == pytest.approx(2.0 * 1.04e20 / 5e14 / 3600)
     assert out["store_bytes"] == pytest.approx(1e12)
     assert out["storage_cost"] == pytest.approx(10.0)  # 1 TB for 1 month
@@ -78,6 +79,18 @@ def test_bad_inputs() -> None:
         cost.compare(1e9, [], 1e10, bytes_per_token=1.0)
     with pytest.raises(FitError):
         cost.Hardware(utilisation=1.5)
+    with pytest.raises(FitError, match="gpus must be >= 1"):
+        cost.Hardware(gpus=0)
+
+
+def test_more_gpus_shorten_the_wall_time_not_the_gpu_hours() -> None:
+    one, many = (cost.estimate(1e9, [1e8] * 4, 1e10, bytes_per_token=100.0,
+                               hardware=dataclasses.replace(HW, gpus=g), **PLAIN) for g in (1, 16))
+    assert many.online_gpu_hours == one.online_gpu_hours and many.cache_gpu_hours == one.cache_gpu_hours
+    assert many.online_cost == one.online_cost and many.cache_cost == one.cache_cost
+    assert one.online_wall_hours == one.online_gpu_hours == pytest.approx(1.04e20 / 5e14 / 3600)
+    assert many.online_wall_hours == pytest.approx(one.online_wall_hours / 16)
+    assert many.cache_wall_hours == pytest.approx(one.cache_wall_hours / 16)
 
 
 def test_predicted_times_from_the_hardware_by_hand() -> None:
@@ -96,6 +109,8 @@ def test_estimate_json_keeps_the_compare_keys() -> None:
     out = cost.estimate(1e9, [1e8], 1e10, bytes_per_token=100.0, hardware=HW, **PLAIN).to_json()
     assert {k: out[k] for k in legacy} == legacy
     assert set(out["predicted_s"]) == {"online_student", "offline_student", "cache"}
+    assert "online_hours" not in out  # GPU-hours, named so
+    assert (out["peak_flops"], out["utilisation"], out["price_per_gpu_hour"]) == (1e15, 0.5, 2.0)
     assert out["time_model"]["source"] == "hardware"
     import json
 
@@ -113,7 +128,7 @@ def test_a_calibrated_time_model_by_hand() -> None:
     assert out.predicted_s.cache == pytest.approx(2e19 * 5e-13 + 1e12 * 2e-9)
     # Hours count FLOPs at the calibrated training rate, 1e12 FLOP/s.
     assert out.flops_per_s == pytest.approx(1e12) and out.calibrated is True
-    assert out.online_hours == pytest.approx(2.6e19 / 1e12 / 3600)
+    assert out.online_gpu_hours == pytest.approx(2.6e19 / 1e12 / 3600)
     free = dataclasses.replace(model, s_per_read_byte=0.0)
     assert free.to_json()["read_bytes_per_s"] is None  # a free term: no infinite rate in JSON
 
@@ -146,4 +161,14 @@ def test_cli_json_has_predicted_times(capsys: pytest.CaptureFixture[str]) -> Non
     assert out["predicted_s"]["offline_student"] == pytest.approx([2.2e4, 5.8e4])
     assert out["predicted_s"]["cache"] == pytest.approx(5e4)
     assert main(["cost", "--teacher-params", "1e9", "--student-params", "1e8", "--tokens", "1e10"]) == 0
-    assert "predicted wall time per run, from peak x utilisation" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert text.startswith("1 student, store 2.68 TB") and "1 students" not in text
+    assert "predicted time per run, from peak x utilisation" in text
+    assert "assumed: 3.96e+14 FLOP/s per GPU (peak 9.89e+14 x utilisation 0.4), $2.5 per GPU-hour" in text
+    # 1e10 tokens x (3 F(1e8) + F(1e9)) FLOPs at 3.956e14 FLOP/s: the GPU-hours, and an eighth of them.
+    from kdcache.fit.flops import forward_flops
+
+    flops = 1e10 * (3 * forward_flops(1e8) + forward_flops(1e9))
+    gpu_hours = flops / (989e12 * 0.4) / 3600
+    assert f"online: {flops:.3g} FLOPs, {gpu_hours:.4g} GPU-hours ({gpu_hours / 8:.4g} h on 8 GPUs)" in text
+    assert " s;" not in text and "accelerator" not in text

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kdcache.fit import recipes
 from kdcache.fit.errors import FitError
-from kdcache.fit.flops import distillation_flops, training_flops
+from kdcache.fit.flops import distillation_flops, forward_flops, training_flops
 from kdcache.fit.presets import PAPER_DISTILLATION as PAPER
 
 SUP = PAPER.supervised
@@ -117,3 +118,92 @@ def test_bad_inputs() -> None:
         recipes.distillation_optimal(PAPER, 1e9, 1e12, "inference")
     with pytest.raises(FitError, match="positive and finite"):
         recipes.distillation_optimal(PAPER, 1e9, float("inf"), "best")
+
+
+# --- a given teacher ---------------------------------------------------------------------------
+
+
+def test_fixed_teacher_with_a_given_student_by_hand() -> None:
+    n_s, n_t, d_t, c = 1e9, 7e9, 2e12, 1e21
+    p = recipes.fixed_teacher(PAPER, c, n_t, teacher_tokens=d_t, student_params=n_s)
+    lt = SUP.loss(n_t, d_t)
+    assert p.teacher_loss == lt
+    d_sup = c / (3 * forward_flops(n_s))
+    d_counted = c / (3 * forward_flops(n_s) + forward_flops(n_t))
+    for name, d_s in (("logits_free", d_sup), ("logits_counted", d_counted)):
+        row = p.accountings[name]
+        assert row.student_tokens == pytest.approx(d_s, rel=1e-12)
+        assert row.student_loss == pytest.approx(PAPER.loss(n_s, d_s, lt), rel=1e-12)
+        assert row.supervised_tokens == pytest.approx(d_sup, rel=1e-12)
+        assert row.supervised_loss == pytest.approx(SUP.loss(n_s, d_sup), rel=1e-12)
+        assert row.distill is (row.student_loss < row.supervised_loss)
+        assert sum(row.flops.values()) == pytest.approx(c, rel=1e-12)
+        assert row.at_bounds == ()  # nothing searched
+    # Free logits give the student 3.3x the tokens: distilling wins; paying for them, it loses.
+    assert p.accountings["logits_free"].distill and not p.accountings["logits_counted"].distill
+    # The same teacher given by its loss gives the same plan.
+    by_loss = recipes.fixed_teacher(PAPER, c, n_t, teacher_loss=lt, student_params=n_s)
+    assert by_loss.accountings == p.accountings and by_loss.teacher_tokens is None
+
+
+def _eq8(n: np.ndarray, d: np.ndarray, lt: float) -> np.ndarray:
+    """Eq. 8 and Eq. 1 written out in float64, directly (the library works in log space)."""
+    lsup = SUP.E + (SUP.A / n**SUP.alpha + SUP.B / d**SUP.beta) ** SUP.gamma
+    gap = (1 + (lt / (lsup * PAPER.d1)) ** (1 / PAPER.f1)) ** (-PAPER.c1 * PAPER.f1)
+    return lt + lt ** (-PAPER.c0) * gap * (PAPER.A / n**PAPER.alpha + PAPER.B / d**PAPER.beta) ** PAPER.gamma
+
+
+@pytest.mark.parametrize(("n_s", "n_t", "d_t", "compute"),
+                         [(1e9, 7e9, 2e12, 1e21), (3e8, 7e9, 2e12, 1e19), (1e7, 1e8, 2e9, 1e17)])
+def test_fixed_teacher_student_matches_an_independent_optimisation(
+    n_s: float, n_t: float, d_t: float, compute: float
+) -> None:
+    """Eq. 8 at the given L_T minimised over every D_S the budget allows (3F(N_S) D_S plus, where
+    counted, F(N_T) D_S within C) on a dense grid: the optimum spends the whole budget, and the
+    plan's tokens and loss are the grid's best."""
+    p = recipes.fixed_teacher(PAPER, compute, n_t, teacher_tokens=d_t, student_params=n_s)
+    lt = float(SUP.E + (SUP.A / n_t**SUP.alpha + SUP.B / d_t**SUP.beta) ** SUP.gamma)
+    assert p.teacher_loss == pytest.approx(lt, rel=1e-13)
+    for name, logits in recipes.ACCOUNTINGS.items():
+        row = p.accountings[name]
+        d = np.geomspace(1e6, 1e17, 400_001)
+        affordable = 3 * forward_flops(n_s) * d + logits * forward_flops(n_t) * d <= compute * (1 + 1e-12)
+        losses = np.where(affordable, _eq8(np.full_like(d, n_s), d, lt), np.inf)
+        i = int(np.argmin(losses))
+        # The grid's step is 1e-4 in ln D: its best point is the last affordable one, within one step
+        # of the plan's D_S, and Eq. 8 changes by less than |dL/dlnD| x 1e-4 < 1e-4 L over a step.
+        assert i == int(np.flatnonzero(affordable)[-1])
+        assert abs(np.log(d[i]) - np.log(row.student_tokens)) <= 1.0001e-4
+        assert row.student_loss == pytest.approx(_eq8(np.array(n_s), np.array(row.student_tokens), lt),
+                                                  rel=1e-12)
+        assert 0 <= losses[i] - row.student_loss <= 1e-4 * row.student_loss
+        assert sum(row.flops.values()) == pytest.approx(compute, rel=1e-12)
+
+
+def test_fixed_teacher_refusals() -> None:
+    with pytest.raises(FitError, match="exactly one"):
+        recipes.fixed_teacher(PAPER, 1e21, 7e9, student_params=1e9)
+    with pytest.raises(FitError, match="exactly one"):
+        recipes.fixed_teacher(PAPER, 1e21, 7e9, teacher_tokens=2e12, teacher_loss=2.0, student_params=1e9)
+    with pytest.raises(recipes.OutOfBounds, match="teacher has 1e18 params, more than the bound N_T <= 1e17"):
+        recipes.fixed_teacher(PAPER, 1e21, 1e18, teacher_loss=2.0, student_params=1e9)
+    with pytest.raises(recipes.OutOfBounds, match="trained on 1e5 tokens, fewer than the bound D_T >= 1e6"):
+        recipes.fixed_teacher(PAPER, 1e21, 7e9, teacher_tokens=1e5, student_params=1e9)
+    with pytest.raises(recipes.OutOfBounds, match="fewer than the bound D_S >= 1e6"):
+        recipes.fixed_teacher(PAPER, 1e12, 7e9, teacher_tokens=2e12, student_params=1e9)
+    with pytest.raises(FitError, match="teacher loss must be positive"):
+        recipes.fixed_teacher(PAPER, 1e21, 7e9, teacher_loss=-1.0, student_params=1e9)
+
+
+# --- recipes on a search bound ------------------------------------------------------------------
+
+
+def test_a_recipe_on_a_search_bound_says_so() -> None:
+    # Teacher training is free in `inference`: its tokens run to the bound, and the recipe says so.
+    r = recipes.distillation_optimal(PAPER, 1e9, 1e21, "inference")
+    assert r.teacher_tokens == pytest.approx(1e17, rel=1e-9)
+    assert r.at_bounds == ("D_T = 1e17 (upper search bound)",)
+    assert r.to_dict()["at_bounds"] == ["D_T = 1e17 (upper search bound)"]
+    assert recipes.distillation_optimal(PAPER, 1e9, 1e21, "best").at_bounds == ()
+    assert recipes.at_search_bounds(N_T=1.0009e6, D_S=1e10, D_T=None) == ("N_T = 1e6 (lower search bound)",)
+    assert recipes.at_search_bounds(N_T=1.0011e6) == ()  # 0.11% away: off the bound
