@@ -106,12 +106,12 @@ def allocations(
 
 
 def cost_vs_students(online: Sequence[float], cache: Sequence[float], path: str | os.PathLike[str]) -> None:
-    """Money for M = 1..len students, online against cache."""
+    """GPU-hours for M = 1..len students, online against cache."""
     m = np.arange(1, len(online) + 1)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot(m, online, marker="o", label="online (teacher forward every step)")
     ax.plot(m, cache, marker="s", label="cache (one teacher pass + store)")
-    ax.set(xlabel="number of students M", ylabel="cost (USD)", title="Online versus cached distillation")
+    ax.set(xlabel="number of students M", ylabel="GPU-hours", title="Online versus cached distillation")
     ax.legend()
     _save(fig, path)
 

@@ -29,6 +29,7 @@ import numpy as np
 from kdcache.fit import plots, recipes
 from kdcache.fit.errors import FitError
 from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS, load_distillation, load_supervised
+from kdcache.fit.scope import load_distillation_scoped
 from kdcache.pipeline.study.layout import RunLayout
 from kdcache.pipeline.study.report import TEACHER_PREFIX, read_list
 from kdcache.storage.runs import read_runs as read_table
@@ -184,17 +185,22 @@ def _plan_size(layout: RunLayout) -> float:
 
 
 def draw_allocations(layout: RunLayout, path: Path) -> None:
-    """Recipes at the plans' scale: the fitted law where all its coefficients are pinned by the
-    runs, else the paper's (a law with coefficients on their bounds extrapolates to nonsense)."""
+    """Recipes at the plans' scale: the fitted law where it is identified for every recipe drawn
+    (`fit.scope`, the rule the recipes' table follows), else the paper's."""
     budgets = _budgets(layout)
-    fitted = laws(layout)[1]
     size = _plan_size(layout)
-    pinned = fitted is not None and not (read_fit(layout, "distillation") or {}).get("at_bounds")
-    law, name = (fitted, "fitted distillation law") if pinned else (PAPER_DISTILLATION, plots.PAPER_LABEL)
-    if fitted is not None and not pinned:
-        name = "paper's law (the fitted one leaves coefficients on their bounds)"
-    found = {s: [recipes.recipe_or_none(law, size, float(c), s) for c in budgets] for s in recipes.SCENARIOS}
-    table = {s: [r.to_dict() for r in rs if r is not None] for s, rs in found.items()}
+    law, name = PAPER_DISTILLATION, plots.PAPER_LABEL
+    if laws(layout)[1] is not None:  # reads both fits: a broken one is named, not drawn around
+        fitted, scope = load_distillation_scoped(str(layout.fit("distillation")))
+        found = [recipes.recipe_or_none(fitted, size, float(c), s)
+                 for c in budgets for s in recipes.SCENARIOS]
+        problems = [q for r in found if r is not None for q in scope.problems(r)]
+        if problems:
+            name = f"paper's law (the fitted one is not identified here: {problems[0]})"
+        else:
+            law, name = fitted, "fitted distillation law"
+    table = {s: [r.to_dict() for c in budgets if (r := recipes.recipe_or_none(law, size, float(c), s))]
+             for s in recipes.SCENARIOS}
     table = {s: rs for s, rs in table.items() if rs}
     if not table:
         raise Skip(f"the {name} gives no recipe within the bounds for a {size:.3g}-param student "

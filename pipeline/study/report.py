@@ -22,6 +22,7 @@ from typing import Any
 
 from kdcache.fit.presets import PAPER_DISTILLATION, SUPERVISED_PRESETS
 from kdcache.pipeline.study.layout import RunLayout
+from kdcache.pipeline.study.summary import summary_lines
 from kdcache.storage import summarize
 from kdcache.storage.model_record import ModelRecord, read_model_record
 from kdcache.storage.runs import read_runs as read_table
@@ -43,7 +44,8 @@ td { text-align: right; font-variant-numeric: tabular-nums; } td:first-child { t
 .missing { color: #a40; font-weight: 600; } .note { color: #555; font-style: italic; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; }
-#findings td { white-space: normal; text-align: left; max-width: 700px; }
+#findings td { white-space: normal; text-align: left; max-width: 520px; }
+pre.headline { background: #f6f8fa; padding: 0.8em 1em; white-space: pre-wrap; }
 """
 
 
@@ -369,7 +371,7 @@ def fits_section(layout: RunLayout) -> str:
 def plans_section(layout: RunLayout) -> str:
     plans, problem = load(layout, layout.plans, read_list)
     columns: list[Column] = [
-        ("scenario", "scenario", TEXT), ("compute", "compute (FLOPs)", SCI),
+        ("scenario", "scenario", TEXT), ("law", "law", TEXT), ("compute", "compute (FLOPs)", SCI),
         ("student_params", "student N_S", SCI), ("student_tokens", "student D_S", SCI),
         ("teacher_params", "teacher N_T", SCI), ("teacher_tokens", "teacher D_T", SCI),
         ("teacher_loss", "teacher loss", LOSS), ("student_loss", "student loss", LOSS),
@@ -377,22 +379,39 @@ def plans_section(layout: RunLayout) -> str:
         ("flops.student_training", "FLOPs student", SCI),
         ("flops.teacher_logits", "FLOPs teacher logits", SCI),
         ("flops.teacher_training", "FLOPs teacher training", SCI),
-        ("crossover_compute", "supervised catches up at", SCI), ("law", "law", TEXT),
+        ("at_bounds", "at a search bound", TEXT),
     ]
     none = note(f"{layout.rel(layout.plans)} lists no recipes.")
-    body = table(plans, columns) if plans else (problem or none)
+    rows = [{**p, "at_bounds": ", ".join(map(str, p.get("at_bounds") or [])) or None} for p in plans or []]
+    body = (note(PLANS_NOTE) + table(rows, columns)) if plans else (problem or none)
     return section("plans", "Compute-optimal recipes", body)
 
 
+PLANS_NOTE = ("Each recipe names the law it comes from. The fitted law gives a recipe only where it is "
+              "identified: no coefficient on its search bound, and the recipe within the range of the runs "
+              "it was fitted to (`kdcache plan` refuses otherwise without --extrapolate). Elsewhere the "
+              "recipe is the paper's published law's, and the law column says why. A value at a search "
+              "bound (1e6 or 1e17) means the optimum lies beyond it.")
+
+
+def _effects(found: Row) -> str:
+    return "; ".join(f"{e['what']}: {e['mean']:+.4f} ± {e['spread'] / 2:.4f} ({e['seeds']} seeds, "
+                     f"{'shown' if e['shown'] else 'inside the spread'})" for e in found.get("effects") or [])
+
+
 def findings_section(layout: RunLayout) -> str:
-    """The paper's findings, each reproduced or not by this run (`findings.py`)."""
+    """The paper's findings, each reproduced or not by this run's seeds (`findings.py`)."""
     found, problem = load(layout, layout.findings, read_list)
-    verdict = {True: "yes", False: "no", None: "not testable"}
-    rows = [{**f, "verdict": verdict.get(f.get("reproduced"), DASH)} for f in found or []]
+    rows = [{**f, "verdict": f.get("verdict", DASH), "effect": _effects(f) or None} for f in found or []]
     columns: list[Column] = [("claim", "finding (Busbridge et al. 2025)", TEXT),
-                             ("verdict", "reproduced here", TEXT), ("numbers", "validation losses", TEXT)]
-    body = (table(rows, columns) + note("Single runs, one seed each: differences of a few hundredths "
-                                        "of a nat are within run-to-run noise.")) if rows else problem
+                             ("verdict", "here", TEXT),
+                             ("effect", "effect: mean ± half the seed range", TEXT),
+                             ("numbers", "validation losses by condition (mean ± half range)", TEXT)]
+    body = (table(rows, columns) + note(
+        "Each effect is a difference of validation losses the claim says is positive, taken seed by seed "
+        "(same seed, same data order). It is shown when its mean is positive and exceeds its spread (max - "
+        "min over seeds); a finding is reproduced when all its effects are shown, not shown otherwise, and "
+        "not testable with fewer than 3 seeds.")) if rows else problem
     return section("findings", "The paper's findings at this scale", body)
 
 
@@ -404,8 +423,8 @@ def costs_section(layout: RunLayout) -> str:
     columns: list[Column] = [c for c in inputs if any(c[0] in r for r in costs or [])] + [
         ("students", "students M", INT), ("bytes_per_token", "bytes/token", SHORT),
         ("store_bytes", "store bytes", SCI), ("online_flops", "online FLOPs", SCI),
-        ("cache_flops", "cache FLOPs", SCI), ("online_hours", "online h", SCI),
-        ("cache_hours", "cache h", SCI), ("online_cost", "online $", SCI),  # small runs cost < $0.01
+        ("cache_flops", "cache FLOPs", SCI), ("online_gpu_hours", "online GPU-h", SCI),
+        ("cache_gpu_hours", "cache GPU-h", SCI), ("online_cost", "online $", SCI),  # small runs cost < $0.01
         ("cache_cost", "cache $", SCI), ("storage_cost", "storage $", SCI),
         ("read_bandwidth_needed", "read B/s needed", SCI), ("read_bandwidth_ok", "bandwidth ok", TEXT),
         ("break_even_students", "break-even M", INT),
@@ -425,7 +444,9 @@ FIGURES = dict(zip(RunLayout.FIGURES, (
         "coloured by student size N; markers: supervised student, teacher's own training run, "
         "distilled from a store, distilled online. Left: the supervised law (Eq. 1) per size. "
         "Right: the distillation law (Eq. 8) per size at each teacher's L_T (one line style per "
-        "teacher), with the same size's supervised curve faint.",
+        "teacher), with the same size's supervised curve faint. Read: where a size's distilled markers lie "
+        "below its supervised ones, distillation helped at that budget; the laws' lines should pass "
+        "through the markers, and where they miss, the law does not describe these runs.",
     ),
     (  # capacity-gap
         "Student loss against teacher loss (capacity gap)",
@@ -433,21 +454,26 @@ FIGURES = dict(zip(RunLayout.FIGURES, (
         "Per student size, the runs at its largest token budget are solid, with the distillation "
         "law's curve at that N and D and, dotted, the same student trained supervised (the measured "
         "run at equal N and D, else the supervised law); runs at smaller budgets are faded. The "
-        "dashed diagonal is L_S = L_T.",
+        "dashed diagonal is L_S = L_T. Read: a curve that turns up toward the left (a stronger teacher, "
+        "a worse student) is the capacity gap; points above their dotted supervised line are students "
+        "distillation did not help.",
     ),
     (  # predicted-vs-observed
         "Predicted against observed loss",
         "Each law's prediction against the measured loss, per run, with the line y = x. Dots: runs "
         "the law was fitted to, at the full fit's prediction; crosses: runs held out by the "
         "extrapolation check (loss below its threshold), at the prediction of the fit made without "
-        "them. The legend gives mean and max relative errors.",
+        "them. The legend gives mean and max relative errors. Read: the crosses say how far to trust a "
+        "law beyond its runs; a cross far off the line means extrapolated recipes are guesses.",
     ),
     (  # allocations
         "Compute-optimal recipes against compute",
         "Eq. 10's recipes per scenario for one of this run's student sizes over budgets around "
         "plans.json's: the student's tokens, the teacher's size and the student's loss against "
-        "supervised training (dashed). The law is fitted to this run's small models and "
-        "extrapolated far beyond them.",
+        "supervised training (dashed). Read: how the best split of compute between teacher and "
+        "student moves with the budget, and from which budget supervised training catches up. A fitted "
+        "law that is not identified is not drawn (see the recipes' table); the paper's law is drawn "
+        "instead, labelled so.",
     ),
 ), strict=True))
 LAW_NOTE = "A law that was not fitted is drawn as the paper's and labelled \"paper's law (not fitted here)\"."
@@ -456,6 +482,21 @@ LAW_NOTE = "A law that was not fitted is drawn as the paper's and labelled \"pap
 def figure(data: str, alt: str, caption: str) -> str:
     return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+COST_CAPTION = ("Cost of distilling M students of this run's sizes from teacher {name}: online (the teacher "
+                "runs at every student step) against the cache (one teacher pass, the store, then offline "
+                "students), in GPU-hours at the assumed throughput (the store's storage, money rather than "
+                "GPU time, is in the cost table). Read: where the lines cross, caching starts to pay.")
+
+
+def _caption(stem: str) -> str:
+    """A caption for a PNG outside FIGURES: the cost plots, else the file name."""
+    if stem.startswith("cost-"):
+        name = stem.removeprefix("cost-")
+        lead = f"Cost against the number of students ({stem}{RunLayout.PNG}). "
+        return lead + COST_CAPTION.format(name=name)
+    return stem
 
 
 def plots_section(layout: RunLayout) -> str:
@@ -475,8 +516,14 @@ def plots_section(layout: RunLayout) -> str:
             parts.append(missing(f"{layout.rel(path)} (not drawn yet)"))
     if len(found) < len(plots):
         parts.append(note(LAW_NOTE))
-    parts += [figure(data, stem, stem) for stem, data in found.items()]
+    parts += [figure(data, stem, _caption(stem)) for stem, data in found.items()]
     return section("plots", "Plots", *parts)
+
+
+def headline_section(out: Path) -> str:
+    """What the run learned, the lines `kdcache run` prints when it ends (`summary.py`)."""
+    lines = "\n".join(summary_lines(out))
+    return section("headline", "What this run found", f'<pre class="headline">{html.escape(lines)}</pre>')
 
 
 # -- the page -------------------------------------------------------------------------
@@ -489,7 +536,7 @@ def render(out: Path) -> str:
     stores, stores_problem = load(layout, layout.stores, read_stores)
     title = f"kdcache run report: {out.resolve().name}"
     body = "".join([
-        overview_section(layout),
+        headline_section(out),
         # The figures and what they say first; the tables behind them after.
         plots_section(layout),
         findings_section(layout),
@@ -499,6 +546,7 @@ def render(out: Path) -> str:
         stores_section(layout, stores, stores_problem),
         plans_section(layout),
         costs_section(layout),
+        overview_section(layout),
     ])
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"

@@ -33,9 +33,8 @@ import pyarrow.parquet as pq
 
 from kdcache.fit import recipes
 from kdcache.fit.errors import FitError
-from kdcache.fit.laws import DistillationLaw
-from kdcache.fit.presets import load_distillation
 from kdcache.fit.report import fit_runs
+from kdcache.fit.scope import load_distillation_scoped
 from kdcache.fit.selection import DEFAULT_WHERE, FINDING_PREFIX, Selection, select
 from kdcache.paths import check_writable
 from kdcache.pipeline.cache.config import CacheConfig
@@ -44,7 +43,7 @@ from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare.config import PrepareConfig
 from kdcache.pipeline.prepare.job import prepare
 from kdcache.pipeline.study.config import SweepConfig
-from kdcache.pipeline.study.cost import CostQuery, estimate_cost, write_cost_plot
+from kdcache.pipeline.study.cost import CostQuery, PlanQuery, estimate_cost, plan_and_cost, write_cost_plot
 from kdcache.pipeline.study.findings import write_findings
 from kdcache.pipeline.study.layout import RunLayout
 from kdcache.pipeline.study.plots import write_plots
@@ -247,11 +246,13 @@ def _fit(out: Path, p: Preset) -> dict[str, str]:
 def _plans_and_costs(layout: RunLayout, p: Preset, stores: Stores) -> None:
     _stage("plan and cost")
     law_file = layout.fit("distillation")
-    fitted = load_distillation(str(law_file)) if law_file.is_file() else None
     plans = []
     for n, c in ((1e8, 1e20), (1e9, 1e21)):
         for scenario in ("best", "inference"):
-            plans.append(_plan(fitted, n, c, scenario))
+            headline = (n, c, scenario) == HEADLINE
+            plan = _plan(law_file if law_file.is_file() else None, n, c, scenario,
+                         HEADLINE_STUDENTS if headline else None)
+            plans.append({**plan, "headline": headline})
     layout.plans.write_text(json.dumps(plans, indent=2))
     rows = pq.read_table(layout.runs).to_pylist()
     costs = []
@@ -276,17 +277,31 @@ def _plans_and_costs(layout: RunLayout, p: Preset, stores: Stores) -> None:
     layout.costs.write_text(json.dumps(costs, indent=2))
 
 
-def _plan(fitted: DistillationLaw | None, n: float, c: float, scenario: str) -> dict[str, Any]:
-    """The fitted law's recipe, or the paper's where there is no fit or it gives none in bounds
-    (a law fitted to tiny models extrapolated a thousandfold can leave them)."""
-    if fitted is not None:
+HEADLINE = (1e9, 1e21, "inference")
+"""The recipe the summary leads with: a 1B student, 1e21 FLOPs, the teacher's logits paid."""
+HEADLINE_STUDENTS = 4
+"""Students the headline recipe's cost is for (one cache serving several is the point)."""
+
+
+def _plan(law_file: Path | None, n: float, c: float, scenario: str, students: int | None) -> dict[str, Any]:
+    """The fitted law's recipe where that law is identified for it (`fit.scope`: no coefficient on
+    a bound, the recipe near the fitted runs), else the paper's, with "law" saying which and why;
+    with `students`, the cost of that many students of it."""
+    why = "paper (no fitted law)"
+    if law_file is not None:
+        law, scope = load_distillation_scoped(str(law_file))
         try:
-            return {**recipes.plan(fitted, n, c, scenario, crossover=False).to_json(), "law": "fitted"}
+            problems = scope.problems(recipes.distillation_optimal(law, n, c, scenario))
         except FitError as exc:
-            why = f"paper (the fitted law gives no recipe: {exc})"
-    else:
-        why = "paper (no fitted law)"
-    return {**recipes.plan(load_distillation("paper"), n, c, scenario, crossover=False).to_json(), "law": why}
+            problems = [f"no recipe within the bounds ({exc})"]
+        if not problems:
+            query = PlanQuery(law=str(law_file), compute=c, student_params=n, scenario=scenario,
+                              crossover=False)
+            return {**plan_and_cost(query, students).to_json(), "law": "fitted"}
+        more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
+        why = f"paper (the fitted law is not identified here: {'; '.join(problems[:2])}{more})"
+    query = PlanQuery(law="paper", compute=c, student_params=n, scenario=scenario, crossover=False)
+    return {**plan_and_cost(query, students).to_json(), "law": why}
 
 
 def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, device: str = "cpu") -> Path:

@@ -212,7 +212,7 @@ def run_dir(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "--plot", str(out / "plots/cost.png")])
     (out / "costs.json").write_text(json.dumps([{"label": "store topk-a", **cost}]))
     assert write_plots(out) == [out / "plots" / f"{stem}.png" for stem in FIGURES]
-    write_findings(out, {"topk": str((out / "stores/topk-a").resolve())}, [])
+    write_findings(out, {"topk": str((out / "stores/topk-a").resolve())}, [], layers=1)
     return out
 
 
@@ -235,7 +235,7 @@ def test_full_run_has_every_section_and_no_missing_notes(full_page: Page, run_di
     findings = json.loads((run_dir / "findings.json").read_text())
     got = full_page.rows("findings")
     assert list(got) == [f["claim"] for f in findings]
-    assert [r["reproduced here"] for r in got.values()] == ["not testable"] * 4  # no law grid here
+    assert [r["here"] for r in got.values()] == ["not testable"] * 4  # no law grid here
     assert len(full_page.tables["fits"]) == 2
 
 
