@@ -51,6 +51,7 @@ from kdcache.pipeline.study.report import write_report
 from kdcache.pipeline.study.sweep import PREFIX_KEY, run_sweep
 from kdcache.ray_session import ray_session
 from kdcache.storage import StoreError, read_meta
+from kdcache.storage.runs import read_runs
 from kdcache.storage.tokens.format import is_token_data
 
 
@@ -201,7 +202,7 @@ def _student_grid(layout: RunLayout, p: Preset, stores: Stores) -> list[dict[str
 
 def _law_rows(layout: RunLayout) -> tuple[pa.Table, Selection]:
     """(all runs, the law grid): what `kdcache fit` selects by default (`fit.selection`)."""
-    table = pq.read_table(layout.runs)
+    table = read_runs(layout.runs, required=())
     return table, select(table, DEFAULT_WHERE, source=str(layout.runs))
 
 
@@ -254,7 +255,7 @@ def _plans_and_costs(layout: RunLayout, p: Preset, stores: Stores) -> None:
                          HEADLINE_STUDENTS if headline else None)
             plans.append({**plan, "headline": headline})
     layout.plans.write_text(json.dumps(plans, indent=2))
-    rows = pq.read_table(layout.runs).to_pylist()
+    rows = read_runs(layout.runs, required=()).to_pylist()
     costs = []
     for store in stores.grid:
         students = [r for r in rows if r["store"] == str(store.resolve())]
