@@ -9,10 +9,8 @@ same table's supervised rows.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +19,7 @@ import pyarrow as pa
 from kdcache.fit import fitting, uncertainty
 from kdcache.fit.errors import FitError
 from kdcache.fit.laws import DistillationLaw, SupervisedLaw
-from kdcache.fit.presets import SUPERVISED_PRESETS, load_supervised
+from kdcache.fit.presets import SUPERVISED_PRESETS, load_supervised, read_fit_json
 from kdcache.fit.selection import DEFAULT_WHERE, select
 
 DEFAULT_THRESHOLDS = {"supervised": 2.2, "distillation": 2.3}  # the paper's (App. F)
@@ -177,7 +175,7 @@ def _supervised_law(
         law = load_supervised(spec)
         if spec in SUPERVISED_PRESETS:
             return law, ()
-        data = json.loads(Path(spec).read_text())  # load_supervised has read it as a fit JSON
+        data = read_fit_json(spec)
         key = "supervised_at_bounds" if data.get("law") == "distillation" else "at_bounds"
         return law, tuple(data.get(key) or ())
     sup_rows = rows(table, ("supervised",))

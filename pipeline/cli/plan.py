@@ -10,7 +10,6 @@ module only prints (the same text as `kdcache cost --compute`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from kdcache.pipeline.study.cost import PlanQuery
 
 HELP = ("Compute-optimal distillation (Eq. 10) for a student size and compute, in one of four scenarios, "
         "or for a teacher you have; optionally what M students cost.")
-SCENARIOS = ("best", "inference", "pretraining", "pretraining+inference")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,12 +62,7 @@ class Config:
     """PNG of allocations against compute per scenario (capacity gap in STEM-capacity-gap.png)."""
 
     def __post_init__(self) -> None:
-        if self.scenario is not None and self.scenario not in SCENARIOS:
-            raise FitError(f"--scenario must be one of {SCENARIOS}, got {self.scenario!r}")
-        if not 0 < self.compute < math.inf:
-            raise FitError("--compute must be positive and finite")
-        if self.students is not None and self.students < 1:
-            raise FitError(f"--students must be >= 1, got {self.students}")
+        # The scenario, the numbers and --students are checked once, by `PlanQuery` and `plan_and_cost`.
         if self.plot and self.teacher_params is not None:
             raise FitError("--plot draws the four scenarios' recipes for --student-params, "
                            "not a given teacher's")
@@ -98,7 +91,8 @@ def _plot(law: Any, cfg: Config, shape: dict[str, float]) -> None:
     n_s = cfg.student_params
     budgets = cfg.compute * np.logspace(-2, 2, 9)
     # Budgets whose recipe would leave the bounds are left out of the curves, not plotted.
-    found = {s: [recipes.recipe_or_none(law, n_s, float(c), s, **shape) for c in budgets] for s in SCENARIOS}
+    found = {s: [recipes.recipe_or_none(law, n_s, float(c), s, **shape) for c in budgets]
+             for s in recipes.SCENARIOS}
     table = {s: [r.to_dict() for r in rs if r is not None] for s, rs in found.items()}
     plots.allocations(table, cfg.plot, f"Compute-optimal distillation of a {n_s:.3g}-param student")
     path = Path(cfg.plot)

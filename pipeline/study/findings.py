@@ -44,10 +44,24 @@ class Condition:
     name: str
     losses: dict[int, float]
 
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.losses.values())
+
+    @property
+    def spread(self) -> float:
+        return max(self.losses.values()) - min(self.losses.values())
+
     def to_json(self) -> dict[str, Any]:
-        values = list(self.losses.values())
-        return {"name": self.name, "seeds": len(values), "mean": statistics.fmean(values) if values else None,
-                "spread": max(values) - min(values) if values else None}
+        found = bool(self.losses)
+        return {"name": self.name, "seeds": len(self.losses), "mean": self.mean if found else None,
+                "spread": self.spread if found else None}
+
+    def text(self) -> str:
+        """'tau 1 5.3151 ± 0.2289 (3 seeds)': the mean and half the range."""
+        n = len(self.losses)
+        band = f" ± {self.spread / 2:.4f}" if n > 1 else ""
+        return f"{self.name} {self.mean:.4f}{band} ({n} seed{'s' if n != 1 else ''})"
 
 
 @dataclass(frozen=True)
@@ -132,10 +146,6 @@ def _supervised(tokens: int) -> Select:
     return lambda r: r.kind == "supervised" and r.tokens == tokens
 
 
-def _mean(c: Condition) -> float:
-    return statistics.fmean(c.losses.values())
-
-
 def effect(what: str, plus: Sequence[Condition], minus: Sequence[Condition]) -> Effect:
     """sum(plus) - sum(minus), seed by seed, over the seeds all of them have."""
     seeds = set.intersection(*(set(c.losses) for c in (*plus, *minus)))
@@ -146,10 +156,8 @@ def effect(what: str, plus: Sequence[Condition], minus: Sequence[Condition]) -> 
 def judge(claim: str, conditions: list[Condition], effects: list[Effect]) -> Finding:
     """Reproduced when every effect is shown over at least MIN_SEEDS seeds."""
     few = [c for c in conditions if len(c.losses) < MIN_SEEDS]
-    parts = [f"{c.name} {_mean(c):.4f}" + (f" ± {(max(c.losses.values()) - min(c.losses.values())) / 2:.4f}"
-                                           if len(c.losses) > 1 else "")
-             + f" ({len(c.losses)} seed{'s' if len(c.losses) != 1 else ''})" for c in conditions if c.losses]
-    numbers = "; ".join(parts + [e.text() for e in effects if e.per_seed])
+    parts = [c.text() for c in conditions if c.losses] + [e.text() for e in effects if e.per_seed]
+    numbers = "; ".join(parts)
     if few or any(len(e.per_seed) < MIN_SEEDS for e in effects):
         names = ", ".join(f"{c.name} ({len(c.losses)})" for c in few) or "the conditions' common seeds"
         return Finding(claim, NOT_TESTABLE, f"fewer than {MIN_SEEDS} seeds: {names}. {numbers}".strip(),
@@ -190,7 +198,7 @@ def capacity_gap(rows: Sequence[RunRow], grid: Sequence[str]) -> Finding:
     conditions = [condition(runs, f"L_T {teacher_loss[s]:.3f} ({Path(s).name}) D={d:,}",
                             _distilled(s, tokens=d)) for s in order]
     strongest, others = conditions[0], conditions[1:]
-    best_other = min(others, key=_mean)
+    best_other = min(others, key=lambda c: c.mean)
     found = effect(f"strongest teacher's student - best other's ({best_other.name.split(' (')[0]})",
                    [strongest], [best_other])
     return judge(claim, conditions, [found])
@@ -217,7 +225,7 @@ def temperature_one(rows: Sequence[RunRow], stores: dict[str, str]) -> Finding:
     others = [c for c in others if c.losses]
     if not one.losses or not others:
         return Finding(claim, NOT_TESTABLE, "runs at temperature 1 and another temperature are not all there")
-    best_other = min(others, key=_mean)
+    best_other = min(others, key=lambda c: c.mean)
     found = effect(f"best other temperature ({best_other.name}) - tau 1", [best_other], [one])
     return judge(claim, sorted([one, *others], key=lambda c: float(c.name[4:])), [found])
 

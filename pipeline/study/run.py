@@ -31,10 +31,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdcache.fit import recipes
 from kdcache.fit.errors import FitError
 from kdcache.fit.report import fit_runs
-from kdcache.fit.scope import load_distillation_scoped
 from kdcache.fit.selection import DEFAULT_WHERE, FINDING_PREFIX, Selection, select
 from kdcache.paths import check_writable
 from kdcache.pipeline.cache.config import CacheConfig
@@ -290,15 +288,16 @@ def _plan(law_file: Path | None, n: float, c: float, scenario: str, students: in
     with `students`, the cost of that many students of it."""
     why = "paper (no fitted law)"
     if law_file is not None:
-        law, scope = load_distillation_scoped(str(law_file))
+        # Planned once, extrapolating: `extrapolated` lists why the law may not answer, if it may not.
+        query = PlanQuery(law=str(law_file), compute=c, student_params=n, scenario=scenario,
+                          crossover=False, extrapolate=True)
         try:
-            problems = scope.problems(recipes.distillation_optimal(law, n, c, scenario))
+            fitted = plan_and_cost(query, students)
+            problems = list(fitted.extrapolated)
         except FitError as exc:
             problems = [f"no recipe within the bounds ({exc})"]
         if not problems:
-            query = PlanQuery(law=str(law_file), compute=c, student_params=n, scenario=scenario,
-                              crossover=False)
-            return {**plan_and_cost(query, students).to_json(), "law": "fitted"}
+            return {**fitted.to_json(), "law": "fitted"}
         more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
         why = f"paper (the fitted law is not identified here: {'; '.join(problems[:2])}{more})"
     query = PlanQuery(law="paper", compute=c, student_params=n, scenario=scenario, crossover=False)
