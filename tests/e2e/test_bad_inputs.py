@@ -43,6 +43,7 @@ from tests.e2e.catalogue import (
     _break_split_json,
     _chat,
     _delete_shard_file,
+    _edit_json,
     _edit_store,
     _flip,
     _flip_token_chunk,
