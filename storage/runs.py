@@ -183,12 +183,13 @@ def _read_parquet(path: Path) -> pa.Table:
         raise StoreError(f"{path}: not a readable Parquet runs table ({exc})") from exc
 
 
-def check_appendable(path: str | os.PathLike[str], flag: str = "--runs") -> None:
+def check_appendable(path: str | os.PathLike[str], flag: str = "--runs", run_id: str | None = None) -> None:
     """Refuse a runs table `append_run` could not extend, before a run spends hours training.
 
     The row is a run's last act; a table that is corrupt, holds columns of the wrong kind,
     or lies where nothing can be written would otherwise fail only after the training.
     A table that does not exist yet is fine where it can be created (parents included).
+    A `run_id` the table already holds is refused: the new row would count one run twice.
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
@@ -196,7 +197,10 @@ def check_appendable(path: str | os.PathLike[str], flag: str = "--runs") -> None
                        "(name it .parquet)")
     check_writable(path, flag, directory=False)
     if path.exists():
-        _conform(_read_parquet(path), path)
+        table = _conform(_read_parquet(path), path)
+        if run_id is not None and run_id in table.column("run_id").to_pylist():
+            raise StoreError(f"{path}: {flag} already holds a run with run_id {run_id!r} (another run whose "
+                             "--out has the same name?): give this one --run-id")
 
 
 def append_run(path: str | os.PathLike[str], row: RunRow) -> None:
@@ -254,7 +258,25 @@ def read_runs(path: str | os.PathLike[str], required: Iterable[str] = REQUIRED) 
         known = want.name in table.column_names and not pa.types.is_string(want.type)
         if known and not _numeric(table.schema.field(want.name).type):
             raise _not_numeric(table, want.name, path)
+    _check_one_row_per_run(table, path)
     return table
+
+
+def _check_one_row_per_run(table: pa.Table, path: str | os.PathLike[str]) -> None:
+    """Refuse a run counted twice: a repeated run_id, or (for rows without one) a repeated row.
+
+    A fit takes each row as one run; a table concatenated twice, or two runs whose --out
+    shared a name, would pass the fit's minimum number of runs and misreport its count.
+    """
+    ids = table.column("run_id").to_pylist() if "run_id" in table.column_names else [None] * len(table)
+    first: dict[Any, int] = {}
+    for i, (run_id, row) in enumerate(zip(ids, table.to_pylist(), strict=True)):
+        key = ("run_id", run_id) if run_id is not None else ("row", tuple(sorted(row.items(), key=str)))
+        if key in first:
+            what = f"run_id {run_id!r} appears" if run_id is not None else "the same run appears"
+            raise StoreError(f"{path}: {what} twice, in rows {first[key]} and {i}: a run is one row "
+                             "(remove the duplicate, or give one of them another run_id)")
+        first[key] = i
 
 
 def read_run_rows(path: str | os.PathLike[str]) -> list[RunRow]:

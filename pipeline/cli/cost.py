@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from typing import Any
 
 from kdcache.fit.cost import Hardware
 from kdcache.fit.errors import FitError
+from kdcache.fit.recipes import HI, sci
 from kdcache.paths import check_writable
 from kdcache.pipeline.study.cost import (
     CostQuery,
@@ -27,6 +29,21 @@ from kdcache.pipeline.study.cost import (
 
 HELP = "Cost of online distillation versus one cached teacher pass plus M offline students."
 
+SIZE_CEILING = HI
+"""Parameters and tokens above the plans' bound (1e17) are refused: past it the FLOPs model's
+answers ($1e62 for a 1e40-param teacher) are arithmetic, not estimates."""
+
+
+def within(flag: str, value: float | None, hi: float, *, lo: float = 0.0, lo_closed: bool = False) -> None:
+    """Refuse a flag's value that is not finite or lies outside (lo, hi] ([lo, hi] if `lo_closed`)."""
+    if value is None:
+        return
+    low_ok = value >= lo if lo_closed else value > lo
+    if not (math.isfinite(value) and low_ok and value <= hi):
+        interval = f"{'[' if lo_closed else '('}{sci(lo) if lo else 0}, {sci(hi)}]"
+        shown = value if isinstance(value, int) else f"{value:g}"
+        raise FitError(f"{flag} {shown} is outside {interval}")
+
 
 def parse_sizes(spec: str) -> list[float]:
     """'1e8,3e8' -> [1e8, 3e8]."""
@@ -34,8 +51,10 @@ def parse_sizes(spec: str) -> list[float]:
         sizes = [float(s) for s in spec.split(",") if s.strip()]
     except ValueError as exc:
         raise FitError(f"--student-params expects N[,N...], got {spec!r}") from exc
-    if not sizes or min(sizes) <= 0:
-        raise FitError(f"--student-params expects positive sizes, got {spec!r}")
+    if not sizes:
+        raise FitError(f"--student-params expects N[,N...], got {spec!r}")
+    for size in sizes:
+        within("--student-params", size, SIZE_CEILING)
     return sizes
 
 
@@ -70,6 +89,15 @@ class CostFlags:
     def __post_init__(self) -> None:
         if self.k < 1 or self.gpus < 1:
             raise FitError(f"--k and --gpus must be >= 1, got {self.k} and {self.gpus}")
+        within("--gpus", self.gpus, 1e7)
+        within("--k", self.k, 1e8)
+        within("--bytes-per-token", self.bytes_per_token, 1e12)
+        within("--peak-flops", self.peak_flops, 1e18)
+        within("--utilisation", self.utilisation, 1.0)
+        within("--price-per-hour", self.price_per_hour, 1e6, lo_closed=True)
+        within("--storage-per-tb-month", self.storage_per_tb_month, 1e6, lo_closed=True)
+        within("--months", self.months, 1200)
+        within("--read-bandwidth", self.read_bandwidth, 1e15)
 
     def settings(self) -> CostSettings:
         hardware = Hardware(peak_flops=self.peak_flops, utilisation=self.utilisation,
@@ -127,6 +155,14 @@ class Config:
     def __post_init__(self) -> None:
         if self.students < 1:
             raise FitError(f"--students must be >= 1, got {self.students}")
+        within("--students", self.students, 1e6)
+        for flag, value in (("--teacher-params", self.teacher_params), ("--tokens", self.tokens),
+                            ("--teacher-tokens", self.teacher_tokens)):
+            within(flag, value, SIZE_CEILING)
+        within("--compute", self.compute, 1e40)
+        within("--rho", self.rho, 1e6)
+        within("--context", self.context, 1e9, lo_closed=True)  # 0 and 0: F(N) = 2N, no attention or vocab
+        within("--vocab", self.vocab, 1e8, lo_closed=True)
         if (self.tokens is None) == (self.compute is None):
             raise FitError("give one of --tokens D (cost runs of D tokens) or --compute C (plan, then cost)")
         if self.compute is None:

@@ -42,6 +42,11 @@ class RunLayout:
         return path.relative_to(self.root).as_posix()
 
     @property
+    def lock(self) -> Path:
+        """Held by the one `kdcache run` writing this directory, for the whole run."""
+        return self.root / ".kdcache-run.lock"
+
+    @property
     def data(self) -> Path:
         return self.root / "data"
 

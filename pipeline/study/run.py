@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from kdcache.fit.errors import FitError
 from kdcache.fit.report import fit_runs
@@ -311,6 +312,19 @@ def run_study(out_dir: str, preset: str, ray_address: str | None = None, *, devi
     p, layout = PRESETS[preset], RunLayout(root=Path(out_dir))
     check_writable(layout.root, "--out")
     layout.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(layout.lock), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise PipelineError(f"{layout.root}: another kdcache run is writing this --out") from None
+    try:
+        return _study(layout, p, ray_address, device)
+    finally:
+        lock.release()
+
+
+def _study(layout: RunLayout, p: Preset, ray_address: str | None, device: str) -> Path:
+    """Every stage in order, each skipping what is already done."""
     _prepare(layout, p)
     with ray_session(ray_address):  # one Ray for every stage: the cache jobs and sweeps reuse it
         _stage(f"teachers: {', '.join(p.teachers)}")
