@@ -13,6 +13,12 @@ process, in the same run, before and after the prepare runs (the machine is shar
 targets use the mean).
 
     python benchmarks/prepare_throughput.py [--json] [--sizes-mb 12 120] [--workers 1 2]
+
+`--record-mb 1 4 16` measures instead what one record costs, which sets
+`--max-record-bytes`: a record is tokenized whole, so a corpus of one record of R MiB
+(standard-library text joined) goes through `kdcache prepare --workers 1`, for the 512-token
+BPE and an 8192-token one trained on the same sample; reported are the peak resident
+memory per R and the slope, MB per MiB of record.
 """
 
 from __future__ import annotations
@@ -85,11 +91,11 @@ def raw_rate(tok: object, corpus: Path) -> dict[str, float]:
     return out
 
 
-def run_prepare(corpus: Path, tok: Path, out: Path, workers: int) -> dict[str, float]:
+def run_prepare(corpus: Path, tok: Path, out: Path, workers: int, *extra: str) -> dict[str, float]:
     """One `kdcache prepare` in its own process; its JSON summary plus peak memory."""
     argv = [sys.executable, "-c", "import sys; from kdcache.pipeline.cli import main; sys.exit(main())",
             "prepare", "--source", str(corpus), "--out", str(out), "--tokenizer", str(tok),
-            "--seq-len", str(SEQ_LEN), "--workers", str(workers), "--quiet", "--json"]
+            "--seq-len", str(SEQ_LEN), "--workers", str(workers), "--quiet", "--json", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak, largest = 0, ""
@@ -116,11 +122,35 @@ def run_prepare(corpus: Path, tok: Path, out: Path, workers: int) -> dict[str, f
             "largest_process": largest}
 
 
+def record_memory(texts: list[str], sample: list[str], tok_path: Path, work: Path,
+                  sizes_mb: list[int]) -> dict[str, object]:
+    """Peak resident memory of prepare over one record of each size (after the same 1 MiB
+    of small records, so every split has rows), per tokenizer."""
+    big = train_tokenizer(sample, 8192, False)
+    (work / "tok8192.json").write_text(big.to_str())
+    joined = "".join(texts)
+    out: dict[str, object] = {}
+    for name, tok in (("bpe512", tok_path), ("bpe8192", work / "tok8192.json")):
+        peaks = {}
+        for mb in sizes_mb:
+            corpus = work / f"record{mb}.jsonl"
+            write_corpus(corpus, texts, 1 << 20)
+            with corpus.open("a") as f:
+                f.write(json.dumps({"text": (joined * (1 + (mb << 20) // len(joined)))[: mb << 20]}) + "\n")
+            bound = str(corpus.stat().st_size)
+            peaks[mb] = run_prepare(corpus, tok, work / "out", 1, "--max-record-bytes", bound)["peak_rss_mb"]
+        lo, hi = min(sizes_mb), max(sizes_mb)
+        slope = (peaks[hi] - peaks[lo]) / (hi - lo) if hi > lo else None
+        out[name] = {"peak_rss_mb": peaks, "mb_per_mib": slope}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--sizes-mb", type=int, nargs="+", default=[12, 120])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--record-mb", type=int, nargs="+", help="measure one record of each size instead")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kdcache-prepare-bench-"))
     try:
@@ -134,6 +164,9 @@ def main() -> None:
         tok = train_tokenizer(sample, 512, False)
         tok_path = work / "tokenizer.json"
         tok_path.write_text(tok.to_str())
+        if args.record_mb:
+            print(json.dumps(record_memory(texts, sample, tok_path, work, args.record_mb), indent=2))
+            return
         corpora = {mb: work / f"c{mb}" / "corpus.jsonl" for mb in args.sizes_mb}
         sizes = {mb: write_corpus(path, texts, mb * 10**6) for mb, path in corpora.items()}
         before = raw_rate(tok, corpora[min(args.sizes_mb)])

@@ -11,6 +11,10 @@ from kdcache.pipeline.errors import PipelineError
 
 MIN_VOCAB = 257  # 256 byte tokens + the end-of-text token
 SAMPLE_BYTES = 32 << 20
+# A record is tokenized whole: prepare's peak grew by 135 MB (8192-token BPE) to 158 MB (512-token)
+# per MiB of one record (benchmarks/prepare_throughput.py --record-mb 1 4 16: 0.84-1.0 GB at 4 MiB,
+# 2.5-2.8 GB at 16), so 4 MiB, a ~1M-token document, keeps a run near 1 GB.
+MAX_RECORD_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +64,10 @@ class PrepareConfig:
     tokenizer_sample_bytes: int = SAMPLE_BYTES
     """Text the BPE is trained on, at most (default 32 MiB): the teacher split's, or the
     student split's when --teacher-frac is 0."""
+    max_record_bytes: int = MAX_RECORD_BYTES
+    """Largest record read, in stored bytes (a jsonl line, a Parquet or Arrow value's UTF-8, a
+    text file): a record is tokenized whole, at ~135-160 MB of memory per MiB, so a longer one
+    is refused naming it (default 4 MiB: a run peaks near 1 GB); raise it to read longer ones."""
     text_column: str = "text"
     """Column holding the text in .jsonl / .parquet / .arrow sources."""
     teacher_frac: float = 0.45
@@ -92,7 +100,7 @@ class PrepareConfig:
             raise PipelineError(f"--seq-len {self.seq_len} must be at least 2 (field 'seq_len')")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise PipelineError(f"--max-tokens {self.max_tokens} must be positive")
-        for name in ("workers", "tokenizer_sample_bytes"):
+        for name in ("workers", "tokenizer_sample_bytes", "max_record_bytes"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 1 (field '{name}')")
         fracs = (self.teacher_frac, self.student_frac, self.valid_frac)

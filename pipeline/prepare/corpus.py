@@ -15,6 +15,14 @@ its README) reads only those. Hidden files are skipped.
 A read unit is what one worker reads alone: a group of small text files, one jsonl or
 Arrow file, or one Parquet row group. Names are paths relative to the source root plus
 `#record`, so split assignment does not depend on where the data lives or on workers.
+
+`state.json` is data, not a path list to trust: a `datasets` directory fetched from
+elsewhere could name `../secret.txt` or `/etc/hostname` and have it tokenized into the
+splits, so each of its file names must be an `.arrow` file that resolves inside the
+directory. A text file is one document, tokenized whole, so it is held to the record bound
+(`--max-record-bytes`) by its size, before it is read: cutting it into pieces would send
+parts of one document to different splits. Every file is stat'ed when the source is
+listed; a file that goes away after that is named in one line by whichever process reads it.
 """
 
 from __future__ import annotations
@@ -24,12 +32,12 @@ import json
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare import stdlib_chat
-from kdcache.pipeline.prepare.records import Columns, parquet_groups, records
+from kdcache.pipeline.prepare.records import Columns, parquet_groups, records, too_long
 
 RECORD_SUFFIXES = (".jsonl", ".parquet", ".arrow")
 STDLIB_KINDS = ("stdlib", "stdlib-chat")
@@ -103,22 +111,56 @@ def _saved_dataset_files(d: Path) -> list[Path] | None:
     """The Arrow files of a `save_to_disk` directory in `state.json` order; None when `d`
     is not one. A DatasetDict (`dataset_dict.json`) gives its splits in its own order."""
     if (d / "dataset_dict.json").is_file():
-        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
-        return [f for s in splits for f in (_saved_dataset_files(d / s) or [])]
+        out: list[Path] = []
+        for i, split in enumerate(_json_field(d / "dataset_dict.json", "splits")):
+            where = _inside(d, split, f"{d}/dataset_dict.json: field 'splits[{i}]'")
+            out += _saved_dataset_files(where) or []
+        return out
     if not (d / "state.json").is_file() and not any(d.glob("data-*.arrow")):
         return None
     if not (d / "dataset_info.json").is_file():
         raise PipelineError(f"{d}: a datasets save_to_disk directory without dataset_info.json "
                             "(copy it whole, or pass the .arrow files as a glob)")
+    files = []
+    for i, entry in enumerate(_json_field(d / "state.json", "_data_files")):
+        field = f"{d}/state.json: field '_data_files[{i}].filename'"
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name.endswith(".arrow"):
+            raise PipelineError(f"{field} is {name!r}, not the name of an .arrow file")
+        path = _inside(d, name, field)
+        if not path.is_file():
+            raise PipelineError(f"{field} is {name!r}: no such file in {d}")
+        files.append(path)
+    return files
+
+
+def _json_field(path: Path, key: str) -> list[Any]:
+    """The list `key` of a `datasets` JSON file, or one line naming the file."""
     try:
-        state = json.loads((d / "state.json").read_text())
-        return [d / f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PipelineError(f"{d}/state.json: unreadable datasets state ({exc!r})") from exc
+        value = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise PipelineError(f"{path}: unreadable datasets metadata ({exc})") from exc
+    if not isinstance(value, list):
+        raise PipelineError(f"{path}: field '{key}' is {type(value).__name__}, not a list")
+    return value
+
+
+def _inside(d: Path, name: Any, field: str) -> Path:
+    """`d / name` for a relative name that stays inside `d`, symlinks resolved."""
+    rel = PurePosixPath(name) if isinstance(name, str) else None
+    if rel is None or not name or rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise PipelineError(f"{field} is {name!r}: must be a relative path inside the directory")
+    path = d / rel
+    if not path.resolve().is_relative_to(d.resolve()):
+        raise PipelineError(f"{field} is {name!r}: a symlink that leads out of the directory")
+    return path
 
 
 def _units_of_file(path: Path, name: str) -> list[Unit]:
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as exc:  # a broken symlink a glob matched, or a file gone since it was listed
+        raise PipelineError(f"{path}: cannot read the file ({exc.strerror}) (field 'source')") from exc
     if path.suffix != ".parquet":
         kind = path.suffix[1:] if path.suffix in RECORD_SUFFIXES else "text"
         return [Unit(kind, (str(path),), (name,), size)]
@@ -174,9 +216,18 @@ Batch = tuple[list[str], list[Any], int]  # names, texts (or records), input byt
 def read_unit(unit: Unit, columns: Columns, batch_bytes: int) -> Iterator[Batch]:
     """The unit's documents as batches of about `batch_bytes` of input: non-empty texts, or
     the records (conversations, prompt/completion pairs) of a structured format."""
+    try:
+        yield from _read_unit(unit, columns, batch_bytes)
+    except OSError as exc:  # in a Ray worker too: the file, not a traceback, names the fault
+        where = exc.filename or unit.paths[0]
+        raise PipelineError(f"{where}: cannot read the file ({exc.strerror or exc}); it was there when "
+                            "the source was listed (field 'source')") from exc
+
+
+def _read_unit(unit: Unit, columns: Columns, batch_bytes: int) -> Iterator[Batch]:
     _check_shape(unit, columns)
     if unit.kind in ("text", "stdlib"):
-        yield from _text_batches(unit, batch_bytes)
+        yield from _text_batches(unit, batch_bytes, columns.max_bytes)
         return
     if unit.kind == "stdlib-chat":
         yield from _stdlib_chat_batches(unit, batch_bytes)
@@ -221,11 +272,14 @@ def _stdlib_chat_batches(unit: Unit, batch_bytes: int) -> Iterator[Batch]:
         yield names, values, nbytes
 
 
-def _text_batches(unit: Unit, batch_bytes: int) -> Iterator[Batch]:
+def _text_batches(unit: Unit, batch_bytes: int, max_bytes: int) -> Iterator[Batch]:
     names: list[str] = []
     texts: list[str] = []
     size, nbytes = 0, 0
     for path, name in zip(unit.paths, unit.names, strict=True):
+        file_bytes = Path(path).stat().st_size
+        if file_bytes > max_bytes:
+            raise too_long(str(path), max_bytes, file_bytes, "a text file, one document,")
         if unit.kind == "stdlib":
             try:
                 text = Path(path).read_bytes().decode("utf-8")
@@ -233,7 +287,7 @@ def _text_batches(unit: Unit, batch_bytes: int) -> Iterator[Batch]:
                 continue  # the stdlib ships a few deliberately mis-encoded test files
         else:
             text = read_text(Path(path))
-        nbytes += Path(path).stat().st_size
+        nbytes += file_bytes
         if text:
             names.append(name)
             texts.append(text)

@@ -41,7 +41,7 @@ from kdcache.pipeline.prepare.build import build
 from kdcache.pipeline.prepare.chat import ChatTemplate
 from kdcache.pipeline.prepare.config import PrepareConfig, PrepareResult
 from kdcache.pipeline.prepare.corpus import read_unit, read_units
-from kdcache.pipeline.prepare.ray_data import LOCAL_OBJECT_STORE, ray_pieces
+from kdcache.pipeline.prepare.ray_data import LOCAL_OBJECT_STORE, quiet_ray_logs, ray_pieces
 from kdcache.pipeline.prepare.records import Columns
 from kdcache.pipeline.prepare.tokenizer import (
     SPLITS,
@@ -65,7 +65,7 @@ __all__ = ["CHUNK_TOKENS", "SPLITS", "PrepareConfig", "PrepareResult", "SplitWri
 
 
 def _columns(cfg: PrepareConfig) -> Columns:
-    return Columns(cfg.columns, text=cfg.format == "text")
+    return Columns(cfg.columns, text=cfg.format == "text", max_bytes=cfg.max_record_bytes)
 
 
 def _template(cfg: PrepareConfig) -> ChatTemplate | None:
@@ -160,7 +160,7 @@ def _build(cfg: PrepareConfig, units: list[Any], tok: Any, template: ChatTemplat
     if cfg.workers == 1:
         return build(cfg, units, tok, template, tmp, _serial_pieces(cfg, units, tok, encoding), files)
 
-    with ray_session(cfg.ray_address, object_store_memory=LOCAL_OBJECT_STORE):
+    with quiet_ray_logs(cfg.quiet), ray_session(cfg.ray_address, object_store_memory=LOCAL_OBJECT_STORE):
         pieces = ray_pieces(units, tok, eos_id(tok), workers=cfg.workers, columns=_columns(cfg),
                             seed=cfg.seed, fractions=list(cfg.fractions.values()),
                             batch_bytes=BATCH_BYTES, encoding=encoding)

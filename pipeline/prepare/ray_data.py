@@ -8,6 +8,11 @@ than a cluster tokenizes (shard writes as Ray tasks measured 4x slower than thre
 Memory is bounded by the blocks in flight (`BLOCK_BYTES` each, at
 most `OBJECT_STORE_BUDGET` in the object store), never by the corpus. On a cluster
 (`--ray-address`) the source and the output must lie on storage every node sees.
+
+A worker's error reaches the user as the one line it raised: Ray wraps it in task and Ray
+Data errors whose text is a coloured traceback, and Ray Data logs that traceback as an
+ERROR too, so `domain_error` digs the worker's own error out and `quiet_ray_logs` keeps
+Ray's loggers off stderr while the job runs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -32,6 +38,7 @@ from ray.exceptions import RayError
 from tokenizers import Tokenizer
 
 from kdcache.errors import KdcacheError
+from kdcache.pipeline.errors import PipelineError
 from kdcache.pipeline.prepare.corpus import Unit, read_unit
 from kdcache.pipeline.prepare.records import Columns
 from kdcache.pipeline.prepare.tokenizer import Encoding, Piece, tokenize_batch
@@ -42,13 +49,13 @@ LOCAL_OBJECT_STORE = 512 << 20  # a local Ray's object store: bounded, whatever 
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _read(table: Any, columns: list[str], text: bool, batch_bytes: int) -> Iterator[Any]:
+def _read(table: Any, columns: list[str], text: bool, max_bytes: int, batch_bytes: int) -> Iterator[Any]:
     """Ray Data UDF: one read unit (a one-row batch) -> tables of documents. Records of a
     structured format travel as JSON text, so a malformed one reaches `chat.py`'s checks
     (and its one-line error) instead of failing Arrow's type inference."""
     for row in table.to_pylist():
         unit = Unit.from_row(row)
-        for names, values, nbytes in read_unit(unit, Columns(tuple(columns), text), batch_bytes):
+        for names, values, nbytes in read_unit(unit, Columns(tuple(columns), text, max_bytes), batch_bytes):
             texts = values if text else [json.dumps(v) for v in values]
             yield pa.table({"name": names, "text": texts,
                             "nbytes": pa.array([nbytes] + [0] * (len(names) - 1), pa.int64())})
@@ -81,7 +88,6 @@ def ray_pieces(units: list[Any], tok: Any, eos: int | None, *, workers: int, col
                seed: int, fractions: Sequence[float], batch_bytes: int,
                encoding: Encoding) -> Iterator[Piece]:
     """Token pieces in document order, computed by Ray Data (Ray must be initialised)."""
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     # A small source has fewer blocks than workers: Ray Data's warning says nothing to a user.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     ctx = ray.data.DataContext.get_current()
@@ -99,7 +105,7 @@ def ray_pieces(units: list[Any], tok: Any, eos: int | None, *, workers: int, col
         ds = ds.map_batches(_read, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                             compute=TaskPoolStrategy(size=workers),
                             fn_kwargs={"columns": list(columns.names), "text": columns.text,
-                                       "batch_bytes": batch_bytes})
+                                       "max_bytes": columns.max_bytes, "batch_bytes": batch_bytes})
         ds = ds.map_batches(_tokenize, batch_size=None, batch_format="pyarrow", num_cpus=1,
                             compute=TaskPoolStrategy(size=workers),
                             fn_kwargs={"tokenizer": tok.to_str(), "eos": eos, "seed": seed,
@@ -125,9 +131,25 @@ def _table_pieces(table: Any) -> Iterator[Piece]:
         yield int(splits[i]), values("tokens", i, np.int32), mask, lengths, int(docs[i]), int(nbytes[i])
 
 
+@contextmanager
+def quiet_ray_logs(quiet: bool) -> Iterator[None]:
+    """Ray Data's loggers off while the job runs (a worker's error is re-raised as one line),
+    and with `quiet` Ray's own warnings too (the notice about token authentication that
+    every local start prints); the levels are restored after."""
+    levels = {"ray.data": logging.CRITICAL} | ({"ray": logging.ERROR} if quiet else {})
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def domain_error(exc: BaseException) -> BaseException:
-    """The KdcacheError a Ray worker raised, as one clear line, else `exc`: Ray wraps it in
-    task and Ray Data errors whose text is a traceback."""
+    """The KdcacheError (or OSError) a Ray worker raised, as one clear line, else `exc`: Ray
+    wraps it in task and Ray Data errors whose text is a traceback."""
     seen: set[int] = set()
     todo: deque[BaseException] = deque([exc])
     while todo:
@@ -135,9 +157,10 @@ def domain_error(exc: BaseException) -> BaseException:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, KdcacheError) and not isinstance(e, RayError):
+        if isinstance(e, (KdcacheError, OSError)) and not isinstance(e, RayError):
             lines = str(e).splitlines()  # Ray Data appends its retry advice to the message
-            return type(e)(lines[0] if lines else "")
+            line = lines[0] if lines else ""
+            return type(e)(line) if isinstance(e, KdcacheError) else PipelineError(line)
         todo.extend(x for x in (getattr(e, "cause", None), e.__cause__, e.__context__)
                     if isinstance(x, BaseException))
     return exc
