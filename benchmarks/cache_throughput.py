@@ -85,7 +85,8 @@ def bare_loop(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str
 def bare_hf(model_dir: Path, rows: np.ndarray, k: int, dtype: str, device: str) -> float:
     hf = json.loads((model_dir / "config.json").read_text())
     torch_dtype = DTYPES[resolve_dtype(dtype, checkpoint_dtype(hf), torch.device(device))]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype,
+                                                 trust_remote_code=False).to(device).eval()
     return _bare_torch(lambda ids: model(input_ids=ids).logits, rows, k, device)
 
 

@@ -156,7 +156,8 @@ def run_case(case: str, data_dir: str, args: argparse.Namespace) -> dict[str, An
     config["num_hidden_layers"] = args.layers
     model_type = config.pop("model_type")
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.float32,
+                                          trust_remote_code=False)
     lm.config.use_cache = False
     student = HFStudent(lm, data.vocab_size)
     if case == "checkpointing":

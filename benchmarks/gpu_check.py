@@ -134,7 +134,8 @@ def write_inputs(root: Path, sizes: Sizes) -> None:
     common: dict[str, Any] = dict(vocab_size=sizes.vocab, max_position_embeddings=width,
                                   tie_word_embeddings=False)
     torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(LlamaConfig(**common, **sizes.teacher))
+    teacher = AutoModelForCausalLM.from_config(LlamaConfig(**common, **sizes.teacher),
+                                               trust_remote_code=False)
     teacher.to(torch.bfloat16).save_pretrained(root / "teacher")
     (root / "student.json").write_text(json.dumps({"model_type": "llama", **common, **sizes.student}))
 
@@ -144,7 +145,8 @@ def write_inputs(root: Path, sizes: Sizes) -> None:
 
 def bare_tokens_per_s(model_dir: Path, rows: np.ndarray, sizes: Sizes, device: str) -> float:
     """Forward (no KV cache) + float32 log-softmax + top-k (values and ids to the host), nothing else."""
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                      trust_remote_code=False)
     model.to(device).eval()
 
     def batch(lo: int) -> int:

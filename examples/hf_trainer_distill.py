@@ -29,11 +29,13 @@ from kdcache.train.store_batches import check_store_matches
 
 def load_student(args: argparse.Namespace) -> torch.nn.Module:
     if args.student:
-        return AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32,
+                                                    trust_remote_code=False)
     with open(args.student_config) as fh:
         values = json.load(fh)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values),
+                                            trust_remote_code=False)
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
     tokenizer = None
     if args.data:
         check_store_matches(args.store, read_meta(args.store), open_token_data(args.data))
-        tokenizer = AutoTokenizer.from_pretrained(args.data)
+        tokenizer = AutoTokenizer.from_pretrained(args.data, trust_remote_code=False)
     training = TrainingArguments(
         output_dir=args.out, max_steps=args.steps, learning_rate=args.lr, logging_steps=1,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,

@@ -71,7 +71,7 @@ def train(args: argparse.Namespace, distributed: bool) -> list[float]:
     torch.manual_seed(0)  # every rank starts from the same weights (DDP also broadcasts rank 0's)
     values = json.loads(Path(args.student_config).read_text())
     config = AutoConfig.for_model(values.pop("model_type"), **values)
-    lm = AutoModelForCausalLM.from_config(config)
+    lm = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     ds = StoreDataset(args.store, batch_size=args.batch_size, seed=0)
     step = DistillStep(lm, ds.vocab_size)
     model = nn.parallel.DistributedDataParallel(step) if distributed else step

@@ -64,3 +64,48 @@ def test_the_command_line_loads_without_torch():
             "print(sorted({'torch', 'ray', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+UNPICKLERS = {"pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"}
+LOADERS = ("from_pretrained", "from_config")
+"""`transformers` entry points that import a repository's code when it asks (`auto_map`) and
+they are allowed to (`AutoConfig.for_model` and a config class's `from_dict` never do)."""
+
+
+def _calls(path: Path) -> list[ast.Call]:
+    return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
+
+
+def _name(call: ast.Call) -> str:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_nothing_unpickles(folder):
+    """No module imports an unpickler or calls `torch.load` (safetensors and JSON only)."""
+    wrong = [f"{p.relative_to(ROOT)} imports {n}" for p in _modules(folder) for n in _imports(p)
+             if n.split(".")[0] in UNPICKLERS]
+    wrong += [f"{p.relative_to(ROOT)}:{c.lineno} calls torch.load"
+              for p in _modules(folder) for c in _calls(p) if _name(c) == "load"
+              and isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name)
+              and c.func.value.id == "torch"]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_transformers_never_runs_model_code(folder):
+    """Every `from_pretrained` (and other config or model builder) passes trust_remote_code=False."""
+    wrong = []
+    for path in _modules(folder):
+        if "transformers" not in path.read_text() and "peft" not in path.read_text():
+            continue
+        for call in _calls(path):
+            if _name(call) not in LOADERS:
+                continue
+            given = {k.arg: k.value for k in call.keywords}
+            value = given.get("trust_remote_code")
+            if not (isinstance(value, ast.Constant) and value.value is False):
+                wrong.append(f"{path.relative_to(ROOT)}:{call.lineno} {_name(call)} without "
+                             "trust_remote_code=False")
+    assert not wrong, "\n".join(wrong)

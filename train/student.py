@@ -22,23 +22,51 @@ express (a bias, a logit scale or soft-capping) are refused too, naming the fiel
 
 `params` (the runs table's N) is the non-embedding count for every kind: all
 parameters but the input embedding and an untied output layer.
+
+A Hugging Face student is checked before a byte of it is allocated, each refusal one line
+naming the file and the field. Its config must fit the data: the size fields every
+transformers config shares (`SIZE_FIELDS`, under an architecture's own names through its
+`attribute_map`, e.g. GPT-2's `n_embd`) are positive integers, the vocabulary covers the
+tokenizer's ids, the maximum positions cover a row, and the model, built first on the
+`meta` device, fits the machine's memory in float32. A directory's files must be safe and
+whole (`storage.model_record`: no `auto_map` custom code, safetensors only, headers that
+parse), and its tokenizer.json, when it has one, must map every id of the data to the same
+token, the rule the cache applies to a teacher: the saved student carries the data's
+tokenizer, which would otherwise hide that it was pretrained on other ids. transformers is
+always called with `trust_remote_code=False` and `use_safetensors=True`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
+from tokenizers import Tokenizer
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from kdcache.storage.model_record import ModelRecord, remove_model_record, write_model_record
+from kdcache.storage.errors import StoreError
+from kdcache.storage.model_record import (
+    ModelRecord,
+    read_model_config,
+    remove_model_record,
+    weight_files,
+    write_model_record,
+)
+from kdcache.storage.tokens.format import is_token_data, read_token_meta
 from kdcache.train.attention import document_attention_mask, needs_mask, packs_documents
 from kdcache.train.errors import TrainError
 from kdcache.train.model_dir import WEIGHTS, copy_tokenizer, file_sha256
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+"""Size fields transformers' configs share; None (unset) is left to the architecture's default."""
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, StrictDataclassError, SafetensorError)
+"""What transformers raises for a config or weights it cannot build a model from."""
 
 
 class Student(nn.Module):
@@ -140,44 +168,162 @@ def _check_rows(lm: Any, vocab: int, where: str, data: str) -> None:
 
 
 def hf_config_file(path: str | os.PathLike[str], flag: str) -> dict[str, Any]:
-    """A config.json as a dict, refusing a missing or broken file in one line."""
+    """A config.json as a dict, refusing a missing, broken or unsafe file, or size fields that
+    are not positive integers, in one line."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: {flag} has no config file")
     try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{path}: not a readable JSON config ({exc})") from exc
-    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        values = read_model_config(path)
+    except StoreError as exc:
+        raise TrainError(str(exc)) from exc
+    if not isinstance(values.get("model_type"), str):
         raise TrainError(f"{path}: field 'model_type' is missing (not a transformers config)")
+    for key in _size_keys(values):
+        value = values[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise TrainError(f"{path}: field '{key}' is {value!r}; it must be a positive integer")
     return values
 
 
+def _size_keys(values: dict[str, Any]) -> list[str]:
+    """The keys of `values` that set a `SIZE_FIELDS` entry, under either of its names."""
+    aliases = _aliases(values["model_type"])
+    return [key for name in SIZE_FIELDS for key in dict.fromkeys((name, aliases.get(name, name)))
+            if key in values]
+
+
+def _aliases(model_type: str) -> dict[str, str]:
+    """An architecture's own names for the shared fields (`attribute_map`, e.g. GPT-2's n_embd)."""
+    try:  # a lazy mapping: its `get` does not import the class
+        cls = CONFIG_MAPPING[model_type]
+    except KeyError:
+        return {}
+    return dict(getattr(cls, "attribute_map", None) or {})
+
+
+def _field(values: dict[str, Any], name: str) -> str:
+    """How the config file names the shared field `name` (or that it left it to the default)."""
+    for key in (name, _aliases(values["model_type"]).get(name, name)):
+        if key in values:
+            return f"field '{key}'"
+    return f"field '{name}' (its default)"
+
+
 def load_hf_student(directory: str, *, vocab: int, data: str) -> HFStudent:
-    """`--student DIR`: a local Hugging Face causal-LM directory, loaded with its weights, float32."""
+    """`--student DIR`: a local Hugging Face causal-LM directory, loaded with its weights, float32.
+    `data` is the token data it trains on (its rows and tokenizer bound the student)."""
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise TrainError(f"{path}: --student has no config.json (not a Hugging Face model directory)")
-    hf_config_file(path / "config.json", "--student")
+    values = hf_config_file(path / "config.json", "--student")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise TrainError(f"{path}: --student cannot be loaded by transformers ({_first_line(exc)})") from exc
-    return _hf_student(lm, vocab, str(path / "config.json"), data)
+        weight_files(path)
+    except StoreError as exc:
+        raise TrainError(str(exc)) from exc
+    seq_len, tokenizer = _data_facts(data)
+    if tokenizer is not None:
+        check_student_tokenizer(path, tokenizer, vocab)
+    where = str(path / "config.json")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except _LOAD_ERRORS as exc:
+        raise TrainError(f"{where}: not a transformers config ({_one_line(exc)})") from exc
+    _check_fits(config, values, vocab=vocab, seq_len=seq_len, where=where, data=data)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch.float32,
+                                                  local_files_only=True, trust_remote_code=False,
+                                                  use_safetensors=True)
+    except _LOAD_ERRORS as exc:
+        raise TrainError(f"{path}: --student cannot be loaded by transformers ({_one_line(exc)})") from exc
+    return _hf_student(lm, vocab, where, data)
 
 
 def new_hf_student(config_file: str, *, vocab: int, data: str, seed: int) -> HFStudent:
     """`--student-config FILE.json`: any transformers config, initialised from `seed`."""
     values = hf_config_file(config_file, "--student-config")
-    model_type = values.pop("model_type")
+    settings = {k: v for k, v in values.items() if k != "model_type"}
     try:
-        config = AutoConfig.for_model(model_type, **values)
-        torch.manual_seed(seed)
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        config = AutoConfig.for_model(values["model_type"], **settings)
+    except _LOAD_ERRORS as exc:
         raise TrainError(f"{config_file}: --student-config is not a causal-LM config "
-                         f"({_first_line(exc)})") from exc
+                         f"({_one_line(exc)})") from exc
+    seq_len, _ = _data_facts(data)
+    _check_fits(config, values, vocab=vocab, seq_len=seq_len, where=config_file, data=data)
+    try:
+        torch.manual_seed(seed)
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    except _LOAD_ERRORS as exc:
+        raise TrainError(f"{config_file}: --student-config is not a causal-LM config "
+                         f"({_one_line(exc)})") from exc
     return _hf_student(lm, vocab, config_file, data)
+
+
+def _data_facts(data: str) -> tuple[int | None, Path | None]:
+    """The row length and tokenizer.json of the token data at `data` (None, None elsewhere)."""
+    if not is_token_data(data):
+        return None, None
+    try:
+        seq_len = int(read_token_meta(Path(data))["seq_len"])
+    except StoreError as exc:
+        raise TrainError(str(exc)) from exc
+    return seq_len, Path(data) / "tokenizer.json"
+
+
+def _check_fits(config: PretrainedConfig, values: dict[str, Any], *, vocab: int, seq_len: int | None,
+                where: str, data: str) -> None:
+    """Refuse, before allocating it, a model that cannot train on the data or on this machine."""
+    rows = getattr(config, "vocab_size", None)
+    if isinstance(rows, int) and rows < vocab:
+        raise TrainError(f"{where}: {_field(values, 'vocab_size')} is {rows}, smaller than the tokenizer's "
+                         f"{vocab} ids ({data})")
+    positions = getattr(config, "max_position_embeddings", None)
+    if seq_len is not None and isinstance(positions, int) and positions < seq_len:
+        raise TrainError(f"{where}: {_field(values, 'max_position_embeddings')} is {positions}, fewer "
+                         f"positions than the data's rows of {seq_len} tokens ({data})")
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            shell = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except _LOAD_ERRORS as exc:
+        raise TrainError(f"{where}: not a causal-LM config transformers can build "
+                         f"({_one_line(exc)})") from exc
+    need, memory = 4 * sum(p.numel() for p in shell.parameters()), _physical_memory()
+    if memory is not None and need > memory:
+        name, biggest = max(shell.named_parameters(), key=lambda item: item[1].numel())
+        fields = ", ".join(f"{_field(values, f)} is {getattr(config, f)}" for f in SIZE_FIELDS
+                           if getattr(config, f, None) == max(biggest.shape))
+        raise TrainError(f"{where}: the model needs {need / 2**30:,.1f} GiB of float32 weights, more than "
+                         f"this machine's {memory / 2**30:,.1f} GiB of memory ({fields or 'its shape'}: "
+                         f"tensor '{name}' is {list(biggest.shape)})")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_student_tokenizer(directory: Path, data_tokenizer: Path, vocab: int) -> None:
+    """Refuse a student whose tokenizer.json maps one of the data's `vocab` ids to another token
+    than the data's tokenizer (the rule the cache applies to a teacher); a directory without a
+    tokenizer.json is not checked."""
+    own = directory / "tokenizer.json"
+    if not own.is_file():
+        return
+    theirs, ours = _id_to_token(own), _id_to_token(data_tokenizer)
+    for i in range(vocab):
+        if theirs.get(i) != ours.get(i):
+            raise TrainError(f"{own}: differs from the data's tokenizer ({data_tokenizer}) at id {i}: "
+                             f"{theirs.get(i)!r} != {ours.get(i)!r}")
+
+
+def _id_to_token(path: Path) -> dict[int, str]:
+    try:
+        tokens = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception as exc:  # the tokenizers library raises its own untyped errors for a bad file
+        raise TrainError(f"{path}: not a readable tokenizer.json ({_one_line(exc)})") from exc
+    return {i: token for token, i in tokens.items()}
 
 
 def _hf_student(lm: Any, vocab: int, where: str, data: str) -> HFStudent:
@@ -187,9 +333,10 @@ def _hf_student(lm: Any, vocab: int, where: str, data: str) -> HFStudent:
     return HFStudent(lm, vocab)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (strict config validation spreads it over two)."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines())
+    return text or type(exc).__name__
 
 
 def save_hf_student(

@@ -98,8 +98,9 @@ def load_gguf(path: Path, *, quiet: bool = True) -> tuple[Any, Any]:
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
     except (OSError, ValueError, KeyError, NotImplementedError) as exc:
         raise PipelineError(f"{path}: transformers cannot load this GGUF file ({exc})") from exc
     if model.config.model_type not in SUPPORTED_ARCHITECTURES:
@@ -151,7 +152,8 @@ def check_conversion(model: Any, tokenizer: Any, out: Path) -> float:
     written_tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     if written_tok.encode(SAMPLE_TEXT, add_special_tokens=False).ids != ids:
         raise PipelineError(f"{out.name}/tokenizer.json: tokenises the sample text unlike the GGUF tokenizer")
-    written = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
+    written = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32,
+                                                   trust_remote_code=False, use_safetensors=True).eval()
     tied = written.get_output_embeddings().weight is written.get_input_embeddings().weight
     if tied != bool(model.config.tie_word_embeddings):
         raise PipelineError(f"{out.name}/config.json: tied embeddings did not survive the conversion")

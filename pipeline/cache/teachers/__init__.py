@@ -6,18 +6,25 @@ runs a kdcache MODEL directory with our own torch model; `hf` runs any local Hug
 Face causal LM through `transformers`; `vllm` runs vLLM's offline engine with
 prompt log-probs. Backends are imported only when chosen, so this module stays light
 (the CLI's `--backend` flag is typed by `Backend`).
+
+Whatever the backend, a teacher directory's files are checked before it loads
+(`check_teacher_files`: config.json and kdcache.json parse, no custom code, safetensors
+weights whose headers parse), so a damaged teacher is refused in one line naming the
+file, from the driver before any worker starts as from each worker.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from kdcache.pipeline.errors import PipelineError
-from kdcache.storage import Kind, TeacherInfo
+from kdcache.storage import Kind, StoreError, TeacherInfo
+from kdcache.storage.model_record import check_model_files
 from kdcache.storage.tokens.format import Rows
 
 Backend = Literal["native", "hf", "vllm"]
@@ -68,8 +75,18 @@ def load_teacher(backend: Backend, path: str, *, batch_rows: int = 8, max_k: int
     there when it is padded)."""
     if backend not in BACKENDS:
         raise PipelineError(f"unknown backend {backend!r}; choose from {sorted(BACKENDS)}")
+    check_teacher_files(path)
     module, name = BACKENDS[backend].split(":")
     cls = getattr(importlib.import_module(module), name)
     teacher: Teacher = cls(path, batch_rows=batch_rows, max_k=max_k, max_len=max_len, dtype=dtype,
                            tensor_parallel=tensor_parallel, vocab=vocab)
     return teacher
+
+
+def check_teacher_files(path: str) -> dict[str, Any]:
+    """The teacher directory's config.json, after checking its files without loading a tensor:
+    cheap enough for the cache driver to call before it starts a worker."""
+    try:
+        return check_model_files(Path(path))
+    except StoreError as exc:
+        raise PipelineError(str(exc)) from exc

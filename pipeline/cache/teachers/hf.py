@@ -1,6 +1,7 @@
 """`hf`: any local Hugging Face causal LM directory, run through `transformers`.
 
-Local paths only (no hub downloads). The fingerprint is a sha256 over the weight files,
+Local paths only (no hub downloads); safetensors weights only, and never the repository's
+own code (`trust_remote_code=False`). The fingerprint is a sha256 over the weight files,
 so a store records exactly which weights produced it. The base model's hidden states are
 projected through the output layer in chunks (`torch_teacher.py`), with the logit scale
 and soft-capping some architectures apply after it (Cohere's `logit_scale`, Gemma 2's
@@ -10,13 +11,15 @@ and soft-capping some architectures apply after it (Cohere's `logit_scale`, Gemm
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
+from kdcache.pipeline.cache.teachers import check_teacher_files
 from kdcache.pipeline.cache.teachers.torch_teacher import DTYPES, TorchTeacher, default_device, resolve_dtype
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import TeacherInfo
@@ -49,17 +52,18 @@ class HFTeacher(TorchTeacher):
         if tensor_parallel != 1:
             raise PipelineError("--tensor-parallel needs --backend vllm")
         root = Path(path)
-        if not (root / "config.json").is_file():
-            raise PipelineError(f"{root}: missing config.json (not a Hugging Face model directory)")
-        config = json.loads((root / "config.json").read_text())
+        config = check_teacher_files(path)
         fingerprint = weights_fingerprint(root)
         self.device = default_device()
         self.dtype = resolve_dtype(dtype, checkpoint_dtype(config), self.device)
         try:
             model = AutoModelForCausalLM.from_pretrained(root, local_files_only=True,
-                                                         dtype=DTYPES[self.dtype])
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{root}: transformers cannot load it ({exc})") from exc
+                                                         dtype=DTYPES[self.dtype], trust_remote_code=False,
+                                                         use_safetensors=True)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, StrictDataclassError,
+                SafetensorError) as exc:
+            lines = " ".join(line.strip() for line in str(exc).splitlines())
+            raise PipelineError(f"{root}: transformers cannot load it ({lines})") from exc
         self.model = model.to(self.device).eval()
         self.batch_rows = batch_rows
         lm: Any = model

