@@ -2,7 +2,8 @@
 
 A checkpoint directory holds `state-<step>.safetensors` (model weights and AdamW moments)
 and `state.json` naming it. The JSON is replaced atomically after the tensors are on
-disk, so a run killed at any moment leaves the previous complete checkpoint readable.
+disk, so a run killed at any moment leaves the previous complete checkpoint readable; a
+write that fails (a full disk) removes its parts and says so in one line, keeping it too.
 
 State is full (unsharded) and keyed by parameter name, `model.<name>` and
 `opt.<name>.<moment>`, taken and restored through `torch.distributed.checkpoint`'s
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
@@ -82,14 +85,29 @@ def save_checkpoint(
         for key, value in state.items():
             tensors[f"opt.{name}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     name = f"state-{step:09d}.safetensors"
-    save_file(tensors, str(directory / (name + ".tmp")))
-    os.replace(directory / (name + ".tmp"), directory / name)
     tmp = directory / (STATE + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "tensors": name, "info": info}, indent=1))
-    os.replace(tmp, directory / STATE)
+    try:
+        save_file(tensors, str(directory / (name + ".tmp")))
+        os.replace(directory / (name + ".tmp"), directory / name)
+        tmp.write_text(json.dumps({"step": step, "tensors": name, "info": info}, indent=1))
+        os.replace(tmp, directory / STATE)
+    except (OSError, SafetensorError) as exc:
+        for part in (directory / (name + ".tmp"), directory / name, tmp):
+            part.unlink(missing_ok=True)  # state.json still names the previous checkpoint, whole
+        raise TrainError(f"{directory}: cannot write the checkpoint of step {step} ({write_failure(exc)}); "
+                         "the previous checkpoint is kept") from None
     for old in directory.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink()
+
+
+def write_failure(exc: OSError | SafetensorError) -> str:
+    """Why a write failed, in a few words: safetensors wraps the OS error's text in its own."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    found = re.search(r'message: "([^"]+)"|I/O error: (.+?) \(os error \d+\)', text)
+    return (found[1] or found[2]) if found else text.splitlines()[0]
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:

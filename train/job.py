@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kdcache.train.errors import TrainError
@@ -51,10 +52,10 @@ class StudentSettings:
 
     layers: int | None = None
     """Transformer blocks of the family's model; the width follows as d_model = rho * layers."""
-    student: str | None = None
+    student: str | None = field(default=None, metadata={"path": "model"})
     """Fine-tune this pretrained Hugging Face causal LM: a local directory or a Hub id (instead of
     --layers)."""
-    student_config: str | None = None
+    student_config: str | None = field(default=None, metadata={"path": "local"})
     """Train a Hugging Face model of this transformers config.json from scratch (instead of --layers)."""
     rho: int = 64
     """Aspect ratio d_model / layers (family)."""
@@ -202,9 +203,9 @@ class LoopSettings:
 class DistillSettings:
     """From what teacher, if any: a logit store or a live model, and the loss's options."""
 
-    distill: str | None = None
+    distill: str | None = field(default=None, metadata={"path": "local"})
     """Distil offline from this logit STORE (kdcache cache) instead of supervised training."""
-    online_teacher: str | None = None
+    online_teacher: str | None = field(default=None, metadata={"path": "model"})
     """Distil online from this teacher MODEL (a local directory or a Hub id), run in-process every
     step (for comparison)."""
     lam: float = field(default=1.0, metadata={"flag": "lambda"})
@@ -233,7 +234,7 @@ class DistillSettings:
 class RuntimeSettings:
     """Where it writes, on what hardware and ranks, how it reports: never what it computes."""
 
-    runs: str | None = None
+    runs: str | None = field(default=None, metadata={"path": "local"})
     """Runs table (Parquet) to append this run's row to."""
     run_id: str | None = None
     """Row id in the runs table (default: the output directory's name)."""
@@ -262,6 +263,9 @@ class RuntimeSettings:
     """Data-parallel ranks started through Ray Train (TorchTrainer); 1 trains in this process."""
     ray_address: str | None = None
     """Ray cluster for --workers (default: start a local one)."""
+    init_timeout: int = 60
+    """Seconds a rank launched by environment variables alone (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT; no torchrun) waits for the others to join its group before it gives up."""
     fsdp: bool = False
     """Shard the student over the ranks with FSDP2 (needs torchrun or --workers N > 1)."""
     quiet: bool = False
@@ -274,7 +278,7 @@ class RuntimeSettings:
             raise TrainError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if self.checkpoint_every < 0:
             raise TrainError("--checkpoint-every must be >= 0")
-        _at_least_one(self, ("workers", "grad_accum"))
+        _at_least_one(self, ("workers", "grad_accum", "init_timeout"))
         if self.eval_every < 0:
             raise TrainError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.log not in LOGS:
@@ -292,7 +296,8 @@ GROUPS: dict[str, type] = {
 IDENTITY_GROUPS = ("student", "loop", "distillation")
 """The groups that identify a run; `runtime` never does."""
 _GROUP_OF = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
-_PATHS = ("student", "student_config", "distill", "online_teacher")
+_PATHS = tuple(f.name for name in IDENTITY_GROUPS for f in dataclasses.fields(GROUPS[name])
+               if "path" in f.metadata)
 """Identity fields that are paths: the fingerprint holds what they contain instead."""
 
 
@@ -300,9 +305,9 @@ _PATHS = ("student", "student_config", "distill", "online_teacher")
 class TrainJobConfig:
     """One training run: its data and MODEL directory, and the four groups of settings."""
 
-    data: str
+    data: str = field(metadata={"path": "local"})
     """DATA directory written by `kdcache prepare`."""
-    out: str
+    out: str = field(metadata={"path": "local"})
     """MODEL directory to write (Hugging Face format); rerunning resumes it."""
     student: StudentSettings
     loop: LoopSettings = field(default_factory=LoopSettings)
@@ -337,6 +342,26 @@ class TrainJobConfig:
 
     def replace(self, **flags: Any) -> TrainJobConfig:
         return TrainJobConfig.from_flat(**{**self.flat(), **flags})
+
+    @classmethod
+    def path_flags(cls) -> dict[str, str]:
+        """Every setting that names a path (its field's `metadata["path"]`), flat name -> its kind:
+        "local" (a path on this machine) or "model" (a local directory, else a Hub id)."""
+        fields = [*dataclasses.fields(cls),
+                  *(f for group in GROUPS.values() for f in dataclasses.fields(group))]
+        return {f.name: f.metadata["path"] for f in fields if "path" in f.metadata}
+
+    def absolute(self) -> TrainJobConfig:
+        """Every path made absolute against this process's working directory.
+
+        Whoever starts ranks or tasks elsewhere ships this: Ray Train runs each rank in a
+        folder of its own, where a relative --out would land in Ray's session directory and a
+        relative --data would not be found. A model flag naming nothing here is a Hub id and
+        stays as given.
+        """
+        flags = {name: str(Path(value).absolute()) for name, kind in self.path_flags().items()
+                 if (value := self.flat()[name]) and (kind == "local" or Path(value).exists())}
+        return self.replace(**flags)
 
     @property
     def kind(self) -> str:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
 from kdcache.fit.flops import forward_flops, training_flops
@@ -60,6 +61,7 @@ from kdcache.storage.model_record import MODEL_RECORD, has_model_record, read_mo
 from kdcache.storage.runs import RunRow, append_run, check_appendable, has_run
 from kdcache.storage.tokens.format import TokenData, open_token_data
 from kdcache.train.batches import BatchSource, OrderedBatches, TokenBatches
+from kdcache.train.checkpoint import STATE, write_failure
 from kdcache.train.config import ModelConfig
 from kdcache.train.distributed import World
 from kdcache.train.errors import TrainError
@@ -67,7 +69,7 @@ from kdcache.train.evaluate import EvalResult, evaluate
 from kdcache.train.job import TOKENS_PER_PARAM, TrainJobConfig
 from kdcache.train.kd_losses import DistillLoss
 from kdcache.train.losses import LossFn, NextTokenLoss
-from kdcache.train.metrics_log import MetricsLog, check_tensorboard
+from kdcache.train.metrics_log import METRICS, MetricsLog, check_tensorboard
 from kdcache.train.model import build_model
 from kdcache.train.model_dir import file_sha256, load_model_dir, save_model_dir
 from kdcache.train.online import OnlineTeacherBatches, check_teacher_matches
@@ -195,9 +197,7 @@ def build_student(cfg: TrainJobConfig, data: TokenData) -> BuiltStudent:
     if s.student is not None:
         student = load_hf_student(s.student, vocab=data.vocab_size, data=str(data.path))
         # What it starts from: its config and its weights (every rank checks a checkpoint's).
-        files = [Path(s.student) / "config.json", *sorted(Path(s.student).glob("*.safetensors")),
-                 *sorted(Path(s.student).glob("*.bin"))]
-        fingerprint = "+".join(file_sha256(f) for f in files)
+        fingerprint = _student_fingerprint(Path(s.student))
         if s.lora_rank is not None:
             from kdcache.train.lora import apply_lora  # peft loads only for LoRA runs
 
@@ -386,7 +386,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
     docstring), else refuses. With `--workers N > 1` it starts N Ray Train ranks; under
     torchrun (or inside those ranks) it is one rank of the group.
     """
-    cfg = resolve_hub_ids(cfg)
+    cfg = resolve_hub_ids(cfg).absolute()
     rt = cfg.runtime
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     launched = dist.is_initialized() or torchrun  # a Ray Train rank has its group already
@@ -400,7 +400,7 @@ def run_training(cfg: TrainJobConfig) -> TrainResult:
         return _on_ray_train(cfg)
     check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")), distributed=launched)
     started = not dist.is_initialized()
-    world = World.start(rt.device)
+    world = World.start(rt.device, init_timeout=rt.init_timeout)
     try:
         return _run_rank(cfg, world)
     finally:
@@ -437,11 +437,71 @@ def _on_ray_train(cfg: TrainJobConfig) -> TrainResult:
     return TrainResult(out=out, row=row)
 
 
+def _inputs(cfg: TrainJobConfig) -> dict[str, str]:
+    """What the ranks must agree on (`World.check_same`): the flags but the input paths, and what
+    those inputs hold, as their fingerprints. The same path may name other files on another node."""
+    flags = {k: v for k, v in cfg.flat().items() if k not in _INPUTS}
+    s, d = cfg.student, cfg.distillation
+    found = {"--data": open_token_data(cfg.data).fingerprint}
+    if d.distill:
+        found["--distill"] = json.dumps(read_meta(d.distill).identity(), sort_keys=True)
+    if d.online_teacher:
+        found["--online-teacher"] = _model_fingerprint(Path(d.online_teacher))
+    if s.student:
+        found["--student"] = _student_fingerprint(Path(s.student))
+    if s.student_config:
+        found["--student-config"] = file_sha256(Path(s.student_config))
+    return {"the flags": json.dumps(flags, sort_keys=True),
+            **{f"--{n.replace('_', '-')}": "" for n in _INPUTS}, **found}
+
+
+_INPUTS = ("data", "distill", "online_teacher", "student", "student_config")
+"""The flags that name what a run reads: ranks compare what they hold, not the paths."""
+
+
+def _student_fingerprint(directory: Path) -> str:
+    """A pretrained student's config and weights, as sha256 digests."""
+    files = [directory / "config.json", *sorted(directory.glob("*.safetensors")),
+             *sorted(directory.glob("*.bin"))]
+    return "+".join(file_sha256(f) for f in files if f.is_file())
+
+
+def _model_fingerprint(directory: Path) -> str:
+    """A teacher's fingerprint as its kdcache.json records it, else its student-style digests."""
+    record = read_model_record(directory)
+    return record.fingerprint if record is not None else _student_fingerprint(directory)
+
+
 def _check_outputs(cfg: TrainJobConfig) -> None:
     # Where the run's two outputs go is checked first: they are written only at the end.
-    check_writable(Path(cfg.out), "--out")
-    if cfg.runtime.runs:
-        check_appendable(cfg.runtime.runs, "--runs")
+    out = Path(cfg.out)
+    check_writable(out, "--out")
+    _check_apart(cfg)
+    if out.is_dir() and not has_model_record(out):
+        ours = {MODEL_RECORD, LOCK, CHECKPOINT_DIR, METRICS}
+        if any(True for _ in out.iterdir()) and not any((out / name).exists() for name in ours):
+            raise TrainError(f"{out}: --out holds files but is no kdcache train output (no {MODEL_RECORD}, "
+                             f"{CHECKPOINT_DIR}/ or {METRICS}); training would overwrite them, choose "
+                             "another --out")
+    if cfg.runtime.runs:  # a run not finished yet must not find its run_id taken by another
+        run_id = None if has_model_record(out) else cfg.runtime.run_id or out.name
+        check_appendable(cfg.runtime.runs, "--runs", run_id)
+
+
+def _check_apart(cfg: TrainJobConfig) -> None:
+    """Refuse an --out that is, holds or lies inside an input: the run would write over what it reads."""
+    out = Path(cfg.out).resolve()
+    flat = cfg.flat()
+    for name in _INPUTS:
+        if not flat[name] or not Path(flat[name]).exists():
+            continue
+        given = Path(flat[name]).resolve()
+        flag = f"--{name.replace('_', '-')}"
+        where = ("is" if out == given else "lies inside" if out.is_relative_to(given)
+                 else "holds" if given.is_relative_to(out) else "")
+        if where:
+            raise TrainError(f"{cfg.out}: --out {where} the {flag} {flat[name]} (training would write over "
+                             "its input); choose another --out")
 
 
 def _finished_out(cfg: TrainJobConfig) -> TrainResult:
@@ -458,8 +518,14 @@ def _run_rank(cfg: TrainJobConfig, world: World) -> TrainResult:
     `World.main_only`, and what it finds decides for every rank (`World.decide`).
     """
     rt, out = cfg.runtime, Path(cfg.out)
-    world.check_same(json.dumps(cfg.flat(), sort_keys=True))
     error: BaseException | None = None
+    inputs: dict[str, str] = {}
+    try:
+        inputs = _inputs(cfg) if world.distributed else {}
+    except BaseException as exc:
+        error = exc
+    world.first_error(error)
+    world.check_same(inputs)
     try:
         _check_outputs(cfg)
         finished = has_model_record(out)
@@ -657,13 +723,20 @@ def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, 
     trained_on = {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint,
                   "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
     student = built.student
-    if isinstance(student, HFStudent):
-        save_hf_student(student, state, out, tokenizer=data.tokenizer_path, training=training,
-                        data=trained_on, eos_token_id=data.eos_token_id, params=row.params,
-                        lora_save=cfg.runtime.lora_save if built.lora is not None else None)
-    else:
-        save_model_dir(student.lm, out, tokenizer=data.tokenizer_path, eos_token_id=data.eos_token_id,
-                       training=training, data=trained_on, state=state)
+    try:
+        if isinstance(student, HFStudent):
+            save_hf_student(student, state, out, tokenizer=data.tokenizer_path, training=training,
+                            data=trained_on, eos_token_id=data.eos_token_id, params=row.params,
+                            lora_save=cfg.runtime.lora_save if built.lora is not None else None)
+        else:
+            save_model_dir(student.lm, out, tokenizer=data.tokenizer_path, eos_token_id=data.eos_token_id,
+                           training=training, data=trained_on, state=state)
+    except (OSError, SafetensorError) as exc:
+        for part in out.glob("*.tmp"):
+            part.unlink(missing_ok=True)
+        kept = ("rerun the command to resume from its checkpoint" if (out / CHECKPOINT_DIR / STATE).is_file()
+                else "there is no checkpoint to resume from (--checkpoint-every)")
+        raise TrainError(f"{out}: cannot write the trained model ({write_failure(exc)}); {kept}") from None
     if cfg.runtime.runs:
         append_run(cfg.runtime.runs, row)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

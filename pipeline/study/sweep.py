@@ -144,8 +144,9 @@ def _job(cfg: SweepConfig, settings: dict[str, Any], where: str, prefix: str = "
         job = TrainJobConfig.from_flat(**{**base, **settings})
     except TrainError as exc:  # a value out of range (layers: 0), or no student given
         raise PipelineError(f"{where}: {exc}") from exc
-    run_id = prefix + (job.runtime.run_id or run_id_of(job))
-    return job.replace(run_id=run_id, out=str(Path(cfg.out) / run_id))
+    run_id = prefix + (job.runtime.run_id or run_id_of(job))  # of the paths as written: ids stay put
+    # Absolute here, where the file was read: a task's or a Ray Train rank's working directory is Ray's.
+    return job.replace(run_id=run_id, out=str(Path(cfg.out) / run_id)).absolute()
 
 
 def run_id_of(job: TrainJobConfig) -> str:

@@ -224,7 +224,28 @@ def test_ranks_with_different_flags_are_refused(tiny_data: TokenData, tmp_path: 
     )
     done = torchrun({}, script=script)
     assert done.returncode != 0
-    assert "ranks disagree on their flags: rank 1's settings differ from rank 0's" in done.stderr
+    assert "ranks disagree on the flags: rank 1's differs from rank 0's" in done.stderr
+    assert not out.exists()
+
+
+def test_ranks_with_the_same_flags_over_different_data_are_refused(
+    tiny_data: TokenData, chat_data: TokenData, tmp_path: Path
+) -> None:
+    """The same command in two folders whose `data` are different token data (as on two nodes
+    whose copies differ): the ranks compare what the data holds, not its path."""
+    out = tmp_path / "m"
+    for rank, data in enumerate((tiny_data, chat_data)):
+        (tmp_path / f"rank{rank}").mkdir()
+        (tmp_path / f"rank{rank}" / "data").symlink_to(data.path)
+    argv = _argv({**_flags(tiny_data, out), "data": "data"})
+    script = tmp_path / "elsewhere.py"
+    script.write_text(
+        "import os, sys\nfrom kdcache.pipeline.cli import main\n"
+        f"os.chdir({str(tmp_path)!r} + '/rank' + os.environ['RANK'])\nsys.exit(main({argv!r}))\n"
+    )
+    done = torchrun({}, script=script)
+    assert done.returncode != 0
+    assert "kdcache train: error: ranks disagree on --data: rank 1's differs from rank 0's" in done.stderr
     assert not out.exists()
 
 
