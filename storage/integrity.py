@@ -1,10 +1,18 @@
 """Checks that a store's metadata, ledger and files agree, without decoding any data.
 
-These are the cheap checks: array shapes and dtypes against the metadata, each ledger
-entry against the metadata it was written under, every committed shard's files present,
-`complete` and `teacher_loss` against the ledger. The reader runs them as it goes (each
-shard's once), `kdcache inspect` runs them all, and `kdcache verify` adds decoding and
-checksums on top.
+These are the cheap checks: array shapes, dtypes and codec chains against the metadata,
+each ledger entry against the metadata it was written under, every committed shard's files
+present, `complete` and `teacher_loss` against the ledger. The reader runs them as it goes
+(each shard's once), `kdcache inspect` runs them all, and `kdcache verify` adds decoding and
+checksums on top (the reader compares a shard's checksums too, the first time it decodes it:
+`checksum_problem`).
+
+Every array's codec chain must end its inner chunks and its shard index in a crc32c: without
+one a flipped byte reads back as a wrong value instead of failing the read. That holds for
+any store, whoever wrote it, since its chunks reach training the same way.
+
+Only the arrays a store's kind names are opened, never the group's other members: the job
+log (`jobs`) is a measurement, and a damaged one must not stop a store being read.
 
 A committed shard whose file was deleted would otherwise read as fill values, and some
 fill values are valid data (id 0; and a uint16 id array over a 65,536-token vocabulary
@@ -18,9 +26,9 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import zarr
+from zarr.codecs import Crc32cCodec, ShardingCodec
 
 from kdcache.storage import ledger
 from kdcache.storage.errors import StoreError
@@ -42,13 +50,14 @@ class Problem:
         return where + (f" array '{self.array}'" if self.array else "") + f": {self.reason}"
 
 
-def layout_problems(group: zarr.Group, meta: StoreMeta) -> list[Problem]:
-    """Arrays of the store's kind with the shapes and dtypes its metadata implies; no others."""
+def layout_problems(path: Path, meta: StoreMeta) -> list[Problem]:
+    """Arrays of the store's kind with the shapes, dtypes and codecs its metadata implies; no others."""
     problems = []
     specs = array_specs(meta)
-    present = set(group.array_keys())
+    group = zarr.open_group(str(path), mode="r")
     every = {name for names in ARRAYS_BY_KIND.values() for name in names} | set(DOCUMENT_ARRAYS)
-    for name in sorted((present & every) - set(specs)):
+    present = {name for name in every if (path / name / "zarr.json").is_file()}
+    for name in sorted(present - set(specs)):
         why = ("field 'data.mask_fingerprint' is empty (the data packs no documents)"
                if name in DOCUMENT_ARRAYS
                else f"a {meta.kind} store has no such array (field 'kind' does not match the arrays)")
@@ -59,7 +68,13 @@ def layout_problems(group: zarr.Group, meta: StoreMeta) -> list[Problem]:
                    else f"a {meta.kind} store has it")
             problems.append(Problem(None, name, f"missing ({why})"))
             continue
-        array = cast(zarr.Array, group[name])
+        array = open_array(group, name)
+        if isinstance(array, str):
+            problems.append(Problem(None, name, array))
+            continue
+        unchecked = codec_problem(array)
+        if unchecked:
+            problems.append(Problem(None, name, f"{name}/zarr.json field 'codecs': {unchecked}"))
         shape = (meta.rows, *spec.row_shape)
         if array.shape != shape:
             problems.append(Problem(None, name, f"shape {array.shape} does not match the metadata's "
@@ -72,6 +87,32 @@ def layout_problems(group: zarr.Group, meta: StoreMeta) -> list[Problem]:
             problems.append(Problem(None, name, f"shards {array.shards} do not match field "
                                                 f"'shard_rows' ({meta.shard_rows})"))
     return problems
+
+
+def open_array(group: zarr.Group, name: str) -> zarr.Array | str:
+    """The group's array `name`, or why it cannot be opened as one."""
+    try:
+        node = group[name]
+    except Exception as exc:  # zarr raises JSON, key and value errors for unreadable metadata
+        return f"{name}/zarr.json is unreadable ({type(exc).__name__}: {exc})"
+    return node if isinstance(node, zarr.Array) else f"{name} is a group, not an array"
+
+
+def codec_problem(array: zarr.Array) -> str | None:
+    """Why some chunk of `array` is stored without a crc32c, or None."""
+    codecs = tuple(getattr(array.metadata, "codecs", ()))
+    if not codecs:
+        return "not a Zarr v3 codec chain (no crc32c on its chunks)"
+    sharding = next((c for c in codecs if isinstance(c, ShardingCodec)), None)
+    if sharding is None:
+        chains = {"its chunks": codecs}
+    else:
+        chains = {"the sharding codec's inner chunks": sharding.codecs,
+                  "its shard index": sharding.index_codecs}
+    for what, chain in chains.items():
+        if not any(isinstance(c, Crc32cCodec) for c in chain):
+            return f"{what} carry no crc32c, so a flipped byte would read back silently (crc32c is required)"
+    return None
 
 
 def _shape_fields(name: str) -> str:
@@ -105,6 +146,21 @@ def missing_files(path: Path, group_arrays: Mapping[str, zarr.Array], shard: int
     return out
 
 
+def checksum_problem(entry: ledger.ShardEntry, name: str, found: ledger.ArraySum) -> str | None:
+    """Why one array's decoded shard, checksummed as `found`, is not what its ledger entry committed.
+
+    Every inner chunk's crc32c can hold while the file is another shard's (copied over it):
+    only the ledger knows which bytes belong to which rows.
+    """
+    recorded = entry.arrays.get(name)
+    if recorded is None:
+        return f"ledger/shard-{entry.shard:06d} records no checksum for it"
+    if found != recorded:
+        return (f"decoded crc32c {found.crc32c} ({found.nbytes} bytes) does not match "
+                f"{recorded.crc32c} ({recorded.nbytes} bytes) in ledger/shard-{entry.shard:06d}")
+    return None
+
+
 def completion_problems(meta: StoreMeta, entries: Iterable[ledger.ShardEntry]) -> list[Problem]:
     """`complete` and `teacher_loss` against the ledger."""
     entries = list(entries)
@@ -125,9 +181,11 @@ def store_problems(
     path: Path, meta: StoreMeta, identity: str
 ) -> tuple[list[Problem], list[ledger.ShardEntry]]:
     """Every cheap check over the whole store; also returns the readable ledger entries."""
+    problems = layout_problems(path, meta)
     group = zarr.open_group(str(path), mode="r")
-    problems = layout_problems(group, meta)
-    arrays = {name: cast(zarr.Array, group[name]) for name in array_specs(meta) if name in group}
+    opened = {name: open_array(group, name) for name in array_specs(meta)
+              if (path / name / "zarr.json").is_file()}
+    arrays = {name: a for name, a in opened.items() if not isinstance(a, str)}
     entries = []
     committed = ledger.committed(path)
     off: list[Problem] = []  # entries that disagree with the metadata: reported once

@@ -4,20 +4,37 @@ It records how long the job took, for the cost model (`kdcache cost --runs`). It
 a group of its own (`jobs`, attribute `cache_jobs`) rather than in the `kdcache`
 attribute, because timings differ from run to run while a finished store's data and
 attributes must not depend on workers, failures or restarts. It is a measurement, not
-data: nothing reads targets through it, and an unreadable log reads as empty.
+data: nothing reads targets through it, and nothing but the cost model opens it, so a
+damaged log never stops a store being trained on, inspected or verified.
+
+The log is rewritten whole through a temporary file and a rename, so a job killed while
+appending leaves the old log or the new one, never a torn file. Reading validates every
+entry (types, finite values, ranges) and names the file and field of the first bad one,
+rather than costing a job at a garbage time. A log that cannot be read (torn by an older
+kdcache, edited by hand) must not stop a cache job finishing its store, nor be silently
+dropped: `append_job` moves it aside, next to the new log, and says where.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from dataclasses import asdict, dataclass, fields
+import uuid
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import zarr
+from kdcache.storage.errors import StoreError
 
 JOB_LOG = "jobs"
 """The group (a folder in the store) holding the log."""
+ATTR = "cache_jobs"
+
+MAX_SECONDS = 1e9
+"""Thirty years: a larger time is a unit error or garbage, not a measurement."""
+MAX_COUNT = 10**15
+"""More tokens, shards or workers than any cache job writes or runs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,27 +50,84 @@ class CacheJob:
     """Start-up before the first shard: Ray, the actors, loading the teacher."""
 
 
-def _entries(store: str | os.PathLike[str]) -> list[Any]:
-    try:
-        value = zarr.open_group(str(Path(store) / JOB_LOG), mode="r").attrs.get("cache_jobs", [])
-    except (OSError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
-        return []
-    return list(value) if isinstance(value, list) else []
+_COUNTS = {"tokens": 0, "shards": 1, "workers": 1}  # field -> least allowed value
 
 
-def append_job(store: str | os.PathLike[str], job: CacheJob) -> None:
-    """Add one entry; the cache job's driver is the only writer."""
-    group = zarr.open_group(str(Path(store) / JOB_LOG), mode="a")
-    group.attrs["cache_jobs"] = [*_entries(store), asdict(job)]
+def log_path(store: str | os.PathLike[str]) -> Path:
+    return Path(store) / JOB_LOG / "zarr.json"
 
 
 def read_jobs(store: str | os.PathLike[str]) -> list[CacheJob]:
-    """The logged invocations, oldest first; [] for a store without a log."""
-    names = {f.name for f in fields(CacheJob)}
-    jobs = []
-    for entry in _entries(store):
-        try:
-            jobs.append(CacheJob(**{k: v for k, v in entry.items() if k in names}))
-        except (AttributeError, TypeError):
-            continue
-    return jobs
+    """The logged invocations, oldest first; [] for a store without a log; a StoreError naming
+    the log's file and field for a log that is unreadable or holds an invalid entry."""
+    path = log_path(store)
+    return [_parse(entry, f"{path}: {ATTR}[{i}]") for i, entry in enumerate(_entries(path))]
+
+
+def _entries(path: Path) -> list[Any]:
+    """The log's entries as stored (unknown fields kept), the list itself checked."""
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise StoreError(f"{path}: the cache-job log is not readable JSON ({exc})") from exc
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        raise StoreError(f"{path}: field 'attributes' must be an object")
+    entries = attrs.get(ATTR, [])
+    if not isinstance(entries, list):
+        raise StoreError(f"{path}: field '{ATTR}' must be a list, got {type(entries).__name__}")
+    return entries
+
+
+def _parse(entry: Any, where: str) -> CacheJob:
+    if not isinstance(entry, dict):
+        raise StoreError(f"{where} must be an object, got {entry!r}")
+    known = {f.name: f for f in fields(CacheJob)}
+    for name, f in known.items():
+        if name not in entry and f.default is MISSING:
+            raise StoreError(f"{where}: missing field '{name}'")
+    values = {k: v for k, v in entry.items() if k in known}  # newer kdcache may log more
+    for name in ("seconds", "startup_seconds"):
+        value = values.get(name, 0.0)
+        timed = name == "seconds"  # a job that wrote shards took time; start-up may round to 0
+        if not (_number(value) and (value > 0 if timed else value >= 0) and value < MAX_SECONDS):
+            raise StoreError(f"{where}: field '{name}' must be a finite number of seconds in "
+                             f"{'(' if timed else '['}0, {MAX_SECONDS:.0e}), got {value!r}")
+    for name, least in _COUNTS.items():
+        value = values[name]
+        if not (isinstance(value, int) and not isinstance(value, bool)) or not least <= value < MAX_COUNT:
+            raise StoreError(f"{where}: field '{name}' must be an integer in [{least}, {MAX_COUNT:.0e}), "
+                             f"got {value!r}")
+    if not isinstance(values["backend"], str) or not values["backend"]:
+        raise StoreError(f"{where}: field 'backend' must be a non-empty string, got {values['backend']!r}")
+    return CacheJob(**values)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def append_job(store: str | os.PathLike[str], job: CacheJob) -> Path | None:
+    """Add one entry; the cache job's driver is the only writer.
+
+    A log that cannot be read is renamed aside (its bytes kept) and a new log started with
+    this entry; returns where the old one went, or None.
+    """
+    path = log_path(store)
+    _parse(asdict(job), f"{path}: new entry")
+    aside = None
+    try:
+        entries = _entries(path)
+        read_jobs(store)
+    except StoreError:
+        aside = path.with_name(f"{path.name}.unreadable-{uuid.uuid4().hex[:8]}")
+        os.replace(path, aside)
+        entries = []
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {ATTR: [*entries, asdict(job)]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+    return aside

@@ -46,9 +46,26 @@ class ShardEntry:
     padded_mass_sum: float | None = 0.0  # over the shard's positions; None: the teacher cannot see it
 
 
+class RunningSum:
+    """The checksum of an array fed in consecutive row blocks: equal to `checksum` of the whole
+    (C order is the rows' bytes one after another), in memory of one block."""
+
+    def __init__(self) -> None:
+        self._crc, self._nbytes = 0, 0
+
+    def update(self, block: np.ndarray) -> RunningSum:
+        data = np.ascontiguousarray(block)
+        self._crc = crc32c.crc32c(data.view(np.uint8).data, value=self._crc)
+        self._nbytes += data.nbytes
+        return self
+
+    @property
+    def value(self) -> ArraySum:
+        return ArraySum(crc32c=f"{self._crc:08x}", nbytes=self._nbytes)
+
+
 def checksum(array: np.ndarray) -> ArraySum:
-    data = np.ascontiguousarray(array)
-    return ArraySum(crc32c=f"{crc32c.crc32c(data.view(np.uint8).data):08x}", nbytes=data.nbytes)
+    return RunningSum().update(array).value
 
 
 def entry_path(store: Path, shard: int) -> Path:

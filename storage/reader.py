@@ -10,6 +10,13 @@ before its first read (`integrity.py`): a deleted shard file would otherwise rea
 fill values, some of which are valid ids. A store that says it is complete while shards
 are uncommitted is refused, rather than waited on.
 
+The first read of a shard decodes the whole shard, in blocks of bounded size, and compares
+each array's running crc32c with the one its ledger entry committed, so a shard file
+replaced by another shard's (whose inner chunks all check) fails instead of training on the
+wrong rows. That is one extra decode of a shard per reader, not per read: the rows asked
+for are served from it, and the other rows of the shard are decoded again when asked for
+(docs/store-format.md, "Integrity", measures it).
+
 Stores in kdcache's own codec chains are read straight from their shard files
 (`shardio.RowSource`: no zarr-python per chunk, decoding on a thread pool); any other
 store goes through zarr. Arrays kept as bit patterns are viewed back to their dtypes.
@@ -35,6 +42,10 @@ from kdcache.storage.writer import read_attrs, read_meta
 
 Batch = dict[str, np.ndarray]
 
+CHECK_BLOCK_BYTES = 64 << 20
+"""A shard is checked against its ledger in row blocks of at most this many decoded bytes (or
+one row): the check's memory is bounded by it, not by the shard's size or the vocabulary."""
+
 
 class StoreReader:
     """Random and sequential access to the committed rows of one store."""
@@ -48,7 +59,7 @@ class StoreReader:
         if unknown:
             raise StoreError(f"{self.path}: a {self.meta.kind} store has no arrays {sorted(unknown)}")
         group = zarr.open_group(str(self.path), mode="r")
-        integrity.raise_first(self.path, integrity.layout_problems(group, self.meta))
+        integrity.raise_first(self.path, integrity.layout_problems(self.path, self.meta))
         self._identity = identity_digest(read_attrs(self.path))
         self._arrays = {name: cast(zarr.Array, group[name]) for name in self.fields}
         specs = array_specs(self.meta)
@@ -59,6 +70,7 @@ class StoreReader:
         self._source = RowSource(ready) if ready and len(ready) == len(plans) else None
         self._committed = np.zeros(self.meta.num_shards, dtype=bool)
         self._present = np.zeros(self.meta.num_shards, dtype=bool)  # files checked
+        self._summed = np.zeros(self.meta.num_shards, dtype=bool)  # decoded against the ledger
         self._entries: dict[int, ledger.ShardEntry] = {}
         self.refresh()
 
@@ -124,10 +136,54 @@ class StoreReader:
 
     def _read(self, unique: np.ndarray, where: str) -> Batch:
         """Sorted unique rows of every field, all arrays read concurrently."""
-        batch = self._read_stored(unique, where)
+        batch = self._read_checked(unique, where)
         for name, dtype in self._views.items():
             batch[name] = batch[name].view(dtype)
         return batch
+
+    def _read_checked(self, unique: np.ndarray, where: str) -> Batch:
+        """`_read_stored`, taking the rows of shards not yet checked from their checked whole."""
+        owner = unique // self.meta.shard_rows
+        new = distinct(owner)
+        new = new[~self._summed[new]]
+        if not new.size:
+            return self._read_stored(unique, where)
+        seen = ~np.isin(owner, new)
+        out = {name: np.empty((unique.size, *a.shape[1:]), dtype=a.dtype) for name, a in self._arrays.items()}
+        if seen.any():
+            for name, values in self._read_stored(unique[seen], where).items():
+                out[name][seen] = values
+        for shard in new.tolist():
+            mine = owner == shard
+            for name, values in self._checked_shard(shard, unique[mine]).items():
+                out[name][mine] = values
+        return out
+
+    def _checked_shard(self, shard: int, rows: np.ndarray) -> Batch:
+        """`rows` of one shard, decoding the whole shard in blocks of at most CHECK_BLOCK_BYTES
+        and comparing each array's running crc32c with its ledger entry's."""
+        start, stop = self.meta.shard_bounds(shard)
+        row_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self._arrays.values())
+        step = max(1, CHECK_BLOCK_BYTES // max(row_bytes, 1))
+        sums = {name: ledger.RunningSum() for name in self._arrays}
+        out = {name: np.empty((rows.size, *a.shape[1:]), dtype=a.dtype) for name, a in self._arrays.items()}
+        for lo in range(start, stop, step):
+            hi = min(stop, lo + step)
+            inside = (rows >= lo) & (rows < hi)
+            for name, values in self._read_stored(np.arange(lo, hi), f"shards [{shard}]").items():
+                sums[name].update(values)
+                out[name][inside] = values[rows[inside] - lo]
+        entry = self._entries[shard]
+        for name, running in sums.items():
+            problem = integrity.checksum_problem(entry, name, running.value)
+            if problem:
+                array = self._arrays[name]
+                key = array.metadata.encode_chunk_key((shard, *([0] * (array.ndim - 1))))
+                raise StoreError(f"{self.path / name / key}: shard {shard} array '{name}': {problem} "
+                                 "(the file is not the one committed; run kdcache verify --repair, then the "
+                                 "cache job)")
+        self._summed[shard] = True
+        return out
 
     def _read_stored(self, unique: np.ndarray, where: str) -> Batch:
         if self._source is not None and unique.size:

@@ -3,7 +3,8 @@
 `StoreWriter.open` is an idempotent build-or-load: it creates the store (in a temporary
 sibling directory renamed into place, so a half-created store is never seen), or opens
 an existing one whose identity matches, or refuses with the fields that differ.
-`write_shard` validates a shard completely before touching any file, writes its arrays
+A resumed store's arrays are checked against its metadata first (shapes, dtypes, a crc32c
+in every codec chain). `write_shard` validates a shard completely before touching any file, writes its arrays
 (one shard file each, coded by `shardio.py` on a thread pool; through zarr for codec
 chains it does not know), then commits it through the ledger. `finalize` marks the store
 complete.
@@ -11,6 +12,7 @@ complete.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -21,7 +23,7 @@ from typing import Any, cast
 import numpy as np
 import zarr
 
-from kdcache.storage import ledger
+from kdcache.storage import integrity, ledger
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import BITS_ATTR, ArraySpec, array_specs, compressors, filters, holds_bits
@@ -30,6 +32,9 @@ from kdcache.storage.shardio import ShardPlan, pool
 from kdcache.storage.validate import validate_shard
 
 ATTR = "kdcache"
+VALID_RTOL = 1e-6
+"""`valid_loss` of a resumed job against the store's: bit-identical on one machine; float32
+kernels of other devices move a mean NLL by ~1e-7; other weights move it by more."""
 
 
 def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
@@ -108,6 +113,8 @@ class StoreWriter:
                     f"{path}: store was made with different settings (store != requested): "
                     + "; ".join(diff)
                 )
+            # Shards written into arrays of another shape or without checksums would be unreadable.
+            integrity.raise_first(path, integrity.layout_problems(path, existing))
             return cls(path, existing)
         if path.is_dir():
             path.rmdir()  # an empty directory is a place to create the store
@@ -168,6 +175,28 @@ class StoreWriter:
         for name, result in results.items():
             if isinstance(result, Exception):
                 raise StoreError(f"{self.path}: writing array '{name}' failed ({result})") from result
+
+    def record_valid_loss(self, loss: float, tokens: int) -> None:
+        """Record L_T as soon as it is measured, or, when the store has one, compare it.
+
+        The same teacher on the same valid rows measures the same loss (the cache job sums
+        it in fixed pieces, in row order), so a resumed job whose teacher measures another
+        is another teacher, or other weights, and would mix their targets into one store.
+        """
+        where = f"{self.path}/zarr.json: attribute 'kdcache'"
+        recorded, counted = self.meta.valid_loss, self.meta.valid_tokens
+        if recorded is not None and counted != tokens:
+            raise StoreError(f"{where}: field 'valid_tokens' is {counted} but this job measures the teacher "
+                             f"on {tokens} valid tokens; resume with the store's --valid-rows")
+        if recorded is not None and not math.isclose(recorded, loss, rel_tol=VALID_RTOL):
+            raise StoreError(f"{where}: field 'valid_loss' is {recorded!r} but this job's teacher measures "
+                             f"{loss!r} on the same {tokens} valid tokens: another teacher (or other "
+                             "weights) would write the remaining shards; resume with the teacher the store "
+                             "was begun with")
+        if recorded is None:
+            attrs = dict(read_attrs(self.path), valid_loss=float(loss), valid_tokens=int(tokens))
+            self._group.attrs[ATTR] = attrs
+            self.meta = StoreMeta.from_json(attrs, str(self.path))
 
     def finalize(self, *, valid: tuple[float, int] | None = None) -> bool:
         """Mark the store complete with its teacher losses once every shard is committed.

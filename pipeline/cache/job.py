@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -26,6 +27,7 @@ from kdcache.hub import resolve_model
 from kdcache.paths import check_writable
 from kdcache.pipeline.cache.config import CacheConfig, CacheResult
 from kdcache.pipeline.cache.placement import check_tensor_parallel, replica_options
+from kdcache.pipeline.cache.teachers import check_teacher_files
 from kdcache.pipeline.cache.vocab import check_teacher_vocab
 from kdcache.pipeline.cache.worker import CacheWorker, ReplicaSettings, TeacherDescription
 from kdcache.pipeline.errors import PipelineError
@@ -69,14 +71,16 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
             # L_T first: a teacher that disagrees with its own record fails in seconds, not at the end.
             measure = bool(pending) or writer.meta.valid_loss is None
             valid = _valid_loss(cfg, actors, data, writer.meta) if measure else None
+            if valid is not None:  # before any shard: a resumed store must not mix two teachers
+                writer.record_valid_loss(*valid)
             t0 = time.perf_counter()
             tokens = _dispatch(cfg, actors, pending, writer.meta)
             seconds = time.perf_counter() - t0
             writer.finalize(valid=valid)
             if pending:
-                append_job(cfg.out, CacheJob(seconds=seconds, tokens=tokens, shards=len(pending),
-                                             workers=cfg.workers, backend=cfg.backend,
-                                             startup_seconds=t0 - started))
+                _log_job(cfg.out, CacheJob(seconds=seconds, tokens=tokens, shards=len(pending),
+                                           workers=cfg.workers, backend=cfg.backend,
+                                           startup_seconds=t0 - started))
         except BaseException:
             _roll_back(cfg.out, created)
             raise
@@ -134,6 +138,19 @@ def _check_recorded_loss(teacher: str, data: TokenData, loss: float, tokens: int
             f"{loss:.6f} on the same {tokens:,} valid tokens: these are not the weights that were scored")
 
 
+def _log_job(out: str, job: CacheJob) -> None:
+    """Append the job's timing. The log is a measurement: the store is finished by now, and
+    a log that cannot be written or read must not fail it (nor vanish unsaid)."""
+    try:
+        aside = append_job(out, job)
+    except (OSError, StoreError) as exc:
+        print(f"kdcache cache: warning: {out}: this job's timing was not logged ({exc})", file=sys.stderr)
+        return
+    if aside is not None:
+        print(f"kdcache cache: warning: {aside.with_name('zarr.json')} was unreadable: kept as {aside.name}, "
+              "and a new log started with this job", file=sys.stderr)
+
+
 def _roll_back(out: str, created: bool) -> None:
     """A store this run created and never committed to is removed: bad input changes nothing."""
     path = Path(out)
@@ -144,11 +161,7 @@ def _roll_back(out: str, created: bool) -> None:
 
 def _check_paths(cfg: CacheConfig) -> TokenData:
     """Cheap checks before any worker starts, so bad paths fail in a second; the token data."""
-    teacher = Path(cfg.teacher)
-    if not (teacher / "config.json").is_file():
-        raise PipelineError(f"{teacher}: missing config.json (not a model directory)")
-    if not any(teacher.glob("*.safetensors")):
-        raise PipelineError(f"{teacher}: missing model.safetensors (no weights)")
+    check_teacher_files(cfg.teacher)
     check_writable(cfg.out, "--out")
     if Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
         read_meta(cfg.out)  # an existing store must at least parse before workers start

@@ -1,4 +1,9 @@
-"""`kdcache inspect STORE`: metadata, progress and size of a logit store."""
+"""`kdcache inspect STORE`: metadata, progress and size of a logit store.
+
+It reads metadata, the ledger and file sizes, never the shards' contents: "complete" is the
+ledger's word that every shard was committed, and a shard file replaced or damaged since
+is found by `kdcache verify` (and by a reader, at its first read of that shard).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from dataclasses import dataclass, field
 from kdcache.storage import summarize
 
 HELP = ("Show a logit store's metadata, committed rows/shards, bytes on disk and bytes per token "
-        "(and per trained token where the data has a loss mask); exit 1 if it is damaged.")
+        "(and per trained token where the data has a loss mask); exit 1 if its metadata, ledger or "
+        "files are damaged. Shard contents are not decoded: kdcache verify checks them.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +53,7 @@ def run(cfg: Config) -> int:
         f"teacher_loss {loss:.4f} nats/token (cached-split NLL)" if loss is not None
         else "teacher_loss (not complete)",
         f"L_T          {_valid(meta)}",
+        "checked      metadata, ledger, files present; contents not decoded (kdcache verify decodes them)",
         *(f"DAMAGED      {problem}" for problem in info["damaged"]),
     ]
     print("\n".join(lines))

@@ -185,7 +185,7 @@ def read_timings(
     for store, size in sizes.items():
         timing = cache_timing(store, size, rho=store_rho[store])
         if timing is None:
-            notes.append(f"{store}: no measured cache job (no job log or build_seconds in the store)")
+            notes.append(f"{store}: no measured cache job (no job log in the store)")
         else:
             cache.append(timing)
     return runs, cache, notes
@@ -193,16 +193,16 @@ def read_timings(
 
 def cache_timing(store: str, bytes_per_token: float, *, rho: float) -> CacheTiming | None:
     """The store's measured cache job, summed over the invocations that wrote shards; None if
-    the store holds no measurement.
+    the store holds no measurement (no job log, or jobs that wrote no trained tokens).
 
-    The store's job log (`jobs`, `kdcache.storage.read_jobs`) is read first; a store whose
-    `kdcache` attribute carries `build_seconds` / `build_tokens` is read from those.
+    The job log (`jobs`, `kdcache.storage.read_jobs`) validates every entry, so a damaged
+    log is refused naming its file and field rather than costed at a garbage time.
     """
     meta = read_meta(store)
     jobs = read_jobs(store)
-    seconds: float | None = sum(j.seconds for j in jobs) if jobs else getattr(meta, "build_seconds", None)
-    tokens: float | None = sum(j.tokens for j in jobs) if jobs else getattr(meta, "build_tokens", None)
-    if not seconds or not tokens:
+    seconds = sum(j.seconds for j in jobs)
+    tokens = sum(j.tokens for j in jobs)
+    if not jobs or not tokens:
         return None
     return CacheTiming(label=store, teacher_params=float(meta.teacher.nonembedding_params),
                        tokens=float(tokens), seconds=float(seconds), bytes_per_token=bytes_per_token, rho=rho,
