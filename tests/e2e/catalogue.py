@@ -88,7 +88,9 @@ def _write(rel: str, text: str | bytes) -> Callable[[Path], None]:
 
 
 def _append(rel: str, text: str) -> Callable[[Path], None]:
-    return lambda w: (w / rel).write_text((w / rel).read_text() + text)
+    def apply(w: Path) -> None:
+        (w / rel).write_text((w / rel).read_text() + text)
+    return apply
 
 
 def _parquet(rel: str, columns: dict) -> Callable[[Path], None]:
