@@ -1,8 +1,9 @@
 """What the reader's per-shard ledger check costs (storage/reader.py, docs/store-format.md).
 
 A reader decodes a whole shard the first time any of its rows is read (in blocks of at most
-`CHECK_BLOCK_BYTES`) and compares every array's running crc32c with its ledger entry's; rows asked for are served from that
-decode, the shard's other rows are decoded again when asked for. So the check costs about
+`CHECK_BLOCK_BYTES`) and compares every array's running crc32c with its ledger entry's;
+rows asked for are served from that decode, the shard's other rows are decoded again when
+asked for. So the check costs about
 one extra decode of the store per reader, once, however many epochs it reads.
 
 Measured on one top-k store of synthetic teacher targets, in the same run, best of
