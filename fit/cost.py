@@ -392,7 +392,7 @@ def _fit_cache(
     """
     seconds = np.array([c.seconds for c in cache], dtype=np.float64)
     if not (np.isfinite(seconds).all() and (seconds > 0).all()):
-        raise FitError(f"{source}: a store's cache job has no positive 'build_seconds'")
+        raise FitError(f"{source}: a store's cache job has no positive 'seconds' (its jobs/zarr.json)")
     columns = {
         "cache_teacher": np.array([forward_flops(c.teacher_params, **c.shape()) * c.tokens for c in cache]),
         "store_write": np.array([c.bytes_per_token * c.tokens for c in cache]),
@@ -403,7 +403,7 @@ def _fit_cache(
                      "store format): folded into its FLOP/s")
     x, rms = _nnls_relative(columns, seconds)
     if x["cache_teacher"] <= 0 and x.get("store_write", 0.0) <= 0:
-        raise FitError(f"{source}: the cache jobs give their work no cost (field 'build_seconds')")
+        raise FitError(f"{source}: the cache jobs give their work no cost (field 'seconds', jobs/zarr.json)")
     return x["cache_teacher"], x.get("store_write", 0.0), rms, list(columns)
 
 
