@@ -34,23 +34,10 @@ import crc32c
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import best_time, synthetic_meta, topk_family
+from synthetic import best_time, write_topk_store
 
-from kdcache.storage import StoreReader, StoreWriter
+from kdcache.storage import StoreReader
 from kdcache.train.row_order import RowOrder
-
-
-def build(path: Path, rows: int, seq_len: int, vocab: int, k: int, shard_rows: int, drawn: int) -> None:
-    """`drawn` rows of targets drawn (slow at a real vocabulary), tiled to `rows`: every inner
-    chunk is coded alone, so a chunk's decode costs what a chunk of fresh rows would."""
-    arrays = topk_family(np.random.default_rng(0), min(drawn, rows), seq_len, vocab, [k])[k]
-    arrays = {n: np.resize(a, (rows, *a.shape[1:])) for n, a in arrays.items()}
-    meta = synthetic_meta(rows, seq_len, vocab, k, shard_rows)
-    writer = StoreWriter.open(path, meta)
-    for shard in range(meta.num_shards):
-        start, stop = meta.shard_bounds(shard)
-        writer.write_shard(shard, {n: a[start:stop] for n, a in arrays.items()})
-    writer.finalize()
 
 
 def patterns(rows: int, chunk_rows: int, batch: int) -> dict[str, list[np.ndarray]]:
@@ -109,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.zarr"
         t0 = time.perf_counter()
-        build(path, args.rows, args.seq_len, args.vocab, args.k, args.shard_rows, args.drawn)
+        write_topk_store(path, args.rows, args.drawn, args.seq_len, args.vocab, args.k, args.shard_rows)
         chunk_rows = StoreReader(path).meta.chunk_rows
         result = {
             "rows": args.rows, "seq_len": args.seq_len, "vocab": args.vocab, "k": args.k,

@@ -41,24 +41,11 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import best_time, synthetic_meta, topk_family
+from synthetic import best_time, write_topk_store
 
-from kdcache.storage import StoreWriter
 from kdcache.train.dataset import StoreDataset
 
 K, VOCAB, SHARD_ROWS = 64, 32768, 64
-
-
-def build_store(path: Path, rows: int, distinct: int, seq_len: int) -> None:
-    """A finished top-k store of `rows` rows: `distinct` generated rows, tiled."""
-    family = topk_family(np.random.default_rng(0), distinct, seq_len, VOCAB, [K])[K]
-    arrays = {name: np.resize(values, (rows, *values.shape[1:])) for name, values in family.items()}
-    meta = synthetic_meta(rows, seq_len, VOCAB, K, SHARD_ROWS)
-    writer = StoreWriter.open(path, meta)
-    for shard in range(meta.num_shards):
-        start, stop = meta.shard_bounds(shard)
-        writer.write_shard(shard, {name: values[start:stop] for name, values in arrays.items()})
-    writer.finalize()
 
 
 def _epoch(ds: StoreDataset) -> None:
@@ -143,7 +130,7 @@ def main() -> None:
         path = args.store
         if path is None:
             path = Path(tmp) / "store.zarr"
-            build_store(path, args.rows, args.distinct, args.seq_len)
+            write_topk_store(path, args.rows, args.distinct, args.seq_len, VOCAB, K, SHARD_ROWS)
         result = measure(path, args.batch_size, args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))

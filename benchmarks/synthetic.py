@@ -83,6 +83,22 @@ def synthetic_meta(rows: int, seq_len: int, vocab: int, k: int, shard_rows: int)
     )
 
 
+def write_topk_store(path, rows: int, distinct: int, seq_len: int, vocab: int, k: int,
+                     shard_rows: int) -> None:
+    """A finished top-k store of `rows` rows: `distinct` drawn rows (slow at a real vocabulary),
+    tiled. Every inner chunk is coded alone, so a chunk's decode costs what fresh rows' would."""
+    from kdcache.storage import StoreWriter
+
+    family = topk_family(np.random.default_rng(0), min(distinct, rows), seq_len, vocab, [k])[k]
+    arrays = {name: np.resize(values, (rows, *values.shape[1:])) for name, values in family.items()}
+    meta = synthetic_meta(rows, seq_len, vocab, k, shard_rows)
+    writer = StoreWriter.open(path, meta)
+    for shard in range(meta.num_shards):
+        start, stop = meta.shard_bounds(shard)
+        writer.write_shard(shard, {name: values[start:stop] for name, values in arrays.items()})
+    writer.finalize()
+
+
 def best_time(fn, repeats: int) -> float:
     """Best wall time of `repeats` calls (the least disturbed by other load)."""
     import time
