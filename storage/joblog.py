@@ -61,7 +61,11 @@ def read_jobs(store: str | os.PathLike[str]) -> list[CacheJob]:
     """The logged invocations, oldest first; [] for a store without a log; a StoreError naming
     the log's file and field for a log that is unreadable or holds an invalid entry."""
     path = log_path(store)
-    return [_parse(entry, f"{path}: {ATTR}[{i}]") for i, entry in enumerate(_entries(path))]
+    return _parsed(path, _entries(path))
+
+
+def _parsed(path: Path, entries: list[Any]) -> list[CacheJob]:
+    return [_parse(entry, f"{path}: {ATTR}[{i}]") for i, entry in enumerate(entries)]
 
 
 def _entries(path: Path) -> list[Any]:
@@ -120,7 +124,7 @@ def append_job(store: str | os.PathLike[str], job: CacheJob) -> Path | None:
     aside = None
     try:
         entries = _entries(path)
-        read_jobs(store)
+        _parsed(path, entries)
     except StoreError:
         aside = path.with_name(f"{path.name}.unreadable-{uuid.uuid4().hex[:8]}")
         os.replace(path, aside)

@@ -152,9 +152,9 @@ def _config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_TYPES:
         raise TrainError(f"{where}: field 'model_type' is {model_type!r}; supported: {SUPPORTED_TYPES}")
-    layers, d, heads = (_size(hf, name, where) for name in ("num_hidden_layers", "hidden_size",
+    layers, d, heads = (positive_size(hf, name, where) for name in ("num_hidden_layers", "hidden_size",
                                                              "num_attention_heads"))
-    head_dim = _size(hf, "head_dim", where) if hf.get("head_dim") is not None else d // heads
+    head_dim = positive_size(hf, "head_dim", where) if hf.get("head_dim") is not None else d // heads
     checks = {
         "num_key_value_heads": hf.get("num_key_value_heads", heads) == heads,
         "head_dim": head_dim * heads == d,
@@ -172,7 +172,7 @@ def _config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
         raise TrainError(f"{where}: field 'rope_parameters' uses scaling kdcache does not implement")
     cfg = ModelConfig(
         layers=layers,
-        vocab_size=_size(hf, "vocab_size", where),
+        vocab_size=positive_size(hf, "vocab_size", where),
         rho=d // layers,
         head_dim=head_dim,
         qk_norm=model_type == "qwen3",
@@ -180,12 +180,13 @@ def _config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position=int(hf.get("max_position_embeddings", 2048)),
     )
-    if cfg.ffn_hidden != _size(hf, "intermediate_size", where):
+    if cfg.ffn_hidden != positive_size(hf, "intermediate_size", where):
         raise TrainError(f"{where}: field 'intermediate_size' is not the family's 8/3 ratio")
     return cfg
 
 
-def _size(hf: dict[str, Any], name: str, where: Path) -> int:
+def positive_size(hf: dict[str, Any], name: str, where: str | os.PathLike[str]) -> int:
+    """A config's size field, refusing anything but a positive integer, naming the field."""
     value = hf.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise TrainError(f"{where}: field '{name}' is {value!r}; it must be a positive integer")

@@ -461,8 +461,7 @@ _INPUTS = ("data", "distill", "online_teacher", "student", "student_config")
 
 def _student_fingerprint(directory: Path) -> str:
     """A pretrained student's config and weights, as sha256 digests."""
-    files = [directory / "config.json", *sorted(directory.glob("*.safetensors")),
-             *sorted(directory.glob("*.bin"))]
+    files = [directory / "config.json", *sorted(directory.glob("*.safetensors"))]  # never a pickle
     return "+".join(file_sha256(f) for f in files if f.is_file())
 
 

@@ -45,7 +45,6 @@ from typing import Any
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from tokenizers import Tokenizer
 from torch import Tensor, nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -58,9 +57,10 @@ from kdcache.storage.model_record import (
     write_model_record,
 )
 from kdcache.storage.tokens.format import is_token_data, read_token_meta
+from kdcache.storage.tokens.vocab import first_difference, token_ids
 from kdcache.train.attention import document_attention_mask, needs_mask, packs_documents
 from kdcache.train.errors import TrainError
-from kdcache.train.model_dir import WEIGHTS, copy_tokenizer, file_sha256
+from kdcache.train.model_dir import WEIGHTS, copy_tokenizer, file_sha256, positive_size
 
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "max_position_embeddings")
@@ -180,9 +180,8 @@ def hf_config_file(path: str | os.PathLike[str], flag: str) -> dict[str, Any]:
     if not isinstance(values.get("model_type"), str):
         raise TrainError(f"{path}: field 'model_type' is missing (not a transformers config)")
     for key in _size_keys(values):
-        value = values[key]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise TrainError(f"{path}: field '{key}' is {value!r}; it must be a positive integer")
+        if values[key] is not None:  # unset: the architecture's default
+            positive_size(values, key, path)
     return values
 
 
@@ -306,24 +305,21 @@ def _physical_memory() -> int | None:
 
 def check_student_tokenizer(directory: Path, data_tokenizer: Path, vocab: int) -> None:
     """Refuse a student whose tokenizer.json maps one of the data's `vocab` ids to another token
-    than the data's tokenizer (the rule the cache applies to a teacher); a directory without a
-    tokenizer.json is not checked."""
+    than the data's tokenizer (`storage.tokens.vocab`, the rule the cache applies to a teacher);
+    a directory without a tokenizer.json is not checked."""
     own = directory / "tokenizer.json"
     if not own.is_file():
         return
-    theirs, ours = _id_to_token(own), _id_to_token(data_tokenizer)
-    for i in range(vocab):
-        if theirs.get(i) != ours.get(i):
-            raise TrainError(f"{own}: differs from the data's tokenizer ({data_tokenizer}) at id {i}: "
-                             f"{theirs.get(i)!r} != {ours.get(i)!r}")
+    differs = first_difference(_token_ids(own), _token_ids(data_tokenizer), vocab)
+    if differs:
+        raise TrainError(f"{own}: differs from the data's tokenizer ({data_tokenizer}) {differs}")
 
 
-def _id_to_token(path: Path) -> dict[int, str]:
+def _token_ids(path: Path) -> dict[str, str]:
     try:
-        tokens = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-    except Exception as exc:  # the tokenizers library raises its own untyped errors for a bad file
+        return token_ids(path.read_bytes())
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError) as exc:
         raise TrainError(f"{path}: not a readable tokenizer.json ({_one_line(exc)})") from exc
-    return {i: token for token, i in tokens.items()}
 
 
 def _hf_student(lm: Any, vocab: int, where: str, data: str) -> HFStudent:

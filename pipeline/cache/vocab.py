@@ -9,21 +9,10 @@ token to the teacher's tokenizer.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdcache.pipeline.errors import PipelineError
-
-
-def token_ids(raw: bytes) -> dict[str, str]:
-    """id -> token of a tokenizer.json (its model vocabulary and added tokens); string keys
-    so the map travels as JSON."""
-    doc = json.loads(raw)
-    vocab = doc.get("model", {}).get("vocab") or {}
-    ids = {str(i): tok for tok, i in vocab.items()} if isinstance(vocab, dict) else {
-        str(i): entry[0] for i, entry in enumerate(vocab)}  # Unigram models list [token, score]
-    ids.update({str(t["id"]): t["content"] for t in doc.get("added_tokens", [])})
-    return ids
+from kdcache.storage.tokens.vocab import first_difference, token_ids
 
 
 def check_teacher_vocab(teacher: str, output_rows: int, teacher_ids: dict[str, str] | None,
@@ -37,10 +26,7 @@ def check_teacher_vocab(teacher: str, output_rows: int, teacher_ids: dict[str, s
         )
     if teacher_ids is None:
         return
-    data_ids = token_ids(data_tokenizer.read_bytes())
-    for i in map(str, range(vocab)):
-        if teacher_ids.get(i) != data_ids.get(i):
-            raise PipelineError(
-                f"{teacher}/tokenizer.json: differs from the data's tokenizer ({data_tokenizer}) at id {i}: "
-                f"{teacher_ids.get(i)!r} != {data_ids.get(i)!r}"
-            )
+    differs = first_difference(teacher_ids, token_ids(data_tokenizer.read_bytes()), vocab)
+    if differs:
+        raise PipelineError(f"{teacher}/tokenizer.json: differs from the data's tokenizer ({data_tokenizer}) "
+                            f"{differs}")

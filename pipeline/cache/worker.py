@@ -21,9 +21,9 @@ import torch
 
 from kdcache.pipeline.cache.shard import cache_shard
 from kdcache.pipeline.cache.teachers import Backend, TargetSpec, Teacher, load_teacher
-from kdcache.pipeline.cache.vocab import token_ids
 from kdcache.storage import ShardEntry, StoreMeta, StoreWriter, TeacherInfo
 from kdcache.storage.tokens.format import TokenData, open_token_data
+from kdcache.storage.tokens.vocab import token_ids
 from kdcache.train.runtime import tune_cpu_allocator
 
 
@@ -52,7 +52,7 @@ class TeacherDescription:
     info: TeacherInfo
     output_rows: int
     tokenizer: dict[str, str] | None
-    """id -> token of its tokenizer.json (`vocab.token_ids`), when it has one."""
+    """id -> token of its tokenizer.json (`storage.tokens.vocab.token_ids`), when it has one."""
 
 
 class CacheWorker:

@@ -22,10 +22,11 @@ from kdcache.pipeline.cache.job import run_cache
 from kdcache.pipeline.cache.shard import cache_shard, target_spec
 from kdcache.pipeline.cache.teachers import BACKENDS, Backend, load_teacher
 from kdcache.pipeline.cache.teachers import torch_teacher as torch_teacher_module
-from kdcache.pipeline.cache.vocab import check_teacher_vocab, token_ids
+from kdcache.pipeline.cache.vocab import check_teacher_vocab
 from kdcache.pipeline.errors import PipelineError
 from kdcache.storage import StoreError, StoreReader, StoreWriter, read_meta
 from kdcache.storage.tokens.format import Rows, open_token_data
+from kdcache.storage.tokens.vocab import token_ids
 from kdcache.train.batches import TokenBatches
 from kdcache.train.errors import TrainError
 from kdcache.train.model_dir import load_model_dir
