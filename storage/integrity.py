@@ -17,7 +17,8 @@ log (`jobs`) is a measurement, and a damaged one must not stop a store being rea
 A committed shard whose file was deleted would otherwise read as fill values, and some
 fill values are valid data (id 0; and a uint16 id array over a 65,536-token vocabulary
 has no invalid value at all), so presence is checked against the ledger rather than
-by scanning values: one `stat` per array per shard, once per reader.
+by scanning values: one `stat` (a HEAD on object storage) per array per shard, once per
+reader, or one listing per array for the whole store.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import zarr
 from zarr.codecs import Crc32cCodec, ShardingCodec
@@ -33,6 +33,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec
 from kdcache.storage import ledger
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import ARRAYS_BY_KIND, DOCUMENT_ARRAYS, array_specs, holds_bits
+from kdcache.storage.location import Location
 from kdcache.storage.metadata import StoreMeta
 
 # teacher_loss is nll / tokens over float64 sums; finalize computes it from the same entries.
@@ -50,13 +51,13 @@ class Problem:
         return where + (f" array '{self.array}'" if self.array else "") + f": {self.reason}"
 
 
-def layout_problems(path: Path, meta: StoreMeta) -> list[Problem]:
+def layout_problems(path: Location, meta: StoreMeta) -> list[Problem]:
     """Arrays of the store's kind with the shapes, dtypes and codecs its metadata implies; no others."""
     problems = []
     specs = array_specs(meta)
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
     every = {name for names in ARRAYS_BY_KIND.values() for name in names} | set(DOCUMENT_ARRAYS)
-    present = {name for name in every if (path / name / "zarr.json").is_file()}
+    present = {name for name in every if path.is_file(f"{name}/zarr.json")}
     for name in sorted(present - set(specs)):
         why = ("field 'data.mask_fingerprint' is empty (the data packs no documents)"
                if name in DOCUMENT_ARRAYS
@@ -136,12 +137,23 @@ def entry_problems(entry: ledger.ShardEntry, meta: StoreMeta, identity: str) -> 
     return []
 
 
-def missing_files(path: Path, group_arrays: Mapping[str, zarr.Array], shard: int) -> list[str]:
-    """Names of the arrays whose file for `shard` is absent."""
+def shard_key(name: str, array: zarr.Array, shard: int) -> str:
+    """The key of an array's file for `shard`, within the store."""
+    return f"{name}/" + array.metadata.encode_chunk_key((shard, *([0] * (array.ndim - 1))))
+
+
+def listing(path: Location, group_arrays: Mapping[str, zarr.Array]) -> set[str]:
+    """Every file key under the arrays' folders: one listing per array."""
+    return {f"{name}/{key}" for name in group_arrays for key in (path / name).keys()}  # noqa: SIM118
+
+
+def missing_files(path: Location, group_arrays: Mapping[str, zarr.Array], shard: int,
+                  listed: set[str] | None = None) -> list[str]:
+    """Names of the arrays whose file for `shard` is absent (from `listed` when given)."""
     out = []
     for name, array in group_arrays.items():
-        key = array.metadata.encode_chunk_key((shard, *([0] * (array.ndim - 1))))
-        if not (path / name / key).is_file():
+        key = shard_key(name, array, shard)
+        if not (key in listed if listed is not None else path.is_file(key)):
             out.append(name)
     return out
 
@@ -178,20 +190,21 @@ def completion_problems(meta: StoreMeta, entries: Iterable[ledger.ShardEntry]) -
 
 
 def store_problems(
-    path: Path, meta: StoreMeta, identity: str
+    path: Location, meta: StoreMeta, identity: str
 ) -> tuple[list[Problem], list[ledger.ShardEntry]]:
     """Every cheap check over the whole store; also returns the readable ledger entries."""
     problems = layout_problems(path, meta)
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
     opened = {name: open_array(group, name) for name in array_specs(meta)
-              if (path / name / "zarr.json").is_file()}
+              if path.is_file(f"{name}/zarr.json")}
     arrays = {name: a for name, a in opened.items() if not isinstance(a, str)}
+    listed = listing(path, arrays)
     entries = []
     committed = ledger.committed(path)
     off: list[Problem] = []  # entries that disagree with the metadata: reported once
-    for shard, entry_file in committed.items():
+    for shard, key in committed.items():
         try:
-            entry = ledger.read_entry(entry_file)
+            entry = ledger.read_entry(path, key)
         except StoreError as exc:
             problems.append(Problem(shard, "", str(exc)))
             continue
@@ -200,7 +213,7 @@ def store_problems(
         off += found
         if not found:
             problems += [Problem(shard, name, "shard file is missing")
-                         for name in missing_files(path, arrays, shard)]
+                         for name in missing_files(path, arrays, shard, listed)]
     if off:
         more = f" ({len(off)} of {len(committed)} committed shards)" if len(off) > 1 else ""
         problems.append(Problem(None, "", off[0].reason + more))
@@ -209,7 +222,7 @@ def store_problems(
     return problems, entries
 
 
-def raise_first(path: Path, problems: list[Problem]) -> None:
+def raise_first(path: Location, problems: list[Problem]) -> None:
     """Turn the first problem into the StoreError readers raise, naming the store."""
     if problems:
         first = problems[0]

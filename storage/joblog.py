@@ -7,8 +7,9 @@ attributes must not depend on workers, failures or restarts. It is a measurement
 data: nothing reads targets through it, and nothing but the cost model opens it, so a
 damaged log never stops a store being trained on, inspected or verified.
 
-The log is rewritten whole through a temporary file and a rename, so a job killed while
-appending leaves the old log or the new one, never a torn file. Reading validates every
+The log is rewritten whole and atomically (a temporary file and a rename on disk, one PUT
+on an object store), so a job killed while appending leaves the old log or the new one,
+never a torn file. Reading validates every
 entry (types, finite values, ranges) and names the file and field of the first bad one,
 rather than costing a job at a garbage time. A log that cannot be read (torn by an older
 kdcache, edited by hand) must not stop a cache job finishing its store, nor be silently
@@ -22,10 +23,10 @@ import math
 import os
 import uuid
 from dataclasses import MISSING, asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.location import Location, locate
 
 JOB_LOG = "jobs"
 """The group (a folder in the store) holding the log."""
@@ -53,27 +54,27 @@ class CacheJob:
 _COUNTS = {"tokens": 0, "shards": 1, "workers": 1}  # field -> least allowed value
 
 
-def log_path(store: str | os.PathLike[str]) -> Path:
-    return Path(store) / JOB_LOG / "zarr.json"
+LOG_KEY = f"{JOB_LOG}/zarr.json"
 
 
-def read_jobs(store: str | os.PathLike[str]) -> list[CacheJob]:
+def read_jobs(store: str | os.PathLike[str] | Location) -> list[CacheJob]:
     """The logged invocations, oldest first; [] for a store without a log; a StoreError naming
     the log's file and field for a log that is unreadable or holds an invalid entry."""
-    path = log_path(store)
-    return _parsed(path, _entries(path))
+    loc = locate(store)
+    return _parsed(f"{loc}/{LOG_KEY}", _entries(loc))
 
 
-def _parsed(path: Path, entries: list[Any]) -> list[CacheJob]:
+def _parsed(path: str, entries: list[Any]) -> list[CacheJob]:
     return [_parse(entry, f"{path}: {ATTR}[{i}]") for i, entry in enumerate(entries)]
 
 
-def _entries(path: Path) -> list[Any]:
+def _entries(loc: Location) -> list[Any]:
     """The log's entries as stored (unknown fields kept), the list itself checked."""
-    if not path.is_file():
-        return []
+    path = f"{loc}/{LOG_KEY}"
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(loc.read_text(LOG_KEY))
+    except FileNotFoundError:
+        return []
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise StoreError(f"{path}: the cache-job log is not readable JSON ({exc})") from exc
     attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
@@ -113,25 +114,24 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def append_job(store: str | os.PathLike[str], job: CacheJob) -> Path | None:
+def append_job(store: str | os.PathLike[str] | Location, job: CacheJob) -> str | None:
     """Add one entry; the cache job's driver is the only writer.
 
-    A log that cannot be read is renamed aside (its bytes kept) and a new log started with
+    A log that cannot be read is copied aside (its bytes kept) and a new log started with
     this entry; returns where the old one went, or None.
     """
-    path = log_path(store)
+    loc = locate(store)
+    path = f"{loc}/{LOG_KEY}"
     _parse(asdict(job), f"{path}: new entry")
     aside = None
     try:
-        entries = _entries(path)
+        entries = _entries(loc)
         _parsed(path, entries)
     except StoreError:
-        aside = path.with_name(f"{path.name}.unreadable-{uuid.uuid4().hex[:8]}")
-        os.replace(path, aside)
+        key = f"{LOG_KEY}.unreadable-{uuid.uuid4().hex[:8]}"
+        loc.publish(key, loc.read(LOG_KEY))
+        aside = f"{loc}/{key}"
         entries = []
     doc = {"zarr_format": 3, "node_type": "group", "attributes": {ATTR: [*entries, asdict(job)]}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
+    loc.publish(LOG_KEY, json.dumps(doc, indent=2).encode())
     return aside

@@ -5,8 +5,9 @@ its attributes), so the whole store stays a plain Zarr hierarchy that any zarr r
 lists and opens without warnings.
 
 A shard exists for readers exactly when its entry exists. Entries are written after the
-shard's data, through a temporary file and an atomic rename, so a writer killed at any
-point leaves either no entry (the shard is redone) or a whole one. Entries hold no
+shard's data, atomically (a temporary file and a rename on disk, a single PUT on an object
+store, which has no rename), so a writer killed at any point leaves either no entry (the
+shard is redone) or a whole one. Entries hold no
 timestamps or host names: a finished store's bytes do not depend on who wrote it. Each
 entry pins the digest of the store's identity metadata, so a `k`, `temperature` or row
 count edited after shards were written is detected instead of silently reinterpreting them.
@@ -15,15 +16,13 @@ count edited after shards were written is detected instead of silently reinterpr
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import crc32c
 import numpy as np
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.location import Location
 
 LEDGER_DIR = "ledger"
 
@@ -68,41 +67,37 @@ def checksum(array: np.ndarray) -> ArraySum:
     return RunningSum().update(array).value
 
 
-def entry_path(store: Path, shard: int) -> Path:
-    return store / LEDGER_DIR / f"shard-{shard:06d}" / "zarr.json"
+def entry_key(shard: int) -> str:
+    return f"{LEDGER_DIR}/shard-{shard:06d}/zarr.json"
 
 
-def write_entry(store: Path, entry: ShardEntry) -> None:
-    path = entry_path(store, entry.shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_entry(store: Location, entry: ShardEntry) -> None:
     doc = {"zarr_format": 3, "node_type": "group", "attributes": asdict(entry)}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    tmp.write_text(json.dumps(doc, sort_keys=True, indent=1))
-    os.replace(tmp, path)
+    store.publish(entry_key(entry.shard), json.dumps(doc, sort_keys=True, indent=1).encode())
 
 
-def read_entry(path: Path) -> ShardEntry:
+def read_entry(store: Location, key: str) -> ShardEntry:
     try:
-        raw = json.loads(path.read_text())["attributes"]
+        raw = json.loads(store.read_text(key))["attributes"]
         raw["arrays"] = {name: ArraySum(**value) for name, value in raw["arrays"].items()}
         return ShardEntry(**raw)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise StoreError(f"{path}: corrupt ledger entry ({exc})") from exc
+        raise StoreError(f"{store}/{key}: corrupt ledger entry ({exc})") from exc
 
 
-def committed(store: Path) -> dict[int, Path]:
-    """Shard index -> entry file, for every committed shard (entries are not parsed)."""
-    folder = store / LEDGER_DIR
-    if not folder.is_dir():
-        return {}
+def committed(store: Location) -> dict[int, str]:
+    """Shard index -> entry key, for every committed shard (entries are not parsed): one
+    listing of the ledger folder."""
     out = {}
-    for path in folder.glob("shard-*/zarr.json"):
-        out[int(path.parent.name.removeprefix("shard-"))] = path
+    for key in store.keys(LEDGER_DIR):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1].startswith("shard-") and parts[2] == "zarr.json":
+            try:
+                out[int(parts[1].removeprefix("shard-"))] = key
+            except ValueError:
+                continue
     return dict(sorted(out.items()))
 
 
-def remove_entry(store: Path, shard: int) -> None:
-    path = entry_path(store, shard)
-    path.unlink(missing_ok=True)
-    if path.parent.is_dir():
-        path.parent.rmdir()
+def remove_entry(store: Location, shard: int) -> None:
+    store.delete(entry_key(shard))

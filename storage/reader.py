@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -36,9 +35,10 @@ from kdcache.storage import integrity, ledger
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import array_specs, holds_bits
+from kdcache.storage.location import Location, locate
 from kdcache.storage.metadata import StoreMeta, identity_digest
 from kdcache.storage.shardio import RowSource, ShardPlan, distinct
-from kdcache.storage.writer import read_attrs, read_meta
+from kdcache.storage.writer import open_group, read_attrs, read_meta
 
 Batch = dict[str, np.ndarray]
 
@@ -50,15 +50,15 @@ one row): the check's memory is bounded by it, not by the shard's size or the vo
 class StoreReader:
     """Random and sequential access to the committed rows of one store."""
 
-    def __init__(self, path: str | os.PathLike[str], fields: Sequence[str] | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str] | Location, fields: Sequence[str] | None = None) -> None:
+        self.path = locate(path)
         self.meta: StoreMeta = read_meta(self.path)
         names = list(array_specs(self.meta))
         self.fields = tuple(names if fields is None else fields)
         unknown = set(self.fields) - set(names)
         if unknown:
             raise StoreError(f"{self.path}: a {self.meta.kind} store has no arrays {sorted(unknown)}")
-        group = zarr.open_group(str(self.path), mode="r")
+        group = open_group(self.path)
         integrity.raise_first(self.path, integrity.layout_problems(self.path, self.meta))
         self._identity = identity_digest(read_attrs(self.path))
         self._arrays = {name: cast(zarr.Array, group[name]) for name in self.fields}
@@ -76,10 +76,10 @@ class StoreReader:
 
     def refresh(self) -> int:
         """Pick up shards committed since the last look; returns the committed count."""
-        for shard, entry_file in ledger.committed(self.path).items():
+        for shard, key in ledger.committed(self.path).items():
             if shard in self._entries:
                 continue
-            entry = ledger.read_entry(entry_file)
+            entry = ledger.read_entry(self.path, key)
             integrity.raise_first(self.path, integrity.entry_problems(entry, self.meta, self._identity))
             self._entries[shard] = entry
             self._committed[shard] = True
@@ -122,13 +122,13 @@ class StoreReader:
                 yield self.read_rows(np.arange(lo, min(lo + batch_rows, stop)))
 
     def check_files(self) -> None:
-        """Check now that every committed shard's files exist (a stat per file), rather than
-        at its first read: a training run should fail before its first step, not midway."""
-        self._check_present(np.flatnonzero(self._committed))
+        """Check now that every committed shard's files exist (one listing per array), rather
+        than at its first read: a training run should fail before its first step, not midway."""
+        self._check_present(np.flatnonzero(self._committed), integrity.listing(self.path, self._arrays))
 
-    def _check_present(self, shards: np.ndarray) -> None:
+    def _check_present(self, shards: np.ndarray, listing: set[str] | None = None) -> None:
         for shard in shards[~self._present[shards]].tolist():
-            gone = integrity.missing_files(self.path, self._arrays, shard)
+            gone = integrity.missing_files(self.path, self._arrays, shard, listing)
             if gone:
                 raise StoreError(f"{self.path}: shard {shard} array '{gone[0]}': shard file is missing "
                                  "(committed in the ledger; run kdcache verify --repair, then the cache job)")
@@ -177,9 +177,8 @@ class StoreReader:
         for name, running in sums.items():
             problem = integrity.checksum_problem(entry, name, running.value)
             if problem:
-                array = self._arrays[name]
-                key = array.metadata.encode_chunk_key((shard, *([0] * (array.ndim - 1))))
-                raise StoreError(f"{self.path / name / key}: shard {shard} array '{name}': {problem} "
+                key = integrity.shard_key(name, self._arrays[name], shard)
+                raise StoreError(f"{self.path}/{key}: shard {shard} array '{name}': {problem} "
                                  "(the file is not the one committed; run kdcache verify --repair, then the "
                                  "cache job)")
         self._summed[shard] = True

@@ -12,14 +12,20 @@ chain (`ShardPlan.of` returns None) stays on zarr-python.
 
 The files are ordinary Zarr v3 shards: plain zarr reads what this writes, and this reads
 what zarr wrote (including inner chunks zarr skipped as all fill value).
+
+The same code serves object storage (location.py): a shard file is one object, written
+with one PUT; a read fetches the shard index (one ranged GET of the file's tail, once per
+reader), then the inner chunks a batch needs as byte ranges of one request per array and
+shard (obstore coalesces nearby ranges and runs them concurrently), the arrays' requests
+issued together on I/O threads.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import crc32c
@@ -30,10 +36,14 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.location import Location
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and length of an inner chunk that was never written
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_IO_POOLS: dict[int, ThreadPoolExecutor] = {}
+IO_THREADS = 16
+"""Requests to an object store in flight at once per process (each waits on the network)."""
 
 
 def pool() -> ThreadPoolExecutor:
@@ -47,6 +57,14 @@ def pool() -> ThreadPoolExecutor:
     return _POOLS[pid]
 
 
+def io_pool() -> ThreadPoolExecutor:
+    """This process's threads for object-store requests (one per process id, as `pool`)."""
+    pid = os.getpid()
+    if pid not in _IO_POOLS:
+        _IO_POOLS[pid] = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="kdcache-io")
+    return _IO_POOLS[pid]
+
+
 class ChunkError(StoreError):
     """An inner chunk or shard index failed its checksum or could not be decoded."""
 
@@ -55,7 +73,7 @@ class ChunkError(StoreError):
 class ShardPlan:
     """How one array's shard files are laid out and coded."""
 
-    folder: Path
+    folder: Location
     dtype: np.dtype  # the stored dtype
     shape: tuple[int, ...]  # of the whole array
     shard_rows: int
@@ -66,7 +84,7 @@ class ShardPlan:
     key: Any  # shard index -> file key, zarr's chunk key encoding
 
     @classmethod
-    def of(cls, array: zarr.Array, folder: Path) -> ShardPlan | None:
+    def of(cls, array: zarr.Array, folder: Location) -> ShardPlan | None:
         """The plan for `array`, or None when its codecs are not a chain this module codes."""
         meta = array.metadata
         codecs: tuple[Any, ...] = tuple(getattr(meta, "codecs", ()))
@@ -101,7 +119,8 @@ class ShardPlan:
         return self.shard_rows // self.chunk_rows
 
     def path(self, shard: int) -> str:
-        return os.path.join(self.folder, self.key(shard))
+        """The shard file's key in `folder`."""
+        return str(self.key(shard))
 
     def _chunk_shape(self) -> tuple[int, ...]:
         return (self.chunk_rows, *self.shape[1:])
@@ -111,23 +130,16 @@ class ShardPlan:
     def read_index(self, shard: int) -> np.ndarray:
         """[chunks_per_shard, 2] uint64 (offset, length) of each inner chunk, checked."""
         size = self.chunks_per_shard * 16 + 4
-        with open(self.path(shard), "rb") as f:
-            f.seek(-size, os.SEEK_END)
-            raw = f.read(size)
+        raw = self.folder.read_tail(self.path(shard), size)
         _check(raw, f"array '{self.folder.name}' shard {shard} index")
         return np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
 
     def read_chunks(self, shard: int, index: np.ndarray, chunks: list[int]) -> list[bytes | None]:
         """The raw bytes of the inner chunks `chunks` of a shard (None: never written)."""
-        out: list[bytes | None] = []
-        fd = os.open(self.path(shard), os.O_RDONLY)
-        try:
-            for c in chunks:
-                offset, length = index[c]
-                out.append(None if offset == _EMPTY else os.pread(fd, int(length), int(offset)))
-        finally:
-            os.close(fd)
-        return out
+        written = [c for c in chunks if index[c][0] != _EMPTY]
+        spans = [(int(index[c][0]), int(index[c][1])) for c in written]
+        got = dict(zip(written, self.folder.read_ranges(self.path(shard), spans), strict=True))
+        return [got.get(c) for c in chunks]
 
     def decode(self, raw: bytes | None, where: str) -> np.ndarray:
         """One inner chunk as an array of the stored dtype (fill values when never written)."""
@@ -167,12 +179,10 @@ class ShardPlan:
         lengths = np.array([len(p) for p in pieces], dtype="<u8")
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("<u8")
         index = np.stack([offsets, lengths], axis=1).astype("<u8").tobytes()
-        path = Path(self.path(shard))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # In place, as zarr writes: a torn file is never committed (the ledger entry comes
-        # after it) and is rewritten whole; a rename per file costs ~1.5 ms on overlay disks.
-        with open(path, "wb") as f:
-            f.write(b"".join(pieces) + index + _crc(index))
+        # In place on disk, as zarr writes: a torn file is never committed (the ledger entry
+        # comes after it) and is rewritten whole; a rename per file costs ~1.5 ms on overlay
+        # disks. One PUT on an object store.
+        self.folder.write(self.path(shard), b"".join(pieces) + index + _crc(index))
 
 
 def distinct(ascending: np.ndarray) -> np.ndarray:
@@ -205,13 +215,16 @@ class RowSource:
 
     def __init__(self, plans: dict[str, ShardPlan]) -> None:
         self.plans = plans
-        self._index: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
+        self._index: dict[tuple[str, int], tuple[Hashable, np.ndarray]] = {}
+        self.remote = any(p.folder.remote for p in plans.values())
 
     def index(self, name: str, shard: int) -> np.ndarray:
+        """The shard's index, re-read when the file changed. An object store's objects are not
+        re-checked (a HEAD per read would double the requests): a committed shard's bytes are a
+        function of its rows, so a rewritten shard (after `verify --repair`) has the same index."""
         plan = self.plans[name]
-        st = os.stat(plan.path(shard))
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         hit = self._index.get((name, shard))
+        stamp = plan.folder.stamp(plan.path(shard)) if hit is None or hit[0] is not None else None
         if hit is None or hit[0] != stamp:
             hit = (stamp, plan.read_index(shard))
             self._index[(name, shard)] = hit
@@ -223,25 +236,36 @@ class RowSource:
         c, per = any_plan.chunk_rows, any_plan.chunks_per_shard
         chunks = distinct(unique // c)
         bounds = np.searchsorted(unique, np.stack([chunks * c, (chunks + 1) * c]))
-        if chunks.size == 1 and unique.size == c:  # one whole inner chunk: no pool, no copy
+        if chunks.size == 1 and unique.size == c and not self.remote:  # one whole chunk: no pool, no copy
             chunk = int(chunks[0])
             return {name: plan.decode(plan.read_chunks(chunk // per, self.index(name, chunk // per),
                                                        [chunk % per])[0],
                                       f"array '{name}' in {where}, inner chunk {chunk},")
                     for name, plan in self.plans.items()}
         out = {name: np.empty((unique.size, *p.shape[1:]), dtype=p.dtype) for name, p in self.plans.items()}
-        jobs = []
-        for name, plan in self.plans.items():
+        fetches: list[tuple[str, np.ndarray, Any]] = []
+        for name in self.plans:
             for shard in distinct(chunks // per).tolist():
                 mine = np.flatnonzero(chunks // per == shard)
-                raws = plan.read_chunks(shard, self.index(name, shard), (chunks[mine] % per).tolist())
-                for i, raw in zip(mine.tolist(), raws, strict=True):
-                    at = f"array '{name}' in {where}, inner chunk {chunks[i]},"
-                    jobs.append(pool().submit(self._fill, name, raw, int(chunks[i]), bounds[:, i],
-                                             unique, out[name], at))
+                wanted = (chunks[mine] % per).tolist()
+                # Over the network every array's request is in flight at once; on disk, inline.
+                got = (io_pool().submit(self._fetch, name, shard, wanted) if self.remote
+                       else self._fetch(name, shard, wanted))
+                fetches.append((name, mine, got))
+        jobs = []
+        for name, mine, got in fetches:
+            raws = got.result() if self.remote else got
+            for i, raw in zip(mine.tolist(), raws, strict=True):
+                at = f"array '{name}' in {where}, inner chunk {chunks[i]},"
+                jobs.append(pool().submit(self._fill, name, raw, int(chunks[i]), bounds[:, i],
+                                         unique, out[name], at))
         for job in jobs:
             job.result()
         return out
+
+    def _fetch(self, name: str, shard: int, chunks: list[int]) -> list[bytes | None]:
+        plan = self.plans[name]
+        return plan.read_chunks(shard, self.index(name, shard), chunks)
 
     def _fill(self, name: str, raw: bytes | None, chunk: int, bounds: np.ndarray, unique: np.ndarray,
               out: np.ndarray, where: str) -> None:

@@ -3,32 +3,31 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from kdcache.storage import ledger
 from kdcache.storage.integrity import Problem, store_problems
 from kdcache.storage.layout import DOCUMENT_ARRAYS, array_specs
+from kdcache.storage.location import Location, locate
 from kdcache.storage.metadata import identity_digest
 from kdcache.storage.tokens.format import document_problem
-from kdcache.storage.writer import ATTR, read_attrs, read_meta
+from kdcache.storage.writer import ATTR, open_group, read_attrs, read_meta
 
 INPUT_ARRAYS = ("tokens", *DOCUMENT_ARRAYS)
 """Copied from the token data, not the teacher's: left out of the target bytes."""
 
 
-def verify_store(path: str | os.PathLike[str]) -> list[Problem]:
+def verify_store(path: str | os.PathLike[str] | Location) -> list[Problem]:
     """The cheap checks, then decode every committed shard and compare it with its checksums
     (and, over documents, check its loss mask and position ids as the token data's are)."""
-    path = Path(path)
+    path = locate(path)
     meta = read_meta(path)
     problems, entries = store_problems(path, meta, identity_digest(read_attrs(path)))
     if any(p.shard is None for p in problems):
         return problems  # the layout itself is off: decoding against it would mislead
-    group = zarr.open_group(str(path), mode="r")
+    group = open_group(path)
     flagged = {p.shard for p in problems}
     for entry in entries:
         if entry.shard in flagged:
@@ -36,7 +35,7 @@ def verify_store(path: str | os.PathLike[str]) -> list[Problem]:
         intact: dict[str, np.ndarray] = {}
         for name in array_specs(meta):
             try:
-                values = np.asarray(group[name][entry.start:entry.stop])  # type: ignore[index]
+                values = np.asarray(group[name][entry.start:entry.stop])
             except Exception as exc:  # any decode failure is corruption
                 problems.append(Problem(entry.shard, name, f"unreadable ({exc})"))
                 continue
@@ -58,29 +57,29 @@ def verify_store(path: str | os.PathLike[str]) -> list[Problem]:
     return sorted(problems, key=lambda p: (-1 if p.shard is None else p.shard, p.array))
 
 
-def repair_store(path: str | os.PathLike[str], problems: list[Problem]) -> list[int]:
+def repair_store(path: str | os.PathLike[str] | Location, problems: list[Problem]) -> list[int]:
     """Uncommit the shards with problems so the next cache run rewrites them.
 
     Problems of the store as a whole (edited metadata, arrays of the wrong shape) cannot be
     repaired by rewriting shards; they are left for the caller to report.
     """
-    path = Path(path)
+    path = locate(path)
     shards = sorted({p.shard for p in problems if p.shard is not None})
     for shard in shards:
         ledger.remove_entry(path, shard)
     if shards:
-        group = zarr.open_group(str(path), mode="r+")
+        group = open_group(path, write=True)
         # The raw attribute, not a re-serialised StoreMeta: shard entries pin its digest.
         group.attrs[ATTR] = dict(read_attrs(path), complete=False, teacher_loss=None, padded_mass=None)
     return shards
 
 
-def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
+def summarize(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """Metadata, progress, size and cheap-check problems of a store, as JSON-able values.
 
     `tokens` counts positions (rows x seq_len), `trained_tokens` the positions holding targets
     (fewer where the data's loss mask leaves prompts untrained): bytes are given per both."""
-    path = Path(path)
+    path = locate(path)
     meta = read_meta(path)
     problems, entries = store_problems(path, meta, identity_digest(read_attrs(path)))
     done = [s for s in ledger.committed(path) if s < meta.num_shards]
@@ -88,8 +87,10 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     tokens = rows * meta.seq_len
     # Ledger entries count trained positions (all of them where the data packs no documents).
     trained = sum(e.tokens for e in entries if e.shard < meta.num_shards)
-    array_bytes = {name: _du(path / name) for name in array_specs(meta)}
-    total = _du(path)
+    sizes = path.keys()
+    array_bytes = {name: sum(b for key, b in sizes.items() if key.startswith(f"{name}/"))
+                   for name in array_specs(meta)}
+    total = sum(sizes.values())
     targets = sum(b for name, b in array_bytes.items() if name not in INPUT_ARRAYS)
     return {
         "path": str(path),
@@ -108,7 +109,3 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "teacher_loss": meta.teacher_loss,
         "damaged": [str(p) for p in problems],
     }
-
-
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

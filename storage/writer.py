@@ -1,7 +1,8 @@
 """Create or resume a logit store and write whole shards into it.
 
 `StoreWriter.open` is an idempotent build-or-load: it creates the store (in a temporary
-sibling directory renamed into place, so a half-created store is never seen), or opens
+directory, then renamed into place on disk or uploaded with its root `zarr.json` last to an
+object store, so a half-created store is never seen), or opens
 an existing one whose identity matches, or refuses with the fields that differ.
 A resumed store's arrays are checked against its metadata first (shapes, dtypes, a crc32c
 in every codec chain). `write_shard` validates a shard completely before touching any file, writes its arrays
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +29,7 @@ from kdcache.storage import integrity, ledger
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import BITS_ATTR, ArraySpec, array_specs, compressors, filters, holds_bits
+from kdcache.storage.location import LocalDir, Location, locate, upload
 from kdcache.storage.metadata import StoreMeta, identity_digest
 from kdcache.storage.shardio import ShardPlan, pool
 from kdcache.storage.validate import validate_shard
@@ -37,39 +40,56 @@ VALID_RTOL = 1e-6
 kernels of other devices move a mean NLL by ~1e-7; other weights move it by more."""
 
 
-def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
+def read_meta(path: str | os.PathLike[str] | Location) -> StoreMeta:
     """The metadata of the store at `path`, or a StoreError saying why it is not one."""
     return StoreMeta.from_json(read_attrs(path), str(path))
 
 
-def read_attrs(path: str | os.PathLike[str]) -> Any:
+def read_attrs(path: str | os.PathLike[str] | Location) -> Any:
     """The raw `kdcache` attribute of the store at `path` (None when the group has none)."""
-    path = Path(path)
-    if path.is_file():
-        raise StoreError(f"{path}: is a file, not a kdcache store")
-    if not (path / "zarr.json").is_file():
-        raise StoreError(f"{path}: not a kdcache store (no zarr.json)")
+    loc = locate(path)
+    if isinstance(loc, LocalDir) and loc.path.is_file():
+        raise StoreError(f"{loc}: is a file, not a kdcache store")
+    if not loc.is_file("zarr.json"):
+        raise StoreError(f"{loc}: not a kdcache store (no zarr.json)")
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(loc.zarr_store(read_only=True), mode="r")
     except Exception as exc:  # zarr raises many types for unreadable metadata
-        raise StoreError(f"{path}: not a readable Zarr group ({exc})") from exc
+        raise StoreError(f"{loc}: not a readable Zarr group ({exc})") from exc
     return group.attrs.get(ATTR)
 
 
-def _create(path: Path, meta: StoreMeta) -> None:
-    tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
-    group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+def open_group(loc: Location, *, write: bool = False) -> zarr.Group:
+    """The store's Zarr group, on disk or in an object store."""
+    return zarr.open_group(loc.zarr_store(read_only=not write), mode="r+" if write else "r")
+
+
+def _build(folder: Path, meta: StoreMeta) -> None:
+    """Every metadata file of a new store, in `folder`."""
+    group = zarr.open_group(str(folder), mode="w-", zarr_format=3)
     for spec in array_specs(meta).values():
         _create_array(group, spec, meta)
     # The ledger folder is an empty Zarr group so plain-zarr listings stay clean.
     group.create_group(ledger.LEDGER_DIR)
     group.attrs[ATTR] = meta.to_json()
-    try:
-        os.rename(tmp, path)  # atomic; fails if another process created it first
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "zarr.json").is_file():
-            raise
+
+
+def _create(loc: Location, meta: StoreMeta) -> None:
+    if isinstance(loc, LocalDir):
+        path = loc.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+        _build(tmp, meta)
+        try:
+            os.rename(tmp, path)  # atomic; fails if another process created it first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "zarr.json").is_file():
+                raise
+        return
+    with tempfile.TemporaryDirectory(prefix="kdcache-create-") as tmp:
+        _build(Path(tmp) / "store", meta)
+        upload(LocalDir(Path(tmp) / "store"), loc)
 
 
 def _create_array(group: zarr.Group, spec: ArraySpec, meta: StoreMeta) -> None:
@@ -89,10 +109,10 @@ def _create_array(group: zarr.Group, spec: ArraySpec, meta: StoreMeta) -> None:
 class StoreWriter:
     """Writes whole shards of one store. Exactly one writer may write a given shard."""
 
-    def __init__(self, path: Path, meta: StoreMeta) -> None:
+    def __init__(self, path: Location, meta: StoreMeta) -> None:
         self.path = path
         self.meta = meta
-        self._group = zarr.open_group(str(path), mode="r+")
+        self._group = open_group(path, write=True)
         self._specs = array_specs(meta)
         self._identity = identity_digest(read_attrs(path))
         self._zarrays = {name: cast(zarr.Array, self._group[name]) for name in self._specs}
@@ -100,12 +120,12 @@ class StoreWriter:
         self._plans = {name: ShardPlan.of(a, path / name) for name, a in self._zarrays.items()}
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], meta: StoreMeta) -> StoreWriter:
+    def open(cls, path: str | os.PathLike[str] | Location, meta: StoreMeta) -> StoreWriter:
         """Create the store, or resume it if its identity matches `meta`."""
-        path = Path(path)
-        if path.is_file():
+        path = locate(path)
+        if isinstance(path, LocalDir) and path.path.is_file():
             raise StoreError(f"{path}: is a file, not a kdcache store")
-        if path.is_dir() and any(path.iterdir()):
+        if path.is_file("zarr.json") or path.exists():
             existing = read_meta(path)
             diff = existing.differences(meta)
             if diff:
@@ -116,9 +136,8 @@ class StoreWriter:
             # Shards written into arrays of another shape or without checksums would be unreadable.
             integrity.raise_first(path, integrity.layout_problems(path, existing))
             return cls(path, existing)
-        if path.is_dir():
-            path.rmdir()  # an empty directory is a place to create the store
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(path, LocalDir) and path.path.is_dir():
+            path.path.rmdir()  # an empty directory is a place to create the store
         _create(path, meta)
         return cls(path, read_meta(path))
 
@@ -204,7 +223,7 @@ class StoreWriter:
         `valid` is (L_T, tokens): the teacher's cross-entropy on the data's valid split, which
         the cache job measures (kept as recorded when None).
         """
-        entries = [ledger.read_entry(p) for p in ledger.committed(self.path).values()]
+        entries = [ledger.read_entry(self.path, key) for key in ledger.committed(self.path).values()]
         if len(entries) < self.meta.num_shards:
             return False
         nll = sum(e.nll_sum for e in entries)

@@ -29,3 +29,26 @@ def smollm2(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("smollm2") / "smollm2"
     assert main(["import-teacher", "--gguf", str(smollm2_gguf), "--out", str(out), "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server for the session (tests/s3_server.py), on 127.0.0.1."""
+    from tests.s3_server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`s3://BUCKET`: a fresh bucket on the session's server, with the standard environment
+    (credentials, region, endpoint) pointing clients at it; requests fail after 20 s of retries."""
+    import uuid
+
+    for key, value in {**s3_server.env, "KDCACHE_RETRY_SECONDS": "20"}.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"kdcache-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(bucket)
+    return f"s3://{bucket}"

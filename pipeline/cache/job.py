@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 import time
 from collections import deque
@@ -24,7 +23,6 @@ from tqdm import tqdm
 
 from kdcache.errors import KdcacheError
 from kdcache.hub import resolve_model
-from kdcache.paths import check_writable
 from kdcache.pipeline.cache.config import CacheConfig, CacheResult
 from kdcache.pipeline.cache.placement import check_tensor_parallel, replica_options
 from kdcache.pipeline.cache.teachers import check_teacher_files
@@ -43,6 +41,7 @@ from kdcache.storage import (
     suggest_chunk_rows,
 )
 from kdcache.storage.ledger import committed
+from kdcache.storage.location import check_output, locate
 from kdcache.storage.model_record import read_model_record
 from kdcache.storage.tokens.format import TokenData, open_token_data
 
@@ -59,7 +58,7 @@ def run_cache(cfg: CacheConfig) -> CacheResult:
     data = _check_paths(cfg)
     started = time.perf_counter()
     with ray_session(cfg.ray_address):
-        created = not Path(cfg.out).exists()
+        created = not locate(cfg.out).exists()
         actors: list[Any] = []
         groups: list[Any] = []
         try:
@@ -147,23 +146,23 @@ def _log_job(out: str, job: CacheJob) -> None:
         print(f"kdcache cache: warning: {out}: this job's timing was not logged ({exc})", file=sys.stderr)
         return
     if aside is not None:
-        print(f"kdcache cache: warning: {aside.with_name('zarr.json')} was unreadable: kept as {aside.name}, "
-              "and a new log started with this job", file=sys.stderr)
+        print(f"kdcache cache: warning: {aside.rsplit('.unreadable-', 1)[0]} was unreadable: kept as "
+              f"{aside.rsplit('/', 1)[-1]}, and a new log started with this job", file=sys.stderr)
 
 
 def _roll_back(out: str, created: bool) -> None:
     """A store this run created and never committed to is removed: bad input changes nothing."""
-    path = Path(out)
+    path = locate(out)
     # The ledger alone decides: a reader's integrity checks must never get committed work deleted.
-    if created and path.is_dir() and not committed(path):
-        shutil.rmtree(path, ignore_errors=True)
+    if created and path.exists() and not committed(path):
+        path.remove()
 
 
 def _check_paths(cfg: CacheConfig) -> TokenData:
     """Cheap checks before any worker starts, so bad paths fail in a second; the token data."""
     check_teacher_files(cfg.teacher)
-    check_writable(cfg.out, "--out")
-    if Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
+    check_output(cfg.out, "--out")
+    if locate(cfg.out).exists():
         read_meta(cfg.out)  # an existing store must at least parse before workers start
     data = open_token_data(cfg.data)
     _split_rows(data, cfg)

@@ -96,5 +96,5 @@ class CacheWorker:
         teacher, data = self._load()
         with self._lock:
             if self._writer is None:
-                self._writer = StoreWriter.open(Path(self.settings.out), meta)
+                self._writer = StoreWriter.open(self.settings.out, meta)
         return cache_shard(teacher, data, meta.data.split, self._writer, shard)

@@ -10,6 +10,7 @@ import pytest
 
 from kdcache.storage import ARRAYS_BY_KIND, JOB_LOG, DataInfo, StoreMeta, TeacherInfo, id_dtype
 from kdcache.storage.layout import untrained_fill
+from kdcache.storage.location import LocalDir
 
 
 def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, chunk_rows=2,
@@ -87,8 +88,9 @@ def shard_of(meta: StoreMeta, rows: dict[str, np.ndarray], shard: int) -> dict[s
     return {name: values[start:stop] for name, values in rows.items()}
 
 
-def tree_digest(path: Path) -> dict[str, str]:
+def tree_digest(path: Path | LocalDir) -> dict[str, str]:
     """Relative path -> sha256 of every file under `path` (to prove nothing changed)."""
+    path = Path(str(path))
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
 

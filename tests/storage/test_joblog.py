@@ -105,8 +105,8 @@ def test_append_sets_an_unreadable_log_aside_and_starts_a_new_one(store, text):
     _log(store).parent.mkdir()
     _log(store).write_text(text)
     aside = append_job(store, JOB)
-    assert aside is not None and aside.parent == _log(store).parent
-    assert aside.read_text() == text  # its bytes are kept, not lost
+    assert aside is not None and Path(aside).parent == _log(store).parent
+    assert Path(aside).read_text() == text  # its bytes are kept, not lost
     assert read_jobs(store) == [JOB]
 
 

@@ -118,6 +118,6 @@ def test_a_resume_over_a_torn_job_log_finishes_and_keeps_the_old_log(built, teac
 
 def test_a_log_that_cannot_be_written_is_reported_not_raised(tmp_path, capsys):
     writer = _writer(tmp_path)
-    (writer.path / "jobs").write_text("a file where the log's folder goes")
+    (Path(str(writer.path)) / "jobs").write_text("a file where the log's folder goes")
     _log_job(str(writer.path), CacheJob(seconds=1.0, tokens=8, shards=1, workers=1, backend="native"))
     assert "s.zarr: this job's timing was not logged" in capsys.readouterr().err
