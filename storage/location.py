@@ -145,6 +145,7 @@ class Location(ABC):
     def check(self) -> None:
         """Raise a StoreError now if this place cannot be reached (a missing bucket, refused
         credentials, denied listing); nothing on local disk, whose checks are paths.py's."""
+        return None
 
     @abstractmethod
     def remove(self) -> None:
@@ -389,7 +390,9 @@ class ObjectPrefix(Location):
         import obstore
 
         def first() -> list[Any]:
-            return next(iter(obstore.list(self.store, None, chunk_size=1)), [])
+            for page in obstore.list(self.store, None, chunk_size=1):
+                return list(page)
+            return []
 
         try:
             return list(self._call("", first))
@@ -402,6 +405,17 @@ class ObjectPrefix(Location):
             self.delete("zarr.json")
         for key in keys:
             self.delete(key)
+
+    def fetch(self, key: str, dest: Path) -> Path:
+        """Object `key` streamed into the local file `dest`."""
+        import obstore
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        got = self._call(key, lambda: obstore.get(self.store, key))
+        with open(dest, "wb") as f:
+            for piece in got.stream(min_chunk_size=8 << 20):
+                f.write(piece)
+        return dest
 
     def zarr_store(self, *, read_only: bool) -> Any:
         from zarr.storage import ObjectStore
@@ -442,3 +456,25 @@ def check_output(where: str | os.PathLike[str], flag: str) -> None:
         locate(where).check()  # the bucket exists and the credentials are accepted
     else:
         check_writable(where, flag)
+
+
+def download(src: Location, dest: Path) -> Path:
+    """The objects under `src` as local files under `dest` (a source corpus in an object
+    store, read by tools that read files); `src` naming one object gives `dest/NAME`. Streamed
+    in pieces, so memory does not grow with an object's size."""
+    if not isinstance(src, ObjectPrefix):
+        raise StoreError(f"{src}: not an object-store URL")
+    keys = src.keys()
+    if not keys:  # one object: the URL's last part is its name
+        parent, _, name = src.url.rpartition("/")
+        try:
+            if not parent.partition("://")[2]:
+                raise FileNotFoundError(src.url)
+            return ObjectPrefix(parent).fetch(name, dest / name)
+        except FileNotFoundError:
+            raise StoreError(f"{src}: no object, and no objects under it") from None
+    for key in sorted(keys):
+        if ".." in key.split("/"):
+            raise StoreError(f"{src}/{key}: an object key with '..' cannot be a local file name")
+        src.fetch(key, dest / key)
+    return dest

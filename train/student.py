@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.location import locate
 from kdcache.storage.model_record import (
     ModelRecord,
     read_model_config,
@@ -56,7 +57,7 @@ from kdcache.storage.model_record import (
     weight_files,
     write_model_record,
 )
-from kdcache.storage.tokens.format import is_token_data, read_token_meta
+from kdcache.storage.tokens.format import is_token_data, local_tokenizer, read_token_meta
 from kdcache.storage.tokens.vocab import first_difference, token_ids
 from kdcache.train.attention import document_attention_mask, needs_mask, packs_documents
 from kdcache.train.errors import TrainError
@@ -263,10 +264,10 @@ def _data_facts(data: str) -> tuple[int | None, Path | None]:
     if not is_token_data(data):
         return None, None
     try:
-        seq_len = int(read_token_meta(Path(data))["seq_len"])
+        seq_len = int(read_token_meta(data)["seq_len"])
     except StoreError as exc:
         raise TrainError(str(exc)) from exc
-    return seq_len, Path(data) / "tokenizer.json"
+    return seq_len, local_tokenizer(locate(data))
 
 
 def _check_fits(config: PretrainedConfig, values: dict[str, Any], *, vocab: int, seq_len: int | None,

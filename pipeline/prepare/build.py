@@ -114,7 +114,7 @@ def build(cfg: PrepareConfig, units: list[Unit], tok: Any, template: ChatTemplat
         input_format=cfg.format, packing=cfg.row_packing, **extra,
     )
     return PrepareResult(
-        out=Path(cfg.out), rows={n: m["rows"] for n, m in meta_splits.items()},
+        out=str(cfg.out), rows={n: m["rows"] for n, m in meta_splits.items()},
         tokens={n: m["tokens"] for n, m in meta_splits.items()}, vocab_size=vocab_size,
         fingerprint=fingerprint, documents=docs, input_bytes=total, seconds=time.perf_counter() - t0,
         trained_tokens={n: int(m.get("trained_tokens", m["rows"] * cfg.seq_len))

@@ -159,7 +159,8 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class PrepareResult:
-    out: Path
+    out: str
+    """The DATA directory or object-store URL written."""
     rows: dict[str, int]
     tokens: dict[str, int]
     vocab_size: int

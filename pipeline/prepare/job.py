@@ -23,7 +23,9 @@ and generation config travel into the output beside it (`tokenizer_files.py`).
 writes the same bytes. Output is built in a hidden temporary directory and renamed into
 place at the end: a row's position depends on every earlier document, so an
 interrupted build cannot be resumed shard by shard; rerunning rebuilds it, byte for
-byte the same.
+byte the same. An `--out` in an object store (`s3://...`) is built in a local temporary
+directory and uploaded with its root `zarr.json` last, so no reader finds it half-written;
+a `--source` there is fetched into a temporary directory first.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,7 @@ from kdcache.pipeline.prepare.tokenizer import (
 )
 from kdcache.pipeline.prepare.tokenizer_files import carried
 from kdcache.ray_session import ray_session
+from kdcache.storage.location import LocalDir, Location, download, is_url, locate, upload
 from kdcache.storage.tokens.writer import CHUNK_TOKENS, SplitWriter
 
 BYTES_PER_TOKEN_CAP = 8  # with --max-tokens, the tokenizer sample is at most this many bytes per token
@@ -131,12 +135,35 @@ def _alive(pid: int) -> bool:
 
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Build the DATA directory `cfg.out`; see the module docstring."""
+    if is_url(cfg.out):
+        return _prepare_remote(cfg, locate(cfg.out))
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise PipelineError(f"{out}: output already exists (pass --overwrite to replace it)")
+    if is_url(cfg.source):
+        with tempfile.TemporaryDirectory(prefix="kdcache-source-") as src:
+            return _prepare_local(cfg, out, read_units(str(download(locate(cfg.source), Path(src)))))
+    return _prepare_local(cfg, out)
+
+
+def _prepare_remote(cfg: PrepareConfig, out: Location) -> PrepareResult:
+    out.check()
+    if out.exists() and not cfg.overwrite:
+        what = "output already exists" if out.is_file("zarr.json") else (
+            "holds objects but no token data (an interrupted upload, or someone else's objects)")
+        raise PipelineError(f"{out}: {what} (pass --overwrite to replace it)")
+    with tempfile.TemporaryDirectory(prefix="kdcache-prepare-") as tmp:
+        result = prepare(dataclasses.replace(cfg, out=str(Path(tmp) / "data"), overwrite=False))
+        out.remove()  # --overwrite: the old root goes first, so nothing reads a mix
+        upload(LocalDir(Path(tmp) / "data"), out)
+    return dataclasses.replace(result, out=str(out))
+
+
+def _prepare_local(cfg: PrepareConfig, out: Path, units: list[Any] | None = None) -> PrepareResult:
     if cfg.tokenizer is not None:
         cfg = dataclasses.replace(cfg, tokenizer=resolve_tokenizer(cfg.tokenizer, "--tokenizer"))
-    units = read_units(resolve_dataset(cfg.source, "--source"))
+    if units is None:
+        units = read_units(resolve_dataset(cfg.source, "--source"))
     tok = _tokenizer(cfg, units)
     template = _template(cfg)
     files = {} if cfg.tokenizer is None else carried(cfg.tokenizer, template, cfg.chat_template)

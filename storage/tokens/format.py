@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.location import LocalDir, Location, locate
 
 FORMAT = "kdcache.tokens/1"
 ATTR = "kdcache"
@@ -89,13 +92,13 @@ def data_fingerprint(tokenizer_fingerprint: str, seq_len: int, splits: dict[str,
     )
 
 
-def is_token_data(path: str | os.PathLike[str]) -> bool:
+def is_token_data(path: str | os.PathLike[str] | Location) -> bool:
     """Whether `path` claims to be token data (its group attribute names our format), so
     `kdcache verify` can tell a DATA directory from a logit store; never raises."""
     try:
-        root = json.loads((Path(path) / "zarr.json").read_text())
+        root = json.loads(locate(path).read_text("zarr.json"))
         return bool(root["attributes"][ATTR]["format"] == FORMAT)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, StoreError):
         return False
 
 
@@ -144,7 +147,7 @@ class Rows:
 class TokenData:
     """An opened DATA directory. Attribute access is cheap; rows are read on demand."""
 
-    path: Path
+    path: Location
     meta: dict[str, Any]
     arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
     """The split arrays, opened (and checked) once by `open_token_data`."""
@@ -173,7 +176,9 @@ class TokenData:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.json"
+        """tokenizer.json as a local file, its `TOKENIZER_FILES` beside it (data in an object
+        store: copies in a folder of this process's, fetched once)."""
+        return local_tokenizer(self.path)
 
     @property
     def format(self) -> str:
@@ -349,12 +354,13 @@ def _first_bad_chunk(arr: zarr.Array, rows: np.ndarray, exc: Exception) -> tuple
     return (int(rows.min()), int(rows.max()), exc) if rows.size else (0, 0, exc)
 
 
-def read_token_meta(path: Path) -> dict[str, Any]:
+def read_token_meta(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """The group attribute, checked for the fields every reader relies on."""
-    if not (path / "zarr.json").is_file():
+    path = locate(path)
+    if not path.is_file("zarr.json"):
         raise StoreError(f"{path}: not a token data directory (no zarr.json; run kdcache prepare)")
     try:
-        group = zarr.open_group(store=str(path), mode="r")
+        group = zarr.open_group(store=path.zarr_store(read_only=True), mode="r")
     except Exception as exc:  # zarr raises several types for a corrupt group
         raise StoreError(f"{path}/zarr.json: unreadable token data ({_one_line(exc)})") from exc
     meta = group.attrs.get(ATTR)
@@ -377,27 +383,27 @@ def read_token_meta(path: Path) -> dict[str, Any]:
     return dict(meta)
 
 
-def tokenizer_problem(path: Path, meta: dict[str, Any]) -> str | None:
+def tokenizer_problem(path: Location, meta: dict[str, Any]) -> str | None:
     """Why tokenizer.json does not belong to this data (None when it does): an edited
     tokenizer silently maps the same ids to other text."""
-    tok = path / "tokenizer.json"
-    if not tok.is_file():
+    tok = f"{path}/tokenizer.json"
+    if not path.is_file("tokenizer.json"):
         return f"{tok}: missing tokenizer.json"
-    if sha256_parts(tok.read_bytes()) != meta["tokenizer_fingerprint"]:
+    if sha256_parts(path.read("tokenizer.json")) != meta["tokenizer_fingerprint"]:
         return (f"{tok}: sha256 does not match '{ATTR}.tokenizer_fingerprint' in {path}/zarr.json "
                 "(edited or corrupt; re-run kdcache prepare)")
     return None
 
 
-def open_split(path: Path, meta: dict[str, Any], split: str) -> zarr.Array:
+def open_split(path: Location, meta: dict[str, Any], split: str) -> zarr.Array:
     """Open one split array, checking its metadata against the group's: cheap, reads no chunk."""
-    where = path / split / "zarr.json"
+    where = f"{path}/{split}/zarr.json"
     base, _, doc = split.partition(".")
-    if not where.is_file():
+    if not path.is_file(f"{split}/zarr.json"):
         what = f"the {doc} of split {base!r}" if doc else f"split {split!r}"
         raise StoreError(f"{where}: missing ({what} of the token data)")
     try:
-        arr = zarr.open_array(store=str(path / split), mode="r")
+        arr = zarr.open_array(store=(path / split).zarr_store(read_only=True), mode="r")
     except Exception as exc:  # zarr raises several types for corrupt array metadata
         raise StoreError(f"{where}: unreadable array metadata ({_one_line(exc)})") from exc
     want = (int(meta["splits"][base]["rows"]), int(meta["seq_len"]) + 1)
@@ -416,13 +422,43 @@ def open_split(path: Path, meta: dict[str, Any], split: str) -> zarr.Array:
     return arr
 
 
-def open_token_data(path: str | os.PathLike[str]) -> TokenData:
+def open_token_data(path: str | os.PathLike[str] | Location) -> TokenData:
     """Open a DATA directory, checking it is complete token data of our format (cheap
     checks only: metadata, shapes and the tokenizer hash; `kdcache verify` reads every chunk)."""
-    path = Path(path)
+    path = locate(path)
     meta = read_token_meta(path)
     problem = tokenizer_problem(path, meta)
     if problem is not None:
         raise StoreError(problem)
     arrays = {name: open_split(path, meta, name) for name in fingerprint_parts(meta["splits"])}
     return TokenData(path=path, meta=meta, arrays=arrays)
+
+
+_TOKENIZERS: dict[str, Path] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def local_tokenizer(path: Location) -> Path:
+    """`path`'s tokenizer.json as a local file with the `TOKENIZER_FILES` it has beside it: the
+    data's own on disk; for data in an object store, copies fetched once per process into a
+    temporary folder (removed when the process exits)."""
+    if isinstance(path, LocalDir):
+        return path.path / "tokenizer.json"
+    with _TOKENIZERS_LOCK:
+        if str(path) not in _TOKENIZERS:
+            folder = Path(tempfile.mkdtemp(prefix="kdcache-tokenizer-"))
+            _cleanup(folder)
+            for name in ("tokenizer.json", *TOKENIZER_FILES):
+                try:
+                    (folder / name).write_bytes(path.read(name))
+                except FileNotFoundError:
+                    continue
+            _TOKENIZERS[str(path)] = folder / "tokenizer.json"
+        return _TOKENIZERS[str(path)]
+
+
+def _cleanup(folder: Path) -> None:
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.location import Location, locate
 from kdcache.storage.tokens.format import (
     ATTR,
     CHECKSUMS,
@@ -49,13 +49,13 @@ class TokenProblem:
         return ": ".join([" ".join(where), self.reason] if where else [self.reason])
 
 
-def verify_token_data(path: str | os.PathLike[str]) -> list[TokenProblem]:
+def verify_token_data(path: str | os.PathLike[str] | Location) -> list[TokenProblem]:
     """Every problem of the DATA directory at `path`; empty when it is intact.
 
     Raises StoreError only when the group metadata itself is unreadable (nothing else
     can be checked then).
     """
-    path = Path(path)
+    path = locate(path)
     meta = read_token_meta(path)
     problems = []
     tok = tokenizer_problem(path, meta)
@@ -89,7 +89,7 @@ def verify_token_data(path: str | os.PathLike[str]) -> list[TokenProblem]:
     return problems
 
 
-def _document_problems(path: Path, meta: dict[str, Any], split: str) -> list[TokenProblem]:
+def _document_problems(path: Location, meta: dict[str, Any], split: str) -> list[TokenProblem]:
     """A split's loss mask and position ids, checked together block by block."""
     mask, positions = (open_split(path, meta, document_array(split, n)) for n in (MASK, POSITIONS))
     step = max(1, BLOCK_TOKENS // mask.shape[1])
@@ -101,7 +101,7 @@ def _document_problems(path: Path, meta: dict[str, Any], split: str) -> list[Tok
     return []
 
 
-def _split_meta_problems(path: Path, meta: dict[str, Any], name: str, fp: str) -> list[TokenProblem]:
+def _split_meta_problems(path: Location, meta: dict[str, Any], name: str, fp: str) -> list[TokenProblem]:
     """Compare an array's recomputed fingerprint (and a split's token count) with zarr.json."""
     split, _, doc = name.partition(".")
     info, field = meta["splits"][split], f"'{ATTR}.splits.{split}"
@@ -127,7 +127,7 @@ def _split_meta_problems(path: Path, meta: dict[str, Any], name: str, fp: str) -
 
 
 def _verify_split(
-    root: Path, arr: zarr.Array, limit: int, what: str
+    root: Location, arr: zarr.Array, limit: int, what: str
 ) -> tuple[list[tuple[tuple[int, int], str]], str | None]:
     """(problems by chunk row range, fingerprint) of one array (a split's tokens, or its
     `what` = loss_mask or position_ids, each value below `limit`); the fingerprint is None
@@ -138,6 +138,7 @@ def _verify_split(
     rows, step = arr.shape[0], arr.chunks[0]
     per_block = max(1, BLOCK_TOKENS // max(1, step * arr.shape[1])) * step
     body, problems, decoded = hashlib.sha256(), [], True
+    files = set(root.keys())  # one listing, not a stat (or a HEAD) per chunk
     for start in range(0, rows, per_block):
         stop = min(start + per_block, rows)
         try:
@@ -152,7 +153,7 @@ def _verify_split(
                     problems.append(((lo, hi - 1), _unreadable(root, arr, lo // step, exc)))
                     decoded = False
         for lo, hi, block in blocks:
-            problems += _id_problems(root, arr, lo, hi, block, limit, what)
+            problems += _id_problems(root, files, arr, lo, hi, block, limit, what)
             if decoded:
                 body.update(block.astype(arr.dtype.newbyteorder("<")).tobytes())
     if not decoded:
@@ -160,20 +161,21 @@ def _verify_split(
     return problems, split_fingerprint(tuple(arr.shape), body.digest())
 
 
-def _chunk_file(root: Path, arr: zarr.Array, chunk: int) -> Path:
-    """The file holding inner chunk `chunk`: its shard file, or the chunk's own file when
-    the array is not sharded (data written before shards)."""
+def _chunk_key(arr: zarr.Array, chunk: int) -> str:
+    """The key of the file holding inner chunk `chunk`: its shard file, or the chunk's own file
+    when the array is not sharded (data written before shards)."""
     per_file = (arr.shards[0] if arr.shards else arr.chunks[0]) // arr.chunks[0]
-    return root / arr.metadata.encode_chunk_key((chunk // per_file, 0))
+    return str(arr.metadata.encode_chunk_key((chunk // per_file, 0)))
 
 
-def _unreadable(root: Path, arr: zarr.Array, chunk: int, exc: Exception) -> str:
+def _unreadable(root: Location, arr: zarr.Array, chunk: int, exc: Exception) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return f"chunk file {_chunk_file(root, arr, chunk)} fails its checksum or cannot be decoded ({text})"
+    return f"chunk file {root}/{_chunk_key(arr, chunk)} fails its checksum or cannot be decoded ({text})"
 
 
 def _id_problems(
-    root: Path, arr: zarr.Array, lo: int, hi: int, block: np.ndarray, limit: int, what: str
+    root: Location, files: set[str], arr: zarr.Array, lo: int, hi: int, block: np.ndarray, limit: int,
+    what: str,
 ) -> list[tuple[tuple[int, int], str]]:
     """Per chunk of a decoded block: a missing chunk file, or ids outside the vocabulary.
 
@@ -185,8 +187,8 @@ def _id_problems(
         c_hi = min(c_lo + step, hi)
         chunk, ids = c_lo // step, block[c_lo - lo : c_hi - lo]
         where = (c_lo, c_hi - 1)
-        if not _chunk_file(root, arr, chunk).is_file():
-            out.append((where, f"missing data: chunk file {_chunk_file(root, arr, chunk)} does not exist"))
+        if _chunk_key(arr, chunk) not in files:
+            out.append((where, f"missing data: chunk file {root}/{_chunk_key(arr, chunk)} does not exist"))
         elif ids.size and int(ids.min()) < 0:
             out.append((where, f"missing data: ids read as {int(ids.min())} (the fill value)"))
         elif ids.size and int(ids.max()) >= limit:
