@@ -33,7 +33,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec
 from kdcache.storage import ledger
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import ARRAYS_BY_KIND, DOCUMENT_ARRAYS, array_specs, holds_bits
-from kdcache.storage.location import Location
+from kdcache.storage.location import Location, open_group
 from kdcache.storage.metadata import StoreMeta
 
 # teacher_loss is nll / tokens over float64 sums; finalize computes it from the same entries.
@@ -55,9 +55,9 @@ def layout_problems(path: Location, meta: StoreMeta) -> list[Problem]:
     """Arrays of the store's kind with the shapes, dtypes and codecs its metadata implies; no others."""
     problems = []
     specs = array_specs(meta)
-    group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
+    group = open_group(path)
     every = {name for names in ARRAYS_BY_KIND.values() for name in names} | set(DOCUMENT_ARRAYS)
-    present = {name for name in every if path.is_file(f"{name}/zarr.json")}
+    present = {key.split("/")[0] for key in path.present(f"{name}/zarr.json" for name in sorted(every))}
     for name in sorted(present - set(specs)):
         why = ("field 'data.mask_fingerprint' is empty (the data packs no documents)"
                if name in DOCUMENT_ARRAYS
@@ -150,12 +150,9 @@ def listing(path: Location, group_arrays: Mapping[str, zarr.Array]) -> set[str]:
 def missing_files(path: Location, group_arrays: Mapping[str, zarr.Array], shard: int,
                   listed: set[str] | None = None) -> list[str]:
     """Names of the arrays whose file for `shard` is absent (from `listed` when given)."""
-    out = []
-    for name, array in group_arrays.items():
-        key = shard_key(name, array, shard)
-        if not (key in listed if listed is not None else path.is_file(key)):
-            out.append(name)
-    return out
+    keys = {name: shard_key(name, array, shard) for name, array in group_arrays.items()}
+    found = set(listed) if listed is not None else path.present(keys.values())
+    return [name for name, key in keys.items() if key not in found]
 
 
 def checksum_problem(entry: ledger.ShardEntry, name: str, found: ledger.ArraySum) -> str | None:
@@ -194,19 +191,17 @@ def store_problems(
 ) -> tuple[list[Problem], list[ledger.ShardEntry]]:
     """Every cheap check over the whole store; also returns the readable ledger entries."""
     problems = layout_problems(path, meta)
-    group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
-    opened = {name: open_array(group, name) for name in array_specs(meta)
-              if path.is_file(f"{name}/zarr.json")}
+    group = open_group(path)
+    there = path.present(f"{name}/zarr.json" for name in array_specs(meta))
+    opened = {name: open_array(group, name) for name in array_specs(meta) if f"{name}/zarr.json" in there}
     arrays = {name: a for name, a in opened.items() if not isinstance(a, str)}
     listed = listing(path, arrays)
     entries = []
     committed = ledger.committed(path)
     off: list[Problem] = []  # entries that disagree with the metadata: reported once
-    for shard, key in committed.items():
-        try:
-            entry = ledger.read_entry(path, key)
-        except StoreError as exc:
-            problems.append(Problem(shard, "", str(exc)))
+    for shard, entry in ledger.read_entries(path, committed).items():
+        if isinstance(entry, StoreError):
+            problems.append(Problem(shard, "", str(entry)))
             continue
         entries.append(entry)
         found = entry_problems(entry, meta, identity)

@@ -85,6 +85,18 @@ def read_entry(store: Location, key: str) -> ShardEntry:
         raise StoreError(f"{store}/{key}: corrupt ledger entry ({exc})") from exc
 
 
+def read_entries(store: Location, keys: dict[int, str]) -> dict[int, ShardEntry | StoreError]:
+    """Shard -> its entry, or the StoreError reading it raised (requests in flight together)."""
+
+    def one(key: str) -> ShardEntry | StoreError:
+        try:
+            return read_entry(store, key)
+        except StoreError as exc:
+            return exc
+
+    return dict(zip(keys, store.map(one, keys.values()), strict=True))
+
+
 def committed(store: Location) -> dict[int, str]:
     """Shard index -> entry key, for every committed shard (entries are not parsed): one
     listing of the ledger folder."""

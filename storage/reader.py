@@ -35,10 +35,10 @@ from kdcache.storage import integrity, ledger
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import array_specs, holds_bits
-from kdcache.storage.location import Location, locate
+from kdcache.storage.location import Location, locate, open_group
 from kdcache.storage.metadata import StoreMeta, identity_digest
 from kdcache.storage.shardio import RowSource, ShardPlan, distinct
-from kdcache.storage.writer import open_group, read_attrs, read_meta
+from kdcache.storage.writer import read_attrs, read_meta
 
 Batch = dict[str, np.ndarray]
 
@@ -76,10 +76,10 @@ class StoreReader:
 
     def refresh(self) -> int:
         """Pick up shards committed since the last look; returns the committed count."""
-        for shard, key in ledger.committed(self.path).items():
-            if shard in self._entries:
-                continue
-            entry = ledger.read_entry(self.path, key)
+        new = {s: key for s, key in ledger.committed(self.path).items() if s not in self._entries}
+        for shard, entry in ledger.read_entries(self.path, new).items():
+            if isinstance(entry, StoreError):
+                raise entry
             integrity.raise_first(self.path, integrity.entry_problems(entry, self.meta, self._identity))
             self._entries[shard] = entry
             self._committed[shard] = True

@@ -36,14 +36,11 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from kdcache.storage.errors import StoreError
-from kdcache.storage.location import Location
+from kdcache.storage.location import Location, io_pool
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and length of an inner chunk that was never written
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 _POOLS: dict[int, ThreadPoolExecutor] = {}
-_IO_POOLS: dict[int, ThreadPoolExecutor] = {}
-IO_THREADS = 16
-"""Requests to an object store in flight at once per process (each waits on the network)."""
 
 
 def pool() -> ThreadPoolExecutor:
@@ -55,14 +52,6 @@ def pool() -> ThreadPoolExecutor:
         _POOLS[pid] = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
                                          thread_name_prefix="kdcache-shardio")
     return _POOLS[pid]
-
-
-def io_pool() -> ThreadPoolExecutor:
-    """This process's threads for object-store requests (one per process id, as `pool`)."""
-    pid = os.getpid()
-    if pid not in _IO_POOLS:
-        _IO_POOLS[pid] = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="kdcache-io")
-    return _IO_POOLS[pid]
 
 
 class ChunkError(StoreError):

@@ -10,10 +10,10 @@ import numpy as np
 from kdcache.storage import ledger
 from kdcache.storage.integrity import Problem, store_problems
 from kdcache.storage.layout import DOCUMENT_ARRAYS, array_specs
-from kdcache.storage.location import Location, locate
+from kdcache.storage.location import Location, locate, open_group
 from kdcache.storage.metadata import identity_digest
 from kdcache.storage.tokens.format import document_problem
-from kdcache.storage.writer import ATTR, open_group, read_attrs, read_meta
+from kdcache.storage.writer import ATTR, read_attrs, read_meta
 
 INPUT_ARRAYS = ("tokens", *DOCUMENT_ARRAYS)
 """Copied from the token data, not the teacher's: left out of the target bytes."""

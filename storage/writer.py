@@ -29,7 +29,7 @@ from kdcache.storage import integrity, ledger
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
 from kdcache.storage.layout import BITS_ATTR, ArraySpec, array_specs, compressors, filters, holds_bits
-from kdcache.storage.location import LocalDir, Location, locate, upload
+from kdcache.storage.location import LocalDir, Location, locate, open_group, upload
 from kdcache.storage.metadata import StoreMeta, identity_digest
 from kdcache.storage.shardio import ShardPlan, pool
 from kdcache.storage.validate import validate_shard
@@ -53,15 +53,10 @@ def read_attrs(path: str | os.PathLike[str] | Location) -> Any:
     if not loc.is_file("zarr.json"):
         raise StoreError(f"{loc}: not a kdcache store (no zarr.json)")
     try:
-        group = zarr.open_group(loc.zarr_store(read_only=True), mode="r")
+        group = open_group(loc)
     except Exception as exc:  # zarr raises many types for unreadable metadata
         raise StoreError(f"{loc}: not a readable Zarr group ({exc})") from exc
     return group.attrs.get(ATTR)
-
-
-def open_group(loc: Location, *, write: bool = False) -> zarr.Group:
-    """The store's Zarr group, on disk or in an object store."""
-    return zarr.open_group(loc.zarr_store(read_only=not write), mode="r+" if write else "r")
 
 
 def _build(folder: Path, meta: StoreMeta) -> None:
@@ -186,11 +181,18 @@ class StoreWriter:
         coros = {name: self._zarrays[name].async_array.setitem(slice(start, stop), v)
                  for name, v in stored.items() if name not in direct}
         results: dict[str, object] = gather(coros) if coros else {}
-        for name, pieces in jobs.items():
+
+        def put(name: str) -> Exception | None:
             try:
-                direct[name].write_pieces(start // direct[name].shard_rows, [p.result() for p in pieces])
-            except Exception as exc:  # numcodecs and the file system raise several types
-                results[name] = exc
+                direct[name].write_pieces(start // direct[name].shard_rows, [p.result() for p in jobs[name]])
+            except Exception as exc:  # numcodecs, the file system and obstore raise several types
+                return exc
+            return None
+
+        # One file after another on disk; on an object store every array's PUT in flight at once.
+        for name, failed in zip(jobs, self.path.map(put, list(jobs)), strict=True):
+            if failed is not None:
+                results[name] = failed
         for name, result in results.items():
             if isinstance(result, Exception):
                 raise StoreError(f"{self.path}: writing array '{name}' failed ({result})") from result
@@ -223,7 +225,11 @@ class StoreWriter:
         `valid` is (L_T, tokens): the teacher's cross-entropy on the data's valid split, which
         the cache job measures (kept as recorded when None).
         """
-        entries = [ledger.read_entry(self.path, key) for key in ledger.committed(self.path).values()]
+        entries = []
+        for entry in ledger.read_entries(self.path, ledger.committed(self.path)).values():
+            if isinstance(entry, StoreError):
+                raise entry
+            entries.append(entry)
         if len(entries) < self.meta.num_shards:
             return False
         nll = sum(e.nll_sum for e in entries)

@@ -39,7 +39,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from kdcache.storage.errors import StoreError
-from kdcache.storage.location import LocalDir, Location, locate
+from kdcache.storage.location import LocalDir, Location, locate, open_group
 
 FORMAT = "kdcache.tokens/1"
 ATTR = "kdcache"
@@ -360,7 +360,7 @@ def read_token_meta(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
     if not path.is_file("zarr.json"):
         raise StoreError(f"{path}: not a token data directory (no zarr.json; run kdcache prepare)")
     try:
-        group = zarr.open_group(store=path.zarr_store(read_only=True), mode="r")
+        group = open_group(path)
     except Exception as exc:  # zarr raises several types for a corrupt group
         raise StoreError(f"{path}/zarr.json: unreadable token data ({_one_line(exc)})") from exc
     meta = group.attrs.get(ATTR)
