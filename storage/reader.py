@@ -108,8 +108,15 @@ class StoreReader:
         missing = shards[~self._committed[shards]]
         if missing.size:
             raise StoreError(f"{self.path}: rows asked for in uncommitted shards {missing.tolist()}")
-        self._check_present(shards)
-        batch = self._read(unique, f"shards {shards.tolist()}")
+        if not self.path.remote:  # on an object store the index GET finds a missing file, HEADs spared
+            self._check_present(shards)
+        try:
+            batch = self._read(unique, f"shards {shards.tolist()}")
+        except FileNotFoundError as exc:
+            self._present[shards] = False
+            self._check_present(shards)  # names the shard and array
+            raise StoreError(f"{self.path}: shards {shards.tolist()}: a shard file is missing ({exc})") \
+                from exc
         if inverse is not None and (unique.size != rows.size or not (unique == rows).all()):
             batch = {name: values[inverse] for name, values in batch.items()}
         return batch
@@ -191,6 +198,8 @@ class StoreReader:
             except StoreError as exc:
                 raise StoreError(f"{self.path}: {exc}") from exc
             except OSError as exc:  # a shard file removed or truncated after its check
+                if self.path.remote and isinstance(exc, FileNotFoundError):
+                    raise  # read_rows names the missing file
                 raise StoreError(f"{self.path}: {where} is corrupt or unreadable ({exc})") from exc
         if unique.size and unique[-1] - unique[0] + 1 == unique.size:
             sel = slice(int(unique[0]), int(unique[-1]) + 1)

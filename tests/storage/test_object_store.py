@@ -41,3 +41,17 @@ def test_a_missing_bucket_is_one_line_naming_the_url(s3):
     meta = make_meta(rows=8, shard_rows=4)
     with pytest.raises(StoreError, match=r"s3://kdcache-no-such-bucket/x: the bucket does not exist"):
         StoreWriter.open("s3://kdcache-no-such-bucket/x", meta)
+
+
+def test_a_deleted_shard_object_fails_the_read_naming_shard_and_array(s3):
+    meta = make_meta(rows=12, shard_rows=4)
+    url = f"{s3}/store.zarr"
+    _write(url, meta, range(meta.num_shards))
+    reader = StoreReader(url)
+    locate(url).delete("logprobs/c/1/0/0")
+    np.testing.assert_array_equal(reader.read_rows([0, 1])["ids"], StoreReader(url).read_rows([0, 1])["ids"])
+    with pytest.raises(StoreError, match=r"shard 1 array 'logprobs': shard file is missing"):
+        reader.read_rows([4, 5])
+    problems = verify_store(url)
+    assert [(p.shard, p.array) for p in problems] == [(1, "logprobs")]
+
