@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--store", type=Path, help="measure this store instead of building one")
+    parser.add_argument("--store", help="measure this store (a path or an s3:// URL) instead of building one")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.store

@@ -333,6 +333,10 @@ def measure_url(arrays: dict[str, np.ndarray], vocab: int, k: int, repeats: int,
                      if got[n].dtype != v.dtype or got[n].tobytes() != v.tobytes()]
             if wrong:
                 raise AssertionError(f"{base}/w0.zarr: arrays {wrong} read back differ from what was written")
+    for _ in range(repeats):
+        for side, base in sides.items():
+            for prefetch in (0, 2):
+                keep(side, f"train{prefetch}", training_pass(f"{base}/w0.zarr", rows, prefetch))
     remote = locate(f"{sides['object_store']}/w0.zarr")
     floors = {
         "get_floor_tokens_per_s": tokens / min(get_floor(remote, names, shards, epochs[1])
@@ -356,13 +360,38 @@ def measure_url(arrays: dict[str, np.ndarray], vocab: int, k: int, repeats: int,
             "read_first_pass_tokens_per_s": tokens / t["first"],
             "read_warm_pass_tokens_per_s": tokens / t["warm"],
             "read_shard_per_call_tokens_per_s": tokens / t["whole"],
+            "train_loader_tokens_per_s": tokens / t["train0"],
+            "train_loader_prefetch2_tokens_per_s": tokens / t["train2"],
         }
-    for what in ("write", "read_first_pass", "read_warm_pass", "read_shard_per_call"):
+    out["train_step_ms"] = 1000 * STEP_SECONDS
+    out["train_compute_only_tokens_per_s"] = 8 * seq_len / STEP_SECONDS
+    for what in ("write", "read_first_pass", "read_warm_pass", "read_shard_per_call", "train_loader",
+                 "train_loader_prefetch2"):
         key = f"{what}_tokens_per_s"
         out[f"{what}_ratio"] = out["object_store"][key] / out["local"][key]
     out["object_store"].update(floors)
     out["requests"] = count_requests(server, f"{sides['object_store']}/counted.zarr", meta, arrays, epochs)
     return out
+
+
+STEP_SECONDS = 0.01
+"""A training step's compute per batch of 8 rows in `training_pass` (~200k tokens/s at 256
+positions): what the loader's prefetch thread overlaps its reads with."""
+
+
+def training_pass(where: str, rows: int, prefetch: int) -> float:
+    """Seconds for one epoch of `kdcache train`'s store source (`StoreBatches`, batch 8, its
+    windows and row order), each batch followed by STEP_SECONDS of 'compute'."""
+    from kdcache.train.store_batches import StoreBatches
+
+    source = StoreBatches(where, batch_size=8, seed=0, prefetch=prefetch)
+    started = time.perf_counter()
+    for _ in range(rows // 8):
+        source.next_batch()
+        time.sleep(STEP_SECONDS)
+    seconds = time.perf_counter() - started
+    source.close()
+    return seconds
 
 
 def count_requests(server: Any, url: str, meta: StoreMeta, arrays: dict[str, np.ndarray],
@@ -442,7 +471,11 @@ def url_main(args: argparse.Namespace) -> None:
                                   ("read tok/s, warm pass", "read_warm_pass_tokens_per_s",
                                    r["read_warm_pass_ratio"]),
                                   ("read tok/s, warm, a whole shard per read_rows",
-                                   "read_shard_per_call_tokens_per_s", r["read_shard_per_call_ratio"])):
+                                   "read_shard_per_call_tokens_per_s", r["read_shard_per_call_ratio"]),
+                                  (f"training loader tok/s, {r['train_step_ms']:g} ms steps, no prefetch",
+                                   "train_loader_tokens_per_s", r["train_loader_ratio"]),
+                                  (f"training loader tok/s, {r['train_step_ms']:g} ms steps, prefetch 2",
+                                   "train_loader_prefetch2_tokens_per_s", r["train_loader_prefetch2_ratio"])):
             print(f"| {label} | {local[key]:,.0f} | {remote[key]:,.0f} | {ratio:.3f} |")
         for label, key in (("create store, ms", "create_store_ms"), ("open reader, ms", "open_reader_ms")):
             print(f"| {label} | {local[key]:.1f} | {remote[key]:.1f} | |")

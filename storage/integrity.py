@@ -144,7 +144,7 @@ def shard_key(name: str, array: zarr.Array, shard: int) -> str:
 
 def listing(path: Location, group_arrays: Mapping[str, zarr.Array]) -> set[str]:
     """Every file key under the arrays' folders: one listing per array."""
-    return {f"{name}/{key}" for name in group_arrays for key in (path / name).keys()}  # noqa: SIM118
+    return {f"{name}/{key}" for name in group_arrays for key in (path / name).objects()}
 
 
 def missing_files(path: Location, group_arrays: Mapping[str, zarr.Array], shard: int,

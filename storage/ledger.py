@@ -16,13 +16,14 @@ count edited after shards were written is detected instead of silently reinterpr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import crc32c
 import numpy as np
 
 from kdcache.storage.errors import StoreError
-from kdcache.storage.location import Location
+from kdcache.storage.location import Location, locate
 
 LEDGER_DIR = "ledger"
 
@@ -97,11 +98,12 @@ def read_entries(store: Location, keys: dict[int, str]) -> dict[int, ShardEntry 
     return dict(zip(keys, store.map(one, keys.values()), strict=True))
 
 
-def committed(store: Location) -> dict[int, str]:
+def committed(store: Location | str | os.PathLike[str]) -> dict[int, str]:
     """Shard index -> entry key, for every committed shard (entries are not parsed): one
     listing of the ledger folder."""
+    store = locate(store)
     out = {}
-    for key in store.keys(LEDGER_DIR):
+    for key in store.objects(LEDGER_DIR):
         parts = key.split("/")
         if len(parts) == 3 and parts[1].startswith("shard-") and parts[2] == "zarr.json":
             try:

@@ -48,8 +48,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 RETRY_SECONDS = 180.0
 """How long a request is retried, in all, before it fails (`KDCACHE_RETRY_SECONDS`)."""
-MAX_RETRIES = 10
-"""How many times one request is retried (backoff from 0.1 s, doubling, at most 15 s)."""
+MAX_RETRIES = 100_000
+"""Not the bound: `retry_seconds()` is. obstore waits a random time between 0.1 s and twice its
+last wait (at most 15 s) before each retry, so ten retries can be spent in two seconds, and a
+count would end a retry long before an outage of a minute does."""
 
 
 def io_pool() -> ThreadPoolExecutor:
@@ -146,7 +148,7 @@ class Location(ABC):
         """Remove object `key` (nothing when it is absent)."""
 
     @abstractmethod
-    def keys(self, prefix: str = "") -> dict[str, int]:
+    def objects(self, prefix: str = "") -> dict[str, int]:
         """Every object under `prefix` (recursively): key -> size in bytes."""
 
     @abstractmethod
@@ -155,7 +157,7 @@ class Location(ABC):
 
     def exists(self) -> bool:
         """Whether anything is stored here."""
-        return bool(self.keys())
+        return bool(self.objects())
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """`[fn(x) for x in items]`: inline on disk, concurrently on an object store, where each
@@ -194,6 +196,9 @@ class LocalDir(Location):
 
     def __repr__(self) -> str:
         return f"LocalDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LocalDir) and other.path == self.path
@@ -255,11 +260,18 @@ class LocalDir(Location):
         if path.parent != self.path and path.parent.is_dir() and not any(path.parent.iterdir()):
             path.parent.rmdir()
 
-    def keys(self, prefix: str = "") -> dict[str, int]:
+    def objects(self, prefix: str = "") -> dict[str, int]:
         root = self.file(prefix)
-        if not root.is_dir():
-            return {}
-        return {p.relative_to(self.path).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+        found = {}
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = Path(folder, name)
+                try:  # a writer's temporary file may be renamed away between listing and stat
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                found[path.relative_to(self.path).as_posix()] = st.st_size
+        return found
 
     def zarr_store(self, *, read_only: bool) -> Any:
         return str(self.path)
@@ -392,7 +404,7 @@ class ObjectPrefix(Location):
         with contextlib.suppress(FileNotFoundError):
             self._call(key, lambda: obstore.delete(self.store, key))
 
-    def keys(self, prefix: str = "") -> dict[str, int]:
+    def objects(self, prefix: str = "") -> dict[str, int]:
         import obstore
 
         def listing() -> dict[str, int]:
@@ -428,7 +440,7 @@ class ObjectPrefix(Location):
             return []
 
     def remove(self) -> None:
-        keys = self.keys()
+        keys = self.objects()
         if "zarr.json" in keys:
             self.delete("zarr.json")
         for key in keys:
@@ -472,7 +484,7 @@ def reason(exc: BaseException) -> str:
 def upload(src: LocalDir, dst: Location) -> None:
     """Copy every file of `src` to `dst`, the root `zarr.json` last: a reader that finds the
     root finds everything under it (the commit of a new store or token data on object storage)."""
-    for key in sorted(src.keys()):
+    for key in sorted(src.objects()):
         if key != "zarr.json":
             dst.publish(key, src.read(key))
     dst.publish("zarr.json", src.read("zarr.json"))
@@ -492,7 +504,7 @@ def download(src: Location, dest: Path) -> Path:
     in pieces, so memory does not grow with an object's size."""
     if not isinstance(src, ObjectPrefix):
         raise StoreError(f"{src}: not an object-store URL")
-    keys = src.keys()
+    keys = src.objects()
     if not keys:  # one object: the URL's last part is its name
         parent, _, name = src.url.rpartition("/")
         try:

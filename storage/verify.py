@@ -87,7 +87,7 @@ def summarize(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
     tokens = rows * meta.seq_len
     # Ledger entries count trained positions (all of them where the data packs no documents).
     trained = sum(e.tokens for e in entries if e.shard < meta.num_shards)
-    sizes = path.keys()
+    sizes = path.objects()
     array_bytes = {name: sum(b for key, b in sizes.items() if key.startswith(f"{name}/"))
                    for name in array_specs(meta)}
     total = sum(sizes.values())

@@ -7,6 +7,7 @@ connections can be cut and restored, for faults where the server keeps its data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -35,8 +36,9 @@ class S3Server:
         env = dict(os.environ)
         if self.auth:  # check signatures from the first request on
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env)
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             found = re.search(r"Running on http://127\.0\.0\.1:(\d+)", line)
@@ -92,8 +94,9 @@ class S3Server:
     def create_bucket(self, name: str) -> None:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                              aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
         client.create_bucket(Bucket=name)
 
 
@@ -133,18 +136,14 @@ class Outage:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def cut(self) -> None:
         self.up.clear()
         for s in self._open:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self._open.clear()
 
     def restore(self) -> None:

@@ -204,7 +204,8 @@ class DistillSettings:
     """From what teacher, if any: a logit store or a live model, and the loss's options."""
 
     distill: str | None = field(default=None, metadata={"path": "local"})
-    """Distil offline from this logit STORE (kdcache cache) instead of supervised training."""
+    """Distil offline from this logit STORE (kdcache cache) instead of supervised training: a path,
+    or an object-store URL (s3://bucket/prefix; credentials from the AWS_* environment)."""
     online_teacher: str | None = field(default=None, metadata={"path": "model"})
     """Distil online from this teacher MODEL (a local directory or a Hub id), run in-process every
     step (for comparison)."""
@@ -357,10 +358,14 @@ class TrainJobConfig:
         Whoever starts ranks or tasks elsewhere ships this: Ray Train runs each rank in a
         folder of its own, where a relative --out would land in Ray's session directory and a
         relative --data would not be found. A model flag naming nothing here is a Hub id and
-        stays as given.
+        stays as given, and so does an object-store URL (`--distill s3://bucket/store`): it
+        names the same place from every node, and a path would mangle it (`s3:/bucket/...`).
         """
+        from kdcache.storage.location import is_url  # here: this module stays light for the CLI
+
         flags = {name: str(Path(value).absolute()) for name, kind in self.path_flags().items()
-                 if (value := self.flat()[name]) and (kind == "local" or Path(value).exists())}
+                 if (value := self.flat()[name]) and not is_url(value)
+                 and (kind == "local" or Path(value).exists())}
         return self.replace(**flags)
 
     @property

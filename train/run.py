@@ -57,6 +57,7 @@ from kdcache.fit.flops import forward_flops, training_flops
 from kdcache.hub import resolve_model
 from kdcache.paths import check_writable
 from kdcache.storage import read_meta
+from kdcache.storage.location import is_url, locate
 from kdcache.storage.model_record import MODEL_RECORD, has_model_record, read_model_record
 from kdcache.storage.runs import RunRow, append_run, check_appendable, has_run
 from kdcache.storage.tokens.format import TokenData, open_token_data
@@ -239,11 +240,15 @@ def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
         )
     loss = DistillLoss(kind=meta.kind, divergence=d.divergence, tail=d.tail, lam=d.lam,
                        tau=meta.temperature, z_loss=cfg.recipe.z_loss)
-    # On CPU a prefetch thread competes with torch's threads for the cores (store_batches.py).
+    # On CPU a prefetch thread competes with torch's threads for the cores (store_batches.py),
+    # but a remote store's reads wait on the network, not the CPU: those are read ahead anywhere.
+    store = locate(d.distill)
+    prefetch = 2 if store.remote or cfg.runtime.device != "cpu" else 0
     source = StoreBatches(d.distill, batch_size=loop.batch_size, seed=loop.seed, rank=world.rank,
-                          world=world.size, prefetch=0 if cfg.runtime.device == "cpu" else 2)
+                          world=world.size, prefetch=prefetch)
     identity = json.dumps(meta.identity(), sort_keys=True)
-    teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": str(Path(d.distill).resolve()),
+    where = str(store) if store.remote else str(Path(d.distill).resolve())
+    teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": where,
                "k": meta.k, "temperature": meta.temperature, "lam": d.lam}
     return Objective(source, loss, teacher_fingerprint=identity, teacher=teacher, split=meta.data.split)
 
@@ -492,8 +497,8 @@ def _check_apart(cfg: TrainJobConfig) -> None:
     out = Path(cfg.out).resolve()
     flat = cfg.flat()
     for name in _INPUTS:
-        if not flat[name] or not Path(flat[name]).exists():
-            continue
+        if not flat[name] or is_url(flat[name]) or not Path(flat[name]).exists():
+            continue  # an object-store URL is never a local --out's folder
         given = Path(flat[name]).resolve()
         flag = f"--{name.replace('_', '-')}"
         where = ("is" if out == given else "lies inside" if out.is_relative_to(given)
@@ -719,7 +724,8 @@ def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, 
                 "loss_history": result.history, "evals": evals}
     if built.lora is not None:
         training["lora"] = {**built.lora, "save": cfg.runtime.lora_save}
-    trained_on = {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint,
+    where = str(locate(cfg.data)) if is_url(cfg.data) else str(Path(cfg.data).resolve())
+    trained_on = {"path": where, "fingerprint": data.fingerprint,
                   "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
     student = built.student
     try:

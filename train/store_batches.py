@@ -14,8 +14,9 @@ Which to use is measured, not assumed (benchmarks/distill_step.py): when trainin
 every CPU core busy, a background thread steals cycles from torch's threads, whose
 parallel regions then wait for the slowest one (on 2 cores, k = 64 steps took 1.3x a
 supervised step with the thread and 1.05x reading inline). With a GPU doing the math
-the cores are idle and the thread hides the reads. `kdcache train` prefetches only off
-CPU.
+the cores are idle and the thread hides the reads. `kdcache train` prefetches off CPU,
+and from a store in object storage (`s3://...`) on CPU too: there a window's reads wait on
+the network's latency, which the thread overlaps with the step, not on the cores.
 
 A store still being built is usable: a window whose shards are not committed yet
 waits for them (`StoreDataset`), giving up after `wait_timeout_s` seconds without a

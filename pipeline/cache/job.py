@@ -151,11 +151,20 @@ def _log_job(out: str, job: CacheJob) -> None:
 
 
 def _roll_back(out: str, created: bool) -> None:
-    """A store this run created and never committed to is removed: bad input changes nothing."""
+    """A store this run created and never committed to is removed: bad input changes nothing.
+
+    Best effort: it runs while the job's own error propagates, and where the store cannot be
+    reached (an object store gone away) that error, not the roll-back's, is the one to report;
+    the leftover store holds no committed shard, and the same command resumes it."""
+    if not created:
+        return
     path = locate(out)
-    # The ledger alone decides: a reader's integrity checks must never get committed work deleted.
-    if created and path.exists() and not committed(path):
-        path.remove()
+    try:
+        # The ledger alone decides: a reader's integrity checks must never get committed work deleted.
+        if path.exists() and not committed(path):
+            path.remove()
+    except (OSError, StoreError):
+        pass
 
 
 def _check_paths(cfg: CacheConfig) -> TokenData:

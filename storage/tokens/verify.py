@@ -138,7 +138,7 @@ def _verify_split(
     rows, step = arr.shape[0], arr.chunks[0]
     per_block = max(1, BLOCK_TOKENS // max(1, step * arr.shape[1])) * step
     body, problems, decoded = hashlib.sha256(), [], True
-    files = set(root.keys())  # one listing, not a stat (or a HEAD) per chunk
+    files = set(root.objects())  # one listing, not a stat (or a HEAD) per chunk
     for start in range(0, rows, per_block):
         stop = min(start + per_block, rows)
         try:

@@ -26,8 +26,8 @@ def test_a_store_on_s3_has_the_bytes_of_the_same_store_on_disk(s3, tmp_path: Pat
     _write(tmp_path / "store.zarr", meta, range(meta.num_shards))
     _write(f"{s3}/store.zarr", meta, range(meta.num_shards))
     local, remote = locate(tmp_path / "store.zarr"), locate(f"{s3}/store.zarr")
-    files = {k for k in local.keys() if ".partial" not in k}
-    assert files == set(remote.keys())
+    files = {k for k in local.objects() if ".partial" not in k}
+    assert files == set(remote.objects())
     for key in files:
         assert local.read(key) == remote.read(key), key
     a, b = StoreReader(tmp_path / "store.zarr"), StoreReader(f"{s3}/store.zarr")

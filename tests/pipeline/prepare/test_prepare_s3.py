@@ -10,17 +10,27 @@ import pytest
 
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.errors import PipelineError
-from kdcache.pipeline.prepare.job import PrepareConfig, prepare
+from kdcache.pipeline.prepare.job import prepare
 from kdcache.storage.errors import StoreError
 from kdcache.storage.location import ObjectPrefix, locate
 from kdcache.storage.tokens.format import open_token_data
 from kdcache.storage.tokens.verify import verify_token_data
-from tests.pipeline.prepare.test_prepare import _cfg, _tree_bytes, text_dir  # noqa: F401
+from tests.pipeline.prepare.test_prepare import _cfg, _docs, _tree_bytes
+
+
+@pytest.fixture
+def text_dir(tmp_path: Path) -> Path:
+    """test_prepare.py's corpus: 40 documents of marker words, half of them in a subfolder."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i, text in enumerate(_docs(40)):
+        (root / ("sub" if i % 2 else ".") / f"{i:03d}.txt").write_text(text)
+    return root
 
 
 def _objects(url: str) -> dict[str, bytes]:
     where = locate(url)
-    return {key: where.read(key) for key in sorted(where.keys())}
+    return {key: where.read(key) for key in sorted(where.objects())}
 
 
 def test_prepare_to_s3_writes_the_bytes_it_writes_on_disk(text_dir: Path, tmp_path: Path, s3: str) -> None:
@@ -59,7 +69,8 @@ def test_refuses_existing_output_and_overwrites_whole(text_dir: Path, s3: str) -
     assert after.meta["seed"] == 1 and set(_objects(f"{s3}/data")) == set(before)
 
 
-def test_an_interrupted_upload_is_never_readable(text_dir: Path, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_upload_is_never_readable(text_dir: Path, s3: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The upload dies after a few objects: readers find no token data, not part of one."""
     real, calls = ObjectPrefix.publish, []
 
@@ -73,7 +84,7 @@ def test_an_interrupted_upload_is_never_readable(text_dir: Path, s3: str, monkey
     with pytest.raises(KeyboardInterrupt):
         prepare(_cfg(text_dir, f"{s3}/data"))  # type: ignore[arg-type]
     monkeypatch.setattr(ObjectPrefix, "publish", real)
-    assert locate(f"{s3}/data").keys() and "zarr.json" not in locate(f"{s3}/data").keys()
+    assert locate(f"{s3}/data").objects() and "zarr.json" not in locate(f"{s3}/data").objects()
     with pytest.raises(StoreError, match="not a token data directory"):
         open_token_data(f"{s3}/data")
     with pytest.raises(PipelineError, match="holds objects but no token data"):
