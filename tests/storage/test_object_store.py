@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,10 @@ def test_a_store_on_s3_has_the_bytes_of_the_same_store_on_disk(s3, tmp_path: Pat
     local, remote = locate(tmp_path / "store.zarr"), locate(f"{s3}/store.zarr")
     files = {k for k in local.objects() if ".partial" not in k}
     assert files == set(remote.objects())
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
     for key in files:
         assert local.read(key) == remote.read(key), key
+        assert secret not in remote.read(key)  # credentials live in the environment only
     a, b = StoreReader(tmp_path / "store.zarr"), StoreReader(f"{s3}/store.zarr")
     rows = np.array([0, 5, 6, 11])
     for name, values in a.read_rows(rows).items():

@@ -122,3 +122,21 @@ def test_kdcache_train_distills_from_a_store_on_s3_as_from_the_same_store_on_dis
     assert remote["loss_history"] == disk["loss_history"]  # the same batches, the same steps
     assert remote["loss"] == disk["loss"] and remote["teacher_loss"] == disk["teacher_loss"]
     assert [r.store for r in read_run_rows(runs)] == [disk["store"], url]
+
+
+def test_token_data_and_store_both_on_s3_train_the_student_the_disk_trains(built, s3, tmp_path, capsys):
+    data, store = f"{s3}/data", f"{s3}/store.zarr"
+    upload(LocalDir(built["data"]), locate(data))  # the bytes prepare publishes (tests/pipeline/prepare)
+    upload(LocalDir(built["local"]), locate(store))
+    records = {}
+    for name, (d, s) in {"disk": (str(built["data"]), str(built["local"])), "s3": (data, store)}.items():
+        argv = ["train", "--data", d, "--distill", s, "--out", str(tmp_path / name), "--layers", "1",
+                "--rho", "32", "--max-steps", "4", "--batch-size", str(BATCH), "--seed", str(SEED),
+                "--threads", "1", "--quiet"]
+        assert main(argv) == 0, capsys.readouterr().err
+        records[name] = json.loads((tmp_path / name / "kdcache.json").read_text())
+    assert records["s3"]["training"]["loss_history"] == records["disk"]["training"]["loss_history"]
+    assert records["s3"]["data"]["path"] == data  # the URL as given
+    assert records["s3"]["data"]["fingerprint"] == records["disk"]["data"]["fingerprint"]
+    # The student carries the data's tokenizer, fetched from the object store.
+    assert (tmp_path / "s3" / "tokenizer.json").read_bytes() == (built["data"] / "tokenizer.json").read_bytes()

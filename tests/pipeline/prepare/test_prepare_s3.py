@@ -15,17 +15,7 @@ from kdcache.storage.errors import StoreError
 from kdcache.storage.location import ObjectPrefix, locate
 from kdcache.storage.tokens.format import open_token_data
 from kdcache.storage.tokens.verify import verify_token_data
-from tests.pipeline.prepare.test_prepare import _cfg, _docs, _tree_bytes
-
-
-@pytest.fixture
-def text_dir(tmp_path: Path) -> Path:
-    """test_prepare.py's corpus: 40 documents of marker words, half of them in a subfolder."""
-    root = tmp_path / "corpus"
-    (root / "sub").mkdir(parents=True)
-    for i, text in enumerate(_docs(40)):
-        (root / ("sub" if i % 2 else ".") / f"{i:03d}.txt").write_text(text)
-    return root
+from tests.pipeline.prepare.test_prepare import _cfg, _tree_bytes
 
 
 def _objects(url: str) -> dict[str, bytes]:
