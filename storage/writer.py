@@ -51,6 +51,7 @@ def read_attrs(path: str | os.PathLike[str] | Location) -> Any:
     if isinstance(loc, LocalDir) and loc.path.is_file():
         raise StoreError(f"{loc}: is a file, not a kdcache store")
     if not loc.is_file("zarr.json"):
+        loc.check()  # a missing bucket or a refused listing says so, rather than "no zarr.json"
         raise StoreError(f"{loc}: not a kdcache store (no zarr.json)")
     try:
         group = open_group(loc)

@@ -358,6 +358,7 @@ def read_token_meta(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """The group attribute, checked for the fields every reader relies on."""
     path = locate(path)
     if not path.is_file("zarr.json"):
+        path.check()  # a missing bucket or a refused listing says so, rather than "no zarr.json"
         raise StoreError(f"{path}: not a token data directory (no zarr.json; run kdcache prepare)")
     try:
         group = open_group(path)

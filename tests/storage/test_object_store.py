@@ -58,3 +58,16 @@ def test_a_deleted_shard_object_fails_the_read_naming_shard_and_array(s3):
     problems = verify_store(url)
     assert [(p.shard, p.array) for p in problems] == [(1, "logprobs")]
 
+
+
+@pytest.mark.parametrize("verb", ["inspect", "verify", "train"])
+def test_a_reader_of_a_missing_bucket_says_so_in_one_line(s3, verb, tmp_path, capsys):
+    from kdcache.pipeline.cli import main
+
+    url = "s3://kdcache-no-such-bucket/store.zarr"
+    argv = {"inspect": ["inspect", url], "verify": ["verify", url],
+            "train": ["train", "--data", url, "--out", str(tmp_path / "student"), "--layers", "1", "--quiet"]}
+    assert main(argv[verb]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{url}: the bucket does not exist" in err[0], err
+    assert not (tmp_path / "student").exists()

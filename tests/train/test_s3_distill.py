@@ -139,4 +139,5 @@ def test_token_data_and_store_both_on_s3_train_the_student_the_disk_trains(built
     assert records["s3"]["data"]["path"] == data  # the URL as given
     assert records["s3"]["data"]["fingerprint"] == records["disk"]["data"]["fingerprint"]
     # The student carries the data's tokenizer, fetched from the object store.
-    assert (tmp_path / "s3" / "tokenizer.json").read_bytes() == (built["data"] / "tokenizer.json").read_bytes()
+    carried = (tmp_path / "s3" / "tokenizer.json").read_bytes()
+    assert carried == (built["data"] / "tokenizer.json").read_bytes()
