@@ -166,7 +166,7 @@ def test_an_hf_student_distilled_on_chat_data_is_a_drop_in_chat_model(world: dic
     # --tokens counts trained tokens: whole steps of ~8 rows' mean, so within a step's positions.
     assert row["kind"] == "distill" and abs(row["tokens"] - 4000) < 8 * CHAT_SEQ_LEN
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        assert (out / name).read_bytes() == (data.path / name).read_bytes()
+        assert (out / name).read_bytes() == (Path(data.path) / name).read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "user", "content": "t20 t21"}, {"role": "assistant", "content": "t30"}]
     ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]

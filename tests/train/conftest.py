@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> TokenData:
 
 @pytest.fixture
 def tiny_data_path(tiny_data: TokenData) -> Path:
-    return tiny_data.path
+    return Path(tiny_data.path)
 
 
 CHAT_VOCAB, CHAT_SEQ_LEN, CHAT_EOS = 64, 32, 1
@@ -49,9 +50,10 @@ def word_tokenizer(vocab: int = CHAT_VOCAB) -> bytes:
     return tokenizer.to_str().encode()
 
 
-def add_chat_template(directory: Path) -> None:
+def add_chat_template(directory: Path | os.PathLike[str]) -> None:
     """The files `kdcache prepare` keeps beside tokenizer.json for chat data: the tokenizer's
     config (special tokens, the template) and chat_template.jinja."""
+    directory = Path(directory)  # TokenData.path is a LocalDir: a path-like
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": f"t{CHAT_EOS}",
               "chat_template": CHAT_TEMPLATE}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,7 +97,7 @@ def test_a_student_directory_is_a_drop_in_chat_model(world: dict[str, Any]) -> N
 
     out = _run(world, "drop-in")["out"]
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        assert (out / name).read_bytes() == (world["data"].path / name).read_bytes()
+        assert (out / name).read_bytes() == (Path(world["data"].path) / name).read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "user", "content": "t20 t21"}, {"role": "assistant", "content": "t30"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
