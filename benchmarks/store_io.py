@@ -71,8 +71,8 @@ from kdcache.storage import (
     StoreWriter,
 )
 from kdcache.storage.ledger import entry_key
-from kdcache.storage.location import LocalDir, Location, locate
-from kdcache.storage.shardio import ShardPlan, io_pool
+from kdcache.storage.location import LocalDir, Location, io_pool, locate
+from kdcache.storage.shardio import ShardPlan
 
 KS = (16, 64, 128)
 VOCABS = (4096, 32768, 128256)

@@ -119,10 +119,6 @@ class Location(ABC):
         """Whether an object `key` exists."""
 
     @abstractmethod
-    def size(self, key: str) -> int:
-        """Bytes of object `key`; FileNotFoundError when there is none."""
-
-    @abstractmethod
     def stamp(self, key: str) -> Hashable:
         """A value that changes when object `key` is replaced (None: it is never replaced
         while a reader holds it: see shardio.RowSource)."""
@@ -221,9 +217,6 @@ class LocalDir(Location):
 
     def is_file(self, key: str) -> bool:
         return self.file(key).is_file()
-
-    def size(self, key: str) -> int:
-        return self.file(key).stat().st_size
 
     def stamp(self, key: str) -> Hashable:
         st = os.stat(self.file(key))
@@ -360,16 +353,13 @@ class ObjectPrefix(Location):
         return bytes(self._call(key, lambda: obstore.get(self.store, key).bytes()))
 
     def is_file(self, key: str) -> bool:
+        import obstore
+
         try:
-            self.size(key)
+            self._call(key, lambda: obstore.head(self.store, key))
         except FileNotFoundError:
             return False
         return True
-
-    def size(self, key: str) -> int:
-        import obstore
-
-        return int(self._call(key, lambda: obstore.head(self.store, key))["size"])
 
     def stamp(self, key: str) -> Hashable:
         return None
@@ -440,9 +430,7 @@ class ObjectPrefix(Location):
             return []
 
     def remove(self) -> None:
-        keys = self.objects()
-        if "zarr.json" in keys:
-            self.delete("zarr.json")
+        keys = sorted(self.objects(), key=lambda k: k != "zarr.json")  # the root first
         for key in keys:
             self.delete(key)
 
@@ -490,6 +478,12 @@ def upload(src: LocalDir, dst: Location) -> None:
     dst.publish("zarr.json", src.read("zarr.json"))
 
 
+def resolved(where: str | os.PathLike[str]) -> str:
+    """How records name a place (runs tables, model records): a URL as given, normalised; a
+    local path absolute, so it means the same from any working directory."""
+    return str(locate(where)) if is_url(where) else str(Path(where).resolve())
+
+
 def check_output(where: str | os.PathLike[str], flag: str) -> None:
     """Refuse an output folder (a path or URL) that cannot be written, before any work starts."""
     if is_url(where):
@@ -507,12 +501,10 @@ def download(src: Location, dest: Path) -> Path:
     keys = src.objects()
     if not keys:  # one object: the URL's last part is its name
         parent, _, name = src.url.rpartition("/")
-        try:
-            if not parent.partition("://")[2]:
-                raise FileNotFoundError(src.url)
-            return ObjectPrefix(parent).fetch(name, dest / name)
-        except FileNotFoundError:
-            raise StoreError(f"{src}: no object, and no objects under it") from None
+        with contextlib.suppress(FileNotFoundError):
+            if parent.partition("://")[2]:  # not the bucket itself
+                return ObjectPrefix(parent).fetch(name, dest / name)
+        raise StoreError(f"{src}: no object, and no objects under it")
     for key in sorted(keys):
         if ".." in key.split("/"):
             raise StoreError(f"{src}/{key}: an object key with '..' cannot be a local file name")

@@ -52,7 +52,8 @@ class StoreReader:
 
     def __init__(self, path: str | os.PathLike[str] | Location, fields: Sequence[str] | None = None) -> None:
         self.path = locate(path)
-        self.meta: StoreMeta = read_meta(self.path)
+        attrs = read_attrs(self.path)  # once: on an object store every read is a request
+        self.meta: StoreMeta = StoreMeta.from_json(attrs, str(self.path))
         names = list(array_specs(self.meta))
         self.fields = tuple(names if fields is None else fields)
         unknown = set(self.fields) - set(names)
@@ -60,7 +61,7 @@ class StoreReader:
             raise StoreError(f"{self.path}: a {self.meta.kind} store has no arrays {sorted(unknown)}")
         group = open_group(self.path)
         integrity.raise_first(self.path, integrity.layout_problems(self.path, self.meta))
-        self._identity = identity_digest(read_attrs(self.path))
+        self._identity = identity_digest(attrs)
         self._arrays = {name: cast(zarr.Array, group[name]) for name in self.fields}
         specs = array_specs(self.meta)
         self._views = {name: specs[name].dtype for name, a in self._arrays.items()

@@ -36,7 +36,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from kdcache.storage.errors import StoreError
-from kdcache.storage.location import Location, io_pool
+from kdcache.storage.location import Location
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and length of an inner chunk that was never written
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -232,18 +232,12 @@ class RowSource:
                                       f"array '{name}' in {where}, inner chunk {chunk},")
                     for name, plan in self.plans.items()}
         out = {name: np.empty((unique.size, *p.shape[1:]), dtype=p.dtype) for name, p in self.plans.items()}
-        fetches: list[tuple[str, np.ndarray, Any]] = []
-        for name in self.plans:
-            for shard in distinct(chunks // per).tolist():
-                mine = np.flatnonzero(chunks // per == shard)
-                wanted = (chunks[mine] % per).tolist()
-                # Over the network every array's request is in flight at once; on disk, inline.
-                got = (io_pool().submit(self._fetch, name, shard, wanted) if self.remote
-                       else self._fetch(name, shard, wanted))
-                fetches.append((name, mine, got))
+        fetches = [(name, shard, np.flatnonzero(chunks // per == shard))
+                   for name in self.plans for shard in distinct(chunks // per).tolist()]
+        # Over the network every array's request is in flight at once; on disk, inline.
+        got = any_plan.folder.map(lambda f: self._fetch(f[0], f[1], (chunks[f[2]] % per).tolist()), fetches)
         jobs = []
-        for name, mine, got in fetches:
-            raws = got.result() if self.remote else got
+        for (name, _, mine), raws in zip(fetches, got, strict=True):
             for i, raw in zip(mine.tolist(), raws, strict=True):
                 at = f"array '{name}' in {where}, inner chunk {chunks[i]},"
                 jobs.append(pool().submit(self._fill, name, raw, int(chunks[i]), bounds[:, i],

@@ -57,7 +57,7 @@ from kdcache.fit.flops import forward_flops, training_flops
 from kdcache.hub import resolve_model
 from kdcache.paths import check_writable
 from kdcache.storage import read_meta
-from kdcache.storage.location import is_url, locate
+from kdcache.storage.location import is_url, resolved
 from kdcache.storage.model_record import MODEL_RECORD, has_model_record, read_model_record
 from kdcache.storage.runs import RunRow, append_run, check_appendable, has_run
 from kdcache.storage.tokens.format import TokenData, open_token_data
@@ -242,13 +242,11 @@ def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
                        tau=meta.temperature, z_loss=cfg.recipe.z_loss)
     # On CPU a prefetch thread competes with torch's threads for the cores (store_batches.py),
     # but a remote store's reads wait on the network, not the CPU: those are read ahead anywhere.
-    store = locate(d.distill)
-    prefetch = 2 if store.remote or cfg.runtime.device != "cpu" else 0
+    prefetch = 2 if is_url(d.distill) or cfg.runtime.device != "cpu" else 0
     source = StoreBatches(d.distill, batch_size=loop.batch_size, seed=loop.seed, rank=world.rank,
                           world=world.size, prefetch=prefetch)
     identity = json.dumps(meta.identity(), sort_keys=True)
-    where = str(store) if store.remote else str(Path(d.distill).resolve())
-    teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": where,
+    teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": resolved(d.distill),
                "k": meta.k, "temperature": meta.temperature, "lam": d.lam}
     return Objective(source, loss, teacher_fingerprint=identity, teacher=teacher, split=meta.data.split)
 
@@ -724,8 +722,7 @@ def _save(cfg: TrainJobConfig, out: Path, data: TokenData, built: BuiltStudent, 
                 "loss_history": result.history, "evals": evals}
     if built.lora is not None:
         training["lora"] = {**built.lora, "save": cfg.runtime.lora_save}
-    where = str(locate(cfg.data)) if is_url(cfg.data) else str(Path(cfg.data).resolve())
-    trained_on = {"path": where, "fingerprint": data.fingerprint,
+    trained_on = {"path": resolved(cfg.data), "fingerprint": data.fingerprint,
                   "tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
     student = built.student
     try:

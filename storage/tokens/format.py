@@ -25,9 +25,11 @@ by `kdcache verify`, which recomputes every split's fingerprint.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -448,7 +450,7 @@ def local_tokenizer(path: Location) -> Path:
     with _TOKENIZERS_LOCK:
         if str(path) not in _TOKENIZERS:
             folder = Path(tempfile.mkdtemp(prefix="kdcache-tokenizer-"))
-            _cleanup(folder)
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
             for name in ("tokenizer.json", *TOKENIZER_FILES):
                 try:
                     (folder / name).write_bytes(path.read(name))
@@ -456,10 +458,3 @@ def local_tokenizer(path: Location) -> Path:
                     continue
             _TOKENIZERS[str(path)] = folder / "tokenizer.json"
         return _TOKENIZERS[str(path)]
-
-
-def _cleanup(folder: Path) -> None:
-    import atexit
-    import shutil
-
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
