@@ -23,7 +23,8 @@ The format, per position (one next-token distribution):
   significant bit first into one bit stream, zero-padded to whole bytes;
 * nothing is stored about the mass outside the k: DistillKit's decoder either drops it (its
   "zero" missing-probability mode: the k are renormalised) or takes it as 1 - sum of the decoded
-  probabilities spread over the other d - k ids, each floored at 1e-8 ("symmetric_uniform").
+  probabilities spread over the other d - k ids ("symmetric_uniform"); its loss
+  (`lossfuncs/kl.py`) floors that rest mass at 1e-8.
 
 Rows go into Parquet as one row per sequence with the schema `input_ids: list<uint64>,
 compressed_logprobs: list<list<uint8>>, bytepacked_indices: list<list<uint8>>`, written by
@@ -190,6 +191,8 @@ def read_parquet(path: Path, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def tail_mass(logprobs: np.ndarray, cfg: Config) -> np.ndarray:
-    """The mass DistillKit's "symmetric_uniform" decoder gives the d - k other ids, float64."""
+    """The mass DistillKit's "symmetric_uniform" decoder gives the d - k other ids, float64,
+    floored at 1e-8 as its KL loss floors it."""
+    del cfg
     rest = 1 - np.exp(logprobs.astype(np.float64)).sum(-1)
-    return np.maximum(rest, (cfg.d - cfg.k) * MISSING_FLOOR)
+    return np.maximum(rest, MISSING_FLOOR)

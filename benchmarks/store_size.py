@@ -1,12 +1,17 @@
-"""Bytes per token of real teacher targets, before and after the bit-pattern layout.
+"""Bytes per token and KL of real teacher targets, in every value mode and against DistillKit.
 
 Takes a top-k store a real teacher made (`kdcache cache`, e.g. SmolLM2-135M at k = 128
 over stdlib text) and, for each k in --ks up to the store's, writes its first k ids and
-log-probs twice: with the codecs of stores before this layout (float16 log-probs,
-Blosc-zstd level 3 with Blosc's default blocks, written by zarr) and with today's
-(`StoreWriter`). The top-k of a top-K list is its first k entries; the tail mass of a
-prefix is recomputed in float64 from the stored values, so its bytes are representative,
-not the teacher's exact ones. Both copies are read back and compared byte for byte.
+log-probs with the cache job's own layout (`StoreWriter`, the chunk rows the cache job picks
+for that k and the store's shard rows):
+- `before`: the previous layout (uint16 bit patterns of the log-probs behind numcodecs'
+  delta and Blosc-zstd, ids behind Blosc-zstd; written by zarr);
+- `exact`: today's lossless layout (entropy-coded ids and log-prob codes, codecs.py);
+- `sqrt8`, `sqrt9`: the lossy value modes (`kdcache cache --values`);
+- `exact, V = 151,936`: the same targets in a store whose vocabulary needs uint32 ids.
+The top-k of a top-K list is its first k entries; the tail mass of a prefix is recomputed in
+float64 from the stored values. Every copy is read back through plain zarr and compared byte
+for byte with what its writer was given (for the lossy modes, after the mode's rounding).
 
 With --teacher (the model directory the store was made with) it also compares against
 DistillKit: the teacher is rerun in float32 over the store's `tokens` (inputs `tokens[:, :-1]`,
@@ -23,13 +28,11 @@ over the format's k stored ids S plus one tail category. P is the teacher: p_i =
 from its float32 log-softmax l, Z = sum over all V ids, p_rest the true mass of the other V - k
 ids (summed directly). Q is what the format decodes: kdcache's stored log-probs and
 `tail_logmass` (for k < the store's, the prefix tail described above); DistillKit's decoded
-log-probs and, for the rest, the mass its "symmetric_uniform" decoder implies,
-max(1 - sum_i q_i, (V - k) * 1e-8) (its "zero" mode gives the rest nothing, an infinite KL).
-Q is renormalised to sum to 1 over the k + 1 categories; the mean is over all positions.
-DistillKit's KL is given for its documented float32 fit (torch.linalg.svd, as DistillKit runs
-it) and, as `distillkit_kl_f64_fit`, for the same stored format fitted in float64; the float32
-fit is ill-conditioned at large k, and `distillkit_kl_numpy_f32_fit` (numpy's SVD) shows how much
-it depends on the routine.
+log-probs and, for the rest, max(1 - sum_i q_i, 1e-8), the floor DistillKit's KL loss applies
+(its "zero" mode gives the rest nothing, an infinite KL). Q is renormalised to sum to 1 over
+the k + 1 categories; mean and 99th percentile are over all positions. DistillKit's KL is given
+for its documented float32 fit (torch.linalg.svd, as DistillKit runs it) and, as
+`distillkit_kl_f64_fit`, for the same stored format fitted in float64.
 
     python benchmarks/store_size.py --store PATH [--ks 32 64 128] [--teacher MODEL_DIR] [--json]
 """
@@ -45,9 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs.numcodecs import Delta
 
 from kdcache.storage import StoreReader, StoreWriter, array_specs, read_meta
+from kdcache.storage.codecs import value_mode
+from kdcache.storage.layout import compressors, id_dtype, suggest_chunk_rows
 from kdcache.storage.writer import ATTR
 
 try:
@@ -67,20 +72,23 @@ def prefix(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
     return out
 
 
-def write_old(path: Path, meta, data: dict[str, np.ndarray]) -> None:
-    """The layout and codecs of stores written before (zarr's own writer)."""
+def write_before(path: Path, meta, data: dict[str, np.ndarray]) -> None:
+    """The previous layout: log-probs as delta-coded uint16 bit patterns, all arrays behind
+    Blosc-zstd level 1 with byte shuffle and one block per chunk (zarr's own writer)."""
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     for spec in array_specs(meta).values():
+        bits = spec.name == "logprobs"
+        values = data[spec.name].view(np.uint16) if bits else data[spec.name]
         array = group.create_array(
-            spec.name, shape=(meta.rows, *spec.row_shape), dtype=spec.dtype,
+            spec.name, shape=(meta.rows, *spec.row_shape), dtype=values.dtype,
             chunks=(meta.chunk_rows, *spec.row_shape), shards=(meta.shard_rows, *spec.row_shape),
-            compressors=(BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()),
-            fill_value=0 if spec.name == "ids" else (-1 if spec.name == "tokens" else float("nan")))
-        array[:] = data[spec.name]
+            filters=(Delta(dtype="<u2"),) if bits else (), compressors=compressors(),
+            fill_value=0 if bits else spec.fill_value)
+        array[:] = values
     group.attrs[ATTR] = meta.to_json()
 
 
-def write_new(path: Path, meta, data: dict[str, np.ndarray]) -> None:
+def write_store(path: Path, meta, data: dict[str, np.ndarray]) -> None:
     writer = StoreWriter.open(path, meta)
     for shard in writer.pending_shards():
         start, stop = meta.shard_bounds(shard)
@@ -94,29 +102,42 @@ def array_bytes(path: Path, names: list[str]) -> dict[str, int]:
 
 def measure(store: Path, k: int, tmp: Path, ref: dict[str, np.ndarray] | None = None) -> dict:
     source = StoreReader(store)
-    meta = dataclasses.replace(source.meta, k=k, complete=False, teacher_loss=None, padded_mass=None)
+    base = dataclasses.replace(source.meta, k=k, complete=False, teacher_loss=None, padded_mass=None,
+                               valid_loss=None, valid_tokens=None,
+                               chunk_rows=suggest_chunk_rows(source.meta.seq_len, k, source.meta.shard_rows))
     full = source.read_rows(source.committed_rows())
     data = prefix(full, k)
     tokens = data["target_logprob"].size
-    out = {"k": k, "vocab": meta.vocab_size, "tokens": tokens}
-    for name, write in (("old", write_old), ("new", write_new)):
-        path = tmp / f"{name}-{k}.zarr"
-        write(path, meta, data)
+    out: dict = {"k": k, "vocab": base.vocab_size, "tokens": tokens, "chunk_rows": base.chunk_rows,
+                 "formats": {}}
+    wide = dataclasses.replace(base, vocab_size=151_936, teacher=dataclasses.replace(
+        base.teacher, output_rows=max(151_936, base.teacher.output_rows or 0)))
+    formats = [("before", base, write_before), ("exact", base, write_store),
+               ("sqrt8", dataclasses.replace(base, values="sqrt8"), write_store),
+               ("sqrt9", dataclasses.replace(base, values="sqrt9"), write_store),
+               ("exact, V = 151,936", wide, write_store)]
+    for name, meta, write in formats:
+        path = tmp / f"{name.replace(' ', '').replace(',', '')}-{k}.zarr"
+        given = dict(data, ids=data["ids"].astype(id_dtype(meta.vocab_size)))
+        write(path, meta, given)
+        held = dict(given, logprobs=value_mode(meta.values).round_trip(given["logprobs"]))
         group = zarr.open_group(str(path), mode="r")
-        for array, values in data.items():
-            bits = group[array].attrs.get("kdcache_bits_of")
+        for array, values in held.items():
             got = group[array][:]
-            assert (got.view(bits) if bits else got).tobytes() == values.tobytes(), (name, array)
+            got = got.view(np.float16) if name == "before" and array == "logprobs" else got
+            assert got.tobytes() == values.tobytes(), (name, array)
         sizes = array_bytes(path, list(data))
-        out[f"{name}_bytes_per_token"] = {n: b / tokens for n, b in sizes.items()}
-        out[f"{name}_total_bytes_per_token"] = sum(sizes.values()) / tokens
-    out["id_bits_new"] = out["new_bytes_per_token"]["ids"] * 8 / k
+        row = {"bytes_per_token": {n: b / tokens for n, b in sizes.items()},
+               "total_bytes_per_token": sum(sizes.values()) / tokens}
+        row["id_bits"] = row["bytes_per_token"]["ids"] * 8 / k
+        if ref is not None:
+            q = np.exp(held["logprobs"].astype(np.float64))
+            q_rest = np.exp(held["tail_logmass"].astype(np.float64))
+            row["kl_mean"], row["kl_p99"] = kl(ref["store_p"][..., :k], ref[f"store_rest_{k}"], q, q_rest)
+        out["formats"][name] = row
     if ref is not None:
         out["id_check"] = check_ids(full, ref, k)
-        q = np.exp(data["logprobs"].astype(np.float64))
-        q_rest = np.exp(data["tail_logmass"].astype(np.float64))
-        out["kdcache_kl"] = kl(ref["store_p"][..., :k], ref[f"store_rest_{k}"], q, q_rest)
-        out.update(measure_distillkit(data, ref, k, meta.vocab_size, tmp))
+        out.update(measure_distillkit(data, ref, k, base.vocab_size, tmp))
     return out
 
 
@@ -156,14 +177,16 @@ def teacher_reference(model_dir: str, tokens: np.ndarray, ids: np.ndarray, ks: l
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def kl(p: np.ndarray, p_rest: np.ndarray, q: np.ndarray, q_rest: np.ndarray) -> float:
-    """Mean over positions of KL(P || Q) on k ids + a rest category, Q renormalised, float64."""
+def kl(p: np.ndarray, p_rest: np.ndarray, q: np.ndarray, q_rest: np.ndarray) -> tuple[float, float]:
+    """Mean and 99th percentile over positions of KL(P || Q) on k ids + a rest category, Q
+    renormalised, float64."""
     p = np.concatenate([p, p_rest[..., None]], -1).astype(np.float64)
     q = np.concatenate([q, q_rest[..., None]], -1).astype(np.float64)
     q = q / q.sum(-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
-    return float(terms.sum(-1).mean())
+    per = terms.sum(-1).reshape(-1)
+    return float(per.mean()), float(np.percentile(per, 99))
 
 
 def check_ids(data: dict[str, np.ndarray], ref: dict[str, np.ndarray], k: int) -> dict:
@@ -196,8 +219,8 @@ def measure_distillkit(data: dict[str, np.ndarray], ref: dict[str, np.ndarray], 
         assert (dec_ids == ids).all()
         q = np.exp(dec_lp.astype(np.float64))
         out[f"distillkit{suffix}_bytes_per_token"] = size / tokens
-        out[f"distillkit_kl{suffix}"] = kl(ref["top_p"][..., :k], ref[f"top_rest_{k}"], q,
-                                           dk.tail_mass(dec_lp, cfg))
+        out[f"distillkit_kl{suffix}"], out[f"distillkit_kl_p99{suffix}"] = kl(
+            ref["top_p"][..., :k], ref[f"top_rest_{k}"], q, dk.tail_mass(dec_lp, cfg))
         out[f"distillkit{suffix}_positions_mass_over_1"] = int((q.sum(-1) > 1).sum())
         out[f"distillkit{suffix}_max_abs_logprob_error"] = float(np.abs(dec_lp - values).max())
     return out
@@ -223,25 +246,25 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    extra = ref is not None
-    head = ["k", "tokens", "before B/token", "after B/token", "ids before", "ids after", "log-probs before",
-            "log-probs after"]
-    if extra:
-        head += ["DistillKit B/token", "kdcache mean KL", "DistillKit mean KL (f32 fit)",
-                 "DistillKit mean KL (f64 fit)", "ids differ (max gap)"]
+    head = ["k", "format", "B/token (all arrays)", "ids B/token (bits/id)", "log-probs B/token"]
+    if ref is not None:
+        head += ["mean KL", "p99 KL"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in results:
-        old, new = r["old_bytes_per_token"], r["new_bytes_per_token"]
-        cells = [str(r["k"]), str(r["tokens"]), f"{r['old_total_bytes_per_token']:.1f}",
-                 f"{r['new_total_bytes_per_token']:.1f}", f"{old['ids']:.1f}", f"{new['ids']:.1f}",
-                 f"{old['logprobs']:.1f}", f"{new['logprobs']:.1f}"]
-        if extra:
-            check = r["id_check"]
-            cells += [f"{r['distillkit_bytes_per_token']:.1f}", f"{r['kdcache_kl']:.1e}",
-                      f"{r['distillkit_kl']:.1e}", f"{r['distillkit_kl_f64_fit']:.1e}",
-                      f"{check['positions_differ']} ({check['max_gap_where_differ']:.1g})"]
-        print("| " + " | ".join(cells) + " |")
+        for name, row in r["formats"].items():
+            per = row["bytes_per_token"]
+            cells = [str(r["k"]), name, f"{row['total_bytes_per_token']:.1f}",
+                     f"{per['ids']:.1f} ({row['id_bits']:.1f})", f"{per['logprobs']:.1f}"]
+            if ref is not None:
+                cells += [f"{row['kl_mean']:.1e}", f"{row['kl_p99']:.1e}"]
+            print("| " + " | ".join(cells) + " |")
+        if ref is not None:
+            for suffix, label in (("", "DistillKit (f32 fit)"), ("_f64_fit", "DistillKit (f64 fit)")):
+                print(f"| {r['k']} | {label} | {r[f'distillkit{suffix}_bytes_per_token']:.1f} | "
+                      f"({r['distillkit_id_bits']}) | | {r[f'distillkit_kl{suffix}']:.1e} | "
+                      f"{r[f'distillkit_kl_p99{suffix}']:.1e} |")
+
 
 if __name__ == "__main__":
     main()

@@ -10,13 +10,12 @@ Codecs were chosen by measurement (benchmarks/store_io.py): Blosc-zstd with byte
 shuffle beat plain zstd, bit shuffle, lz4 and rank-major transposes on realistic top-k
 ids and log-probs. A crc32c per inner chunk makes every read check its bytes.
 
-A top-k store's log-probs are sorted within each position, so their float16 bit patterns
-(all non-positive values) rise along k by a few units each. New stores keep them as those
-bit patterns (uint16, the array attribute `kdcache_bits_of` says "float16") through
-numcodecs' lossless `delta` filter, which takes a third off their size. Zarr has no codec
-that reinterprets bits, so plain zarr returns uint16 here: `.view(np.float16)` is the one
-extra step (docs/store-format.md). Stores written before keep float16 arrays, and
-every reader accepts both.
+A top-k store's ids and log-probs use kdcache's own codecs (codecs.py, registered with
+zarr): entropy-coded ids, and log-probs coded as rising integer codes along each sorted
+row, exact or in a lossy `values` mode. Both arrays keep their own dtypes (uint16/uint32,
+float16). Stores written between v0.3 and this layout hold top-k log-probs as uint16 bit
+patterns (the array attribute `kdcache_bits_of` says "float16") behind numcodecs' `delta`
+filter; stores before that hold float16 behind Blosc. Every reader accepts all three.
 
 A store over data packed by document (chat, completion) also holds the data's
 `loss_mask` and `position_ids` rows, and only trained positions hold targets: the others
@@ -32,8 +31,8 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.codecs.numcodecs import Delta
 
+from kdcache.storage.codecs import SortedLogprobs, TopkIds
 from kdcache.storage.metadata import Kind, StoreMeta
 from kdcache.storage.tokens import format as token_format
 
@@ -60,18 +59,12 @@ class ArraySpec:
     name: str
     dtype: np.dtype
     row_shape: tuple[int, ...]  # shape of one row
-    bits: bool = False  # new stores keep it as delta-coded unsigned bit patterns of `dtype`
-
-    @property
-    def stored_dtype(self) -> np.dtype:
-        return np.dtype(f"<u{self.dtype.itemsize}") if self.bits else self.dtype
+    bits: bool = False  # stores of the previous layout may keep it as unsigned bit patterns
+    serializer: Any = None  # kdcache's array-to-bytes codec for it in new stores (codecs.py)
 
     @property
     def fill_value(self) -> float | int:
-        fill = _FILL.get(self.name, float("nan"))
-        if self.bits:  # NaN's bit pattern, so a viewed unwritten row still reads as NaN
-            return int(np.array(fill, dtype=self.dtype).view(self.stored_dtype))
-        return fill
+        return _FILL.get(self.name, float("nan"))
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -85,10 +78,12 @@ def array_names(meta: StoreMeta) -> tuple[str, ...]:
 
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
     t, k = meta.seq_len, meta.k
+    topk = meta.kind == "topk"
     every = {
         "tokens": ArraySpec("tokens", np.dtype(np.int32), (t + 1,)),
-        "ids": ArraySpec("ids", id_dtype(meta.vocab_size), (t, k)),
-        "logprobs": ArraySpec("logprobs", np.dtype(np.float16), (t, k), bits=meta.kind == "topk"),
+        "ids": ArraySpec("ids", id_dtype(meta.vocab_size), (t, k), serializer=TopkIds()),
+        "logprobs": ArraySpec("logprobs", np.dtype(np.float16), (t, k), bits=topk,
+                              serializer=SortedLogprobs(values=meta.values) if topk else None),
         "tail_logmass": ArraySpec("tail_logmass", np.dtype(np.float32), (t,)),
         "target_logprob": ArraySpec("target_logprob", np.dtype(np.float32), (t,)),
         "counts": ArraySpec("counts", np.dtype(np.uint8), (t, k)),
@@ -127,15 +122,15 @@ def compressors() -> tuple[BloscCodec, Crc32cCodec]:
             Crc32cCodec())
 
 
-def filters(spec: ArraySpec) -> tuple[Any, ...]:
-    """The array-to-array codecs of a new array: the delta of bit patterns, or none."""
-    if not spec.bits:
-        return ()
-
-    return (Delta(dtype=spec.stored_dtype.str),)
+def codec_chain(spec: ArraySpec) -> dict[str, Any]:
+    """`create_array` arguments for a new array's codecs: kdcache's own serializer then a
+    crc32c, or the bytes serializer, Blosc and a crc32c."""
+    if spec.serializer is not None:
+        return {"serializer": spec.serializer, "compressors": (Crc32cCodec(),)}
+    return {"compressors": compressors()}
 
 
 def holds_bits(array: zarr.Array, spec: ArraySpec) -> bool:
     """Whether a store's array holds `spec`'s values as bit patterns (new layout) or as is."""
-    return (spec.bits and array.dtype == spec.stored_dtype
+    return (spec.bits and array.dtype == np.dtype(f"<u{spec.dtype.itemsize}")
             and array.attrs.get(BITS_ATTR) == str(spec.dtype))

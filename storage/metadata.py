@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kdcache.storage.codecs import VALUE_MODES
 from kdcache.storage.errors import StoreError
 
 FORMAT = "kdcache.logits/1"
@@ -69,6 +70,8 @@ class StoreMeta:
     chunk_rows: int = 1
     draws: int | None = None
     seed: int = 0  # of the sampled kind's draws
+    values: str = "exact"
+    """How top-k log-probs are kept: `exact` (float16) or a lossy mode (codecs.VALUE_MODES)."""
     format: str = FORMAT
     complete: bool = False
     teacher_loss: float | None = None
@@ -101,6 +104,10 @@ class StoreMeta:
                 raise StoreError(f"field 'draws' must be in 1..{MAX_DRAWS} for a sampled store")
             if self.k > self.draws:
                 raise StoreError(f"field 'k' ({self.k}) exceeds 'draws' ({self.draws})")
+        if self.values not in VALUE_MODES:
+            raise StoreError(f"field 'values' must be one of {VALUE_MODES}, got {self.values!r}")
+        if self.values != "exact" and self.kind != "topk":
+            raise StoreError(f"field 'values' is {self.values!r}, but only a topk store has a lossy mode")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise StoreError(f"field 'temperature' must be > 0, got {self.temperature}")
         if self.teacher.output_rows is not None and self.teacher.output_rows < self.vocab_size:

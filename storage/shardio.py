@@ -4,7 +4,8 @@ Zarr-python spends ~0.5 ms of Python and event-loop round trips per inner chunk,
 made it the bottleneck of every read and write (benchmarks/store_io.py: ~140k tokens/s
 read, ~100k written, where the codec alone runs at millions). A store's arrays use one of
 a few fixed chains inside the sharding codec: an optional numcodecs `delta` filter, the
-little-endian `bytes` serializer, `blosc`, then `crc32c`; the shard index (offset and
+little-endian `bytes` serializer, `blosc`, then `crc32c`; or one of kdcache's own
+serializers (codecs.py), then `crc32c`; the shard index (offset and
 length per inner chunk, then its own crc32c) sits at the end of the file. For those
 chains this module decodes and encodes inner chunks with numcodecs and crc32c itself, on
 a thread pool (Blosc releases the GIL), and writes each shard file whole. Any other
@@ -35,6 +36,7 @@ from numcodecs import Blosc, Delta
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
+from kdcache.storage.codecs import KdcacheCodec
 from kdcache.storage.errors import StoreError
 from kdcache.storage.location import Location
 
@@ -68,9 +70,10 @@ class ShardPlan:
     shard_rows: int
     chunk_rows: int
     delta: bool
-    blosc: Blosc
+    blosc: Blosc | None  # None: `serializer` codes the chunk
     fill: Any
     key: Any  # shard index -> file key, zarr's chunk key encoding
+    serializer: Any = None  # a kdcache codec (codecs.py) in place of bytes + Blosc
 
     @classmethod
     def of(cls, array: zarr.Array, folder: Location) -> ShardPlan | None:
@@ -85,6 +88,14 @@ class ShardPlan:
         if (sharding.index_location != ShardingCodecIndexLocation.end or len(index) != 2
                 or not isinstance(index[1], Crc32cCodec) or not _little(index[0])):
             return None
+        shard, chunk = array.shards, sharding.chunk_shape
+        if shard is None or tuple(shard[1:]) != tuple(chunk[1:]) or tuple(shard[1:]) != array.shape[1:]:
+            return None
+        common = dict(folder=folder, dtype=np.dtype(array.dtype), shape=tuple(array.shape),
+                      shard_rows=shard[0], chunk_rows=chunk[0], fill=array.fill_value,
+                      key=lambda s, n=array.ndim: meta.encode_chunk_key((s, *([0] * (n - 1)))))
+        if len(inner) == 2 and isinstance(inner[0], KdcacheCodec) and isinstance(inner[1], Crc32cCodec):
+            return cls(delta=False, blosc=None, serializer=inner[0], **common)
         delta = bool(inner) and getattr(inner[0], "codec_name", "") == "numcodecs.delta"
         if delta and np.dtype(inner[0].codec_config["dtype"]) != array.dtype:
             return None
@@ -92,16 +103,10 @@ class ShardPlan:
         if (len(inner) != 3 or not _little(inner[0]) or not isinstance(inner[1], BloscCodec)
                 or not isinstance(inner[2], Crc32cCodec)):
             return None
-        shard, chunk = array.shards, sharding.chunk_shape
-        if shard is None or tuple(shard[1:]) != tuple(chunk[1:]) or tuple(shard[1:]) != array.shape[1:]:
-            return None
         b = inner[1]
         blosc = Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=_SHUFFLE[b.shuffle.value],
                       blocksize=b.blocksize)
-        return cls(folder=folder, dtype=np.dtype(array.dtype), shape=tuple(array.shape),
-                   shard_rows=shard[0], chunk_rows=chunk[0], delta=delta, blosc=blosc,
-                   fill=array.fill_value,
-                   key=lambda s, n=array.ndim: meta.encode_chunk_key((s, *([0] * (n - 1)))))
+        return cls(delta=delta, blosc=blosc, **common)
 
     @property
     def chunks_per_shard(self) -> int:
@@ -135,6 +140,12 @@ class ShardPlan:
         if raw is None:
             return np.full(self._chunk_shape(), self.fill, dtype=self.dtype)
         _check(raw, where)
+        if self.serializer is not None:
+            try:
+                return self.serializer.chunk_decode(memoryview(raw)[:-4], self._chunk_shape(), self.dtype)
+            except StoreError as exc:
+                raise ChunkError(f"{where} is corrupt (cannot be decoded: {exc})") from exc
+        assert self.blosc is not None
         data = np.empty(self._chunk_shape(), dtype=self.dtype)  # writable, as zarr's reads are
         try:
             self.blosc.decode(memoryview(raw)[:-4], out=data)
@@ -149,6 +160,10 @@ class ShardPlan:
 
     def encode(self, chunk: np.ndarray) -> bytes:
         """One inner chunk (already of chunk shape and stored dtype) as stored bytes."""
+        if self.serializer is not None:
+            body = self.serializer.chunk_encode(chunk)
+            return body + _crc(body)
+        assert self.blosc is not None
         flat = chunk.reshape(-1)
         if self.delta:
             flat = Delta(dtype=self.dtype).encode(flat).view(self.dtype)

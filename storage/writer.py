@@ -26,9 +26,10 @@ import numpy as np
 import zarr
 
 from kdcache.storage import integrity, ledger
+from kdcache.storage.codecs import value_mode
 from kdcache.storage.concurrent import gather
 from kdcache.storage.errors import StoreError
-from kdcache.storage.layout import BITS_ATTR, ArraySpec, array_specs, compressors, filters, holds_bits
+from kdcache.storage.layout import ArraySpec, array_specs, codec_chain, holds_bits
 from kdcache.storage.location import LocalDir, Location, locate, open_group, upload
 from kdcache.storage.metadata import StoreMeta, identity_digest
 from kdcache.storage.shardio import ShardPlan, pool
@@ -92,13 +93,11 @@ def _create_array(group: zarr.Group, spec: ArraySpec, meta: StoreMeta) -> None:
     group.create_array(
         spec.name,
         shape=(meta.rows, *spec.row_shape),
-        dtype=spec.stored_dtype,
+        dtype=spec.dtype,
         chunks=(meta.chunk_rows, *spec.row_shape),
         shards=(meta.shard_rows, *spec.row_shape),
-        filters=filters(spec),
-        compressors=compressors(),
         fill_value=spec.fill_value,
-        attributes={BITS_ATTR: str(spec.dtype)} if spec.bits else None,
+        **codec_chain(spec),
     )
 
 
@@ -155,6 +154,8 @@ class StoreWriter:
         start, stop = self.meta.shard_bounds(shard)
         where = f"{self.path} shard {shard}"
         data = validate_shard(self.meta, self._specs, arrays, stop - start, where)
+        if self.meta.values != "exact":  # what a lossy store holds, and what its ledger sums
+            data = {**data, "logprobs": value_mode(self.meta.values).round_trip(data["logprobs"])}
         self._write_arrays(start, stop, data)
         # Over trained positions only: the teacher loss of chat data is its loss on the answers.
         target = data["target_logprob"]

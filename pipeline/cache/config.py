@@ -33,6 +33,9 @@ class CacheConfig:
     """Ids kept per position (topk)."""
     draws: int = 64
     """Samples per position (sampled; at most 255)."""
+    values: Literal["exact", "sqrt8", "sqrt9"] = "exact"
+    """How top-k log-probs are kept: exact (float16, lossless) or sqrt(p) quantised to 2**8 or
+    2**9 levels (lossy, smaller; docs/store-format.md gives each mode's measured KL)."""
     temperature: float = 1.0
     """Temperature of the stored log-probs (the paper finds 1 best)."""
     backend: Backend = "native"
@@ -73,6 +76,9 @@ class CacheConfig:
             raise PipelineError("cache config: field 'temperature' must be > 0")
         if self.kind == "sampled" and self.draws > 255:
             raise PipelineError("cache config: field 'draws' must be <= 255 (counts are uint8)")
+        if self.values != "exact" and self.kind != "topk":
+            raise PipelineError(f"cache config: field 'values' is {self.values!r}, but only --kind topk "
+                                "has a lossy mode")
         if self.backend == "vllm" and (self.kind != "topk" or self.temperature != 1.0):
             raise PipelineError("cache config: the vllm backend caches kind=topk at temperature 1 only")
         if self.tensor_parallel > 1 and self.backend != "vllm":

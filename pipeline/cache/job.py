@@ -200,6 +200,7 @@ def _store_meta(cfg: CacheConfig, described: TeacherDescription, data: TokenData
         chunk_rows=suggest_chunk_rows(data.seq_len, k, cfg.shard_rows),
         draws=cfg.draws if cfg.kind == "sampled" else None,
         seed=cfg.seed if cfg.kind == "sampled" else 0,
+        values=cfg.values,
     )
 
 

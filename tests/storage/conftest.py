@@ -14,7 +14,8 @@ from kdcache.storage.location import LocalDir
 
 
 def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, chunk_rows=2,
-              draws=None, teacher="teacher-a", temperature=1.0, documents=False) -> StoreMeta:
+              draws=None, teacher="teacher-a", temperature=1.0, documents=False,
+              values="exact") -> StoreMeta:
     if kind == "full":
         k = vocab
     if kind == "sampled":
@@ -25,7 +26,7 @@ def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, 
                             nonembedding_params=800),
         data=DataInfo(fingerprint="data-fp", split="student", rows=rows, tokenizer="tok-fp",
                       mask_fingerprint="mask-fp" if documents else ""),
-        shard_rows=shard_rows, chunk_rows=chunk_rows, draws=draws,
+        shard_rows=shard_rows, chunk_rows=chunk_rows, draws=draws, values=values,
     )
 
 
@@ -105,3 +106,34 @@ def store_digest(path: Path) -> dict[str, str]:
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "store.zarr"
+
+
+def write_previous_layout(path: Path, meta: StoreMeta, rows: dict[str, np.ndarray]) -> None:
+    """A store in the layout before kdcache's own codecs (v0.3): top-k log-probs as uint16 bit
+    patterns behind numcodecs' delta filter (the attribute `kdcache_bits_of` says float16), every
+    array behind Blosc-zstd; its shards committed through the writer, as that kdcache did."""
+    import zarr
+    from zarr.codecs.numcodecs import Delta
+
+    from kdcache.storage import StoreWriter
+    from kdcache.storage.layout import BITS_ATTR, array_specs, compressors
+    from kdcache.storage.writer import ATTR
+
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    for spec in array_specs(meta).values():
+        bits = spec.bits
+        group.create_array(spec.name, shape=(meta.rows, *spec.row_shape),
+                           dtype=np.uint16 if bits else spec.dtype,
+                           chunks=(meta.chunk_rows, *spec.row_shape),
+                           shards=(meta.shard_rows, *spec.row_shape),
+                           filters=(Delta(dtype="<u2"),) if bits else (), compressors=compressors(),
+                           fill_value=0x7E00 if bits else spec.fill_value,
+                           attributes={BITS_ATTR: "float16"} if bits else None)
+    group.create_group("ledger")
+    attrs = meta.to_json()
+    del attrs["values"]  # that kdcache had no value modes
+    group.attrs[ATTR] = attrs
+    writer = StoreWriter.open(path, meta)
+    for shard in range(meta.num_shards):
+        writer.write_shard(shard, shard_of(meta, rows, shard))
+    writer.finalize()

@@ -1,4 +1,7 @@
-"""A kdcache store is plain Zarr v3: read it in a process that never imports kdcache."""
+"""A kdcache store is plain Zarr v3: read it in a process that never imports kdcache itself.
+
+Zarr finds kdcache's two codecs (top-k ids and log-probs) through its entry points, so the
+only kdcache code such a reader runs is `kdcache.storage.codecs` and what it needs."""
 
 from __future__ import annotations
 
@@ -22,8 +25,7 @@ PLAIN_READER = textwrap.dedent(
     for name in group.array_keys():
         values = group[name][:]
         stored[name] = str(values.dtype)
-        bits = group[name].attrs.get("kdcache_bits_of")  # the one documented extra step
-        arrays[name] = values.view(bits) if bits else values
+        arrays[name] = values
     entries = {k: dict(v.attrs) for k, v in group["ledger"].groups()}
     np.savez(sys.argv[2], **arrays)
     print(json.dumps({"meta": meta, "ledger": sorted(entries), "mods": sorted(sys.modules),
@@ -45,12 +47,14 @@ def test_plain_zarr_reads_every_array(store_path, tmp_path):
     import json
 
     report = json.loads(proc.stdout)
-    assert not any(m.startswith("kdcache") for m in report["mods"])
+    loaded = {m for m in report["mods"] if m.startswith("kdcache")}
+    assert "kdcache.storage.codecs" in loaded  # through zarr's entry points
+    assert "kdcache.train" not in loaded and "torch" not in report["mods"]
     assert report["meta"]["format"] == "kdcache.logits/1"
     assert report["meta"]["complete"] is True
     assert report["ledger"] == ["shard-000000", "shard-000001", "shard-000002"]
-    # Top-k log-probs are kept as their float16 bit patterns, delta-coded (layout.py).
-    assert report["stored"]["logprobs"] == "uint16"
+    # Top-k log-probs read as float16, through kdcache's registered codec (codecs.py).
+    assert report["stored"]["logprobs"] == "float16"
     assert report["stored"]["ids"] == "uint32"
     with np.load(out, allow_pickle=False) as plain:
         assert sorted(plain.files) == sorted(rows)

@@ -15,7 +15,7 @@ from zarr.codecs import Crc32cCodec
 from kdcache.storage import StoreError, StoreReader, StoreWriter, summarize, verify_store
 from kdcache.storage.layout import BITS_ATTR
 
-from .conftest import make_meta, make_rows, shard_of
+from .conftest import make_meta, make_rows, shard_of, write_previous_layout
 
 NAMES = ("tokens", "ids", "logprobs", "tail_logmass", "target_logprob")
 
@@ -187,7 +187,13 @@ def test_an_unreadable_array_metadata_is_named(tmp_path):
 
 
 def test_bits_arrays_check_against_their_float_checksums(tmp_path):
-    """Log-probs stored as bit patterns are checksummed as the float16 values committed."""
-    store = _store(tmp_path / "s.zarr")
+    """Log-probs stored as bit patterns (the previous layout) are checksummed as the float16
+    values committed, and a flipped bit in one is caught."""
+    meta = make_meta(rows=12, seq_len=8, k=4, shard_rows=4, chunk_rows=2)
+    rows = make_rows(meta)
+    store = tmp_path / "s.zarr"
+    write_previous_layout(store, meta, rows)
     assert zarr.open_array(str(store / "logprobs")).attrs[BITS_ATTR] == "float16"
-    assert StoreReader(store, fields=["logprobs"]).read_rows([0, 5, 11])["logprobs"].dtype == np.float16
+    got = StoreReader(store, fields=["logprobs"]).read_rows([0, 5, 11])["logprobs"]
+    assert got.dtype == np.float16 and got.tobytes() == rows["logprobs"][[0, 5, 11]].tobytes()
+    assert verify_store(store) == []

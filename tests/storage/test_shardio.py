@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kdcache.storage import StoreError, StoreReader, StoreWriter, verify_store
 from kdcache.storage.layout import BITS_ATTR
 
-from .conftest import make_meta, make_rows, shard_of
+from .conftest import make_meta, make_rows, shard_of, write_previous_layout
 
 SPECIAL = np.array([0.0, -0.0, -np.inf, np.nan, -65504.0, -6e-8, 1e-4], dtype=np.float16)
 
@@ -63,8 +63,23 @@ def test_any_float16_bit_pattern_survives_the_delta(tmp_path):
     values[0, 0] = SPECIAL
     writer._write_arrays(0, 2, {"logprobs": values})  # past validation, straight to the codec
     array = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["logprobs"]
-    assert array.dtype == np.uint16
-    assert array[0:2].view(np.float16).tobytes() == values.tobytes()
+    assert array.dtype == np.float16
+    assert array[0:2].tobytes() == values.tobytes()
+
+
+def test_stores_of_the_bit_pattern_layout_still_read(tmp_path):
+    """Stores whose log-probs are delta-coded uint16 bit patterns (before kdcache's codecs)
+    read as float16 through the reader, and through plain zarr plus the documented view."""
+    meta = make_meta(rows=7, seq_len=6, k=5, shard_rows=3, chunk_rows=1)
+    data = make_rows(meta)
+    path = tmp_path / "previous.zarr"
+    write_previous_layout(path, meta, data)
+    got = StoreReader(path).read_rows([6, 0, 3, 3])
+    for name, values in data.items():
+        assert got[name].tobytes() == values[[6, 0, 3, 3]].tobytes(), name
+        assert _plain(path, name).tobytes() == values.tobytes(), name
+    assert zarr.open_group(str(path), mode="r")["logprobs"].dtype == np.uint16
+    assert verify_store(path) == []
 
 
 def test_reader_reads_stores_written_by_zarr_with_the_old_codecs(tmp_path):

@@ -1,0 +1,232 @@
+"""kdcache's own Zarr codecs for top-k targets, registered with zarr through entry points.
+
+Two array-to-bytes codecs (each followed by crc32c inside the sharding codec):
+
+- `kdcache.ids`: top-k ids, entropy-coded with a frequency table fitted on the chunk
+  itself (entropy.py). Ids are ~11.5 bits of information each at k = 64 on real teacher
+  output; Blosc-zstd leaves them at 13.6.
+- `kdcache.sorted_logprobs`: a top-k store's float16 log-probs, sorted within each
+  position. Each value becomes an integer code that rises along k (its float16 bit
+  pattern, or a quantisation level in a lossy `values` mode); the first column is coded
+  as is and the others as differences from their left neighbour (modulo 2**16, so any
+  input round-trips), each group of ranks (1, 2-3, 4-7, ...) with its own table, since
+  gaps widen with rank.
+
+The array's dtype is the values' own (uint16/uint32 ids, float16 log-probs): plain zarr,
+with kdcache installed, reads them like any other array. Without kdcache, zarr cannot
+open these two arrays (it names the unknown codec) and reads every other array.
+
+`ValueMode` says how log-probs become codes. `exact` keeps float16 bit patterns and is
+lossless. `sqrt8` and `sqrt9` quantise sqrt(p) on a uniform grid of 2**8 or 2**9 steps:
+KL(p || q) ~ sum p (delta log p)**2 / 2 is flat in sqrt(p), so one global step spends
+bits where the KL is. Lossy modes are applied by the writer before it checksums a shard
+(`ValueMode.round_trip`), so what the ledger records is what readers get; their codes
+round-trip exactly from then on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.core.common import JSON, parse_named_configuration
+
+from kdcache.storage import entropy
+from kdcache.storage.errors import StoreError
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArraySpec
+    from zarr.core.buffer import Buffer, NDBuffer
+
+IDS = "kdcache.ids"
+LOGPROBS = "kdcache.sorted_logprobs"
+_VERSION = 1
+VALUE_MODES = ("exact", "sqrt8", "sqrt9")
+
+
+class CodecError(StoreError):
+    """A chunk is not one this codec wrote."""
+
+
+def rank_groups(k: int) -> list[tuple[int, int]]:
+    """Column ranges [a, b) of the difference columns 1..k-1: ranks 1, 2-3, 4-7, ..."""
+    groups, a = [], 1
+    while a < k:
+        groups.append((a, min(2 * a, k)))
+        a *= 2
+    return groups
+
+
+# ---- value modes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValueMode:
+    """How float16 log-probs map to integer codes that rise along a sorted row."""
+
+    name: str
+
+    @property
+    def levels(self) -> int:
+        return 0 if self.name == "exact" else 1 << int(self.name.removeprefix("sqrt"))
+
+    def codes(self, logprobs: np.ndarray) -> np.ndarray:
+        """uint16 codes of float16 log-probs (NaN, the fill of unwritten rows, has one too)."""
+        if not self.levels:
+            return logprobs.view(np.uint16)
+        n = self.levels
+        with np.errstate(invalid="ignore", over="ignore"):
+            q = np.rint(np.exp(np.minimum(logprobs.astype(np.float32), 0) / 2) * n)
+        return np.where(np.isnan(q), n + 1, n - q).astype(np.uint16)
+
+    def values(self, codes: np.ndarray) -> np.ndarray:
+        """The float16 log-probs codes stand for."""
+        if not self.levels:
+            return codes.view(np.float16)
+        n = self.levels
+        q = (n - codes.astype(np.float32)).clip(0.25, n)  # level 0 decodes a quarter step up
+        out = (2 * np.log(q / n)).astype(np.float16)
+        out[codes > n] = np.nan
+        return out
+
+    def round_trip(self, logprobs: np.ndarray) -> np.ndarray:
+        """What a store in this mode holds for `logprobs` (the values themselves when exact)."""
+        return logprobs if not self.levels else self.values(self.codes(logprobs))
+
+
+def value_mode(name: str) -> ValueMode:
+    if name not in VALUE_MODES:
+        raise StoreError(f"values mode must be one of {VALUE_MODES}, got {name!r}")
+    return ValueMode(name)
+
+
+# ---- chunk coding (shared by the zarr codecs and shardio's fast path) ----------------
+
+
+def encode_ids(chunk: np.ndarray) -> bytes:
+    return bytes([_VERSION]) + entropy.encode(chunk)
+
+
+def decode_ids(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    raw = memoryview(raw)
+    _version(raw)
+    out = np.empty(shape, dtype=dtype)
+    used = entropy.decode(raw[1:], out.reshape(-1))
+    if used + 1 != len(raw):
+        raise CodecError(f"chunk has {len(raw) - 1 - used} bytes after its stream")
+    return out
+
+
+def encode_logprobs(chunk: np.ndarray, mode: ValueMode) -> bytes:
+    k = chunk.shape[-1]
+    codes = mode.codes(np.ascontiguousarray(chunk)).reshape(-1, k)
+    diffs = np.diff(codes, axis=1)  # uint16 arithmetic: modulo 2**16
+    parts = [bytes([_VERSION]), entropy.encode(codes[:, 0])]
+    parts += [entropy.encode(diffs[:, a - 1:b - 1]) for a, b in rank_groups(k)]
+    return b"".join(parts)
+
+
+def decode_logprobs(raw: memoryview | bytes, shape: tuple[int, ...], mode: ValueMode) -> np.ndarray:
+    raw = memoryview(raw)
+    _version(raw)
+    k = shape[-1]
+    rows = int(np.prod(shape[:-1]))
+    first = np.empty(rows, dtype=np.uint16)
+    at = 1 + entropy.decode(raw[1:], first)
+    codes = np.empty((rows, k), dtype=np.uint16)
+    codes[:, 0] = first
+    for a, b in rank_groups(k):
+        block = np.empty((codes.shape[0], b - a), dtype=np.uint16)
+        at += entropy.decode(raw[at:], block.reshape(-1))
+        codes[:, a:b] = block
+    if at != len(raw):
+        raise CodecError(f"chunk has {len(raw) - at} bytes after its streams")
+    np.cumsum(codes, axis=1, dtype=np.uint16, out=codes)  # wraps modulo 2**16, as encoding did
+    return mode.values(codes).reshape(shape)
+
+
+def _version(raw: memoryview) -> None:
+    if len(raw) < 1 or raw[0] != _VERSION:
+        raise CodecError(f"chunk is not a version-{_VERSION} kdcache chunk")
+
+
+# ---- the zarr codecs -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KdcacheCodec(ArrayBytesCodec):
+    """The array-to-bytes codecs of this module; `chunk_encode`/`chunk_decode` are the whole
+    codec, so shardio.py codes chunks without zarr."""
+
+    is_fixed_size = False
+
+    def compute_encoded_size(self, input_byte_length: int, _chunk_spec: ArraySpec) -> int:
+        raise NotImplementedError  # variable size, as any compressor
+
+    def chunk_encode(self, chunk: np.ndarray) -> bytes:
+        raise NotImplementedError
+
+    def chunk_decode(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        raise NotImplementedError
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        dtype = chunk_spec.dtype.to_native_dtype()
+        out = self.chunk_decode(chunk_bytes.to_bytes(), tuple(chunk_spec.shape), dtype)
+        return chunk_spec.prototype.nd_buffer.from_numpy_array(out)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        data = np.asarray(chunk_array.as_ndarray_like())
+        return chunk_spec.prototype.buffer.from_bytes(self.chunk_encode(data))
+
+
+@dataclass(frozen=True)
+class TopkIds(KdcacheCodec):
+    """`kdcache.ids`: unsigned integer ids, entropy-coded per chunk."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, JSON]) -> Self:
+        parse_named_configuration(data, IDS, require_configuration=False)
+        return cls()
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {"name": IDS}
+
+    def validate(self, *, dtype: Any, **_: Any) -> None:
+        if dtype.to_native_dtype().kind != "u":
+            raise ValueError(f"{IDS} codes unsigned integer ids, not {dtype}")
+
+    def chunk_encode(self, chunk: np.ndarray) -> bytes:
+        return encode_ids(chunk)
+
+    def chunk_decode(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return decode_ids(raw, shape, dtype)
+
+
+@dataclass(frozen=True)
+class SortedLogprobs(KdcacheCodec):
+    """`kdcache.sorted_logprobs`: float16 log-probs sorted along the last axis."""
+
+    values: str = "exact"
+
+    def __init__(self, *, values: str = "exact") -> None:
+        object.__setattr__(self, "values", value_mode(values).name)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, JSON]) -> Self:
+        _, config = parse_named_configuration(data, LOGPROBS, require_configuration=False)
+        return cls(**(config or {}))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {"name": LOGPROBS, "configuration": {"values": self.values}}
+
+    def validate(self, *, dtype: Any, **_: Any) -> None:
+        if dtype.to_native_dtype() != np.float16:
+            raise ValueError(f"{LOGPROBS} codes float16 log-probs, not {dtype}")
+
+    def chunk_encode(self, chunk: np.ndarray) -> bytes:
+        return encode_logprobs(chunk, ValueMode(self.values))
+
+    def chunk_decode(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return decode_logprobs(raw, shape, ValueMode(self.values))
