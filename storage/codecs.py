@@ -106,16 +106,14 @@ def value_mode(name: str) -> ValueMode:
 
 
 def encode_ids(chunk: np.ndarray) -> bytes:
-    return bytes([_VERSION]) + entropy.encode(chunk)
+    return bytes([_VERSION]) + entropy.encode([chunk])
 
 
 def decode_ids(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     raw = memoryview(raw)
     _version(raw)
     out = np.empty(shape, dtype=dtype)
-    used = entropy.decode(raw[1:], out.reshape(-1))
-    if used + 1 != len(raw):
-        raise CodecError(f"chunk has {len(raw) - 1 - used} bytes after its stream")
+    _whole(raw, entropy.decode(raw[1:], [out.reshape(-1)]))
     return out
 
 
@@ -123,9 +121,8 @@ def encode_logprobs(chunk: np.ndarray, mode: ValueMode) -> bytes:
     k = chunk.shape[-1]
     codes = mode.codes(np.ascontiguousarray(chunk)).reshape(-1, k)
     diffs = np.diff(codes, axis=1)  # uint16 arithmetic: modulo 2**16
-    parts = [bytes([_VERSION]), entropy.encode(codes[:, 0])]
-    parts += [entropy.encode(diffs[:, a - 1:b - 1]) for a, b in rank_groups(k)]
-    return b"".join(parts)
+    streams = [codes[:, 0]] + [diffs[:, a - 1:b - 1] for a, b in rank_groups(k)]
+    return bytes([_VERSION]) + entropy.encode(streams)
 
 
 def decode_logprobs(raw: memoryview | bytes, shape: tuple[int, ...], mode: ValueMode) -> np.ndarray:
@@ -133,18 +130,18 @@ def decode_logprobs(raw: memoryview | bytes, shape: tuple[int, ...], mode: Value
     _version(raw)
     k = shape[-1]
     rows = int(np.prod(shape[:-1]))
-    first = np.empty(rows, dtype=np.uint16)
-    at = 1 + entropy.decode(raw[1:], first)
+    blocks = [np.empty(rows * (b - a), dtype=np.uint16) for a, b in [(0, 1), *rank_groups(k)]]
+    _whole(raw, entropy.decode(raw[1:], blocks))
     codes = np.empty((rows, k), dtype=np.uint16)
-    codes[:, 0] = first
-    for a, b in rank_groups(k):
-        block = np.empty((codes.shape[0], b - a), dtype=np.uint16)
-        at += entropy.decode(raw[at:], block.reshape(-1))
-        codes[:, a:b] = block
-    if at != len(raw):
-        raise CodecError(f"chunk has {len(raw) - at} bytes after its streams")
+    for (a, b), block in zip([(0, 1), *rank_groups(k)], blocks, strict=True):
+        codes[:, a:b] = block.reshape(rows, b - a)
     np.cumsum(codes, axis=1, dtype=np.uint16, out=codes)  # wraps modulo 2**16, as encoding did
     return mode.values(codes).reshape(shape)
+
+
+def _whole(raw: memoryview, used: int) -> None:
+    if used + 1 != len(raw):
+        raise CodecError(f"chunk has {len(raw) - 1 - used} bytes after its streams")
 
 
 def _version(raw: memoryview) -> None:

@@ -17,12 +17,10 @@ pcodec bins values by numeric range rather than by frequency, so it codes ids in
 (benchmarks/store_size.py has the numbers). rANS itself is the textbook 64-bit variant
 (state in [2**31, 2**63), 32-bit renormalisation, J. Duda's asymmetric numeral systems).
 
-Stream layout (little-endian): u32 symbols, u8 precision, u32 table bytes, u32 words,
-the table (zstd over byte planes of the distinct values' gaps and of their frequencies),
-then the rANS words.
-The table is u32 distinct values, u32 bytes of its first part (top bit: the parts are
-streams), then the gaps between the distinct values, less 1, and their frequencies, less 1,
-each a stream of its own (whose tables are zstd frames over byte planes).
+A chunk codes its streams as one *block* (`encode`): the small tables of all its streams
+share one zstd frame, and a large table (ids: ~8,000 distinct values) is itself coded as a
+block of two streams, ~6% smaller than zstd over it. Decoding a stream is one compiled call
+that rebuilds its table and decodes it.
 """
 
 from __future__ import annotations
@@ -34,8 +32,9 @@ from numcodecs import Zstd
 from kdcache.storage.errors import StoreError
 
 _L = np.uint64(1 << 31)
-MIN_PRECISION, MAX_PRECISION = 10, 18
-_HEADER = np.dtype([("n", "<u4"), ("precision", "u1"), ("table", "<u4"), ("words", "<u4")])
+MIN_PRECISION, MAX_PRECISION = 10, 16
+LIMIT_PRECISION = 24  # streams with more distinct values than 2**16 get larger tables
+PRECISION_HEADROOM = 4
 _TABLE_CODEC = Zstd(level=9)
 NESTED_ABOVE = 256  # distinct values: smaller tables cost less as zstd frames than as streams
 DENSE_LIMIT = 1 << 24  # values below it are counted with bincount; above, with np.unique
@@ -71,20 +70,37 @@ def _encode(index: np.ndarray, freq: np.ndarray, start: np.ndarray, precision: i
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode(words: np.ndarray, values: np.ndarray, freq: np.ndarray, start: np.ndarray,
-            precision: int, lookup: np.ndarray, out: np.ndarray) -> int:
-    """Decode out.size symbols (as their values) from `words`; returns the words consumed,
-    or -1 when the words run out or a final state is not the encoder's initial one.
-    `lookup` (2**precision slots) is scratch space for the slot -> symbol table."""
-    for s in range(freq.size):
-        for j in range(start[s], start[s] + freq[s]):
+def _decode(words: np.ndarray, gaps: np.ndarray, rest: np.ndarray, precision: int,
+            lookup: np.ndarray, out: np.ndarray) -> int:
+    """Decode out.size symbols (as their values) from `words`, the table given as the gaps
+    between distinct values less 1 (the first: the value itself) and frequencies less 1.
+    Returns the words consumed, or -1 when the table does not fill 2**precision slots, the
+    words run out, or a final state is not the encoder's initial one. `lookup` (2**precision
+    slots) is scratch space for the slot -> symbol table."""
+    m = gaps.size
+    values = np.empty(m, dtype=out.dtype)
+    freq = np.empty(m, dtype=np.uint64)
+    start = np.empty(m, dtype=np.uint64)
+    size = np.int64(1) << precision
+    value = np.uint64(0)
+    at = np.int64(0)
+    for s in range(m):
+        value = value + np.uint64(gaps[s]) + (np.uint64(1) if s else np.uint64(0))
+        values[s] = value
+        f = np.int64(rest[s]) + 1
+        if at + f > size:
+            return -1
+        freq[s] = f
+        start[s] = at
+        for j in range(at, at + f):
             lookup[j] = s
-    if words.size < 4:
+        at += f
+    if at != size or words.size < 4:
         return -1
     b = (np.uint64(words[0]) << np.uint64(32)) | np.uint64(words[1])
     a = (np.uint64(words[2]) << np.uint64(32)) | np.uint64(words[3])
     pos = 4
-    mask = np.uint64((1 << precision) - 1)
+    mask = np.uint64(size - 1)
     shift = np.uint64(precision)
     low = np.uint64(1 << 31)
     n = out.size
@@ -95,8 +111,8 @@ def _decode(words: np.ndarray, values: np.ndarray, freq: np.ndarray, start: np.n
         sb = lookup[slot_b]
         out[i] = values[sa]
         out[i + 1] = values[sb]
-        a = np.uint64(freq[sa]) * (a >> shift) + slot_a - np.uint64(start[sa])
-        b = np.uint64(freq[sb]) * (b >> shift) + slot_b - np.uint64(start[sb])
+        a = freq[sa] * (a >> shift) + slot_a - start[sa]
+        b = freq[sb] * (b >> shift) + slot_b - start[sb]
         if a < low:
             if pos >= words.size:
                 return -1
@@ -111,7 +127,7 @@ def _decode(words: np.ndarray, values: np.ndarray, freq: np.ndarray, start: np.n
         slot_a = a & mask
         sa = lookup[slot_a]
         out[n - 1] = values[sa]
-        a = np.uint64(freq[sa]) * (a >> shift) + slot_a - np.uint64(start[sa])
+        a = freq[sa] * (a >> shift) + slot_a - start[sa]
         if a < low:
             if pos >= words.size:
                 return -1
@@ -122,17 +138,48 @@ def _decode(words: np.ndarray, values: np.ndarray, freq: np.ndarray, start: np.n
     return pos
 
 
+@numba.njit(cache=True, nogil=True)
+def _dense_counts(symbols: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    counts = np.zeros(top + 1, dtype=np.int64)
+    for v in symbols:
+        counts[v] += 1
+    m = 0
+    for v in range(top + 1):
+        m += counts[v] > 0
+    values = np.empty(m, dtype=np.uint64)
+    kept = np.empty(m, dtype=np.int64)
+    where = np.empty(top + 1, dtype=np.uint32)
+    j = 0
+    for v in range(top + 1):
+        if counts[v]:
+            values[j] = v
+            kept[j] = counts[v]
+            where[v] = j
+            j += 1
+    index = np.empty(symbols.size, dtype=np.uint32)
+    for i in range(symbols.size):
+        index[i] = where[symbols[i]]
+    return values, kept, index
+
+
 def _counts(symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct values (ascending), their counts, and each symbol's index among them."""
     top = int(symbols.max())
     if top < DENSE_LIMIT:
-        counts = np.bincount(symbols, minlength=top + 1)
-        values = np.flatnonzero(counts)
-        where = np.zeros(top + 1, dtype=np.uint32)
-        where[values] = np.arange(values.size, dtype=np.uint32)
-        return values.astype(np.uint64), counts[values], where[symbols]
+        return _dense_counts(symbols, top)
     values, index, counts = np.unique(symbols, return_inverse=True, return_counts=True)
     return values.astype(np.uint64), counts, index.astype(np.uint32)
+
+
+def table_precision(n: int, distinct: int) -> int:
+    """Slots of a stream's table, as a power of 2: enough for the rarest values' counts to
+    keep their share (about 2**PRECISION_HEADROOM slots per distinct value, at most one per
+    symbol), few enough that the decoder's slot table stays in cache."""
+    least = int(np.ceil(np.log2(max(distinct, 1))))  # a slot for every distinct value
+    if least > LIMIT_PRECISION:
+        raise ValueError(f"{distinct} distinct values in one stream exceed the coder's table")
+    want = min(MAX_PRECISION, least + PRECISION_HEADROOM, int(np.ceil(np.log2(max(n, 1)))))
+    return max(MIN_PRECISION, least, want)
 
 
 def quantise(counts: np.ndarray, precision: int) -> np.ndarray:
@@ -152,85 +199,107 @@ def quantise(counts: np.ndarray, precision: int) -> np.ndarray:
 
 
 def _planes(values: np.ndarray) -> bytes:
-    """uint64 values as their four low byte planes, zstd-coded (values < 2**32)."""
-    v = values.astype("<u4")
+    """uint32 values as their four byte planes, zstd-coded."""
+    v = np.ascontiguousarray(values, dtype="<u4")
     return bytes(_TABLE_CODEC.encode(np.ascontiguousarray(v.view(np.uint8).reshape(-1, 4).T)))
 
 
-def _unplanes(raw: bytes, count: int) -> np.ndarray:
-    planes = np.frombuffer(_TABLE_CODEC.decode(raw), dtype=np.uint8)
+def _unplanes(raw: memoryview, count: int) -> np.ndarray:
+    try:
+        planes = np.frombuffer(_TABLE_CODEC.decode(raw), dtype=np.uint8)
+    except Exception as exc:  # zstd raises RuntimeError on damaged frames
+        raise EntropyError(f"frequency tables cannot be read ({exc})") from exc
     if planes.size != 4 * count:
-        raise EntropyError("frequency table has the wrong size")
-    return np.ascontiguousarray(planes.reshape(4, count).T).view("<u4").reshape(-1).astype(np.uint64)
+        raise EntropyError("frequency tables have the wrong size")
+    return np.ascontiguousarray(planes.reshape(4, count).T).view("<u4").reshape(-1)
 
 
-def encode(symbols: np.ndarray, nested: bool = True) -> bytes:
-    """One stream: a 1-D array of integers in [0, 2**32) as bytes. The stream's table is
-    itself two streams (`nested`, ~6% smaller than zstd over it) or zstd byte planes."""
-    flat = np.ascontiguousarray(symbols).reshape(-1)
+_STREAM = np.dtype([("n", "<u4"), ("precision", "u1"), ("nested", "u1"), ("distinct", "<u4"),
+                    ("words", "<u4")])
+
+
+def _fit(flat: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]:
+    """A stream's (n, precision, distinct), its table (gaps less 1, frequencies less 1) and words."""
     n = flat.size
     if n == 0:
-        return np.array([(0, MIN_PRECISION, 0, 0)], dtype=_HEADER).tobytes()
-    values, counts, index = _counts(flat.astype(np.int64, copy=False))
-    precision = int(min(MAX_PRECISION, max(MIN_PRECISION, int(np.ceil(np.log2(max(n, values.size)))))))
-    if values.size > 1 << precision:
-        raise ValueError(f"{values.size} distinct values exceed a {precision}-bit table")
+        return (0, MIN_PRECISION, 0), np.zeros(0, np.uint32), np.zeros(0, np.uint32), np.zeros(0, np.uint32)
+    values, counts, index = _counts(flat)
+    precision = table_precision(n, values.size)
     freq = quantise(counts, precision)
     start = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint32)
     words = np.empty(n + 4, dtype=np.uint32)
     used = _encode(index, freq.astype(np.uint32), start, precision, words)
     gaps = np.diff(values, prepend=np.uint64(0))
     gaps[1:] -= np.uint64(1)  # distinct ascending values: gaps of at least 1, stored less 1
-    rest = freq.astype(np.uint64) - np.uint64(1)
-    nested = nested and values.size > NESTED_ABOVE
-    first = encode(gaps, nested=False) if nested else _planes(gaps)
-    second = encode(rest, nested=False) if nested else _planes(rest)
-    table = np.array([values.size, len(first) | nested << 31], dtype="<u4").tobytes() + first + second
-    header = np.array([(n, precision, len(table), words.size - used)], dtype=_HEADER)
-    return header.tobytes() + table + words[used:].astype("<u4").tobytes()
+    return (n, precision, values.size), gaps.astype(np.uint32), (freq - 1).astype(np.uint32), words[used:]
 
 
-def decode(raw: memoryview | bytes, out: np.ndarray) -> int:
-    """Decode one stream from the start of `raw` into `out` (1-D, its size the stream's
-    symbol count, any integer dtype wide enough); returns the bytes the stream took."""
-    raw = memoryview(raw)
-    if len(raw) < _HEADER.itemsize:
-        raise EntropyError("stream header is truncated")
-    head = np.frombuffer(raw[:_HEADER.itemsize], dtype=_HEADER)[0]
-    n, precision, table_bytes, n_words = (int(head[f]) for f in ("n", "precision", "table", "words"))
-    if n != out.size or not MIN_PRECISION <= precision <= MAX_PRECISION:
-        raise EntropyError(f"stream holds {n} symbols at precision {precision}, expected {out.size}")
-    if n == 0:
-        return _HEADER.itemsize
-    at = _HEADER.itemsize
-    end = at + table_bytes + 4 * n_words
-    if len(raw) < end or table_bytes < 8:
-        raise EntropyError("stream is truncated")
-    count, gap_bytes = (int(v) for v in np.frombuffer(raw[at:at + 8], dtype="<u4"))
-    nested, gap_bytes = bool(gap_bytes >> 31), gap_bytes & 0x7FFFFFFF
-    if not 0 < count <= 1 << precision or 8 + gap_bytes > table_bytes:
-        raise EntropyError("frequency table header is corrupt")
-    try:
-        first, second = raw[at + 8:at + 8 + gap_bytes], raw[at + 8 + gap_bytes:at + table_bytes]
-        if nested:
-            gaps, freq = np.empty(count, dtype=np.uint64), np.empty(count, dtype=np.uint64)
-            if decode(first, gaps) != len(first) or decode(second, freq) != len(second):
-                raise EntropyError("frequency table has bytes after its streams")
+def encode(arrays: list[np.ndarray], nested: bool = True) -> bytes:
+    """A block of streams, one per array of integers in [0, 2**32), each with its own table.
+
+    Layout (little-endian): u32 streams; per stream u32 symbols, u8 precision, u8 nested,
+    u32 distinct values, u32 words; u32 bytes of the shared table frame, that frame (zstd
+    over the byte planes of every small table's gaps then frequencies); each large table
+    (more than NESTED_ABOVE values: `nested`) as a block of two streams of its own, prefixed
+    by its u32 length; then every stream's rANS words.
+    """
+    fitted = [_fit(np.ascontiguousarray(a).reshape(-1)) for a in arrays]
+    heads = np.zeros(len(fitted), dtype=_STREAM)
+    shared: list[np.ndarray] = []
+    inner: list[bytes] = []
+    for i, ((n, precision, distinct), gaps, rest, words) in enumerate(fitted):
+        big = nested and distinct > NESTED_ABOVE
+        heads[i] = (n, precision, big, distinct, words.size)
+        if big:
+            block = encode([gaps, rest], nested=False)
+            inner.append(np.uint32(len(block)).astype("<u4").tobytes() + block)
         else:
-            gaps, freq = _unplanes(bytes(first), count), _unplanes(bytes(second), count)
-    except EntropyError:
-        raise
-    except Exception as exc:  # zstd raises RuntimeError on damaged frames
-        raise EntropyError(f"frequency table cannot be read ({exc})") from exc
-    gaps[1:] += np.uint64(1)
-    values = np.cumsum(gaps, dtype=np.uint64)
-    freq += np.uint64(1)
-    if int(freq.sum()) != 1 << precision:
-        raise EntropyError("frequency table does not sum to its precision")
-    start = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint32)
-    words = np.frombuffer(raw[at + table_bytes:end], dtype="<u4")
-    lookup = np.empty(1 << precision, dtype=np.uint16 if count <= 1 << 16 else np.uint32)
-    if _decode(words, values.astype(out.dtype), freq.astype(np.uint32), start, precision, lookup,
-               out) != n_words:
-        raise EntropyError("rANS words do not decode to the stream's symbols")
-    return end
+            shared += [gaps, rest]
+    frame = _planes(np.concatenate(shared)) if shared else b""
+    return b"".join([np.uint32(len(fitted)).astype("<u4").tobytes(), heads.tobytes(),
+                     np.uint32(len(frame)).astype("<u4").tobytes(), frame, *inner,
+                     *(w.astype("<u4").tobytes() for *_, w in fitted)])
+
+
+def decode(raw: memoryview | bytes, outs: list[np.ndarray]) -> int:
+    """Decode a block of streams from the start of `raw` into `outs` (1-D, contiguous, each
+    the size of its stream, of any integer dtype wide enough); returns the bytes it took."""
+    raw = memoryview(raw)
+    at = 4 + len(outs) * _STREAM.itemsize + 4
+    if len(raw) < at or int(np.frombuffer(raw[:4], "<u4")[0]) != len(outs):
+        raise EntropyError(f"block does not hold {len(outs)} streams")
+    heads = np.frombuffer(raw[4:at - 4], dtype=_STREAM)
+    frame = int(np.frombuffer(raw[at - 4:at], "<u4")[0])
+    small = int(sum(2 * int(h["distinct"]) for h in heads if not h["nested"]))
+    if at + frame > len(raw):
+        raise EntropyError("block is truncated")
+    shared = _unplanes(raw[at:at + frame], small) if small else np.zeros(0, np.uint32)
+    at += frame
+    tables, used = [], 0
+    for h in heads:
+        m = int(h["distinct"])
+        if h["nested"]:
+            if at + 4 > len(raw):
+                raise EntropyError("block is truncated")
+            size = int(np.frombuffer(raw[at:at + 4], "<u4")[0])
+            gaps, rest = np.empty(m, np.uint32), np.empty(m, np.uint32)
+            if decode(raw[at + 4:at + 4 + size], [gaps, rest]) != size:
+                raise EntropyError("a nested table has bytes after its streams")
+            at += 4 + size
+        else:
+            gaps, rest = shared[used:used + m], shared[used + m:used + 2 * m]
+            used += 2 * m
+        tables.append((gaps, rest))
+    for h, (gaps, rest), out in zip(heads, tables, outs, strict=True):
+        n, precision, words = int(h["n"]), int(h["precision"]), int(h["words"])
+        if n != out.size or not MIN_PRECISION <= precision <= LIMIT_PRECISION:
+            raise EntropyError(f"stream holds {n} symbols at precision {precision}, expected {out.size}")
+        if at + 4 * words > len(raw):
+            raise EntropyError("block is truncated")
+        if n:
+            lookup = np.empty(1 << precision, dtype=np.uint16 if gaps.size <= 1 << 16 else np.uint32)
+            if _decode(np.frombuffer(raw[at:at + 4 * words], "<u4"), gaps, rest, precision, lookup,
+                       out) != words:
+                raise EntropyError("rANS words do not decode to the stream's symbols")
+        at += 4 * words
+    return at

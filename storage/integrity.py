@@ -32,7 +32,13 @@ from zarr.codecs import Crc32cCodec, ShardingCodec
 
 from kdcache.storage import ledger
 from kdcache.storage.errors import StoreError
-from kdcache.storage.layout import ARRAYS_BY_KIND, DOCUMENT_ARRAYS, array_specs, holds_bits
+from kdcache.storage.layout import (
+    ARRAYS_BY_KIND,
+    DOCUMENT_ARRAYS,
+    TEMPERATURE_ARRAYS,
+    array_specs,
+    holds_bits,
+)
 from kdcache.storage.location import Location, open_group
 from kdcache.storage.metadata import StoreMeta
 
@@ -56,16 +62,19 @@ def layout_problems(path: Location, meta: StoreMeta) -> list[Problem]:
     problems = []
     specs = array_specs(meta)
     group = open_group(path)
-    every = {name for names in ARRAYS_BY_KIND.values() for name in names} | set(DOCUMENT_ARRAYS)
+    every = ({name for names in ARRAYS_BY_KIND.values() for name in names} | set(DOCUMENT_ARRAYS)
+             | set(TEMPERATURE_ARRAYS))
     present = {key.split("/")[0] for key in path.present(f"{name}/zarr.json" for name in sorted(every))}
     for name in sorted(present - set(specs)):
         why = ("field 'data.mask_fingerprint' is empty (the data packs no documents)"
                if name in DOCUMENT_ARRAYS
+               else "field 'temperatures' is empty" if name in TEMPERATURE_ARRAYS
                else f"a {meta.kind} store has no such array (field 'kind' does not match the arrays)")
         problems.append(Problem(None, name, f"present, but {why}"))
     for name, spec in specs.items():
         if name not in present:
             why = ("field 'data.mask_fingerprint' says the data packs documents" if name in DOCUMENT_ARRAYS
+                   else "field 'temperatures' is set" if name in TEMPERATURE_ARRAYS
                    else f"a {meta.kind} store has it")
             problems.append(Problem(None, name, f"missing ({why})"))
             continue

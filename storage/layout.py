@@ -42,6 +42,13 @@ ARRAYS_BY_KIND: dict[Kind, tuple[str, ...]] = {
     "sampled": ("tokens", "ids", "logprobs", "counts", "target_logprob"),
 }
 
+TEMPERATURE_ARRAYS: tuple[str, ...] = ("tau_logz", "tau_tail_logmass")
+"""The arrays a top-k store with further `temperatures` adds, [R, T, len(temperatures)]
+float32: per temperature tau_j, `tau_logz` = log Z(tau_j) - (tau / tau_j) log Z(tau) (the
+log-normalisers over the whole vocabulary at tau_j and at the store's `temperature` tau) and
+`tau_tail_logmass`, the log of the mass outside the stored ids at tau_j. The log-probs at
+tau_j of the stored ids are then (tau / tau_j) * logprobs - tau_logz (`at_temperature`)."""
+
 DOCUMENT_ARRAYS: tuple[str, ...] = tuple(token_format.DOCUMENT_ARRAYS)
 """The arrays a store over data packed by document adds (`StoreMeta.documents`), copied from
 the token data's rows with their names and dtypes: which tokens are trained targets, where
@@ -73,7 +80,8 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 def array_names(meta: StoreMeta) -> tuple[str, ...]:
     """The arrays a store of these settings holds: its kind's, and the document arrays."""
-    return ARRAYS_BY_KIND[meta.kind] + (DOCUMENT_ARRAYS if meta.documents else ())
+    return (ARRAYS_BY_KIND[meta.kind] + (TEMPERATURE_ARRAYS if meta.temperatures else ())
+            + (DOCUMENT_ARRAYS if meta.documents else ()))
 
 
 def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
@@ -87,9 +95,24 @@ def array_specs(meta: StoreMeta) -> dict[str, ArraySpec]:
         "tail_logmass": ArraySpec("tail_logmass", np.dtype(np.float32), (t,)),
         "target_logprob": ArraySpec("target_logprob", np.dtype(np.float32), (t,)),
         "counts": ArraySpec("counts", np.dtype(np.uint8), (t, k)),
+        **{name: ArraySpec(name, np.dtype(np.float32), (t, len(meta.temperatures)))
+           for name in TEMPERATURE_ARRAYS},
         **{name: ArraySpec(name, dtype, (t + 1,)) for name, dtype in token_format.DOCUMENT_ARRAYS.items()},
     }
     return {name: every[name] for name in array_names(meta)}
+
+
+def at_temperature(meta: StoreMeta, tau: float, logprobs: np.ndarray, tail_logmass: np.ndarray,
+                   tau_logz: np.ndarray | None, tau_tail: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A top-k store's log-probs (float32) and tail at temperature `tau`: the stored ones at the
+    store's `temperature`, or derived from the `tau_logz`/`tau_tail_logmass` rows at one of
+    its `temperatures` (the same ids: top-k order does not depend on the temperature)."""
+    j = meta.temperature_index(tau)
+    if j is None:
+        return logprobs.astype(np.float32), tail_logmass
+    assert tau_logz is not None and tau_tail is not None
+    scale = np.float32(meta.temperature / tau)
+    return scale * logprobs.astype(np.float32) - tau_logz[..., j:j + 1], tau_tail[..., j]
 
 
 def untrained_fill(name: str, shape: tuple[int, ...], dtype: np.dtype, draws: int = 0) -> np.ndarray:

@@ -72,6 +72,9 @@ class StoreMeta:
     seed: int = 0  # of the sampled kind's draws
     values: str = "exact"
     """How top-k log-probs are kept: `exact` (float16) or a lossy mode (codecs.VALUE_MODES)."""
+    temperatures: list[float] = dataclasses.field(default_factory=list)
+    """Further temperatures a top-k store can be read at, on the same ids: it holds each one's
+    log-normaliser and tail (arrays `tau_logz`, `tau_tail_logmass`; docs/store-format.md)."""
     format: str = FORMAT
     complete: bool = False
     teacher_loss: float | None = None
@@ -110,6 +113,14 @@ class StoreMeta:
             raise StoreError(f"field 'values' is {self.values!r}, but only a topk store has a lossy mode")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise StoreError(f"field 'temperature' must be > 0, got {self.temperature}")
+        if self.temperatures and self.kind != "topk":
+            raise StoreError("field 'temperatures' is set, but only a topk store can hold other temperatures")
+        for tau in self.temperatures:
+            if not (math.isfinite(tau) and tau > 0) or tau == self.temperature:
+                raise StoreError(f"field 'temperatures' must hold values > 0 other than 'temperature' "
+                                 f"({self.temperature}), got {tau}")
+        if len(set(self.temperatures)) != len(self.temperatures):
+            raise StoreError(f"field 'temperatures' repeats a value: {self.temperatures}")
         if self.teacher.output_rows is not None and self.teacher.output_rows < self.vocab_size:
             raise StoreError(f"field 'teacher.output_rows' ({self.teacher.output_rows}) is below "
                              f"'vocab_size' ({self.vocab_size})")
@@ -138,6 +149,17 @@ class StoreMeta:
             raise StoreError(f"shard index {shard} out of range 0..{self.num_shards - 1}")
         start = shard * self.shard_rows
         return start, min(start + self.shard_rows, self.rows)
+
+    def temperature_index(self, tau: float) -> int | None:
+        """Where `tau` is in `temperatures` (None: it is `temperature`, the stored log-probs'),
+        or a StoreError naming the temperatures the store can be read at."""
+        if tau == self.temperature:
+            return None
+        if tau not in self.temperatures:
+            raise StoreError(f"field 'temperatures': the store holds targets at {self.temperature} and "
+                             f"{self.temperatures or 'no other temperature'}, not at {tau} (cache again "
+                             "with --temperatures to add it)")
+        return self.temperatures.index(tau)
 
     def identity(self) -> dict[str, Any]:
         """The fields a reopening writer must match."""
@@ -194,7 +216,7 @@ def _check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
         raise StoreError(f"unknown field '{prefix}{unknown[0]}'")
     for name, f in fields.items():
         if name not in values:
-            if f.default is dataclasses.MISSING:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise StoreError(f"missing field '{prefix}{name}'")
             continue
         if not _is_a(values[name], hints[name]):
@@ -203,6 +225,8 @@ def _check_types(cls: type, values: dict[str, Any], prefix: str = "") -> None:
 
 
 def _is_a(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_is_a(v, typing.get_args(hint)[0]) for v in value)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return any(_is_a(value, h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is Literal:
@@ -219,6 +243,8 @@ def _is_a(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is Literal:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from kdcache.storage.errors import StoreError
-from kdcache.storage.layout import ARRAYS_BY_KIND, ArraySpec, untrained_fill
+from kdcache.storage.layout import ARRAYS_BY_KIND, TEMPERATURE_ARRAYS, ArraySpec, untrained_fill
 from kdcache.storage.metadata import StoreMeta
 from kdcache.storage.tokens.format import document_problem
 
@@ -58,7 +58,7 @@ def _check_documents(meta: StoreMeta, data: Mapping[str, np.ndarray], where: str
     if problem is not None:
         raise StoreError(f"{where}: arrays 'loss_mask', 'position_ids': {problem}")
     untrained = ~mask[:, 1:].astype(bool)
-    for name in (n for n in ARRAYS_BY_KIND[meta.kind] if n != "tokens"):
+    for name in (n for n in (*ARRAYS_BY_KIND[meta.kind], *TEMPERATURE_ARRAYS) if n != "tokens" and n in data):
         values = data[name][untrained]
         if not np.array_equal(values, untrained_fill(name, values.shape, values.dtype, meta.draws or 0)):
             raise StoreError(f"{where}: array '{name}' holds targets at untrained positions (they hold "
@@ -80,11 +80,12 @@ def _check_values(meta: StoreMeta, data: Mapping[str, np.ndarray], where: str) -
             raise StoreError(f"{where}: array '{name}' has NaN or infinite values")
         if values.size and float(values.max()) > _MAX_LOGPROB:
             raise StoreError(f"{where}: array '{name}' has log-probs > 0")
-    if "tail_logmass" in data:
-        tail = data["tail_logmass"]
+    for name in ("tail_logmass", "tau_tail_logmass"):
         # -inf is legitimate: the k stored ids hold all the mass.
-        if np.isnan(tail).any() or (tail > _MAX_LOGPROB).any():
-            raise StoreError(f"{where}: array 'tail_logmass' has NaN or positive values")
+        if name in data and (np.isnan(data[name]).any() or (data[name] > _MAX_LOGPROB).any()):
+            raise StoreError(f"{where}: array '{name}' has NaN or positive values")
+    if "tau_logz" in data and not np.isfinite(data["tau_logz"]).all():
+        raise StoreError(f"{where}: array 'tau_logz' has NaN or infinite values")
     if meta.kind == "sampled":
         counts = data["counts"].astype(np.int64).sum(-1)
         if (counts != meta.draws).any():

@@ -73,7 +73,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.storage import DOCUMENT_ARRAYS, StoreMeta, StoreReader, read_meta
+from kdcache.storage import DOCUMENT_ARRAYS, StoreError, StoreMeta, StoreReader, read_meta
+from kdcache.storage.layout import TEMPERATURE_ARRAYS, at_temperature
 from kdcache.storage.tokens.format import Rows, document_problem
 from kdcache.train.batches import KIND_EXTRAS, Batch, OrderedBatches, batch_to_dict, rows_to_batch
 from kdcache.train.errors import TrainError
@@ -108,11 +109,18 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
         rank: int | None = None,
         world: int | None = None,
         wait_timeout_s: float = 3600.0,
+        temperature: float | None = None,
     ) -> None:
         self.path = str(path)
         meta = read_meta(self.path)
+        self._temperature = meta.temperature if temperature is None else float(temperature)
+        try:  # one of the temperatures the store holds targets at, or a one-line error
+            other = meta.temperature_index(self._temperature) is not None
+        except StoreError as exc:
+            raise TrainError(f"{self.path}: {exc}") from exc
         self._targets = KIND_EXTRAS[meta.kind]
-        self._fields = ("tokens", *self._targets, *(DOCUMENT_ARRAYS if meta.documents else ()))
+        self._fields = ("tokens", *self._targets, *(TEMPERATURE_ARRAYS if other else ()),
+                        *(DOCUMENT_ARRAYS if meta.documents else ()))
         self._reader: StoreReader | None = StoreReader(self.path, self._fields)
         self._reader.check_files()
         rank, world = _rank_world(rank, world)
@@ -137,7 +145,8 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
 
     @property
     def temperature(self) -> float:
-        return self.meta.temperature
+        """The temperature batches carry targets at: the store's, or one of its `temperatures`."""
+        return self._temperature
 
     @property
     def vocab_size(self) -> int:
@@ -288,8 +297,14 @@ class StoreDataset(IterableDataset[dict[str, Tensor]], OrderedBatches):
     def _to_batch(self, values: dict[str, np.ndarray], pos: np.ndarray) -> Batch:
         """Rows `pos` of a read window as a `Batch`, its extras keyed by their arrays' names."""
         tokens = values["tokens"][pos].astype(np.int64)
-        extras = {name: torch.from_numpy(values[name][pos].astype(_BATCH_DTYPE[name], copy=False))
-                  for name in self._targets}
+        picked = {name: values[name][pos] for name in self._targets}
+        if self._temperature != self.meta.temperature:  # float32 log-probs at another temperature
+            picked["logprobs"], picked["tail_logmass"] = at_temperature(
+                self.meta, self._temperature, picked["logprobs"], picked["tail_logmass"],
+                values["tau_logz"][pos], values["tau_tail_logmass"][pos])
+        extras = {name: torch.from_numpy(value if value.dtype == np.float32
+                                         else value.astype(_BATCH_DTYPE[name], copy=False))
+                  for name, value in picked.items()}
         rows = Rows(tokens)
         if self.documents:
             rows = Rows(tokens, values["loss_mask"][pos].astype(bool),

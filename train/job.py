@@ -212,7 +212,8 @@ class DistillSettings:
     lam: float = field(default=1.0, metadata={"flag": "lambda"})
     """Distillation weight: loss = (1 - lambda) * NTP + lambda * KD + z_loss * Z."""
     temperature: float | None = None
-    """Distillation temperature tau (default: the store's, else 1.0; must equal the store's)."""
+    """Distillation temperature tau (default: the store's, else 1.0; with a store, its own or one
+    of the further `temperatures` it was cached with)."""
     divergence: str = "kl_forward"
     """Distillation divergence: kl_forward | kl_reverse."""
     tail: str = "tail"

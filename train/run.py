@@ -56,7 +56,7 @@ from transformers.utils import logging as hf_logging
 from kdcache.fit.flops import forward_flops, training_flops
 from kdcache.hub import resolve_model
 from kdcache.paths import check_writable
-from kdcache.storage import read_meta
+from kdcache.storage import StoreError, read_meta
 from kdcache.storage.location import is_url, resolved
 from kdcache.storage.model_record import MODEL_RECORD, has_model_record, read_model_record
 from kdcache.storage.runs import RunRow, append_run, check_appendable, has_run
@@ -233,21 +233,21 @@ def _offline(cfg: TrainJobConfig, data: TokenData, world: World) -> Objective:
     assert d.distill is not None
     meta = read_meta(d.distill)
     check_store_matches(d.distill, meta, data)
-    if d.temperature is not None and d.temperature != meta.temperature:
-        raise TrainError(
-            f"{d.distill}: field 'temperature' is {meta.temperature} but --temperature is "
-            f"{d.temperature} (stored log-probs fix the temperature; cache again to change it)"
-        )
+    tau = meta.temperature if d.temperature is None else d.temperature
+    try:  # the store's temperature or one of those it holds log-normalisers for
+        meta.temperature_index(tau)
+    except StoreError as exc:
+        raise TrainError(f"{d.distill}: --temperature {tau}: {exc}") from exc
     loss = DistillLoss(kind=meta.kind, divergence=d.divergence, tail=d.tail, lam=d.lam,
-                       tau=meta.temperature, z_loss=cfg.recipe.z_loss)
+                       tau=tau, z_loss=cfg.recipe.z_loss)
     # On CPU a prefetch thread competes with torch's threads for the cores (store_batches.py),
     # but a remote store's reads wait on the network, not the CPU: those are read ahead anywhere.
     prefetch = 2 if is_url(d.distill) or cfg.runtime.device != "cpu" else 0
     source = StoreBatches(d.distill, batch_size=loop.batch_size, seed=loop.seed, rank=world.rank,
-                          world=world.size, prefetch=prefetch)
+                          world=world.size, prefetch=prefetch, temperature=tau)
     identity = json.dumps(meta.identity(), sort_keys=True)
     teacher = {"teacher_params": meta.teacher.nonembedding_params, "store": resolved(d.distill),
-               "k": meta.k, "temperature": meta.temperature, "lam": d.lam}
+               "k": meta.k, "temperature": tau, "lam": d.lam}
     return Objective(source, loss, teacher_fingerprint=identity, teacher=teacher, split=meta.data.split)
 
 

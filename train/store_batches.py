@@ -80,10 +80,11 @@ class StoreBatches(OrderedBatches):
         world: int = 1,
         prefetch: int = 2,
         wait_timeout_s: float = 3600.0,
+        temperature: float | None = None,
     ) -> None:
         self.path = path
         self.dataset = StoreDataset(path, batch_size=batch_size, seed=seed, rank=rank, world=world,
-                                    wait_timeout_s=wait_timeout_s)
+                                    wait_timeout_s=wait_timeout_s, temperature=temperature)
         super().__init__(self.dataset.order)
         self.prefetch = prefetch
         self._queue: queue.Queue[Batch | BaseException] | None = None

@@ -4,7 +4,7 @@ it to build its flags; the work is in `job.py` and `gguf.py`)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,9 @@ class CacheConfig:
     2**9 levels (lossy, smaller; docs/store-format.md gives each mode's measured KL)."""
     temperature: float = 1.0
     """Temperature of the stored log-probs (the paper finds 1 best)."""
+    temperatures: list[float] = field(default_factory=list)
+    """Further temperatures students may train at from this store (topk; e.g. [0.5,2,4]): the
+    store keeps each one's log-normaliser and tail, two float32 values per position each."""
     backend: Backend = "native"
     """Teacher backend: native (kdcache model), hf (transformers), vllm."""
     workers: int = 1
@@ -76,6 +79,17 @@ class CacheConfig:
             raise PipelineError("cache config: field 'temperature' must be > 0")
         if self.kind == "sampled" and self.draws > 255:
             raise PipelineError("cache config: field 'draws' must be <= 255 (counts are uint8)")
+        # flags give None for no temperatures
+        object.__setattr__(self, "temperatures", [float(t) for t in self.temperatures or []])
+        if self.temperatures and self.kind != "topk":
+            raise PipelineError("cache config: field 'temperatures' needs --kind topk")
+        if self.temperatures and self.backend == "vllm":
+            raise PipelineError("cache config: field 'temperatures' needs the whole-vocabulary logits the "
+                                "native and hf backends see (vllm returns the top-k at temperature 1 only)")
+        taus = self.temperatures
+        if any(not t > 0 for t in taus) or len(set(taus)) != len(taus) or self.temperature in taus:
+            raise PipelineError(f"cache config: field 'temperatures' must hold distinct values > 0 other "
+                                f"than 'temperature' ({self.temperature}), got {self.temperatures}")
         if self.values != "exact" and self.kind != "topk":
             raise PipelineError(f"cache config: field 'values' is {self.values!r}, but only --kind topk "
                                 "has a lossy mode")

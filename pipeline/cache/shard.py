@@ -19,7 +19,7 @@ from kdcache.storage.tokens.format import Rows, TokenData
 def target_spec(meta: StoreMeta, seed: int) -> TargetSpec:
     """What the teacher extracts for a store of these settings."""
     return TargetSpec(kind=meta.kind, k=meta.k, temperature=meta.temperature, vocab=meta.vocab_size,
-                      draws=meta.draws or 0, seed=seed)
+                      draws=meta.draws or 0, seed=seed, temperatures=tuple(meta.temperatures))
 
 
 def cache_shard(teacher: Teacher, data: TokenData, split: str, writer: StoreWriter, shard: int) -> ShardEntry:

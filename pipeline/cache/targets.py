@@ -14,6 +14,11 @@ relative precision however small it is.
 `target_logprob` is at temperature 1, so the store's `teacher_loss` is the teacher's
 real cross-entropy whatever temperature the targets were cached at.
 
+A top-k spec with further `temperatures` also returns, per temperature tau_j, the
+log-normaliser at tau_j relative to the stored one and the tail at tau_j (`tau_logz`,
+`tau_tail_logmass`): two more log-sum-exps over the vocabulary per temperature, and a
+student can then train at tau_j from the same ids (layout.at_temperature).
+
 Top-k needs no full log-softmax: a top-k over the raw logits and two log-sum-exps per
 position (all ids, and all but the top k) give the same numbers without writing the
 [B, T, V] log-probs, which at small model sizes cost as much as the forward pass itself.
@@ -74,11 +79,27 @@ def targets_from_logits(
         out["ids"] = _host(ids).astype(id_dtype(spec.vocab))
         out["logprobs"] = _host(top - logz).astype(np.float16)
         out["tail_logmass"] = _host(torch.logsumexp(rest, -1) - logz[..., 0]).astype(np.float32)
+        if spec.temperatures:
+            out.update(_other_temperatures(scaled, rest, logz, spec))
     elif spec.kind == "full":
         out["logprobs"] = _host(scaled - logz).astype(np.float16)
     else:
         out.update(_sampled(scaled - logz, spec, rows, positions))
     return out
+
+
+def _other_temperatures(scaled: Tensor, rest: Tensor, logz: Tensor,
+                        spec: TargetSpec) -> dict[str, np.ndarray]:
+    """`tau_logz` and `tau_tail_logmass` [N, len(temperatures)] (layout.TEMPERATURE_ARRAYS):
+    each temperature's log-normaliser less (tau / tau_j) times the stored one, and its tail."""
+    shifts, tails = [], []
+    for tau in spec.temperatures:
+        ratio = spec.temperature / tau
+        logz_j = torch.logsumexp(scaled * ratio, -1)
+        shifts.append(logz_j - ratio * logz[..., 0])
+        tails.append(torch.logsumexp(rest * ratio, -1) - logz_j)
+    return {"tau_logz": _host(torch.stack(shifts, -1)).astype(np.float32),
+            "tau_tail_logmass": _host(torch.stack(tails, -1)).astype(np.float32)}
 
 
 def place_trained(flat: dict[str, np.ndarray], trained: np.ndarray, draws: int = 0) -> dict[str, np.ndarray]:

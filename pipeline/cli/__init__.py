@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         keys = check_config_files(argv)
         ns = parser.parse_args(argv)
         module = verbs[ns.verb]
-        values = {k: v for k, v in vars(ns[ns.verb]).items() if k != "config"}
+        # jsonargparse keeps a flag whose name is a Namespace method (`cache --values`) under
+        # the name with a zero-width space in front.
+        values = {k.removeprefix("\u200b"): v for k, v in vars(ns[ns.verb]).items() if k != "config"}
         build = getattr(module.Config, "from_flat", module.Config)  # grouped settings take flat flags
         return int(module.run(build(**values)) or 0)
     except ArgumentError as exc:

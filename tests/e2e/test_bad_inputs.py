@@ -138,7 +138,8 @@ CASES = [
     Case("train-store-k-not-int", TRAIN + " --out {w}/s --distill {w}/store.zarr",
          r"field 'k' must be an integer, got 8.5", _edit_store(k=8.5)),
     Case("train-store-temperature-mismatch", TRAIN + " --out {w}/s --distill {w}/store.zarr --temperature 2",
-         r"field 'temperature' is 1.0 but --temperature is 2.0"),
+         r"--temperature 2.0: field 'temperatures': the store holds targets at 1.0 and no other "
+         r"temperature, not at 2.0"),
     Case("train-token-chunk-flipped", TRAIN + " --out {w}/s", r"data.*student.*rows", _flip_token_chunk),
     Case("train-split-json-broken", TRAIN + " --out {w}/s", r"student/zarr.json", _break_split_json),
     # cache

@@ -15,7 +15,7 @@ from kdcache.storage.location import LocalDir
 
 def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, chunk_rows=2,
               draws=None, teacher="teacher-a", temperature=1.0, documents=False,
-              values="exact") -> StoreMeta:
+              values="exact", temperatures=None) -> StoreMeta:
     if kind == "full":
         k = vocab
     if kind == "sampled":
@@ -27,6 +27,7 @@ def make_meta(kind="topk", *, rows=10, seq_len=8, vocab=300, k=4, shard_rows=4, 
         data=DataInfo(fingerprint="data-fp", split="student", rows=rows, tokenizer="tok-fp",
                       mask_fingerprint="mask-fp" if documents else ""),
         shard_rows=shard_rows, chunk_rows=chunk_rows, draws=draws, values=values,
+        temperatures=temperatures or [],
     )
 
 
@@ -131,7 +132,7 @@ def write_previous_layout(path: Path, meta: StoreMeta, rows: dict[str, np.ndarra
                            attributes={BITS_ATTR: "float16"} if bits else None)
     group.create_group("ledger")
     attrs = meta.to_json()
-    del attrs["values"]  # that kdcache had no value modes
+    del attrs["values"], attrs["temperatures"]  # that kdcache had neither
     group.attrs[ATTR] = attrs
     writer = StoreWriter.open(path, meta)
     for shard in range(meta.num_shards):

@@ -47,6 +47,8 @@ class TargetSpec:
     """Token ids to keep: the tokenizer's size; output rows beyond it are padding."""
     draws: int = 0
     seed: int = 0
+    temperatures: tuple[float, ...] = ()
+    """Further temperatures whose log-normaliser and tail to keep (topk)."""
 
 
 class Teacher(Protocol):

@@ -264,3 +264,39 @@ def test_token_data_is_what_the_store_holds(ray_local, tmp_path, teacher, token_
     store = cache(tmp_path, teacher, token_data, "s.zarr")
     tokens = open_token_data(token_data).read("student", slice(0, 10))
     assert (StoreReader(store).read_rows(np.arange(10))["tokens"] == tokens).all()
+
+
+def test_further_temperatures_train_from_the_same_ids(ray_local, tmp_path, teacher, token_data):
+    """A store cached with --temperatures reads at each of them through StoreDataset: the
+    stored ids' log-probs and the tail match transformers' float64 log-softmax at that
+    temperature; the arrays at the store's own temperature are those of a plain store."""
+    from kdcache.train.dataset import StoreDataset
+    from kdcache.train.errors import TrainError
+
+    plain = cache(tmp_path, teacher, token_data, "plain.zarr", max_rows=16)
+    store = cache(tmp_path, teacher, token_data, "taus.zarr", max_rows=16, temperatures=[0.5, 2.0])
+    got = StoreReader(store).read_rows(np.arange(16))
+    base = StoreReader(plain).read_rows(np.arange(16))
+    for name in ("ids", "logprobs", "tail_logmass", "target_logprob"):
+        assert got[name].tobytes() == base[name].tobytes(), name
+    for tau in (0.5, 2.0):
+        ds = StoreDataset(store, batch_size=16, seed=0, rank=0, world=1, temperature=tau)
+        batch = next(iter(ds))
+        assert float(batch["teacher_temperature"]) == tau
+        tokens = np.concatenate([batch["input_ids"].numpy(), batch["labels"].numpy()[:, -1:]], 1)
+        logp, logp1 = reference(teacher, tokens, tau)
+        ids = batch["teacher_ids"].numpy()
+        want = np.take_along_axis(logp, ids, -1)
+        lp = batch["teacher_logprobs"].numpy().astype(np.float64)
+        # the stored float16 values at temperature 1, scaled by 1 / tau, and float32 forwards
+        stored = np.take_along_axis(logp1, ids, -1)
+        assert np.all(np.abs(lp - want) <= FP16_REL * np.abs(stored) / tau + (1 + 1 / tau) * F32_ABS), tau
+        outside = logp.copy()
+        np.put_along_axis(outside, ids, -np.inf, -1)
+        rest = np.logaddexp.reduce(outside, axis=-1)
+        assert np.all(np.abs(batch["teacher_tail_logmass"].numpy() - rest) <= 2 * F32_ABS), tau
+    with pytest.raises(TrainError, match="not at 3.0"):
+        StoreDataset(store, batch_size=16, seed=0, rank=0, world=1, temperature=3.0)
+    with pytest.raises(PipelineError, match="temperatures"):
+        CacheConfig(teacher=str(teacher), data=str(token_data), out=str(tmp_path / "x"), kind="full",
+                    temperatures=[2.0])

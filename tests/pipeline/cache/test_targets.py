@@ -104,3 +104,30 @@ def test_sampled_draws_follow_the_row_and_position_not_the_run():
         assert np.array_equal(both[name][T:], second[name])
     assert (both["counts"].astype(np.int64).sum(-1) == 16).all()
     assert untrained_fill("counts", (2, 16), np.dtype(np.uint8), 16).sum(-1).tolist() == [16, 16]
+
+
+@pytest.mark.parametrize(("peak", "temperature"), [(0.0, 1.0), (25.0, 1.0), (0.0, 2.0)])
+def test_targets_at_further_temperatures_match_float64(peak, temperature):
+    """Log-probs of the stored ids and the tail at each further temperature, derived from the
+    stored log-probs and `tau_logz`/`tau_tail_logmass` (layout.at_temperature), match a
+    float64 log-softmax at that temperature."""
+    from kdcache.storage.layout import at_temperature
+
+    from ...storage.conftest import make_meta
+
+    logits = _logits(peak)
+    tokens = np.random.default_rng(0).integers(0, V, size=(2, T + 1)).astype(np.int32)
+    taus = (0.5, 2.0 if temperature != 2.0 else 1.0, 4.0)
+    spec = TargetSpec(kind="topk", k=K, temperature=temperature, vocab=V, temperatures=taus)
+    got = _targets(logits, tokens, spec)
+    meta = make_meta(k=K, vocab=V, seq_len=T, temperature=temperature, temperatures=list(taus))
+    for tau in taus:
+        logprobs, tail = at_temperature(meta, tau, got["logprobs"], got["tail_logmass"],
+                                        got["tau_logz"], got["tau_tail_logmass"])
+        logp = torch.log_softmax(logits / tau, -1).numpy()
+        want = np.take_along_axis(logp, got["ids"].astype(np.int64), -1)
+        # the stored values' float16 rounding and float32 log-sum-exps, scaled by temperature / tau
+        ratio = temperature / tau
+        bound = FP16_REL * ratio * np.abs(got["logprobs"].astype(np.float64)) + (1 + ratio) * LOG_ABS
+        assert np.all(np.abs(logprobs - want) <= bound), tau
+        assert np.all(np.abs(tail - _reference_tail(logits, K, tau)) <= LOG_ABS), tau
