@@ -2,8 +2,8 @@
 
 Two array-to-bytes codecs (each followed by crc32c inside the sharding codec):
 
-- `kdcache.ids`: token ids (top-k ids, and the input `tokens`), entropy-coded with a
-  frequency table fitted on the chunk itself (entropy.py). Ids are ~11.5 bits of information each at k = 64 on real teacher
+- `kdcache.ids`: top-k ids, entropy-coded with a frequency table fitted on the chunk
+  itself (entropy.py). Ids are ~11.5 bits of information each at k = 64 on real teacher
   output; Blosc-zstd leaves them at 13.6.
 - `kdcache.sorted_logprobs`: a top-k store's float16 log-probs, sorted within each
   position. Each value becomes an integer code that rises along k (its float16 bit
@@ -106,21 +106,15 @@ def value_mode(name: str) -> ValueMode:
 
 
 def encode_ids(chunk: np.ndarray) -> bytes:
-    """Integer ids (signed ones as the unsigned integers of their bits: -1, the fill of
-    unwritten token rows, codes as 2**32 - 1)."""
-    return bytes([_VERSION]) + entropy.encode([chunk.view(_unsigned(chunk.dtype))])
+    return bytes([_VERSION]) + entropy.encode([chunk])
 
 
 def decode_ids(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     raw = memoryview(raw)
     _version(raw)
     out = np.empty(shape, dtype=dtype)
-    _whole(raw, entropy.decode(raw[1:], [out.reshape(-1).view(_unsigned(out.dtype))]))
+    _whole(raw, entropy.decode(raw[1:], [out.reshape(-1)]))
     return out
-
-
-def _unsigned(dtype: np.dtype) -> np.dtype:
-    return np.dtype(f"<u{np.dtype(dtype).itemsize}")
 
 
 def encode_logprobs(chunk: np.ndarray, mode: ValueMode) -> bytes:
@@ -186,7 +180,7 @@ class KdcacheCodec(ArrayBytesCodec):
 
 @dataclass(frozen=True)
 class TopkIds(KdcacheCodec):
-    """`kdcache.ids`: integer token ids, entropy-coded per chunk."""
+    """`kdcache.ids`: unsigned integer ids, entropy-coded per chunk."""
 
     @classmethod
     def from_dict(cls, data: dict[str, JSON]) -> Self:
@@ -197,8 +191,8 @@ class TopkIds(KdcacheCodec):
         return {"name": IDS}
 
     def validate(self, *, dtype: Any, **_: Any) -> None:
-        if dtype.to_native_dtype().kind not in "ui":
-            raise ValueError(f"{IDS} codes integer ids, not {dtype}")
+        if dtype.to_native_dtype().kind != "u":
+            raise ValueError(f"{IDS} codes unsigned integer ids, not {dtype}")
 
     def chunk_encode(self, chunk: np.ndarray) -> bytes:
         return encode_ids(chunk)

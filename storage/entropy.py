@@ -6,9 +6,10 @@ because it lies in how often each of ~8,000 distinct ids recurs. An entropy code
 the ids' own frequencies can. This module is that coder, in kdcache's codecs (codecs.py).
 
 A *stream* codes one array of non-negative integers with a frequency table fitted on the
-stream itself (semi-static): the distinct values and their counts, quantised to sum to
-2**precision, are stored with the stream, so every stream decodes on its own and a chunk
-needs nothing from the rest of the store. Decoding is table-driven: one lookup per symbol
+stream itself (semi-static): the distinct values and their counts (rounded to powers of
+two, `coarse`, then scaled to sum to 2**precision, `quantise`) are stored with the
+stream, so every stream decodes on its own and a chunk needs nothing from the rest of the
+store. Decoding is table-driven: one lookup per symbol
 in a table of 2**precision slots, in compiled code that releases the GIL.
 
 Why not a library coder: constriction's categorical model decodes at 24-53 ns per symbol
@@ -31,14 +32,13 @@ from numcodecs import Zstd
 
 from kdcache.storage.errors import StoreError
 
-_L = np.uint64(1 << 31)
 MIN_PRECISION, MAX_PRECISION = 10, 16
 LIMIT_PRECISION = 24  # streams with more distinct values than 2**16 get larger tables
 PRECISION_HEADROOM = 4
 COUNT_BITS = 1  # measured on SmolLM2 targets: 1 beat 2..6 and exact counts at every k
 _TABLE_CODEC = Zstd(level=9)
 NESTED_ABOVE = 256  # distinct values: smaller tables cost less as zstd frames than as streams
-DENSE_LIMIT = 1 << 24  # values below it are counted with bincount; above, with np.unique
+DENSE_LIMIT = 1 << 24  # values below it are counted in one compiled pass; above, with np.unique
 
 
 class EntropyError(StoreError):

@@ -39,7 +39,9 @@ def run(cfg: Config) -> int:
     lines = [
         f"store        {info['path']}",
         f"format       {meta['format']}  kind={meta['kind']} k={meta['k']} "
-        f"vocab={meta['vocab_size']} seq_len={meta['seq_len']} temperature={meta['temperature']}",
+        f"vocab={meta['vocab_size']} seq_len={meta['seq_len']} temperature={meta['temperature']}"
+        + (f" values={meta['values']}" if meta.get("values", "exact") != "exact" else "")
+        + (f" (also at {', '.join(map(str, meta['temperatures']))})" if meta.get("temperatures") else ""),
         f"teacher      {teacher['name']} ({teacher['params']:,} params, {teacher['dtype']}, "
         f"fingerprint {teacher['fingerprint'][:12]})",
         f"output rows  {_rows(teacher['output_rows'], meta['vocab_size'], meta.get('padded_mass'))}",
