@@ -154,6 +154,6 @@ def codec_chain(spec: ArraySpec) -> dict[str, Any]:
 
 
 def holds_bits(array: zarr.Array, spec: ArraySpec) -> bool:
-    """Whether a store's array holds `spec`'s values as bit patterns (new layout) or as is."""
+    """Whether a store's array holds `spec`'s values as bit patterns (the previous layout) or as is."""
     return (spec.bits and array.dtype == np.dtype(f"<u{spec.dtype.itemsize}")
             and array.attrs.get(BITS_ATTR) == str(spec.dtype))

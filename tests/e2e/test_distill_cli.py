@@ -158,7 +158,8 @@ def test_distill_user_errors(world: dict[str, Path], tmp_path: Path, capsys) -> 
     assert main(["prepare", "--out", str(other), "--vocab-size", "300", "--seq-len", "32",
                  "--max-tokens", "20000", "--quiet"]) == 0
     cases = [
-        (["--distill", str(world["full"]), "--temperature", "2.0"], "field 'temperature' is 1.0"),
+        (["--distill", str(world["full"]), "--temperature", "2.0"],
+         "the store holds targets at 1.0 and no other temperature, not at 2.0"),
         (["--distill", str(world["full"]), "--online-teacher", str(world["teacher"])], "exclude each other"),
         (["--distill", str(tmp_path / "nope")], "not a kdcache store"),
         (["--distill", str(world["full"]), "--lambda", "1.5"], "--lambda must lie in [0, 1]"),
