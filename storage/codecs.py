@@ -12,6 +12,9 @@ Two array-to-bytes codecs (each followed by crc32c inside the sharding codec):
   input round-trips), each group of ranks (1, 2-3, 4-7, ...) with its own table, since
   gaps widen with rank.
 
+Both first code one flag per position: a row of zeros (an untrained position of chat
+data) costs that flag, not k symbols.
+
 The array's dtype is the values' own (uint16/uint32 ids, float16 log-probs): plain zarr,
 with kdcache installed, reads them like any other array. Without kdcache, zarr cannot
 open these two arrays (it names the unknown codec) and reads every other array.
@@ -105,38 +108,74 @@ def value_mode(name: str) -> ValueMode:
 # ---- chunk coding (shared by the zarr codecs and shardio's fast path) ----------------
 
 
+def _rows(codes: np.ndarray) -> np.ndarray:
+    """Which rows (positions) hold anything but zeros: an untrained position costs a flag
+    instead of k symbols."""
+    return np.asarray(codes.any(axis=1), dtype=bool)
+
+
 def encode_ids(chunk: np.ndarray) -> bytes:
-    return bytes([_VERSION]) + entropy.encode([chunk])
+    k = chunk.shape[-1] if chunk.ndim else 1
+    rows = np.ascontiguousarray(chunk).reshape(-1, k)
+    held = _rows(rows)
+    return bytes([_VERSION]) + entropy.encode([held.view(np.uint8), rows[held]])
 
 
 def decode_ids(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     raw = memoryview(raw)
-    _version(raw)
-    out = np.empty(shape, dtype=dtype)
-    _whole(raw, entropy.decode(raw[1:], [out.reshape(-1)]))
-    return out
+    k = shape[-1]
+    positions = int(np.prod(shape[:-1]))
+    rows = _held_rows(raw, positions, k)
+    flags, values = np.empty(positions, np.uint8), np.empty((rows, k), dtype=dtype)
+    _whole(raw, entropy.decode(raw[1:], [flags, values.reshape(-1)]))
+    out = np.zeros((positions, k), dtype=dtype)
+    out[_flags(flags, rows)] = values
+    return out.reshape(shape)
 
 
 def encode_logprobs(chunk: np.ndarray, mode: ValueMode) -> bytes:
     k = chunk.shape[-1]
     codes = mode.codes(np.ascontiguousarray(chunk)).reshape(-1, k)
+    held = _rows(codes)
+    codes = codes[held]
     diffs = np.diff(codes, axis=1)  # uint16 arithmetic: modulo 2**16
-    streams = [codes[:, 0]] + [diffs[:, a - 1:b - 1] for a, b in rank_groups(k)]
+    streams = [held.view(np.uint8), codes[:, 0]] + [diffs[:, a - 1:b - 1] for a, b in rank_groups(k)]
     return bytes([_VERSION]) + entropy.encode(streams)
 
 
 def decode_logprobs(raw: memoryview | bytes, shape: tuple[int, ...], mode: ValueMode) -> np.ndarray:
     raw = memoryview(raw)
-    _version(raw)
     k = shape[-1]
-    rows = int(np.prod(shape[:-1]))
-    blocks = [np.empty(rows * (b - a), dtype=np.uint16) for a, b in [(0, 1), *rank_groups(k)]]
-    _whole(raw, entropy.decode(raw[1:], blocks))
-    codes = np.empty((rows, k), dtype=np.uint16)
-    for (a, b), block in zip([(0, 1), *rank_groups(k)], blocks, strict=True):
-        codes[:, a:b] = block.reshape(rows, b - a)
-    np.cumsum(codes, axis=1, dtype=np.uint16, out=codes)  # wraps modulo 2**16, as encoding did
+    positions = int(np.prod(shape[:-1]))
+    rows = _held_rows(raw, positions, 1)  # the first column's stream has one code per row
+    groups = [(0, 1), *rank_groups(k)]
+    flags = np.empty(positions, np.uint8)
+    blocks = [np.empty(rows * (b - a), dtype=np.uint16) for a, b in groups]
+    _whole(raw, entropy.decode(raw[1:], [flags, *blocks]))
+    held = _flags(flags, rows)
+    codes = np.zeros((positions, k), dtype=np.uint16)
+    part = np.empty((rows, k), dtype=np.uint16)
+    for (a, b), block in zip(groups, blocks, strict=True):
+        part[:, a:b] = block.reshape(rows, b - a)
+    np.cumsum(part, axis=1, dtype=np.uint16, out=part)  # wraps modulo 2**16, as encoding did
+    codes[held] = part
     return mode.values(codes).reshape(shape)
+
+
+def _held_rows(raw: memoryview, positions: int, per_row: int) -> int:
+    """Rows the chunk codes (the others are zeros), from its block's header: its first stream
+    flags every position, its second holds `per_row` symbols per coded row."""
+    _version(raw)
+    sizes = entropy.stream_sizes(raw[1:])
+    if len(sizes) < 2 or sizes[0] != positions or sizes[1] % per_row or sizes[1] // per_row > positions:
+        raise CodecError(f"chunk's streams ({sizes}) do not fit {positions} positions")
+    return sizes[1] // per_row
+
+
+def _flags(flags: np.ndarray, rows: int) -> np.ndarray:
+    if flags.max(initial=0) > 1 or int(flags.sum()) != rows:
+        raise CodecError("chunk's row flags do not match its coded rows")
+    return flags.view(bool)
 
 
 def _whole(raw: memoryview, used: int) -> None:

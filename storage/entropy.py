@@ -273,6 +273,17 @@ def encode(arrays: list[np.ndarray], nested: bool = True) -> bytes:
                      *(w.astype("<u4").tobytes() for *_, w in fitted)])
 
 
+def stream_sizes(raw: memoryview | bytes) -> list[int]:
+    """The symbol count of each stream of the block at the start of `raw` (its header only)."""
+    raw = memoryview(raw)
+    if len(raw) < 4:
+        raise EntropyError("block header is truncated")
+    count = int(np.frombuffer(raw[:4], "<u4")[0])
+    if len(raw) < 4 + count * _STREAM.itemsize:
+        raise EntropyError("block header is truncated")
+    return [int(n) for n in np.frombuffer(raw[4:4 + count * _STREAM.itemsize], dtype=_STREAM)["n"]]
+
+
 def decode(raw: memoryview | bytes, outs: list[np.ndarray]) -> int:
     """Decode a block of streams from the start of `raw` into `outs` (1-D, contiguous, each
     the size of its stream, of any integer dtype wide enough); returns the bytes it took."""
