@@ -185,3 +185,14 @@ def test_untrained_positions_cost_a_flag_not_k_symbols():
         raw = encode(half)
         assert decode(raw).tobytes() == half.tobytes()
         assert len(raw) < 0.56 * len(encode(full))
+
+
+def test_importing_kdcache_does_not_load_numba():
+    """numba's llvmlite breaks vLLM's CPU start-up (rans.py): the cache worker imports
+    kdcache's storage before it starts a vLLM teacher, so numba loads only on first coding."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kdcache.storage, kdcache.pipeline.cache.worker, kdcache.train; "
+            "assert 'numba' not in sys.modules and 'llvmlite' not in sys.modules, 'loaded'")
+    subprocess.run([sys.executable, "-c", code], check=True)
