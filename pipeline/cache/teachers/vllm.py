@@ -27,10 +27,13 @@ set here for this engine's control messages (no data passes that way).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +79,9 @@ class VLLMTeacher:
         self._lock = threading.Lock()
         if tensor_parallel > 1:
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        self.llm = LLM(model=str(root), **engine_kwargs(max_k, hf, max_len, dtype=self.dtype,
-                                                        tensor_parallel=tensor_parallel))
+        with _llvmlite_hidden():
+            self.llm = LLM(model=str(root), **engine_kwargs(max_k, hf, max_len, dtype=self.dtype,
+                                                            tensor_parallel=tensor_parallel))
         if self.vocab < self.output_rows:
             self.llm.apply_model(functools.partial(_cut_output_layer, vocab=self.vocab))
         total, embedding = _param_counts(root, tied=bool(hf.get("tie_word_embeddings", False)))
@@ -175,6 +179,20 @@ def _cut_output_layer(model: Any, vocab: int) -> int:
     """Run inside vLLM's workers: normalise log-probs over the first `vocab` output rows."""
     model.logits_processor.org_vocab_size = vocab
     return int(model.logits_processor.org_vocab_size)
+
+
+@contextlib.contextmanager
+def _llvmlite_hidden() -> Iterator[None]:
+    """vLLM's CPU start-up (0.32) scans every loaded module's attributes with `vars(value)`;
+    `llvmlite.binding.ffi.lib`, loaded with numba once a store chunk has been coded in this
+    process (storage/rans.py), answers every attribute and breaks that scan. Its module is
+    out of `sys.modules` while the engine starts (numba keeps its own references)."""
+    ffi = sys.modules.pop("llvmlite.binding.ffi", None)
+    try:
+        yield
+    finally:
+        if ffi is not None:
+            sys.modules["llvmlite.binding.ffi"] = ffi
 
 
 def engine_kwargs(max_k: int, hf: dict[str, Any], max_len: int | None = None, *, dtype: str = "float32",
