@@ -157,7 +157,7 @@ def decode_logprobs(raw: memoryview | bytes, shape: tuple[int, ...], mode: Value
     part = np.empty((rows, k), dtype=np.uint16)
     for (a, b), block in zip(groups, blocks, strict=True):
         part[:, a:b] = block.reshape(rows, b - a)
-    np.cumsum(part, axis=1, dtype=np.uint16, out=part)  # wraps modulo 2**16, as encoding did
+    entropy.prefix_rows(part)  # wraps modulo 2**16, as encoding did
     codes[held] = part
     return mode.values(codes).reshape(shape)
 
