@@ -5,14 +5,16 @@
 # each, at the version this checkout's .venv runs (the one its tests pass with), into
 # .gpu-wheels/ (git-ignored), which a device call then carries:
 #
-#     bash benchmarks/gpu_wheels.sh            # -> .gpu-wheels/*.whl, ~2 MB
+#     bash benchmarks/gpu_wheels.sh            # -> .gpu-wheels/*.whl, ~50 MB (llvmlite: ~42)
 #     bash benchmarks/gpu_wheels.sh --list     # module:distribution, one a line
 #
 # --no-deps: each wheel's own requirements are either in this list or in the image.
 set -euo pipefail
 
-# import name:distribution, for what `import kdcache.storage` and kdcache.train need beyond the image.
-NEEDS=(zarr:zarr numcodecs:numcodecs crc32c:crc32c google_crc32c:google-crc32c donfig:donfig)
+# import name:distribution, for what `import kdcache.storage` and kdcache.train need beyond the image;
+# numba and llvmlite code top-k ids and log-probs (storage/rans.py, loaded on first use).
+NEEDS=(zarr:zarr numcodecs:numcodecs crc32c:crc32c google_crc32c:google-crc32c donfig:donfig
+       numba:numba llvmlite:llvmlite)
 
 if [[ ${1:-} == --list ]]; then
     printf '%s\n' "${NEEDS[@]}"
