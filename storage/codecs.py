@@ -128,8 +128,11 @@ def decode_ids(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype)
     rows = _held_rows(raw, positions, k)
     flags, values = np.empty(positions, np.uint8), np.empty((rows, k), dtype=dtype)
     _whole(raw, entropy.decode(raw[1:], [flags, values.reshape(-1)]))
+    held = _flags(flags, rows)
+    if rows == positions:  # every position trained: no zero rows to put back
+        return values.reshape(shape)
     out = np.zeros((positions, k), dtype=dtype)
-    out[_flags(flags, rows)] = values
+    out[held] = values
     return out.reshape(shape)
 
 
@@ -153,13 +156,15 @@ def decode_logprobs(raw: memoryview | bytes, shape: tuple[int, ...], mode: Value
     blocks = [np.empty(rows * (b - a), dtype=np.uint16) for a, b in groups]
     _whole(raw, entropy.decode(raw[1:], [flags, *blocks]))
     held = _flags(flags, rows)
-    codes = np.zeros((positions, k), dtype=np.uint16)
     part = np.empty((rows, k), dtype=np.uint16)
     for (a, b), block in zip(groups, blocks, strict=True):
         part[:, a:b] = block.reshape(rows, b - a)
     entropy.prefix_rows(part)  # wraps modulo 2**16, as encoding did
-    codes[held] = part
-    return mode.values(codes).reshape(shape)
+    if rows < positions:  # zero rows (untrained positions) back in place
+        codes = np.zeros((positions, k), dtype=np.uint16)
+        codes[held] = part
+        part = codes
+    return mode.values(part).reshape(shape)
 
 
 def _held_rows(raw: memoryview, positions: int, per_row: int) -> int:
