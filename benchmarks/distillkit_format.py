@@ -190,9 +190,8 @@ def read_parquet(path: Path, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.nd
     return tokens, flat("compressed_logprobs", cfg.logprob_bytes), flat("bytepacked_indices", cfg.id_bytes)
 
 
-def tail_mass(logprobs: np.ndarray, cfg: Config) -> np.ndarray:
+def tail_mass(logprobs: np.ndarray) -> np.ndarray:
     """The mass DistillKit's "symmetric_uniform" decoder gives the d - k other ids, float64,
     floored at 1e-8 as its KL loss floors it."""
-    del cfg
     rest = 1 - np.exp(logprobs.astype(np.float64)).sum(-1)
     return np.maximum(rest, MISSING_FLOOR)

@@ -220,7 +220,7 @@ def measure_distillkit(data: dict[str, np.ndarray], ref: dict[str, np.ndarray], 
         q = np.exp(dec_lp.astype(np.float64))
         out[f"distillkit{suffix}_bytes_per_token"] = size / tokens
         out[f"distillkit_kl{suffix}"], out[f"distillkit_kl_p99{suffix}"] = kl(
-            ref["top_p"][..., :k], ref[f"top_rest_{k}"], q, dk.tail_mass(dec_lp, cfg))
+            ref["top_p"][..., :k], ref[f"top_rest_{k}"], q, dk.tail_mass(dec_lp))
         out[f"distillkit{suffix}_positions_mass_over_1"] = int((q.sum(-1) > 1).sum())
         out[f"distillkit{suffix}_max_abs_logprob_error"] = float(np.abs(dec_lp - values).max())
     return out

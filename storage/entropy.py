@@ -9,8 +9,8 @@ A *stream* codes one array of non-negative integers with a frequency table fitte
 stream itself (semi-static): the distinct values and their counts (rounded to powers of
 two, `coarse`, then scaled to sum to 2**precision, `quantise`) are stored with the
 stream, so every stream decodes on its own and a chunk needs nothing from the rest of the
-store. Decoding is table-driven: one lookup per symbol
-in a table of 2**precision slots, in compiled code that releases the GIL.
+store. Decoding is table-driven: one lookup per symbol in a table of 2**precision slots,
+in compiled code that releases the GIL.
 
 Why not a library coder: constriction's categorical model decodes at 24-53 ns per symbol
 here (binary search over the table, GIL held), which caps a k = 64 read at ~300k tokens/s;

@@ -11,8 +11,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-STATES = 4  # interleaved rANS states: symbol i uses state i % 4 (independent chains run in parallel)
-
 
 @numba.njit(cache=True, nogil=True)
 def encode(index: np.ndarray, freq: np.ndarray, start: np.ndarray, precision: int,
@@ -95,6 +93,7 @@ def decode(words: np.ndarray, gaps: np.ndarray, rest: np.ndarray, precision: int
         if pos + 4 > nw:  # room for any refills below; past it, the careful loop
             return _decode_tail(words, pos, x0, x1, x2, x3, values, freq, start, lookup, mask, shift,
                                 out, i + 4, True)
+        # Unrolled, as the four updates above: each state is its own dependency chain.
         if x0 < low:
             x0 = (x0 << np.uint64(32)) | np.uint64(words[pos])
             pos += 1

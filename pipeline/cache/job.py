@@ -201,7 +201,7 @@ def _store_meta(cfg: CacheConfig, described: TeacherDescription, data: TokenData
         draws=cfg.draws if cfg.kind == "sampled" else None,
         seed=cfg.seed if cfg.kind == "sampled" else 0,
         values=cfg.values,
-        temperatures=[float(t) for t in cfg.temperatures],
+        temperatures=list(cfg.temperatures),
     )
 
 
