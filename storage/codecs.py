@@ -29,6 +29,7 @@ round-trip exactly from then on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -42,6 +43,11 @@ from kdcache.storage.errors import StoreError
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
     from zarr.core.buffer import Buffer, NDBuffer
+
+Decoder = Callable[..., np.ndarray]
+"""A chunk's decoder: `decoder(out=None)` decodes into `out` (a contiguous array of the
+chunk's shape and dtype) or a new array and returns it. Its work is one compiled call that
+releases the GIL, so a reader runs decoders on its threads and everything else on its own."""
 
 IDS = "kdcache.ids"
 LOGPROBS = "kdcache.sorted_logprobs"
@@ -108,89 +114,79 @@ def value_mode(name: str) -> ValueMode:
 # ---- chunk coding (shared by the zarr codecs and shardio's fast path) ----------------
 
 
-def _rows(codes: np.ndarray) -> np.ndarray:
-    """Which rows (positions) hold anything but zeros: an untrained position costs a flag
-    instead of k symbols."""
-    return np.asarray(codes.any(axis=1), dtype=bool)
+def _edges(k: int) -> np.ndarray:
+    """rank_groups(k) as the edges rans.logprob_streams takes: 1, 2, 4, ..., k."""
+    return np.array([1, *(b for _, b in rank_groups(k))], dtype=np.int64)
 
 
 def encode_ids(chunk: np.ndarray) -> bytes:
     k = chunk.shape[-1] if chunk.ndim else 1
     rows = np.ascontiguousarray(chunk).reshape(-1, k)
-    held = _rows(rows)
-    return bytes([_VERSION]) + entropy.encode([held.view(np.uint8), rows[held]])
+    return bytes([_VERSION]) + entropy.encode_streams(*entropy._kernels().id_streams(rows))
 
 
 def decode_ids(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    raw = memoryview(raw)
+    return ids_decoder(raw, shape, dtype)()
+
+
+def ids_decoder(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> Decoder:
+    """Read an ids chunk's table frames now; its decoder decodes the chunk (`Decoder`)."""
     k = shape[-1]
     positions = int(np.prod(shape[:-1]))
-    rows = _held_rows(raw, positions, k)
-    flags, values = np.empty(positions, np.uint8), np.empty((rows, k), dtype=dtype)
-    _whole(raw, entropy.decode(raw[1:], [flags, values.reshape(-1)]))
-    held = _flags(flags, rows)
-    if rows == positions:  # every position trained: no zero rows to put back
-        return values.reshape(shape)
-    out = np.zeros((positions, k), dtype=dtype)
-    out[held] = values
-    return out.reshape(shape)
+    block, planes = _block(raw)
+
+    def decode(out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty(shape, dtype=dtype) if out is None else out
+        rows = _rows_of(out, positions, k)
+        entropy.check(entropy._kernels().ids_chunk(block, planes, entropy._PARAMS, rows))
+        return out
+
+    return decode
 
 
 def encode_logprobs(chunk: np.ndarray, mode: ValueMode) -> bytes:
     k = chunk.shape[-1]
     codes = mode.codes(np.ascontiguousarray(chunk)).reshape(-1, k)
-    held = _rows(codes)
-    codes = codes[held]
-    diffs = np.diff(codes, axis=1)  # uint16 arithmetic: modulo 2**16
-    streams = [held.view(np.uint8), codes[:, 0]] + [diffs[:, a - 1:b - 1] for a, b in rank_groups(k)]
-    return bytes([_VERSION]) + entropy.encode(streams)
+    return bytes([_VERSION]) + entropy.encode_streams(*entropy._kernels().logprob_streams(codes, _edges(k)))
 
 
 def decode_logprobs(raw: memoryview | bytes, shape: tuple[int, ...], mode: ValueMode) -> np.ndarray:
-    raw = memoryview(raw)
+    return logprobs_decoder(raw, shape, mode)()
+
+
+def logprobs_decoder(raw: memoryview | bytes, shape: tuple[int, ...], mode: ValueMode) -> Decoder:
+    """Read a log-prob chunk's table frames now; its decoder decodes the chunk (`Decoder`)."""
     k = shape[-1]
     positions = int(np.prod(shape[:-1]))
-    rows = _held_rows(raw, positions, 1)  # the first column's stream has one code per row
-    groups = [(0, 1), *rank_groups(k)]
-    flags = np.empty(positions, np.uint8)
-    blocks = [np.empty(rows * (b - a), dtype=np.uint16) for a, b in groups]
-    _whole(raw, entropy.decode(raw[1:], [flags, *blocks]))
-    held = _flags(flags, rows)
-    part = np.empty((rows, k), dtype=np.uint16)
-    for (a, b), block in zip(groups, blocks, strict=True):
-        part[:, a:b] = block.reshape(rows, b - a)
-    entropy.prefix_rows(part)  # wraps modulo 2**16, as encoding did
-    if rows < positions:  # zero rows (untrained positions) back in place
-        codes = np.zeros((positions, k), dtype=np.uint16)
-        codes[held] = part
-        part = codes
-    return mode.values(part).reshape(shape)
+    edges = _edges(k)
+    block, planes = _block(raw)
+
+    def decode(out: np.ndarray | None = None) -> np.ndarray:
+        exact = not mode.levels
+        if out is None:
+            out = np.empty(shape, dtype=np.float16)
+        codes = _rows_of(out.view(np.uint16), positions, k) if exact else np.empty((positions, k), np.uint16)
+        entropy.check(entropy._kernels().logprobs_chunk(block, planes, entropy._PARAMS, edges, codes))
+        if not exact:
+            out[...] = mode.values(codes).reshape(shape)
+        return out
+
+    return decode
 
 
-def _held_rows(raw: memoryview, positions: int, per_row: int) -> int:
-    """Rows the chunk codes (the others are zeros), from its block's header: its first stream
-    flags every position, its second holds `per_row` symbols per coded row."""
-    _version(raw)
-    sizes = entropy.stream_sizes(raw[1:])
-    if len(sizes) < 2 or sizes[0] != positions or sizes[1] % per_row or sizes[1] // per_row > positions:
-        raise CodecError(f"chunk's streams ({sizes}) do not fit {positions} positions")
-    return sizes[1] // per_row
+def _rows_of(out: np.ndarray, positions: int, k: int) -> np.ndarray:
+    """`out` as [positions, k], the same memory (a decoder's destination)."""
+    if not out.flags.c_contiguous or out.size != positions * k:
+        raise ValueError(f"a chunk decodes into a contiguous array of {positions * k} values")
+    return out.reshape(positions, k)
 
 
-def _flags(flags: np.ndarray, rows: int) -> np.ndarray:
-    if flags.max(initial=0) > 1 or int(flags.sum()) != rows:
-        raise CodecError("chunk's row flags do not match its coded rows")
-    return flags.view(bool)
-
-
-def _whole(raw: memoryview, used: int) -> None:
-    if used + 1 != len(raw):
-        raise CodecError(f"chunk has {len(raw) - 1 - used} bytes after its streams")
-
-
-def _version(raw: memoryview) -> None:
-    if len(raw) < 1 or raw[0] != _VERSION:
+def _block(raw: memoryview | bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's block (uint8) and its table frames, decoded (entropy.tables)."""
+    block = np.frombuffer(raw, dtype=np.uint8)
+    if block.size < 1 or block[0] != _VERSION:
         raise CodecError(f"chunk is not a version-{_VERSION} kdcache chunk")
+    return block[1:], entropy.tables(block[1:])
 
 
 # ---- the zarr codecs -------------------------------------------------------------------
@@ -209,8 +205,11 @@ class KdcacheCodec(ArrayBytesCodec):
     def chunk_encode(self, chunk: np.ndarray) -> bytes:
         raise NotImplementedError
 
-    def chunk_decode(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def chunk_decoder(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> Decoder:
         raise NotImplementedError
+
+    def chunk_decode(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return self.chunk_decoder(raw, shape, dtype)()
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         dtype = chunk_spec.dtype.to_native_dtype()
@@ -241,8 +240,8 @@ class TopkIds(KdcacheCodec):
     def chunk_encode(self, chunk: np.ndarray) -> bytes:
         return encode_ids(chunk)
 
-    def chunk_decode(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        return decode_ids(raw, shape, dtype)
+    def chunk_decoder(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> Decoder:
+        return ids_decoder(raw, shape, dtype)
 
 
 @dataclass(frozen=True)
@@ -269,5 +268,5 @@ class SortedLogprobs(KdcacheCodec):
     def chunk_encode(self, chunk: np.ndarray) -> bytes:
         return encode_logprobs(chunk, ValueMode(self.values))
 
-    def chunk_decode(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        return decode_logprobs(raw, shape, ValueMode(self.values))
+    def chunk_decoder(self, raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> Decoder:
+        return logprobs_decoder(raw, shape, ValueMode(self.values))

@@ -7,7 +7,7 @@ the ids' own frequencies can. This module is that coder, in kdcache's codecs (co
 
 A *stream* codes one array of non-negative integers with a frequency table fitted on the
 stream itself (semi-static): the distinct values and their counts (rounded to powers of
-two, `coarse`, then scaled to sum to 2**precision, `quantise`) are stored with the
+two, rans.coarse, then scaled to sum to 2**precision, rans.quantise) are stored with the
 stream, so every stream decodes on its own and a chunk needs nothing from the rest of the
 store. Decoding is table-driven: one lookup per symbol in a table of 2**precision slots,
 in compiled code that releases the GIL.
@@ -22,8 +22,10 @@ with four interleaved states so that four independent chains decode at once (~1.
 A chunk codes its streams as one *block* (`encode`): the small tables of all its streams
 share one zstd frame, and a large table (ids: ~8,000 distinct values) is itself coded as a
 block of two streams, ~6% smaller than zstd over it (tables of fewer than 4,096 values are
-smaller, and decode faster, in the shared frame). Decoding a stream is one compiled call
-that rebuilds its table and decodes it.
+smaller, and decode faster, in the shared frame). Fitting and coding all of a block's
+streams is one compiled call (rans.fit_encode); decoding is zstd over its table frames
+(`tables`), then one compiled call that lays the block out, rebuilds every table and
+decodes every stream (rans.layout and rans.run, or a codec's own decoder there).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ PRECISION_HEADROOM = 4
 COUNT_BITS = 1  # measured on SmolLM2 targets: 1 beat 2..6 and exact counts at every k
 _TABLE_CODEC = Zstd(level=9)
 NESTED_ABOVE = 4096  # distinct values: smaller tables cost less, and decode faster, as zstd frames
-DENSE_LIMIT = 1 << 24  # values below it are counted in one compiled pass; above, with np.unique
+DENSE_LIMIT = 1 << 22  # values below it are counted in an array of counts; above, by sorting
+_PARAMS = np.array([MIN_PRECISION, MAX_PRECISION, LIMIT_PRECISION, PRECISION_HEADROOM, COUNT_BITS,
+                    DENSE_LIMIT], dtype=np.int64)  # rans.py's params
 
 
 @functools.cache
@@ -56,51 +60,14 @@ class EntropyError(StoreError):
     """A stream's bytes are not a stream this module wrote (truncated or corrupt)."""
 
 
-def _counts(symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct values (ascending), their counts, and each symbol's index among them."""
-    top = int(symbols.max())
-    if top < DENSE_LIMIT:
-        return _kernels().dense_counts(symbols, top)
-    values, index, counts = np.unique(symbols, return_inverse=True, return_counts=True)
-    return values.astype(np.uint64), counts, index.astype(np.uint32)
-
-
 def table_precision(n: int, distinct: int) -> int:
     """Slots of a stream's table, as a power of 2: enough for the rarest values' counts to
     keep their share (about 2**PRECISION_HEADROOM slots per distinct value, at most one per
     symbol), few enough that the decoder's slot table stays in cache."""
-    least = int(np.ceil(np.log2(max(distinct, 1))))  # a slot for every distinct value
-    if least > LIMIT_PRECISION:
+    precision = int(_kernels().precision_of(n, distinct, _PARAMS))
+    if precision < 0:
         raise ValueError(f"{distinct} distinct values in one stream exceed the coder's table")
-    want = min(MAX_PRECISION, least + PRECISION_HEADROOM, int(np.ceil(np.log2(max(n, 1)))))
-    return max(MIN_PRECISION, least, want)
-
-
-def coarse(counts: np.ndarray) -> np.ndarray:
-    """Counts rounded to COUNT_BITS significant bits (1: the nearest power of two, ties up).
-    A value's coded length moves by under half a bit, and its table, whose frequencies then
-    take a handful of distinct values, costs less than that: 0.2 B/token less at k = 64."""
-    counts = counts.astype(np.int64)
-    lengths = np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64) + 1
-    shift = np.maximum(lengths - COUNT_BITS, 0)
-    half = np.where(shift > 0, np.left_shift(1, np.maximum(shift - 1, 0)), 0)
-    return np.maximum(1, ((counts + half) >> shift) << shift)
-
-
-def quantise(counts: np.ndarray, precision: int) -> np.ndarray:
-    """Frequencies >= 1 summing to exactly 2**precision, proportional to `counts`
-    (integer arithmetic only, so every machine derives the same table)."""
-    total = 1 << precision
-    freq = np.maximum(1, (counts.astype(np.int64) * total) // int(counts.sum()))
-    excess = int(freq.sum()) - total
-    order = np.argsort(-freq, kind="stable")
-    if excess < 0:  # flooring left slots over: the most frequent value takes them
-        freq[order[0]] -= excess
-    elif excess > 0:  # the floor of 1 overspent: the most frequent values give slots back
-        room = freq[order] - 1
-        before = np.cumsum(room) - room
-        freq[order] -= np.clip(excess - before, 0, room)
-    return freq
+    return precision
 
 
 def _planes(values: np.ndarray) -> bytes:
@@ -109,38 +76,25 @@ def _planes(values: np.ndarray) -> bytes:
     return bytes(_TABLE_CODEC.encode(np.ascontiguousarray(v.view(np.uint8).reshape(-1, 4).T)))
 
 
-def _unplanes(raw: memoryview, count: int) -> np.ndarray:
-    try:
-        planes = np.frombuffer(_TABLE_CODEC.decode(raw), dtype=np.uint8)
-    except Exception as exc:  # zstd raises RuntimeError on damaged frames
-        raise EntropyError(f"frequency tables cannot be read ({exc})") from exc
-    if planes.size != 4 * count:
-        raise EntropyError("frequency tables have the wrong size")
-    return np.ascontiguousarray(planes.reshape(4, count).T).view("<u4").reshape(-1)
-
-
 _STREAM = np.dtype([("n", "<u4"), ("precision", "u1"), ("nested", "u1"), ("distinct", "<u4"),
                     ("words", "<u4")])
+_U32 = np.dtype("<u4")
 
 
-def _fit(flat: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]:
-    """A stream's (n, precision, distinct), its table (gaps less 1, frequencies less 1) and words."""
-    n = flat.size
-    if n == 0:
-        return (0, MIN_PRECISION, 0), np.zeros(0, np.uint32), np.zeros(0, np.uint32), np.zeros(0, np.uint32)
-    values, counts, index = _counts(flat)
-    precision = table_precision(n, values.size)
-    freq = quantise(coarse(counts), precision)
-    start = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint32)
-    words = np.empty(n + 8, dtype=np.uint32)
-    used = _kernels().encode(index, freq.astype(np.uint32), start, precision, words)
-    gaps = np.diff(values, prepend=np.uint64(0))
-    gaps[1:] -= np.uint64(1)  # distinct ascending values: gaps of at least 1, stored less 1
-    return (n, precision, values.size), gaps.astype(np.uint32), (freq - 1).astype(np.uint32), words[used:]
+def _u32(value: int) -> bytes:
+    return np.uint32(value).astype(_U32).tobytes()
 
 
 def encode(arrays: list[np.ndarray], nested: bool = True) -> bytes:
-    """A block of streams, one per array of integers in [0, 2**32), each with its own table.
+    """A block of streams, one per array of integers in [0, 2**32), each with its own table."""
+    flat = [np.asarray(a).reshape(-1) for a in arrays]
+    bounds = np.cumsum([0, *(a.size for a in flat)], dtype=np.int64)
+    buf = np.concatenate(flat).astype(np.uint32) if flat else np.zeros(0, np.uint32)
+    return encode_streams(buf, bounds, nested)
+
+
+def encode_streams(buf: np.ndarray, bounds: np.ndarray, nested: bool = True) -> bytes:
+    """A block of the streams buf[bounds[s]:bounds[s + 1]] (uint32), each with its own table.
 
     Layout (little-endian): u32 streams; per stream u32 symbols, u8 precision, u8 nested,
     u32 distinct values, u32 words; u32 bytes of the shared table frame, that frame (zstd
@@ -148,79 +102,72 @@ def encode(arrays: list[np.ndarray], nested: bool = True) -> bytes:
     (more than NESTED_ABOVE values: `nested`) as a block of two streams of its own, prefixed
     by its u32 length; then every stream's rANS words.
     """
-    fitted = [_fit(np.ascontiguousarray(a).reshape(-1)) for a in arrays]
-    heads = np.zeros(len(fitted), dtype=_STREAM)
+    try:
+        fitted = _kernels().fit_encode(buf, bounds, _PARAMS)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (2**{LIMIT_PRECISION} values)") from exc
+    counts, gaps, rest, words = fitted
+    heads = np.zeros(len(counts), dtype=_STREAM)
     shared: list[np.ndarray] = []
     inner: list[bytes] = []
-    for i, ((n, precision, distinct), gaps, rest, words) in enumerate(fitted):
+    at = 0
+    for i, (n, precision, distinct, used) in enumerate(counts.tolist()):
+        table = slice(at, at + distinct)
+        at += distinct
         big = nested and distinct > NESTED_ABOVE
-        heads[i] = (n, precision, big, distinct, words.size)
+        heads[i] = (n, precision, big, distinct, used)
         if big:
-            block = encode([gaps, rest], nested=False)
-            inner.append(np.uint32(len(block)).astype("<u4").tobytes() + block)
+            block = encode_streams(np.concatenate([gaps[table], rest[table]]),
+                                   np.array([0, distinct, 2 * distinct], dtype=np.int64), nested=False)
+            inner.append(_u32(len(block)) + block)
         else:
-            shared += [gaps, rest]
+            shared += [gaps[table], rest[table]]
     frame = _planes(np.concatenate(shared)) if shared else b""
-    return b"".join([np.uint32(len(fitted)).astype("<u4").tobytes(), heads.tobytes(),
-                     np.uint32(len(frame)).astype("<u4").tobytes(), frame, *inner,
-                     *(w.astype("<u4").tobytes() for *_, w in fitted)])
+    return b"".join([_u32(len(counts)), heads.tobytes(), _u32(len(frame)), frame, *inner,
+                     words.astype(_U32).tobytes()])
 
 
-def prefix_rows(codes: np.ndarray) -> None:
-    """Each row of a uint16 array replaced by its running sum, modulo 2**16, in place."""
-    _kernels().prefix_rows(codes)
+def _errors() -> dict[int, str]:
+    r = _kernels()
+    return {r.TRUNCATED: "block is truncated", r.NOT_TWO: "a nested table is not a block of 2 streams",
+            r.TRAILING: "block has bytes after its streams",
+            r.BAD_PRECISION: "a stream's table precision is out of range",
+            r.BAD_TABLES: "frequency tables have the wrong size",
+            r.BAD_SHAPE: "streams do not fit the chunk's shape",
+            r.BAD_WORDS: "rANS words do not decode to the streams' symbols",
+            r.BAD_FLAGS: "row flags do not match the coded rows"}
 
 
-def stream_sizes(raw: memoryview | bytes) -> list[int]:
-    """The symbol count of each stream of the block at the start of `raw` (its header only)."""
-    raw = memoryview(raw)
-    if len(raw) < 4:
-        raise EntropyError("block header is truncated")
-    count = int(np.frombuffer(raw[:4], "<u4")[0])
-    if len(raw) < 4 + count * _STREAM.itemsize:
-        raise EntropyError("block header is truncated")
-    return [int(n) for n in np.frombuffer(raw[4:4 + count * _STREAM.itemsize], dtype=_STREAM)["n"]]
+def check(status: int) -> None:
+    """Raise the EntropyError a rans.py status stands for (none for 0)."""
+    if status:
+        raise EntropyError(_errors().get(status, f"unknown decoding error {status}"))
 
 
-def decode(raw: memoryview | bytes, outs: list[np.ndarray]) -> int:
-    """Decode a block of streams from the start of `raw` into `outs` (1-D, contiguous, each
-    the size of its stream, of any integer dtype wide enough); returns the bytes it took."""
-    raw = memoryview(raw)
-    at = 4 + len(outs) * _STREAM.itemsize + 4
-    if len(raw) < at or int(np.frombuffer(raw[:4], "<u4")[0]) != len(outs):
-        raise EntropyError(f"block does not hold {len(outs)} streams")
-    heads = np.frombuffer(raw[4:at - 4], dtype=_STREAM)
-    frame = int(np.frombuffer(raw[at - 4:at], "<u4")[0])
-    small = int(sum(2 * int(h["distinct"]) for h in heads if not h["nested"]))
-    if at + frame > len(raw):
-        raise EntropyError("block is truncated")
-    shared = _unplanes(raw[at:at + frame], small) if small else np.zeros(0, np.uint32)
-    at += frame
-    tables, used = [], 0
-    for h in heads:
-        m = int(h["distinct"])
-        if h["nested"]:
-            if at + 4 > len(raw):
-                raise EntropyError("block is truncated")
-            size = int(np.frombuffer(raw[at:at + 4], "<u4")[0])
-            gaps, rest = np.empty(m, np.uint32), np.empty(m, np.uint32)
-            if decode(raw[at + 4:at + 4 + size], [gaps, rest]) != size:
-                raise EntropyError("a nested table has bytes after its streams")
-            at += 4 + size
-        else:
-            gaps, rest = shared[used:used + m], shared[used + m:used + 2 * m]
-            used += 2 * m
-        tables.append((gaps, rest))
-    for h, (gaps, rest), out in zip(heads, tables, outs, strict=True):
-        n, precision, words = int(h["n"]), int(h["precision"]), int(h["words"])
-        if n != out.size or not MIN_PRECISION <= precision <= LIMIT_PRECISION:
-            raise EntropyError(f"stream holds {n} symbols at precision {precision}, expected {out.size}")
-        if at + 4 * words > len(raw):
-            raise EntropyError("block is truncated")
-        if n:
-            lookup = np.empty(1 << precision, dtype=np.uint16 if gaps.size <= 1 << 16 else np.uint32)
-            if _kernels().decode(np.frombuffer(raw[at:at + 4 * words], "<u4"), gaps, rest, precision, lookup,
-                       out) != words:
-                raise EntropyError("rANS words do not decode to the stream's symbols")
-        at += 4 * words
-    return at
+def tables(raw: np.ndarray) -> np.ndarray:
+    """The zstd table frames of the block raw (uint8), decoded and concatenated: what rans.py's
+    decoders take beside the block. zstd is the one step of a decode outside compiled code."""
+    found = _kernels().frames(raw)
+    check(int(found[0, 0]) if found[0, 0] < 0 else 0)
+    parts = []
+    for at, size, values in found.tolist():
+        if not values:
+            continue
+        try:
+            planes = _TABLE_CODEC.decode(raw[at:at + size])
+        except Exception as exc:  # zstd raises RuntimeError on damaged frames
+            raise EntropyError(f"frequency tables cannot be read ({exc})") from exc
+        if len(planes) != 4 * values:
+            raise EntropyError("frequency tables have the wrong size")
+        parts.append(np.frombuffer(planes, dtype=np.uint8))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.uint8)
+
+
+def decode(raw: memoryview | bytes) -> list[np.ndarray]:
+    """The streams (uint32) of a block that fills `raw`."""
+    block = np.frombuffer(raw, dtype=np.uint8)
+    r = _kernels()
+    status, words, buf, program, first, used = r.layout(block, tables(block), _PARAMS)
+    check(status)
+    check(r.TRAILING if used != block.size else r.run(words, buf, program))
+    return [buf[out:out + n] for n, out in program[first:, [r.N, r.OUT]].tolist()]

@@ -24,7 +24,7 @@ issued together on I/O threads.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -139,12 +139,9 @@ class ShardPlan:
         """One inner chunk as an array of the stored dtype (fill values when never written)."""
         if raw is None:
             return np.full(self._chunk_shape(), self.fill, dtype=self.dtype)
-        _check(raw, where)
         if self.serializer is not None:
-            try:
-                return self.serializer.chunk_decode(memoryview(raw)[:-4], self._chunk_shape(), self.dtype)
-            except StoreError as exc:
-                raise ChunkError(f"{where} is corrupt (cannot be decoded: {exc})") from exc
+            return self.decoder(raw, where)()
+        _check(raw, where)
         assert self.blosc is not None
         data = np.empty(self._chunk_shape(), dtype=self.dtype)  # writable, as zarr's reads are
         try:
@@ -155,6 +152,23 @@ class ShardPlan:
             flat = data.reshape(-1)
             np.cumsum(flat, dtype=self.dtype, out=flat)  # wraps modulo 2**bits, as encoding did
         return data
+
+    def decoder(self, raw: bytes, where: str) -> Callable[..., np.ndarray]:
+        """A kdcache codec's inner chunk, checked and read now; decoded when the returned
+        decoder is called (`codecs.Decoder`: `decoder(out=None)`, GIL released)."""
+        _check(raw, where)
+        try:
+            decode = self.serializer.chunk_decoder(memoryview(raw)[:-4], self._chunk_shape(), self.dtype)
+        except StoreError as exc:
+            raise ChunkError(f"{where} is corrupt (cannot be decoded: {exc})") from exc
+
+        def checked(out: np.ndarray | None = None) -> np.ndarray:
+            try:
+                return decode(out)
+            except StoreError as exc:
+                raise ChunkError(f"{where} is corrupt (cannot be decoded: {exc})") from exc
+
+        return checked
 
     # ---- writing -------------------------------------------------------------------
 
@@ -249,16 +263,28 @@ class RowSource:
                                       f"array '{name}' in {where}, inner chunk {chunk},")
                     for name, plan in self.plans.items()}
         out = {name: np.empty((unique.size, *p.shape[1:]), dtype=p.dtype) for name, p in self.plans.items()}
+        # kdcache's codecs first: their decodes (on the pool) overlap the other arrays' reads
+        # and, where they are present, those arrays' decodes (on this thread).
+        names = sorted(self.plans, key=lambda name: self.plans[name].serializer is None)
         fetches = [(name, shard, np.flatnonzero(chunks // per == shard))
-                   for name in self.plans for shard in distinct(chunks // per).tolist()]
-        # Over the network every array's request is in flight at once; on disk, inline.
-        got = any_plan.folder.map(lambda f: self._fetch(f[0], f[1], (chunks[f[2]] % per).tolist()), fetches)
+                   for name in names for shard in distinct(chunks // per).tolist()]
+
+        def fetch(f: tuple[str, int, np.ndarray]) -> list[bytes | None]:
+            return self._fetch(f[0], f[1], (chunks[f[2]] % per).tolist())
+
+        # Over the network every array's request is in flight at once; on disk, one by one.
+        got = any_plan.folder.map(fetch, fetches) if self.remote else map(fetch, fetches)
         jobs = []
         for (name, _, mine), raws in zip(fetches, got, strict=True):
             for i, raw in zip(mine.tolist(), raws, strict=True):
-                at = f"array '{name}' in {where}, inner chunk {chunks[i]},"
-                jobs.append(pool().submit(self._fill, name, raw, int(chunks[i]), bounds[:, i],
-                                         unique, out[name], at))
+                plan, at = self.plans[name], f"array '{name}' in {where}, inner chunk {chunks[i]},"
+                args = (name, raw, int(chunks[i]), bounds[:, i], unique, out[name], at)
+                if not self.heavy:
+                    jobs.append(pool().submit(self._fill, *args))
+                elif plan.serializer is None or raw is None:  # decoded here meanwhile
+                    self._fill(*args)
+                else:  # checked and read here, decoded on the pool (one GIL release per chunk)
+                    jobs.append(pool().submit(_place, plan.decoder(raw, at), *args[2:6], plan.chunk_rows))
         for job in jobs:
             job.result()
         return out
@@ -270,10 +296,19 @@ class RowSource:
     def _fill(self, name: str, raw: bytes | None, chunk: int, bounds: np.ndarray, unique: np.ndarray,
               out: np.ndarray, where: str) -> None:
         plan = self.plans[name]
-        lo, hi = int(bounds[0]), int(bounds[1])
-        values = plan.decode(raw, where)
-        rows = unique[lo:hi] - chunk * plan.chunk_rows
-        if rows.size == plan.chunk_rows:
-            out[lo:hi] = values
-        else:
-            out[lo:hi] = values[rows]
+        _place(lambda _=None: plan.decode(raw, where), chunk, bounds, unique, out, plan.chunk_rows)
+
+
+def _place(decode: Callable[..., np.ndarray], chunk: int, bounds: np.ndarray, unique: np.ndarray,
+           out: np.ndarray, chunk_rows: int) -> None:
+    """Put the rows unique[bounds[0]:bounds[1]] of inner chunk `chunk` in place in `out`; a
+    whole chunk is decoded straight into it where `decode` can (`codecs.Decoder`)."""
+    lo, hi = int(bounds[0]), int(bounds[1])
+    rows = unique[lo:hi] - chunk * chunk_rows
+    if rows.size == chunk_rows:
+        dest = out[lo:hi]
+        got = decode(dest)
+        if got is not dest:
+            dest[...] = got
+    else:
+        out[lo:hi] = decode()[rows]
