@@ -218,8 +218,12 @@ class LocalDir(Location):
     def is_file(self, key: str) -> bool:
         return self.file(key).is_file()
 
+    def _name(self, key: str) -> str:
+        """file(key) as a string, without pathlib (the hot read path calls it per array)."""
+        return f"{self.path}/{key}" if key else str(self.path)
+
     def stamp(self, key: str) -> Hashable:
-        st = os.stat(self.file(key))
+        st = os.stat(self._name(key))
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def read_tail(self, key: str, length: int) -> bytes:
@@ -228,7 +232,7 @@ class LocalDir(Location):
             return f.read(length)
 
     def read_ranges(self, key: str, spans: list[tuple[int, int]]) -> list[bytes]:
-        fd = os.open(self.file(key), os.O_RDONLY)
+        fd = os.open(self._name(key), os.O_RDONLY)
         try:
             return [os.pread(fd, length, offset) for offset, length in spans]
         finally:

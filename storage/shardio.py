@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c
@@ -74,6 +74,7 @@ class ShardPlan:
     fill: Any
     key: Any  # shard index -> file key, zarr's chunk key encoding
     serializer: Any = None  # a kdcache codec (codecs.py) in place of bytes + Blosc
+    keys: dict[int, str] = field(default_factory=dict, compare=False, repr=False)  # path()'s
 
     @classmethod
     def of(cls, array: zarr.Array, folder: Location) -> ShardPlan | None:
@@ -113,8 +114,11 @@ class ShardPlan:
         return self.shard_rows // self.chunk_rows
 
     def path(self, shard: int) -> str:
-        """The shard file's key in `folder`."""
-        return str(self.key(shard))
+        """The shard file's key in `folder` (zarr's key encoding costs ~5 us, per array and read)."""
+        known = self.keys.get(shard)
+        if known is None:
+            known = self.keys[shard] = str(self.key(shard))
+        return known
 
     def _chunk_shape(self) -> tuple[int, ...]:
         return (self.chunk_rows, *self.shape[1:])
