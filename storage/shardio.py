@@ -267,8 +267,9 @@ class RowSource:
                                       f"array '{name}' in {where}, inner chunk {chunk},")
                     for name, plan in self.plans.items()}
         out = {name: np.empty((unique.size, *p.shape[1:]), dtype=p.dtype) for name, p in self.plans.items()}
-        # kdcache's codecs first: their decodes (on the pool) overlap the other arrays' reads
-        # and, where they are present, those arrays' decodes (on this thread).
+        # kdcache's codecs first, their decodes on the pool but the last, which this thread
+        # runs itself rather than wait (a thread wakes slowly here) once it has read the
+        # other arrays and handed their (small) decodes to the pool as one job.
         names = sorted(self.plans, key=lambda name: self.plans[name].serializer is None)
         fetches = [(name, shard, np.flatnonzero(chunks // per == shard))
                    for name in names for shard in distinct(chunks // per).tolist()]
@@ -278,17 +279,28 @@ class RowSource:
 
         # Over the network every array's request is in flight at once; on disk, one by one.
         got = any_plan.folder.map(fetch, fetches) if self.remote else map(fetch, fetches)
-        jobs = []
+        jobs, light, last = [], [], None
+        heavy = sum(f[2].size for f in fetches if self.plans[f[0]].serializer is not None)
         for (name, _, mine), raws in zip(fetches, got, strict=True):
             for i, raw in zip(mine.tolist(), raws, strict=True):
                 plan, at = self.plans[name], f"array '{name}' in {where}, inner chunk {chunks[i]},"
                 args = (name, raw, int(chunks[i]), bounds[:, i], unique, out[name], at)
                 if not self.heavy:
                     jobs.append(pool().submit(self._fill, *args))
-                elif plan.serializer is None or raw is None:  # decoded here meanwhile
-                    self._fill(*args)
-                else:  # checked and read here, decoded on the pool (one GIL release per chunk)
-                    jobs.append(pool().submit(_place, plan.decoder(raw, at), *args[2:6], plan.chunk_rows))
+                    continue
+                if plan.serializer is None or raw is None:
+                    light.append(args)
+                    continue
+                heavy -= 1  # checked and read here, decoded on the pool (one GIL release per chunk)
+                decode = (plan.decoder(raw, at), *args[2:6], plan.chunk_rows)
+                if heavy:
+                    jobs.append(pool().submit(_place, *decode))
+                else:
+                    last = decode
+        if light:
+            jobs.append(pool().submit(self._fill_all, light))
+        if last is not None:
+            _place(*last)
         for job in jobs:
             job.result()
         return out
@@ -296,6 +308,10 @@ class RowSource:
     def _fetch(self, name: str, shard: int, chunks: list[int]) -> list[bytes | None]:
         plan = self.plans[name]
         return plan.read_chunks(shard, self.index(name, shard), chunks)
+
+    def _fill_all(self, fills: list[tuple[Any, ...]]) -> None:
+        for args in fills:
+            self._fill(*args)
 
     def _fill(self, name: str, raw: bytes | None, chunk: int, bounds: np.ndarray, unique: np.ndarray,
               out: np.ndarray, where: str) -> None:
