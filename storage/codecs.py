@@ -29,6 +29,7 @@ round-trip exactly from then on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -100,9 +101,22 @@ class ValueMode:
         out[codes > n] = np.nan
         return out
 
+    def table(self) -> np.ndarray:
+        """values() of every uint16 code, as float16 bit patterns (empty when exact: the codes
+        are the bit patterns): the compiled decoder looks values up rather than compute them."""
+        return _value_table(self.name)
+
     def round_trip(self, logprobs: np.ndarray) -> np.ndarray:
         """What a store in this mode holds for `logprobs` (the values themselves when exact)."""
         return logprobs if not self.levels else self.values(self.codes(logprobs))
+
+
+@functools.cache
+def _value_table(name: str) -> np.ndarray:
+    mode = ValueMode(name)
+    if not mode.levels:
+        return np.zeros(0, dtype=np.uint16)
+    return mode.values(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)).view(np.uint16)
 
 
 def value_mode(name: str) -> ValueMode:
@@ -162,13 +176,10 @@ def logprobs_decoder(raw: memoryview | bytes, shape: tuple[int, ...], mode: Valu
     block, planes = _block(raw)
 
     def decode(out: np.ndarray | None = None) -> np.ndarray:
-        exact = not mode.levels
-        if out is None:
-            out = np.empty(shape, dtype=np.float16)
-        codes = _rows_of(out.view(np.uint16), positions, k) if exact else np.empty((positions, k), np.uint16)
-        entropy.check(entropy._kernels().logprobs_chunk(block, planes, entropy._PARAMS, edges, codes))
-        if not exact:
-            out[...] = mode.values(codes).reshape(shape)
+        out = np.empty(shape, dtype=np.float16) if out is None else out
+        bits = _rows_of(out.view(np.uint16), positions, k)
+        entropy.check(entropy._kernels().logprobs_chunk(block, planes, entropy._PARAMS, edges, mode.table(),
+                                                        bits))
         return out
 
     return decode

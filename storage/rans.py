@@ -755,9 +755,10 @@ def ids_chunk(raw: np.ndarray, planes: np.ndarray, params: np.ndarray, out: np.n
 
 @_jit
 def logprobs_chunk(raw: np.ndarray, planes: np.ndarray, params: np.ndarray, edges: np.ndarray,
-                   out: np.ndarray) -> int:
-    """Decode a log-prob chunk's block (logprob_streams' streams) into its uint16 codes `out`
-    [positions, k], each row's differences summed back modulo 2**16; 0 or an error."""
+                   values: np.ndarray, out: np.ndarray) -> int:
+    """Decode a log-prob chunk's block (logprob_streams' streams) into `out` [positions, k]
+    (uint16): each row's codes, its differences summed back modulo 2**16, or where `values`
+    is not empty the float16 bit patterns values[code] of a lossy mode; 0 or an error."""
     positions = out.shape[0]
     groups = edges.size - 1
     sizes = np.empty(2 + groups, dtype=np.int64)
@@ -771,15 +772,20 @@ def logprobs_chunk(raw: np.ndarray, planes: np.ndarray, params: np.ndarray, edge
     j = 0
     for p in range(positions):
         if not buf[f0 + p]:
-            out[p] = 0
+            out[p] = _value(np.uint16(0), values)
             continue
         acc = np.uint16(buf[c0 + j])
-        out[p, 0] = acc
+        out[p, 0] = _value(acc, values)
         for g in range(groups):
             a, b = edges[g], edges[g + 1]
             at = own[2 + g, OUT] + j * (b - a) - a
             for c in range(a, b):
                 acc = np.uint16(acc + np.uint16(buf[at + c]))
-                out[p, c] = acc
+                out[p, c] = _value(acc, values)
         j += 1
     return 0
+
+
+@_jit
+def _value(code: np.uint16, values: np.ndarray) -> np.uint16:
+    return values[code] if values.size else code
