@@ -218,7 +218,11 @@ def _decode(words: np.ndarray, buf: np.ndarray, t0: int, m: int, precision: int,
     """Decode out.size symbols (as their values) into `out` from `words`, the table at
     buf[t0:t0 + 2m]. Returns the words consumed, or -1 when the table does not fill
     2**precision slots, the words run out, or a final state is not the encoder's initial
-    one. `lookup` (2**precision slots) is scratch space for the slot -> symbol table."""
+    one. `lookup` (2**precision slots) is scratch space for the slot -> symbol table.
+
+    The general case, for tables of more than 2**16 slots (streams of more than 65,536
+    distinct values, rare): one symbol at a time, every refill checked. `_decode_packed`
+    is the fast path for all others."""
     values = np.empty(m, dtype=np.uint32)
     freq = np.empty(m, dtype=np.uint64)
     start = np.empty(m, dtype=np.uint64)
@@ -238,82 +242,21 @@ def _decode(words: np.ndarray, buf: np.ndarray, t0: int, m: int, precision: int,
     nw = words.size
     if at != size or nw < 8:
         return -1
-    x0 = (np.uint64(words[0]) << np.uint64(32)) | np.uint64(words[1])
-    x1 = (np.uint64(words[2]) << np.uint64(32)) | np.uint64(words[3])
-    x2 = (np.uint64(words[4]) << np.uint64(32)) | np.uint64(words[5])
-    x3 = (np.uint64(words[6]) << np.uint64(32)) | np.uint64(words[7])
+    xs = np.empty(4, dtype=np.uint64)
+    for j in range(4):
+        xs[j] = (np.uint64(words[2 * j]) << np.uint64(32)) | np.uint64(words[2 * j + 1])
     pos = 8
     mask = np.uint64(size - 1)
     shift = np.uint64(precision)
-    low = np.uint64(1 << 31)
-    n = out.size
-    whole = n - n % 4
-    for i in range(0, whole, 4):
-        s0 = lookup[x0 & mask]
-        s1 = lookup[x1 & mask]
-        s2 = lookup[x2 & mask]
-        s3 = lookup[x3 & mask]
-        out[i] = values[s0]
-        out[i + 1] = values[s1]
-        out[i + 2] = values[s2]
-        out[i + 3] = values[s3]
-        x0 = freq[s0] * (x0 >> shift) + (x0 & mask) - start[s0]
-        x1 = freq[s1] * (x1 >> shift) + (x1 & mask) - start[s1]
-        x2 = freq[s2] * (x2 >> shift) + (x2 & mask) - start[s2]
-        x3 = freq[s3] * (x3 >> shift) + (x3 & mask) - start[s3]
-        if pos + 4 > nw:  # room for any refills below; past it, the careful loop
-            return _decode_tail(words, pos, x0, x1, x2, x3, values, freq, start, lookup, mask, shift,
-                                out, i + 4, True)
-        # Unrolled, as the four updates above: each state is its own dependency chain.
-        if x0 < low:
-            x0 = (x0 << np.uint64(32)) | np.uint64(words[pos])
-            pos += 1
-        if x1 < low:
-            x1 = (x1 << np.uint64(32)) | np.uint64(words[pos])
-            pos += 1
-        if x2 < low:
-            x2 = (x2 << np.uint64(32)) | np.uint64(words[pos])
-            pos += 1
-        if x3 < low:
-            x3 = (x3 << np.uint64(32)) | np.uint64(words[pos])
-            pos += 1
-    return _decode_tail(words, pos, x0, x1, x2, x3, values, freq, start, lookup, mask, shift, out,
-                        whole, False)
-
-
-@_jit
-def _decode_tail(words: np.ndarray, pos: int, x0: np.uint64, x1: np.uint64, x2: np.uint64,
-                 x3: np.uint64, values: np.ndarray, freq: np.ndarray, start: np.ndarray,
-                 lookup: np.ndarray, mask: np.uint64, shift: np.uint64, out: np.ndarray, i: int,
-                 refill: bool) -> int:
-    """The rest of a decode, one symbol at a time with bounds checks: from symbol `i`, after
-    (when `refill`) the renormalisation of the four states that just decoded symbols i-4..i-1."""
-    low = np.uint64(1 << 31)
-    xs = np.empty(4, dtype=np.uint64)
-    xs[0], xs[1], xs[2], xs[3] = x0, x1, x2, x3
-    if refill:
-        for j in range(4):
-            if xs[j] < low:
-                if pos >= words.size:
-                    return -1
-                xs[j] = (xs[j] << np.uint64(32)) | np.uint64(words[pos])
-                pos += 1
-    for k in range(i, out.size):
+    for k in range(out.size):
         j = k & 3
         x = xs[j]
         s = lookup[x & mask]
         out[k] = values[s]
-        x = freq[s] * (x >> shift) + (x & mask) - start[s]
-        if x < low:
-            if pos >= words.size:
-                return -1
-            x = (x << np.uint64(32)) | np.uint64(words[pos])
-            pos += 1
-        xs[j] = x
-    for j in range(4):
-        if xs[j] != low:
+        xs[j], pos = _renormalise(freq[s] * (x >> shift) + (x & mask) - start[s], words, pos)
+        if pos < 0:
             return -1
-    return pos
+    return _ended(xs, pos)
 
 
 @_jit
@@ -385,14 +328,28 @@ def _decode_packed(words: np.ndarray, buf: np.ndarray, t0: int, m: int, precisio
         e = table[x & mask]
         out[k] = e & np.uint64(0xFFFFFFFF)
         x = (((e >> np.uint64(32)) & sixteen) + one) * (x >> shift) + (e >> np.uint64(48))
-        if x < low:
-            if pos >= nw:
-                return -1
-            x = (x << np.uint64(32)) | np.uint64(words[pos])
-            pos += 1
-        xs[j] = x
+        xs[j], pos = _renormalise(x, words, pos)
+        if pos < 0:
+            return -1
+    return _ended(xs, pos)
+
+
+@_jit
+def _renormalise(x: np.uint64, words: np.ndarray, pos: int) -> tuple[np.uint64, int]:
+    """A state below 2**31 takes in the next word: (state, next word), or pos -1 when the
+    words have run out."""
+    if x >= np.uint64(1 << 31):
+        return x, pos
+    if pos >= words.size:
+        return x, -1
+    return (x << np.uint64(32)) | np.uint64(words[pos]), pos + 1
+
+
+@_jit
+def _ended(xs: np.ndarray, pos: int) -> int:
+    """The words consumed (`pos`) when all four states ended where the encoder began, else -1."""
     for j in range(4):
-        if xs[j] != low:
+        if xs[j] != np.uint64(1 << 31):
             return -1
     return pos
 
