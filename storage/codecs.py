@@ -136,7 +136,7 @@ def _edges(k: int) -> np.ndarray:
 def encode_ids(chunk: np.ndarray) -> bytes:
     k = chunk.shape[-1] if chunk.ndim else 1
     rows = np.ascontiguousarray(chunk).reshape(-1, k)
-    return bytes([_VERSION]) + entropy.encode_streams(*entropy._kernels().id_streams(rows))
+    return bytes([_VERSION]) + entropy.encode_streams(*entropy.kernels().id_streams(rows))
 
 
 def decode_ids(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -152,7 +152,7 @@ def ids_decoder(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype
     def decode(out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(shape, dtype=dtype) if out is None else out
         rows = _rows_of(out, positions, k)
-        entropy.check(entropy._kernels().ids_chunk(block, planes, entropy._PARAMS, rows))
+        entropy.check(entropy.kernels().ids_chunk(block, planes, entropy.PARAMS, rows))
         return out
 
     return decode
@@ -161,7 +161,7 @@ def ids_decoder(raw: memoryview | bytes, shape: tuple[int, ...], dtype: np.dtype
 def encode_logprobs(chunk: np.ndarray, mode: ValueMode) -> bytes:
     k = chunk.shape[-1]
     codes = mode.codes(np.ascontiguousarray(chunk)).reshape(-1, k)
-    return bytes([_VERSION]) + entropy.encode_streams(*entropy._kernels().logprob_streams(codes, _edges(k)))
+    return bytes([_VERSION]) + entropy.encode_streams(*entropy.kernels().logprob_streams(codes, _edges(k)))
 
 
 def decode_logprobs(raw: memoryview | bytes, shape: tuple[int, ...], mode: ValueMode) -> np.ndarray:
@@ -178,7 +178,7 @@ def logprobs_decoder(raw: memoryview | bytes, shape: tuple[int, ...], mode: Valu
     def decode(out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(shape, dtype=np.float16) if out is None else out
         bits = _rows_of(out.view(np.uint16), positions, k)
-        entropy.check(entropy._kernels().logprobs_chunk(block, planes, entropy._PARAMS, edges, mode.table(),
+        entropy.check(entropy.kernels().logprobs_chunk(block, planes, entropy.PARAMS, edges, mode.table(),
                                                         bits))
         return out
 

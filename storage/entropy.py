@@ -19,7 +19,7 @@ pcodec bins values by numeric range rather than by frequency, so it codes ids in
 (state in [2**31, 2**63), 32-bit renormalisation, J. Duda's asymmetric numeral systems),
 with four interleaved states so that four independent chains decode at once (~1.5x).
 
-A chunk codes its streams as one *block* (`encode`): the small tables of all its streams
+A chunk codes its streams as one *block* (`encode_streams`): the small tables of all its streams
 share one zstd frame, and a large table (ids: ~8,000 distinct values) is itself coded as a
 block of two streams, ~6% smaller than zstd over it (tables of fewer than 4,096 values are
 smaller, and decode faster, in the shared frame). Fitting and coding all of a block's
@@ -46,28 +46,18 @@ COUNT_BITS = 1  # measured on SmolLM2 targets: 1 beat 2..6 and exact counts at e
 _TABLE_CODEC = Zstd(level=9)
 NESTED_ABOVE = 4096  # distinct values: smaller tables cost less, and decode faster, as zstd frames
 DENSE_LIMIT = 1 << 22  # values below it are counted in an array of counts; above, by sorting
-_PARAMS = np.array([MIN_PRECISION, MAX_PRECISION, LIMIT_PRECISION, PRECISION_HEADROOM, COUNT_BITS,
+PARAMS = np.array([MIN_PRECISION, MAX_PRECISION, LIMIT_PRECISION, PRECISION_HEADROOM, COUNT_BITS,
                     DENSE_LIMIT], dtype=np.int64)  # rans.py's params
 
 
 @functools.cache
-def _kernels() -> ModuleType:
+def kernels() -> ModuleType:
     """The compiled loops (rans.py), imported on first use (why: rans.py's docstring)."""
     return importlib.import_module("kdcache.storage.rans")
 
 
 class EntropyError(StoreError):
     """A stream's bytes are not a stream this module wrote (truncated or corrupt)."""
-
-
-def table_precision(n: int, distinct: int) -> int:
-    """Slots of a stream's table, as a power of 2: enough for the rarest values' counts to
-    keep their share (about 2**PRECISION_HEADROOM slots per distinct value, at most one per
-    symbol), few enough that the decoder's slot table stays in cache."""
-    precision = int(_kernels().precision_of(n, distinct, _PARAMS))
-    if precision < 0:
-        raise ValueError(f"{distinct} distinct values in one stream exceed the coder's table")
-    return precision
 
 
 def _planes(values: np.ndarray) -> bytes:
@@ -85,14 +75,6 @@ def _u32(value: int) -> bytes:
     return np.uint32(value).astype(_U32).tobytes()
 
 
-def encode(arrays: list[np.ndarray], nested: bool = True) -> bytes:
-    """A block of streams, one per array of integers in [0, 2**32), each with its own table."""
-    flat = [np.asarray(a).reshape(-1) for a in arrays]
-    bounds = np.cumsum([0, *(a.size for a in flat)], dtype=np.int64)
-    buf = np.concatenate(flat).astype(np.uint32) if flat else np.zeros(0, np.uint32)
-    return encode_streams(buf, bounds, nested)
-
-
 def encode_streams(buf: np.ndarray, bounds: np.ndarray, nested: bool = True) -> bytes:
     """A block of the streams buf[bounds[s]:bounds[s + 1]] (uint32), each with its own table.
 
@@ -103,7 +85,7 @@ def encode_streams(buf: np.ndarray, bounds: np.ndarray, nested: bool = True) -> 
     by its u32 length; then every stream's rANS words.
     """
     try:
-        fitted = _kernels().fit_encode(buf, bounds, _PARAMS)
+        fitted = kernels().fit_encode(buf, bounds, PARAMS)
     except ValueError as exc:
         raise ValueError(f"{exc} (2**{LIMIT_PRECISION} values)") from exc
     counts, gaps, rest, words = fitted
@@ -128,7 +110,7 @@ def encode_streams(buf: np.ndarray, bounds: np.ndarray, nested: bool = True) -> 
 
 
 def _errors() -> dict[int, str]:
-    r = _kernels()
+    r = kernels()
     return {r.TRUNCATED: "block is truncated", r.NOT_TWO: "a nested table is not a block of 2 streams",
             r.TRAILING: "block has bytes after its streams",
             r.BAD_PRECISION: "a stream's table precision is out of range",
@@ -147,7 +129,7 @@ def check(status: int) -> None:
 def tables(raw: np.ndarray) -> np.ndarray:
     """The zstd table frames of the block raw (uint8), decoded and concatenated: what rans.py's
     decoders take beside the block. zstd is the one step of a decode outside compiled code."""
-    found = _kernels().frames(raw)
+    found = kernels().frames(raw)
     check(int(found[0, 0]) if found[0, 0] < 0 else 0)
     parts = []
     for at, size, values in found.tolist():
@@ -161,13 +143,3 @@ def tables(raw: np.ndarray) -> np.ndarray:
             raise EntropyError("frequency tables have the wrong size")
         parts.append(np.frombuffer(planes, dtype=np.uint8))
     return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.uint8)
-
-
-def decode(raw: memoryview | bytes) -> list[np.ndarray]:
-    """The streams (uint32) of a block that fills `raw`."""
-    block = np.frombuffer(raw, dtype=np.uint8)
-    r = _kernels()
-    status, words, buf, program, first, used = r.layout(block, tables(block), _PARAMS)
-    check(status)
-    check(r.TRAILING if used != block.size else r.run(words, buf, program))
-    return [buf[out:out + n] for n, out in program[first:, [r.N, r.OUT]].tolist()]

@@ -12,7 +12,7 @@ less 1, `m` each), `m`, the stream's first rANS word and word count in `words`, 
 its symbols go in `buf`. A stream whose table is itself coded (entropy.NESTED_ABOVE)
 decodes after the stream that writes that table.
 
-Kept apart and imported only when a stream is first coded (`entropy._kernels`): importing
+Kept apart and imported only when a stream is first coded (`entropy.kernels`): importing
 numba loads llvmlite, whose FFI wrappers break vLLM's CPU worker start-up (it scans every
 loaded module's objects for Triton kernels, and llvmlite's do not answer `vars()` as
 dicts), so a process that starts a vLLM teacher must not have imported it yet.
@@ -25,7 +25,7 @@ import numpy as np
 
 # program columns
 N, PRECISION, TABLE, DISTINCT, WORD, WORDS, OUT = range(7)
-# params (entropy._PARAMS): table precision bounds, headroom, count bits, dense-count limit
+# params (entropy.PARAMS): table precision bounds, headroom, count bits, dense-count limit
 MIN_P, MAX_P, LIMIT_P, HEADROOM, COUNT_BITS, DENSE_LIMIT = range(6)
 BAD_WORDS, BAD_FLAGS = -1, -2  # decode errors (a stream's words; a chunk's row flags)
 
@@ -47,7 +47,9 @@ def _bits(x: int) -> int:
 
 @_jit
 def precision_of(n: int, distinct: int, params: np.ndarray) -> int:
-    """Slots of a stream's table as a power of 2 (entropy.table_precision), -1 past the limit."""
+    """Slots of a stream's table as a power of 2, -1 past the limit: enough for the rarest
+    values' counts to keep their share (about 2**HEADROOM slots per distinct value, at most
+    one per symbol), few enough that the decoder's slot table stays in cache."""
     least = _bits(max(distinct, 1) - 1)  # ceil(log2): a slot for every distinct value
     if least > params[LIMIT_P]:
         return -1
