@@ -519,7 +519,8 @@ def layout(raw: np.ndarray, planes: np.ndarray, params: np.ndarray
         own_words += _u32(raw, h + 10)
         nested += raw[h + 5] != 0
     program = np.zeros((count + 2 * nested, 7), dtype=np.int64)
-    spans = np.zeros((nested, 4), dtype=np.int64)  # per nested table: its block's start, end, buf offset, m
+    # per nested table: its block's end, its place in buf, m, its stream headers, its words
+    spans = np.zeros((nested, 5), dtype=np.int64)
     tables = np.zeros(count, dtype=np.int64)
     room = small  # buf values before the symbols
     valued = small  # table values in the frames
@@ -538,10 +539,13 @@ def layout(raw: np.ndarray, planes: np.ndarray, params: np.ndarray
             return c2, none, none, empty, 0, 0
         if c2 != 2 or raw[h2 + 5] or raw[h2 + HEAD + 5]:
             return NOT_TWO, none, none, empty, 0, 0
-        spans[j, 0], spans[j, 1], spans[j, 2], spans[j, 3] = at + 4, end, room, _u32(raw, h + 6)
+        m = _u32(raw, h + 6)
+        if _u32(raw, h2) != m or _u32(raw, h2 + HEAD) != m:  # the table's m gaps, m frequencies
+            return BAD_SHAPE, none, none, empty, 0, 0
+        spans[j, 0], spans[j, 1], spans[j, 2], spans[j, 3], spans[j, 4] = end, room, m, h2, f2 + s2
         tables[i] = room
         inner = _small(raw, h2, 2)
-        room += 2 * _u32(raw, h + 6) + inner
+        room += 2 * m + inner
         valued += inner
         word_count += _u32(raw, h2 + 10) + _u32(raw, h2 + HEAD + 10)
         j += 1
@@ -557,10 +561,7 @@ def layout(raw: np.ndarray, planes: np.ndarray, params: np.ndarray
     word = 0
     outs = np.zeros(2, dtype=np.int64)
     for j in range(nested):
-        start, end, table, m = spans[j, 0], spans[j, 1], spans[j, 2], spans[j, 3]
-        _, h2, f2, s2 = _header(raw, start, end)
-        if _u32(raw, h2) != m or _u32(raw, h2 + HEAD) != m:  # the table's m gaps, m frequencies
-            return BAD_SHAPE, none, none, empty, 0, 0
+        end, table, m, h2, w0 = spans[j, 0], spans[j, 1], spans[j, 2], spans[j, 3], spans[j, 4]
         inner = _small(raw, h2, 2)
         _unplane(planes, plane, inner, buf, table + 2 * m)
         plane += 4 * inner
@@ -569,9 +570,9 @@ def layout(raw: np.ndarray, planes: np.ndarray, params: np.ndarray
         if bad:
             return bad, none, none, empty, 0, 0
         nw = program[2 * j, WORDS] + program[2 * j + 1, WORDS]
-        if f2 + s2 + 4 * nw != end:
-            return TRAILING if f2 + s2 + 4 * nw < end else TRUNCATED, none, none, empty, 0, 0
-        _copy_words(raw, f2 + s2, words, word, nw)
+        if w0 + 4 * nw != end:
+            return TRAILING if w0 + 4 * nw < end else TRUNCATED, none, none, empty, 0, 0
+        _copy_words(raw, w0, words, word, nw)
         word += nw
     own_outs = np.empty(count, dtype=np.int64)
     out = room

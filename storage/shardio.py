@@ -24,7 +24,7 @@ issued together on I/O threads.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +36,7 @@ from numcodecs import Blosc, Delta
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from kdcache.storage.codecs import KdcacheCodec
+from kdcache.storage.codecs import Decoder, KdcacheCodec
 from kdcache.storage.errors import StoreError
 from kdcache.storage.location import Location
 
@@ -157,7 +157,7 @@ class ShardPlan:
             np.cumsum(flat, dtype=self.dtype, out=flat)  # wraps modulo 2**bits, as encoding did
         return data
 
-    def decoder(self, raw: bytes, where: str) -> Callable[..., np.ndarray]:
+    def decoder(self, raw: bytes, where: str) -> Decoder:
         """A kdcache codec's inner chunk, checked and read now; decoded when the returned
         decoder is called (`codecs.Decoder`: `decoder(out=None)`, GIL released)."""
         _check(raw, where)
@@ -280,7 +280,7 @@ class RowSource:
         # Over the network every array's request is in flight at once; on disk, one by one.
         got = any_plan.folder.map(fetch, fetches) if self.remote else map(fetch, fetches)
         jobs, light, last = [], [], None
-        heavy = sum(f[2].size for f in fetches if self.plans[f[0]].serializer is not None)
+        coded = sum(f[2].size for f in fetches if self.plans[f[0]].serializer is not None)
         for (name, _, mine), raws in zip(fetches, got, strict=True):
             for i, raw in zip(mine.tolist(), raws, strict=True):
                 plan, at = self.plans[name], f"array '{name}' in {where}, inner chunk {chunks[i]},"
@@ -291,9 +291,9 @@ class RowSource:
                 if plan.serializer is None or raw is None:
                     light.append(args)
                     continue
-                heavy -= 1  # checked and read here, decoded on the pool (one GIL release per chunk)
+                coded -= 1  # checked and read here, decoded on the pool (one GIL release per chunk)
                 decode = (plan.decoder(raw, at), *args[2:6], plan.chunk_rows)
-                if heavy:
+                if coded:
                     jobs.append(pool().submit(_place, *decode))
                 else:
                     last = decode
@@ -319,7 +319,7 @@ class RowSource:
         _place(lambda _=None: plan.decode(raw, where), chunk, bounds, unique, out, plan.chunk_rows)
 
 
-def _place(decode: Callable[..., np.ndarray], chunk: int, bounds: np.ndarray, unique: np.ndarray,
+def _place(decode: Decoder, chunk: int, bounds: np.ndarray, unique: np.ndarray,
            out: np.ndarray, chunk_rows: int) -> None:
     """Put the rows unique[bounds[0]:bounds[1]] of inner chunk `chunk` in place in `out`; a
     whole chunk is decoded straight into it where `decode` can (`codecs.Decoder`)."""

@@ -17,6 +17,8 @@ from kdcache.storage.codecs import (
     decode_logprobs,
     encode_ids,
     encode_logprobs,
+    ids_decoder,
+    logprobs_decoder,
 )
 
 from .conftest import make_meta, make_rows, shard_of
@@ -124,6 +126,27 @@ def test_lossy_values_keep_untrained_zeros_and_unwritten_nan():
     got = mode.round_trip(values)
     assert (got[0] == 0).all() and np.isnan(got[1]).all()
     assert np.isfinite(got[2]).all() and (np.diff(got[2].astype(np.float32)) <= 0).all()
+
+
+@pytest.mark.parametrize("mode", ["exact", "sqrt8"])
+def test_chunks_decode_into_the_readers_array_with_zero_and_nan_rows(mode):
+    """The compiled decoders write straight into the array they are given (the reader's
+    batch): every row coded, some rows zero (untrained), a row of NaN (never written); a
+    lossy mode's values come from its table of every code, equal to `round_trip`'s."""
+    real = _real()
+    ids, logprobs = real["ids"][:, :16].copy(), real["logprobs"][:, :16].copy()
+    value_mode = ValueMode(mode)
+    for zeroed in (False, True):
+        if zeroed:
+            ids[:, 3::4], logprobs[:, 3::4] = 0, 0
+            logprobs[:, 5] = np.nan
+        out = np.full(ids.shape, 7, dtype=ids.dtype)
+        assert ids_decoder(encode_ids(ids), ids.shape, ids.dtype)(out) is out
+        assert out.tobytes() == ids.tobytes()
+        held = value_mode.round_trip(logprobs)
+        out = np.full(logprobs.shape, 1.0, dtype=np.float16)
+        assert logprobs_decoder(encode_logprobs(logprobs, value_mode), logprobs.shape, value_mode)(out) is out
+        assert out.tobytes() == held.tobytes()
 
 
 def test_a_lossy_store_records_its_mode_and_its_ledger_sums_what_it_holds(tmp_path):
